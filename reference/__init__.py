@@ -1,0 +1,75 @@
+"""pyimago.reference: a plain, obviously correct implementation of imago's FormatAccess.
+
+It is the oracle other implementations are checked against: clarity over speed.
+"""
+
+from __future__ import annotations
+
+from ._driver import FormatDriver
+from ._errors import (
+    CorruptImageError,
+    DriverError,
+    GateDeniedError,
+    InvalidRequestError,
+    PyimagoError,
+    ReadOnlyError,
+    UnsupportedError,
+    UnsupportedFeatureError,
+)
+from ._mapping import (
+    EofMapping,
+    IndirectMapping,
+    Mapping,
+    RawMapping,
+    ShallowMapping,
+    SpecialMapping,
+    ZeroMapping,
+)
+from ._open import AUTO, create_image, open_image, probe_format
+from ._prealloc import PreallocateMode
+from ._storage import Buffer, FileStorage, MemoryStorage, Storage, WritableBuffer
+from .access import FormatAccess
+from .backing import (
+    DenyImplicitOpenGate,
+    FolderImplicitOpenGate,
+    ImplicitOpenGate,
+    PermissiveImplicitOpenGate,
+)
+from .qcow2.driver import Qcow2Driver
+from .raw import RawDriver
+
+__all__ = [
+    "AUTO",
+    "Buffer",
+    "CorruptImageError",
+    "DenyImplicitOpenGate",
+    "DriverError",
+    "EofMapping",
+    "FileStorage",
+    "FolderImplicitOpenGate",
+    "FormatAccess",
+    "FormatDriver",
+    "GateDeniedError",
+    "ImplicitOpenGate",
+    "IndirectMapping",
+    "InvalidRequestError",
+    "Mapping",
+    "MemoryStorage",
+    "PermissiveImplicitOpenGate",
+    "PreallocateMode",
+    "PyimagoError",
+    "Qcow2Driver",
+    "RawDriver",
+    "RawMapping",
+    "ReadOnlyError",
+    "ShallowMapping",
+    "SpecialMapping",
+    "Storage",
+    "UnsupportedError",
+    "UnsupportedFeatureError",
+    "WritableBuffer",
+    "ZeroMapping",
+    "create_image",
+    "open_image",
+    "probe_format",
+]

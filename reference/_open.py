@@ -1,0 +1,274 @@
+"""``open_image`` and ``create_image``: the entry points of the reference implementation."""
+
+from __future__ import annotations
+
+import os
+from typing import Final
+
+from ._errors import (
+    CorruptImageError,
+    InvalidRequestError,
+    PyimagoError,
+    UnsupportedError,
+    UnsupportedFeatureError,
+)
+from ._prealloc import PreallocateMode
+from ._storage import FileStorage, Storage
+from .access import FormatAccess
+from .backing import ImplicitOpenGate, PermissiveImplicitOpenGate, resolve_backing_path
+from .qcow2.constants import COMPRESSION_TYPE_ZLIB, COMPRESSION_TYPE_ZSTD, QCOW_MAGIC
+from .qcow2.create import Qcow2CreateOptions, write_initial_layout
+from .qcow2.driver import DEFAULT_L2_CACHE_TABLES, Qcow2Driver
+from .raw import RawDriver
+
+__all__ = ["AUTO", "MAX_BACKING_CHAIN", "create_image", "open_image", "probe_format"]
+
+FORMATS = ("qcow2", "raw")
+MAX_BACKING_CHAIN = 64
+
+
+class _Auto:
+    def __repr__(self) -> str:
+        return "AUTO"
+
+
+#: Default of ``open_image(backing=...)``: open what the image names.
+AUTO: Final = _Auto()
+
+PathOrStorage = str | os.PathLike[str] | Storage
+
+_PREALLOCATION = {
+    "off": PreallocateMode.NONE,
+    "metadata": PreallocateMode.FORMAT_ALLOCATE,
+    "falloc": PreallocateMode.FULL_ALLOCATE,
+    "full": PreallocateMode.WRITE_DATA,
+}
+_COMPAT = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
+_COMPRESSION = {"zlib": COMPRESSION_TYPE_ZLIB, "zstd": COMPRESSION_TYPE_ZSTD}
+_UNSUPPORTED_OPTIONS = ("encryption", "encrypt", "data_file", "data_file_raw", "extended_l2",
+                        "lazy_refcounts")
+
+
+def probe_format(storage: Storage) -> str:
+    """backing.probe: qcow2 when the storage starts with the qcow2 magic, raw otherwise."""
+    magic = storage.read(0, 4)
+    return "qcow2" if int.from_bytes(magic, "big") == QCOW_MAGIC else "raw"
+
+
+def _check_format(fmt: object, what: str) -> str:
+    if fmt not in FORMATS:
+        raise UnsupportedFeatureError(f"{what} {fmt!r} is not supported (qcow2, raw)",
+                                      feature=f"format {fmt}")
+    assert isinstance(fmt, str)
+    return fmt
+
+
+def open_image(
+    target: PathOrStorage,
+    *,
+    writable: bool = False,
+    format: str | None = None,
+    gate: ImplicitOpenGate | None = None,
+    backing: FormatAccess | _Auto | None = AUTO,
+    l2_cache_tables: int = DEFAULT_L2_CACHE_TABLES,
+) -> FormatAccess:
+    """Open a disk image (a path or a Storage object) and its backing chain.
+
+    The format is probed unless given.  The backing file the image names is opened
+    read-only (relative names resolve against the overlay's folder; the backing-format
+    extension is honoured), after ``gate`` allows it.  For a Storage object that names a
+    backing file, pass ``backing=`` (a FormatAccess, or None for no backing) explicitly.
+    """
+    return _open(target, writable=writable, format=format, gate=gate, backing=backing,
+                 l2_cache_tables=l2_cache_tables, chain=())
+
+
+def _open(
+    target: PathOrStorage,
+    *,
+    writable: bool,
+    format: str | None,
+    gate: ImplicitOpenGate | None,
+    backing: FormatAccess | _Auto | None,
+    l2_cache_tables: int,
+    chain: tuple[str, ...],
+) -> FormatAccess:
+    if format is not None:
+        _check_format(format, "format")
+    path: str | None
+    if isinstance(target, (str, os.PathLike)):
+        path = os.fspath(target)
+        storage: Storage = FileStorage(path, writable=writable)
+    elif isinstance(target, Storage):
+        path = getattr(target, "path", None)
+        storage = target
+    else:
+        raise InvalidRequestError(f"open_image: not a path or Storage: {target!r}")
+    try:
+        fmt = format or probe_format(storage)
+        if fmt == "raw":
+            return FormatAccess(RawDriver(storage, writable=writable))
+        driver = Qcow2Driver(storage, writable=writable, l2_cache_tables=l2_cache_tables)
+        if not isinstance(backing, _Auto):
+            driver.set_backing(backing, owned=False)
+        elif driver.backing_file:
+            driver.set_backing(
+                _open_backing(driver, path, gate, l2_cache_tables, chain), owned=True
+            )
+        return FormatAccess(driver)
+    except BaseException:
+        if path is not None and isinstance(target, (str, os.PathLike)):
+            storage.close()
+        raise
+
+
+def _open_backing(
+    driver: Qcow2Driver,
+    overlay_path: str | None,
+    gate: ImplicitOpenGate | None,
+    l2_cache_tables: int,
+    chain: tuple[str, ...],
+) -> FormatAccess:
+    name = driver.backing_file
+    assert name is not None
+    if overlay_path is None:
+        raise InvalidRequestError(
+            f"{driver} names backing file {name!r} but was opened from a storage object: "
+            "pass backing= (a FormatAccess, or None) to open_image"
+        )
+    path = resolve_backing_path(name, overlay_path)
+    real = os.path.realpath(path)
+    here = os.path.realpath(overlay_path)
+    # backing.loop: an image that (indirectly) backs itself would recurse forever.
+    if real in chain or real == here:
+        raise CorruptImageError(f"backing chain loop: {overlay_path} -> ... -> {path}")
+    if len(chain) >= MAX_BACKING_CHAIN:
+        raise CorruptImageError(f"backing chain deeper than {MAX_BACKING_CHAIN} at {path}")
+    fmt = driver.backing_format
+    if fmt is not None:
+        fmt = _check_format(fmt, f"{driver}: backing format")
+    (gate or PermissiveImplicitOpenGate()).check(
+        path, format=fmt, writable=False, referrer=str(driver)
+    )
+    try:
+        return _open(path, writable=False, format=fmt, gate=gate, backing=AUTO,
+                     l2_cache_tables=l2_cache_tables, chain=(*chain, here))
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(
+            exc.errno, f"backing file of {overlay_path} not found", path
+        ) from exc
+
+
+def _power_of_two(value: object, what: str, lo: int, hi: int) -> int:
+    if (not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi
+            or value & (value - 1)):
+        raise InvalidRequestError(f"{what} must be a power of two in [{lo}, {hi}], not {value!r}")
+    return value
+
+
+def create_image(
+    target: PathOrStorage,
+    size: int | None,
+    *,
+    format: str = "qcow2",
+    **options: object,
+) -> None:
+    """Create an image of ``size`` bytes; options are named as ``qemu-img create -o``.
+
+    qcow2 options: ``cluster_size`` (512..2 MiB, default 65536), ``compat`` ("0.10" or
+    "1.1", default "1.1"), ``refcount_bits`` (1..64, default 16), ``backing_file``,
+    ``backing_fmt``, ``preallocation`` ("off", "metadata", "falloc", "full"),
+    ``compression_type`` ("zlib", "zstd").  raw takes ``preallocation`` only.  ``size`` may
+    be None for a qcow2 image with a backing file: the backing file's size is used.
+    """
+    fmt = _check_format(format, "format")
+    prealloc_name = options.pop("preallocation", "off")
+    if prealloc_name not in _PREALLOCATION:
+        raise InvalidRequestError(
+            f"preallocation must be one of {sorted(_PREALLOCATION)}, not {prealloc_name!r}"
+        )
+    prealloc = _PREALLOCATION[str(prealloc_name)]
+    qopts = _qcow2_options(options) if fmt == "qcow2" else None
+    if options:
+        bad = sorted(options)
+        if any(b in _UNSUPPORTED_OPTIONS for b in bad):
+            raise UnsupportedError(f"create_image: unsupported option(s) {bad}")
+        raise InvalidRequestError(f"create_image: unknown option(s) for {fmt}: {bad}")
+    if size is None:
+        size = _backing_size(target, qopts)
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise InvalidRequestError(f"create_image: size must be a non-negative int, not {size!r}")
+    if fmt == "qcow2" and size % 512:
+        raise InvalidRequestError(f"create_image: qcow2 size {size} is not a multiple of 512")
+
+    if isinstance(target, (str, os.PathLike)):
+        with open(target, "wb"):
+            pass
+        storage: Storage = FileStorage(target, writable=True)
+        owned = True
+    elif isinstance(target, Storage):
+        storage, owned = target, False
+    else:
+        raise InvalidRequestError(f"create_image: not a path or Storage: {target!r}")
+    try:
+        if fmt == "raw":
+            storage.resize(0)
+            access = FormatAccess(RawDriver(storage, writable=True))
+        else:
+            assert qopts is not None
+            write_initial_layout(storage, qopts)
+            driver = Qcow2Driver(storage, writable=True)
+            # The backing image is not needed to lay out the overlay (and may not exist yet).
+            driver.set_backing(None)
+            access = FormatAccess(driver)
+        access.resize_grow(size, prealloc)
+        access.flush()
+    finally:
+        if owned:
+            storage.close()
+
+
+def _qcow2_options(options: dict[str, object]) -> Qcow2CreateOptions:
+    cluster_size = _power_of_two(options.pop("cluster_size", 65536), "cluster_size",
+                                 512, 2 << 20)
+    compat = options.pop("compat", "1.1")
+    if compat not in _COMPAT:
+        raise InvalidRequestError(f"compat must be '0.10' or '1.1', not {compat!r}")
+    version = _COMPAT[str(compat)]
+    refcount_bits = _power_of_two(options.pop("refcount_bits", 16), "refcount_bits", 1, 64)
+    if version == 2 and refcount_bits != 16:
+        raise InvalidRequestError(f"compat=0.10 requires refcount_bits=16, not {refcount_bits}")
+    backing_file = options.pop("backing_file", None)
+    if backing_file is not None and (not isinstance(backing_file, str) or not backing_file):
+        raise InvalidRequestError(f"backing_file must be a non-empty str, not {backing_file!r}")
+    backing_fmt = options.pop("backing_fmt", None)
+    if backing_fmt is not None:
+        backing_fmt = _check_format(backing_fmt, "backing_fmt")
+        if backing_file is None:
+            raise InvalidRequestError("backing_fmt given without backing_file")
+    compression = options.pop("compression_type", "zlib")
+    if compression not in _COMPRESSION:
+        raise InvalidRequestError(f"compression_type must be zlib or zstd, not {compression!r}")
+    if version == 2 and compression != "zlib":
+        raise InvalidRequestError("compat=0.10 supports only compression_type=zlib")
+    return Qcow2CreateOptions(
+        cluster_bits=cluster_size.bit_length() - 1,
+        version=version,
+        refcount_order=refcount_bits.bit_length() - 1,
+        backing_file=backing_file,
+        backing_fmt=backing_fmt,
+        compression_type=_COMPRESSION[str(compression)],
+    )
+
+
+def _backing_size(target: PathOrStorage, qopts: Qcow2CreateOptions | None) -> int:
+    if qopts is None or qopts.backing_file is None:
+        raise InvalidRequestError("create_image: size is required without a backing_file")
+    overlay = os.fspath(target) if isinstance(target, (str, os.PathLike)) else None
+    path = resolve_backing_path(qopts.backing_file, overlay)
+    try:
+        with open_image(path, format=qopts.backing_fmt) as backing:
+            size = backing.size
+    except PyimagoError:
+        raise
+    return -(-size // 512) * 512

@@ -1,0 +1,300 @@
+"""Storage objects: the byte containers images live in (files, memory).
+
+The contract every storage follows (and that a third party's storage must follow too):
+reads never come back short and read zeroes past the end of the storage, as QEMU's file
+driver does (QEMU's own images end mid-cluster); writes past the end extend it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from typing import Protocol, runtime_checkable
+
+from ._errors import InvalidRequestError, ReadOnlyError
+from ._prealloc import PreallocateMode
+
+__all__ = [
+    "Buffer",
+    "FileStorage",
+    "MemoryStorage",
+    "Storage",
+    "WritableBuffer",
+]
+
+Buffer = bytes | bytearray | memoryview
+WritableBuffer = bytearray | memoryview
+
+#: Largest offset or size a storage accepts (QEMU's limit for image files, 2^63 - 1).
+MAX_STORAGE_OFFSET = (1 << 63) - 1
+
+_ZERO_CHUNK = bytes(1 << 20)
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """What a format driver needs from the container an image lives in."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def writable(self) -> bool: ...
+
+    @property
+    def req_align(self) -> int: ...
+
+    @property
+    def mem_align(self) -> int: ...
+
+    def size(self) -> int: ...
+
+    def readinto(self, buf: WritableBuffer, offset: int) -> None: ...
+
+    def read(self, offset: int, length: int) -> bytes: ...
+
+    def write(self, data: Buffer, offset: int) -> None: ...
+
+    def write_zeroes(self, offset: int, length: int) -> None: ...
+
+    def discard(self, offset: int, length: int) -> None: ...
+
+    def resize(self, new_size: int, prealloc: PreallocateMode = PreallocateMode.NONE) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def sync(self) -> None: ...
+
+    def invalidate_cache(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _check_range(offset: int, length: int) -> None:
+    if offset < 0 or length < 0 or offset + length > MAX_STORAGE_OFFSET:
+        raise InvalidRequestError(
+            f"storage range offset={offset} length={length} is outside [0, 2^63)"
+        )
+
+
+class MemoryStorage:
+    """Storage in a ``bytearray``.
+
+    Closing it keeps the bytes, so an image in memory survives ``close()`` and can be opened
+    again from the same object.  ``snapshot()`` returns a copy of the current bytes.
+    """
+
+    def __init__(
+        self, data: Buffer = b"", *, name: str = "memory", writable: bool = True
+    ) -> None:
+        self._data = bytearray(data)
+        self._name = name
+        self._writable = writable
+        self._lock = threading.Lock()
+
+    def __str__(self) -> str:
+        return f"{self._name}[{len(self._data)}B]"
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def writable(self) -> bool:
+        return self._writable
+
+    @property
+    def req_align(self) -> int:
+        return 1
+
+    @property
+    def mem_align(self) -> int:
+        return 1
+
+    def size(self) -> int:
+        return len(self._data)
+
+    def snapshot(self) -> bytes:
+        with self._lock:
+            return bytes(self._data)
+
+    def readinto(self, buf: WritableBuffer, offset: int) -> None:
+        view = memoryview(buf).cast("B")
+        _check_range(offset, len(view))
+        with self._lock:
+            avail = max(0, min(len(view), len(self._data) - offset))
+            view[:avail] = self._data[offset : offset + avail]
+            view[avail:] = bytes(len(view) - avail)
+
+    def read(self, offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        self.readinto(buf, offset)
+        return bytes(buf)
+
+    def _require_writable(self) -> None:
+        if not self._writable:
+            raise ReadOnlyError(f"storage {self._name} is read-only")
+
+    def write(self, data: Buffer, offset: int) -> None:
+        self._require_writable()
+        view = memoryview(data).cast("B")
+        _check_range(offset, len(view))
+        with self._lock:
+            end = offset + len(view)
+            if end > len(self._data):
+                self._data.extend(bytes(end - len(self._data)))
+            self._data[offset:end] = view
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        self._require_writable()
+        _check_range(offset, length)
+        with self._lock:
+            end = min(offset + length, len(self._data))
+            if end > offset:
+                self._data[offset:end] = bytes(end - offset)
+
+    def discard(self, offset: int, length: int) -> None:
+        # Memory has no holes to punch; zeroing is a valid "discard" result.
+        self.write_zeroes(offset, length)
+
+    def resize(self, new_size: int, prealloc: PreallocateMode = PreallocateMode.NONE) -> None:
+        self._require_writable()
+        _check_range(new_size, 0)
+        with self._lock:
+            if new_size < len(self._data):
+                del self._data[new_size:]
+            else:
+                self._data.extend(bytes(new_size - len(self._data)))
+
+    def flush(self) -> None:
+        pass
+
+    def sync(self) -> None:
+        pass
+
+    def invalidate_cache(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class FileStorage:
+    """Storage in a file, accessed with ``os.pread``/``os.pwrite`` (thread-safe)."""
+
+    def __init__(self, path: str | os.PathLike[str], *, writable: bool = False) -> None:
+        self._path = os.fspath(path)
+        self._writable = writable
+        flags = os.O_RDWR if writable else os.O_RDONLY
+        self._fd: int | None = os.open(self._path, flags | getattr(os, "O_CLOEXEC", 0))
+
+    def __str__(self) -> str:
+        return f"file:{self._path}"
+
+    @property
+    def name(self) -> str:
+        return self._path
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @property
+    def writable(self) -> bool:
+        return self._writable
+
+    @property
+    def req_align(self) -> int:
+        return 1
+
+    @property
+    def mem_align(self) -> int:
+        return 1
+
+    def _fileno(self) -> int:
+        if self._fd is None:
+            raise ValueError(f"I/O on closed storage {self._path}")
+        return self._fd
+
+    def size(self) -> int:
+        return os.fstat(self._fileno()).st_size
+
+    def readinto(self, buf: WritableBuffer, offset: int) -> None:
+        view = memoryview(buf).cast("B")
+        _check_range(offset, len(view))
+        fd = self._fileno()
+        done = 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n == 0:
+                # End of file: the rest reads as zeroes.
+                view[done:] = bytes(len(view) - done)
+                return
+            done += n
+
+    def read(self, offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        self.readinto(buf, offset)
+        return bytes(buf)
+
+    def _require_writable(self) -> None:
+        if not self._writable:
+            raise ReadOnlyError(f"storage {self._path} is opened read-only")
+
+    def write(self, data: Buffer, offset: int) -> None:
+        self._require_writable()
+        view = memoryview(data).cast("B")
+        _check_range(offset, len(view))
+        fd = self._fileno()
+        done = 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], offset + done)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        self._require_writable()
+        _check_range(offset, length)
+        end = offset + length
+        pos = offset
+        while pos < end:
+            n = min(len(_ZERO_CHUNK), end - pos)
+            self.write(memoryview(_ZERO_CHUNK)[:n], pos)
+            pos += n
+
+    def discard(self, offset: int, length: int) -> None:
+        # Discarding is advisory: the stdlib cannot punch holes, so the data simply stays.
+        self._require_writable()
+        _check_range(offset, length)
+
+    def resize(self, new_size: int, prealloc: PreallocateMode = PreallocateMode.NONE) -> None:
+        self._require_writable()
+        _check_range(new_size, 0)
+        fd = self._fileno()
+        old_size = self.size()
+        os.ftruncate(fd, new_size)
+        if new_size <= old_size:
+            return
+        if prealloc in (PreallocateMode.FULL_ALLOCATE, PreallocateMode.FORMAT_ALLOCATE):
+            try:
+                os.posix_fallocate(fd, old_size, new_size - old_size)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                self.write_zeroes(old_size, new_size - old_size)
+        elif prealloc is PreallocateMode.WRITE_DATA:
+            self.write_zeroes(old_size, new_size - old_size)
+
+    def flush(self) -> None:
+        # pwrite() goes straight to the kernel: there is no user-space buffer to write back.
+        self._fileno()
+
+    def sync(self) -> None:
+        os.fsync(self._fileno())
+
+    def invalidate_cache(self) -> None:
+        self._fileno()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

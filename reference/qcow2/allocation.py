@@ -1,0 +1,79 @@
+"""Host cluster allocation: where new clusters go.
+
+Policy (pyimago's, the spec leaves it open): a single cluster reuses the lowest free cluster
+(refcount 0) below the end of the image; runs of several clusters, and everything the refcount
+structure itself needs, are taken from the end of the image.  Clusters handed out from the end
+are never below ``end``, so the refcount machinery can take clusters from the end while an
+allocation is in progress without ever handing out the same cluster twice.
+"""
+
+from __future__ import annotations
+
+from .._storage import Storage
+from .refcounts import RefcountTable
+
+__all__ = ["ClusterAllocator"]
+
+
+class ClusterAllocator:
+    """Hands out host clusters and keeps their refcounts (through ``RefcountTable``)."""
+
+    def __init__(self, storage: Storage, cluster_bits: int) -> None:
+        self._storage = storage
+        self._cluster_bits = cluster_bits
+        cs = 1 << cluster_bits
+        self._end = -(-storage.size() // cs)
+        self._free_hint = 0
+        self.refcounts: RefcountTable | None = None
+
+    def attach(self, refcounts: RefcountTable) -> None:
+        """Connect the refcount table (which itself bumps clusters from this allocator)."""
+        self.refcounts = refcounts
+        self._end = max(self._end, refcounts.last_used_cluster() + 1)
+
+    @property
+    def _rc(self) -> RefcountTable:
+        assert self.refcounts is not None, "allocator used before attach()"
+        return self.refcounts
+
+    def peek_end(self) -> int:
+        """Index of the first cluster past everything in use or handed out."""
+        return self._end
+
+    def bump(self, n: int) -> int:
+        """Hand out ``n`` clusters from the end (no refcount is set); return the first index."""
+        first = self._end
+        self._end += n
+        return first
+
+    def allocate(self, n: int = 1) -> int:
+        """Allocate ``n`` contiguous clusters with refcount 1; return the host offset."""
+        first = self._find_free_cluster() if n == 1 else None
+        if first is None:
+            first = self.bump(n)
+        for index in range(first, first + n):
+            self._rc.set(index, 1)
+        return first << self._cluster_bits
+
+    def _find_free_cluster(self) -> int | None:
+        index = self._free_hint
+        while index < self._end:
+            if self._rc.get(index) == 0:
+                self._free_hint = index + 1
+                return index
+            index += 1
+        self._free_hint = self._end
+        return None
+
+    def free(self, host_offset: int, n: int = 1) -> None:
+        """Drop one reference to each of ``n`` clusters starting at ``host_offset``."""
+        first = host_offset >> self._cluster_bits
+        for index in range(first, first + n):
+            if self._rc.add(index, -1) == 0:
+                self._free_hint = min(self._free_hint, index)
+
+    def incref(self, host_offset: int) -> None:
+        self._rc.add(host_offset >> self._cluster_bits, 1)
+
+    def refcount(self, host_offset: int) -> int:
+        return self._rc.get(host_offset >> self._cluster_bits)

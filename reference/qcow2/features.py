@@ -1,0 +1,82 @@
+"""qcow2 feature bits: what may be opened, and how (qcow2.txt, header bytes 72-95)."""
+
+from __future__ import annotations
+
+from .._errors import CorruptImageError, UnsupportedFeatureError
+from .constants import (
+    KNOWN_INCOMPAT_FEATURES,
+    QCOW2_INCOMPAT_COMPRESSION,
+    QCOW2_INCOMPAT_CORRUPT,
+    QCOW2_INCOMPAT_DATA_FILE,
+    QCOW2_INCOMPAT_DIRTY,
+    QCOW2_INCOMPAT_EXTL2,
+)
+from .extensions import FEATURE_TYPE_INCOMPATIBLE
+from .header import QCowHeader
+
+__all__ = ["check_features"]
+
+
+def _bits(value: int) -> list[int]:
+    return [b for b in range(64) if value >> b & 1]
+
+
+def check_features(
+    header: QCowHeader, names: dict[tuple[int, int], str], *, writable: bool
+) -> None:
+    """Refuse images whose features this implementation cannot honour.
+
+    qcow2.txt: "incompatible_features: Bitmask of incompatible features. An implementation
+    must fail to open an image if an unknown bit is set."
+    """
+    incompat = header.incompatible_features
+    unknown = [b for b in _bits(incompat) if b not in KNOWN_INCOMPAT_FEATURES]
+    if unknown:
+        labels = ", ".join(
+            f"bit {b}" + (f" ({names[(FEATURE_TYPE_INCOMPATIBLE, b)]})"
+                          if (FEATURE_TYPE_INCOMPATIBLE, b) in names else "")
+            for b in unknown
+        )
+        raise UnsupportedFeatureError(
+            f"qcow2 image has unknown incompatible features: {labels}",
+            feature=labels,
+        )
+    if header.crypt_method:
+        raise UnsupportedFeatureError(
+            f"qcow2 encryption (crypt_method {header.crypt_method}) is not supported",
+            feature="encryption",
+        )
+    if incompat & QCOW2_INCOMPAT_DATA_FILE:
+        raise UnsupportedFeatureError(
+            "qcow2 external data file (incompatible bit 2) is not supported",
+            feature="external data file",
+        )
+    if incompat & QCOW2_INCOMPAT_EXTL2:
+        raise UnsupportedFeatureError(
+            "qcow2 extended L2 entries (incompatible bit 4) are not supported",
+            feature="extended L2 entries",
+        )
+    # qcow2.txt: "Bit 3: Compression type bit. If this bit is set, a non-default compression
+    # is used for compressed clusters. The compression_type field must be present and not
+    # zero."
+    if bool(incompat & QCOW2_INCOMPAT_COMPRESSION) != (header.compression_type != 0):
+        raise CorruptImageError(
+            f"qcow2 compression type bit {bool(incompat & QCOW2_INCOMPAT_COMPRESSION)} does "
+            f"not match compression_type {header.compression_type}"
+        )
+    if writable and incompat & QCOW2_INCOMPAT_CORRUPT:
+        # qcow2.txt: "Bit 1: Corrupt bit. If this bit is set then any data structure may be
+        # corrupt and the image must not be written to (unless for regaining consistency)."
+        raise UnsupportedFeatureError(
+            "qcow2 image is marked corrupt (incompatible bit 1); open it read-only or repair "
+            "it with 'qemu-img check -r all'",
+            feature="corrupt bit",
+        )
+    if writable and incompat & QCOW2_INCOMPAT_DIRTY:
+        # qcow2.txt: "Bit 0: Dirty bit. If this bit is set then refcounts may be inconsistent,
+        # make sure to scan L1/L2 tables to repair refcounts before accessing the image."
+        raise UnsupportedFeatureError(
+            "qcow2 image is dirty (incompatible bit 0: refcounts may be inconsistent); open it "
+            "read-only or repair it with 'qemu-img check -r all'",
+            feature="dirty bit",
+        )

@@ -1,0 +1,16 @@
+"""Project-wide pytest set-up: the spec-clause plugin and the Hypothesis profiles."""
+
+from __future__ import annotations
+
+import importlib.util
+
+# Clause citations (@pytest.mark.clause) are checked against specs/ by this plugin.
+pytest_plugins = (
+    ["pyimago.specs._pytest"] if importlib.util.find_spec("pyimago.specs._pytest") else []
+)
+
+if importlib.util.find_spec("pyimago.oracle.profiles"):
+    from pyimago.oracle.profiles import load_profile_from_env, register_profiles
+
+    register_profiles()
+    load_profile_from_env()
