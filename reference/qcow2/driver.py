@@ -345,22 +345,48 @@ class Qcow2Driver:
     def get_mapping(self, offset: int, max_length: int) -> tuple[ShallowMapping, int]:
         if offset >= self._size:
             return EofMapping(), 0
+        cs = self._cluster_size
         in_cluster = offset_in_cluster(offset, self._cluster_bits)
-        length = min(self._cluster_size - in_cluster, max_length, self._size - offset)
+        limit = min(max_length, self._size - offset)
         entry = self._get_l2_entry(offset)
+        length = min(cs - in_cluster, limit)
+        # Following clusters that continue the same mapping extend it (compressed clusters
+        # never do: each one is decoded on its own).
+        while length < limit and entry.type is not ClusterType.COMPRESSED:
+            following = self._get_l2_entry(offset + length)
+            if not self._continues(entry, following, (offset + length - in_cluster) - offset):
+                break
+            length = min(length + cs, limit)
+        return self._mapping_for(entry, offset, in_cluster), length
+
+    def _continues(self, first: L2Entry, later: L2Entry, distance: int) -> bool:
+        """Whether ``later`` (``distance`` bytes of guest clusters after ``first``) maps as
+        one run with it."""
+        if first.type is ClusterType.NORMAL:
+            return (
+                later.type is ClusterType.NORMAL
+                and later.copied == first.copied
+                and later.host_offset == first.host_offset + distance
+            )
+        zero = (ClusterType.ZERO_PLAIN, ClusterType.ZERO_ALLOC)
+        if first.type in zero:
+            return later.type in zero
+        return later.type is first.type
+
+    def _mapping_for(self, entry: L2Entry, offset: int, in_cluster: int) -> ShallowMapping:
         t = entry.type
         if t is ClusterType.NORMAL:
             return RawMapping(
                 self._storage, entry.host_offset + in_cluster, self._writable and entry.copied
-            ), length
+            )
         if t in (ClusterType.ZERO_PLAIN, ClusterType.ZERO_ALLOC):
-            return ZeroMapping(True), length
+            return ZeroMapping(True)
         if t is ClusterType.COMPRESSED:
-            return SpecialMapping(None, offset), length
+            return SpecialMapping(None, offset)
         # qcow2.l2.unallocated-backing: "the cluster is read from the backing file".
         if self._backing is not None:
-            return IndirectMapping(self._backing, offset, False), length
-        return ZeroMapping(False), length
+            return IndirectMapping(self._backing, offset, False)
+        return ZeroMapping(False)
 
     def _read_compressed(self, entry: L2Entry) -> bytes:
         data = self._storage.read(entry.host_offset, entry.compressed_length)
@@ -495,7 +521,8 @@ class Qcow2Driver:
                 return start, guest - start
         if start is None:
             return offset, 0
-        return start, min(offset + length, self._size) - start
+        end = min(clusters[-1] + self._cluster_size, offset + length, self._size)
+        return start, end - start
 
     def discard_to_zero(self, offset: int, length: int) -> tuple[int, int]:
         self._require_writable("discard_to_zero")
