@@ -274,7 +274,9 @@ class FileStorage:
         os.ftruncate(fd, new_size)
         if new_size <= old_size:
             return
-        if prealloc in (PreallocateMode.FULL_ALLOCATE, PreallocateMode.FORMAT_ALLOCATE):
+        # Only FULL_ALLOCATE and WRITE_DATA concern storage: FORMAT_ALLOCATE allocates the
+        # image format's metadata, which a plain file does not have.
+        if prealloc is PreallocateMode.FULL_ALLOCATE:
             try:
                 os.posix_fallocate(fd, old_size, new_size - old_size)
             except OSError as exc:

@@ -618,12 +618,17 @@ class Qcow2Driver:
         cs = self._cluster_size
         first_host = self._allocator.allocate(len(clusters))
         zero_flagged = prealloc is PreallocateMode.FORMAT_ALLOCATE and self.header.version >= 3
-        if not zero_flagged:
-            # Reused or fresh, the host clusters must read as zero before they are mapped.
+        if not zero_flagged and first_host < self._storage.size():
+            # Reused clusters may hold stale data; fresh ones past the end of the storage read
+            # as zero once the storage is extended below.
             self._storage.write_zeroes(first_host, len(clusters) * cs)
         host_end = first_host + len(clusters) * cs
         if self._storage.size() < host_end:
-            self._storage.resize(host_end, prealloc)
+            # FORMAT_ALLOCATE maps clusters without allocating them on storage (sparse).
+            storage_mode = (
+                PreallocateMode.NONE if prealloc is PreallocateMode.FORMAT_ALLOCATE else prealloc
+            )
+            self._storage.resize(host_end, storage_mode)
         for i, guest in enumerate(clusters):
             host = first_host + i * cs
             kind = ClusterType.ZERO_ALLOC if zero_flagged else ClusterType.NORMAL

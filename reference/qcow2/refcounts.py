@@ -168,7 +168,14 @@ class RefcountTable:
             if not offset:
                 continue
             block = self._load_block(offset)
-            for i in range(self._entries - 1, -1, -1):
+            used = len(bytes(block).rstrip(b"\0"))
+            if not used:
+                continue
+            # The last non-zero byte holds the last non-zero entry: only look inside it.
+            bits = 1 << self._order
+            first = ((used - 1) * 8) // bits
+            last = min(self._entries, (used * 8 + bits - 1) // bits) - 1
+            for i in range(last, first - 1, -1):
                 if get_block_entry(block, i, self._order):
                     return ti * self._entries + i
         return -1
