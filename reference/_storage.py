@@ -78,23 +78,12 @@ def _check_range(offset: int, length: int) -> None:
         )
 
 
-class MemoryStorage:
-    """Storage in a ``bytearray``.
+class _StorageBase:
+    """What every pyimago storage shares: its name, writability, alignment and ``read``."""
 
-    Closing it keeps the bytes, so an image in memory survives ``close()`` and can be opened
-    again from the same object.  ``snapshot()`` returns a copy of the current bytes.
-    """
-
-    def __init__(
-        self, data: Buffer = b"", *, name: str = "memory", writable: bool = True
-    ) -> None:
-        self._data = bytearray(data)
+    def __init__(self, name: str, writable: bool) -> None:
         self._name = name
         self._writable = writable
-        self._lock = threading.Lock()
-
-    def __str__(self) -> str:
-        return f"{self._name}[{len(self._data)}B]"
 
     @property
     def name(self) -> str:
@@ -112,6 +101,36 @@ class MemoryStorage:
     def mem_align(self) -> int:
         return 1
 
+    def readinto(self, buf: WritableBuffer, offset: int) -> None:
+        raise NotImplementedError
+
+    def read(self, offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        self.readinto(buf, offset)
+        return bytes(buf)
+
+    def _require_writable(self) -> None:
+        if not self._writable:
+            raise ReadOnlyError(f"storage {self._name} is read-only")
+
+
+class MemoryStorage(_StorageBase):
+    """Storage in a ``bytearray``.
+
+    Closing it keeps the bytes, so an image in memory survives ``close()`` and can be opened
+    again from the same object.  ``snapshot()`` returns a copy of the current bytes.
+    """
+
+    def __init__(
+        self, data: Buffer = b"", *, name: str = "memory", writable: bool = True
+    ) -> None:
+        super().__init__(name, writable)
+        self._data = bytearray(data)
+        self._lock = threading.Lock()
+
+    def __str__(self) -> str:
+        return f"{self._name}[{len(self._data)}B]"
+
     def size(self) -> int:
         return len(self._data)
 
@@ -126,15 +145,6 @@ class MemoryStorage:
             avail = max(0, min(len(view), len(self._data) - offset))
             view[:avail] = self._data[offset : offset + avail]
             view[avail:] = bytes(len(view) - avail)
-
-    def read(self, offset: int, length: int) -> bytes:
-        buf = bytearray(length)
-        self.readinto(buf, offset)
-        return bytes(buf)
-
-    def _require_writable(self) -> None:
-        if not self._writable:
-            raise ReadOnlyError(f"storage {self._name} is read-only")
 
     def write(self, data: Buffer, offset: int) -> None:
         self._require_writable()
@@ -180,12 +190,12 @@ class MemoryStorage:
         pass
 
 
-class FileStorage:
+class FileStorage(_StorageBase):
     """Storage in a file, accessed with ``os.pread``/``os.pwrite`` (thread-safe)."""
 
     def __init__(self, path: str | os.PathLike[str], *, writable: bool = False) -> None:
         self._path = os.fspath(path)
-        self._writable = writable
+        super().__init__(self._path, writable)
         flags = os.O_RDWR if writable else os.O_RDONLY
         self._fd: int | None = os.open(self._path, flags | getattr(os, "O_CLOEXEC", 0))
 
@@ -193,24 +203,8 @@ class FileStorage:
         return f"file:{self._path}"
 
     @property
-    def name(self) -> str:
-        return self._path
-
-    @property
     def path(self) -> str:
         return self._path
-
-    @property
-    def writable(self) -> bool:
-        return self._writable
-
-    @property
-    def req_align(self) -> int:
-        return 1
-
-    @property
-    def mem_align(self) -> int:
-        return 1
 
     def _fileno(self) -> int:
         if self._fd is None:
@@ -232,15 +226,6 @@ class FileStorage:
                 view[done:] = bytes(len(view) - done)
                 return
             done += n
-
-    def read(self, offset: int, length: int) -> bytes:
-        buf = bytearray(length)
-        self.readinto(buf, offset)
-        return bytes(buf)
-
-    def _require_writable(self) -> None:
-        if not self._writable:
-            raise ReadOnlyError(f"storage {self._path} is opened read-only")
 
     def write(self, data: Buffer, offset: int) -> None:
         self._require_writable()
