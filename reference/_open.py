@@ -189,6 +189,12 @@ def create_image(
         )
     prealloc = _PREALLOCATION[str(prealloc_name)]
     qopts = _qcow2_options(options) if fmt == "qcow2" else None
+    if qopts is not None and qopts.backing_file is not None and prealloc is not PreallocateMode.NONE:
+        # create.preallocation: as qemu-img, preallocation would hide the backing file.
+        raise InvalidRequestError(
+            f"create_image: preallocation={prealloc_name!r} cannot be combined with a "
+            "backing_file (only 'off')"
+        )
     if options:
         bad = sorted(options)
         if any(b in _UNSUPPORTED_OPTIONS for b in bad):

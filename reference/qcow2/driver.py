@@ -320,25 +320,35 @@ class Qcow2Driver:
         if write_through:
             self._write_l2(l2_offset, table)
 
-    def _release(self, entry: L2Entry) -> None:
-        """Drop the references an L2 entry held (after the entry was replaced on disk)."""
+    def _held_clusters(self, entry: L2Entry) -> range:
+        """Host cluster offsets whose refcount counts this entry."""
+        cs = self._cluster_size
         if entry.type in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
-            self._allocator.free(entry.host_offset)
-        elif entry.type is ClusterType.COMPRESSED:
+            return range(entry.host_offset, entry.host_offset + cs, cs)
+        if entry.type is ClusterType.COMPRESSED:
             # The compressed data may straddle host clusters; each one it touches was counted.
-            first = entry.host_offset >> self._cluster_bits
-            last = (entry.host_offset + entry.compressed_length - 1) >> self._cluster_bits
-            self._allocator.free(first << self._cluster_bits, last - first + 1)
+            first = entry.host_offset - entry.host_offset % cs
+            return range(first, entry.host_offset + entry.compressed_length, cs)
+        return range(0)
 
     def _replace_entry(self, guest_offset: int, new: L2Entry) -> None:
         old = self._get_l2_entry(guest_offset)
-        releases = old.type in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC,
-                                ClusterType.COMPRESSED) and not (
-            new.host_offset and new.host_offset == old.host_offset
-        )
+        held = self._held_clusters(old)
+        releases = bool(held) and not (new.host_offset and new.host_offset == old.host_offset)
+        if releases:
+            # Validate before anything changes: a hostile entry must not make us free the
+            # image's own metadata, or a cluster nobody holds.
+            for host in held:
+                self._check_data_cluster(host, what="freeing", in_file=False)
+                if self._allocator.refcount(host) == 0:
+                    raise CorruptImageError(
+                        f"qcow2 L2 entry for guest offset {guest_offset} refers to host cluster "
+                        f"0x{host:x} whose refcount is 0"
+                    )
         self._set_l2_entry(guest_offset, new, write_through=releases)
         if releases:
-            self._release(old)
+            for host in held:
+                self._allocator.free(host)
 
     # -- mappings -----------------------------------------------------------------------------
 
@@ -433,11 +443,6 @@ class Qcow2Driver:
         guest_cluster = offset - in_cluster
         entry = self._get_l2_entry(offset)
         if entry.type is ClusterType.NORMAL and entry.copied:
-            if entry.host_offset >= self._storage.size():
-                raise CorruptImageError(
-                    f"qcow2 data cluster 0x{entry.host_offset:x} (guest offset {guest_cluster}) "
-                    "lies wholly outside the image file"
-                )
             self._check_data_cluster(entry.host_offset)
             return self._storage, entry.host_offset + in_cluster, chunk
         # access.cow.partial-cluster: everything of the cluster the caller does not overwrite is
@@ -459,11 +464,21 @@ class Qcow2Driver:
         self._replace_entry(guest_cluster, L2Entry(ClusterType.NORMAL, host, True))
         return self._storage, host + in_cluster, chunk
 
-    def _check_data_cluster(self, host: int) -> None:
+    def _check_data_cluster(
+        self, host: int, *, what: str = "writing", in_file: bool = True
+    ) -> None:
+        """qcow2.metadata.overlap / outside-file: a data cluster we are about to write (or
+        free) must lie in the image file and must not overlap the header, L1 or refcount
+        table."""
+        if in_file and host >= self._storage.size():
+            raise CorruptImageError(
+                f"qcow2 data cluster 0x{host:x} lies wholly outside the image file "
+                f"({self._storage.size()} bytes): refusing {what} it"
+            )
         for name, start, size in self._fixed_metadata():
             if start < host + self._cluster_size and host < start + size:
                 raise CorruptImageError(
-                    f"qcow2 data cluster 0x{host:x} overlaps the {name}: refusing to write"
+                    f"qcow2 data cluster 0x{host:x} overlaps the {name}: refusing {what} it"
                 )
 
     # -- zeroing and discarding ---------------------------------------------------------------
@@ -613,12 +628,13 @@ class Qcow2Driver:
                 storage.write_zeroes(host, n)
 
     def _preallocate(self, clusters: range, prealloc: PreallocateMode) -> None:
+        """Map every new cluster to a host cluster that reads as zero, as QEMU does for
+        preallocation=metadata/falloc/full (plain data clusters, not zero clusters)."""
         if not clusters:
             return
         cs = self._cluster_size
         first_host = self._allocator.allocate(len(clusters))
-        zero_flagged = prealloc is PreallocateMode.FORMAT_ALLOCATE and self.header.version >= 3
-        if not zero_flagged and first_host < self._storage.size():
+        if first_host < self._storage.size():
             # Reused clusters may hold stale data; fresh ones past the end of the storage read
             # as zero once the storage is extended below.
             self._storage.write_zeroes(first_host, len(clusters) * cs)
@@ -630,9 +646,7 @@ class Qcow2Driver:
             )
             self._storage.resize(host_end, storage_mode)
         for i, guest in enumerate(clusters):
-            host = first_host + i * cs
-            kind = ClusterType.ZERO_ALLOC if zero_flagged else ClusterType.NORMAL
-            self._replace_entry(guest, L2Entry(kind, host, True))
+            self._replace_entry(guest, L2Entry(ClusterType.NORMAL, first_host + i * cs, True))
 
     def resize_shrink(self, new_size: int) -> None:
         self._require_writable("resize_shrink")
