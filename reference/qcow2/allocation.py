@@ -9,10 +9,15 @@ allocation is in progress without ever handing out the same cluster twice.
 
 from __future__ import annotations
 
+from .._errors import CorruptImageError
 from .._storage import Storage
 from .refcounts import RefcountTable
 
-__all__ = ["ClusterAllocator"]
+__all__ = ["MAX_CLUSTERS_PAST_EOF", "ClusterAllocator"]
+
+#: How many clusters past the end of the file may carry a refcount (leaked by a crash)
+#: before the image counts as corrupt.
+MAX_CLUSTERS_PAST_EOF = 1024
 
 
 class ClusterAllocator:
@@ -29,7 +34,15 @@ class ClusterAllocator:
     def attach(self, refcounts: RefcountTable) -> None:
         """Connect the refcount table (which itself bumps clusters from this allocator)."""
         self.refcounts = refcounts
-        self._end = max(self._end, refcounts.last_used_cluster() + 1)
+        last = refcounts.last_used_cluster()
+        if last >= self._end + MAX_CLUSTERS_PAST_EOF:
+            # A crash may leave a few refcounted clusters past the end of the file (leaks);
+            # refcounts far beyond it would make us allocate there: a hostile image.
+            raise CorruptImageError(
+                f"qcow2 refcounts claim host cluster {last}, far beyond the end of the image "
+                f"file ({self._end} clusters)"
+            )
+        self._end = max(self._end, last + 1)
 
     @property
     def _rc(self) -> RefcountTable:

@@ -151,8 +151,6 @@ def _validate(h: QCowHeader) -> None:
     # qcow2.txt: "refcount_order ... Must not exceed 6 (i.e. refcount_bits = 64)."
     if h.refcount_order > 6:
         raise CorruptImageError(f"qcow2 refcount_order {h.refcount_order} > 6")
-    if h.version == 2 and h.refcount_order != 4:
-        raise CorruptImageError(f"qcow2 v2 refcount_order {h.refcount_order} != 4")
     if h.compression_type not in COMPRESSION_TYPES:
         raise UnsupportedFeatureError(
             f"qcow2 compression type {h.compression_type} is not supported",
