@@ -189,7 +189,8 @@ def create_image(
         )
     prealloc = _PREALLOCATION[str(prealloc_name)]
     qopts = _qcow2_options(options) if fmt == "qcow2" else None
-    if qopts is not None and qopts.backing_file is not None and prealloc is not PreallocateMode.NONE:
+    has_backing = qopts is not None and qopts.backing_file is not None
+    if has_backing and prealloc is not PreallocateMode.NONE:
         # create.preallocation: as qemu-img, preallocation would hide the backing file.
         raise InvalidRequestError(
             f"create_image: preallocation={prealloc_name!r} cannot be combined with a "
