@@ -38,16 +38,35 @@ __all__ = [
 
 
 def l1_index(offset: int, cluster_bits: int) -> int:
-    """Index into the L1 table of the L2 table that maps guest ``offset``."""
+    """Index into the L1 table of the L2 table that maps guest ``offset``.
+
+    pre: 9 <= cluster_bits <= 21
+    pre: 0 <= offset < 2 ** 64
+    post: __return__ * ((1 << cluster_bits) // 8 << cluster_bits) <= offset
+    post: offset < (__return__ + 1) * ((1 << cluster_bits) // 8 << cluster_bits)
+    """
     return (offset >> cluster_bits) // ((1 << cluster_bits) // 8)
 
 
 def l2_index(offset: int, cluster_bits: int) -> int:
-    """Index into that L2 table of the entry that maps guest ``offset``."""
+    """Index into that L2 table of the entry that maps guest ``offset``.
+
+    pre: 9 <= cluster_bits <= 21
+    pre: 0 <= offset < 2 ** 64
+    post: 0 <= __return__ < (1 << cluster_bits) // 8
+    post: ((offset >> cluster_bits) - __return__) % ((1 << cluster_bits) // 8) == 0
+    """
     return (offset >> cluster_bits) % ((1 << cluster_bits) // 8)
 
 
 def offset_in_cluster(offset: int, cluster_bits: int) -> int:
+    """Byte offset of guest ``offset`` inside its cluster.
+
+    pre: 9 <= cluster_bits <= 21
+    pre: 0 <= offset
+    post: 0 <= __return__ < (1 << cluster_bits)
+    post: (offset - __return__) % (1 << cluster_bits) == 0
+    """
     return offset & ((1 << cluster_bits) - 1)
 
 
