@@ -160,9 +160,12 @@ class MemoryStorage(_StorageBase):
         self._require_writable()
         _check_range(offset, length)
         with self._lock:
-            end = min(offset + length, len(self._data))
-            if end > offset:
-                self._data[offset:end] = bytes(end - offset)
+            # storage.write.extends: zeroes written past the end extend the storage, as any
+            # other write does.
+            end = offset + length
+            if end > len(self._data):
+                self._data.extend(bytes(end - len(self._data)))
+            self._data[offset:end] = bytes(length)
 
     def discard(self, offset: int, length: int) -> None:
         # Memory has no holes to punch; zeroing is a valid "discard" result.

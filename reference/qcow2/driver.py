@@ -124,6 +124,7 @@ class Qcow2Driver:
             check_overlap=False,
         )
         self._l1 = self._load_l1()
+        self._check_snapshot_table()
         self._l2_cache: OrderedDict[int, list[int]] = OrderedDict()
         self._dirty_l2: set[int] = set()
 
@@ -170,6 +171,17 @@ class Qcow2Driver:
                         f"qcow2 {what} at offset 0x{offset:x} overlaps the {name} "
                         f"(0x{start:x}+{size})"
                     )
+
+    def _check_snapshot_table(self) -> None:
+        # qcow2.snapshots.table: only the active L1 table is read, but a snapshot table that
+        # lies outside the file is corruption all the same.
+        h = self.header
+        if h.nb_snapshots:
+            self._check_metadata_range("snapshot table", h.snapshots_offset, 1,
+                                       check_overlap=False)
+
+    def _l2_table_offsets(self) -> set[int]:
+        return {e & L1E_OFFSET_MASK for e in self._l1} - {0}
 
     def _fixed_metadata(self) -> list[tuple[str, int, int]]:
         return [
@@ -480,6 +492,11 @@ class Qcow2Driver:
                 raise CorruptImageError(
                     f"qcow2 data cluster 0x{host:x} overlaps the {name}: refusing {what} it"
                 )
+        if host in self._l2_table_offsets() or host in self._refcounts.block_offsets():
+            raise CorruptImageError(
+                f"qcow2 data cluster 0x{host:x} is also an L2 table or refcount block: "
+                f"refusing {what} it"
+            )
 
     # -- zeroing and discarding ---------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from .._errors import CorruptImageError
 from .constants import (
     QCOW2_EXT_MAGIC_BACKING_FORMAT,
+    QCOW2_EXT_MAGIC_DATA_FILE,
     QCOW2_EXT_MAGIC_END,
     QCOW2_EXT_MAGIC_FEATURE_TABLE,
 )
@@ -35,6 +36,8 @@ _EXT_HEADER = struct.Struct(">II")
 _FEATURE_ENTRY = struct.Struct(">BB46s")
 
 FEATURE_TYPE_INCOMPATIBLE = 0
+
+_AT_MOST_ONCE = (QCOW2_EXT_MAGIC_BACKING_FORMAT, QCOW2_EXT_MAGIC_DATA_FILE)
 FEATURE_TYPE_COMPATIBLE = 1
 FEATURE_TYPE_AUTOCLEAR = 2
 
@@ -72,7 +75,14 @@ def parse_extensions(cluster: bytes, start: int, end: int) -> list[HeaderExtensi
                 f"qcow2 header extension 0x{ext_type:08x} at offset {pos} with length "
                 f"{length} runs past offset {end}"
             )
-        exts.append(HeaderExtension(ext_type, bytes(cluster[data_start : data_start + length])))
+        ext = HeaderExtension(ext_type, bytes(cluster[data_start : data_start + length]))
+        if ext_type in _AT_MOST_ONCE and any(e.type == ext_type and e != ext for e in exts):
+            # qcow2.extensions.at-most-once: "each header extension type shall appear at most
+            # once in the same image"; two that disagree leave us no way to choose.
+            raise CorruptImageError(
+                f"qcow2 header extension 0x{ext_type:08x} appears twice with different data"
+            )
+        exts.append(ext)
         pos = data_start + _pad8(length)
 
 

@@ -119,9 +119,9 @@ class RefcountTable:
     def table_clusters(self) -> int:
         return self._table_clusters
 
-    def block_offsets(self) -> list[int]:
+    def block_offsets(self) -> set[int]:
         """Host offsets of every refcount block in use."""
-        return [e & REFT_OFFSET_MASK for e in self._table if e & REFT_OFFSET_MASK]
+        return {e & REFT_OFFSET_MASK for e in self._table} - {0}
 
     def invalidate_cache(self) -> None:
         self._blocks.clear()

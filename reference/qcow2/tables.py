@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from .._errors import CorruptImageError
 from .constants import (
     L1E_OFFSET_MASK,
+    L1E_RESERVED_MASK,
     L2E_COMPRESSED_OFFSET_SIZE_MASK,
     L2E_OFFSET_MASK,
+    L2E_STD_RESERVED_MASK,
     QCOW2_COMPRESSED_SECTOR_SIZE,
     QCOW_OFLAG_COMPRESSED,
     QCOW_OFLAG_COPIED,
@@ -82,6 +84,9 @@ def decode_l1_entry(raw: int, cluster_size: int) -> L1Entry:
     """qcow2.txt, "L1 table entry": bits 9-55 "Bits 9-55 of the offset into the image file at
     which the L2 table starts. Must be aligned to a cluster boundary."; bit 63 COPIED."""
     l2_offset = raw & L1E_OFFSET_MASK
+    if raw & L1E_RESERVED_MASK:
+        # qcow2.l2.reserved-bits: "Bits 0-8: Reserved (set to 0)"; "Bits 56-62: Reserved".
+        raise CorruptImageError(f"qcow2 L1 entry 0x{raw:016x} has reserved bits set")
     if l2_offset % cluster_size:
         raise CorruptImageError(f"qcow2 L2 table offset 0x{l2_offset:x} is not cluster-aligned")
     return L1Entry(l2_offset, bool(raw & QCOW_OFLAG_COPIED))
@@ -146,6 +151,9 @@ def decode_l2_entry(raw: int, cluster_bits: int) -> L2Entry:
         return L2Entry(ClusterType.COMPRESSED, host, False, sectors)
     host = raw & L2E_OFFSET_MASK
     copied = bool(raw & QCOW_OFLAG_COPIED)
+    if raw & L2E_STD_RESERVED_MASK:
+        # qcow2.l2.reserved-bits: bits 1-8 and 56-61 of a standard entry are reserved.
+        raise CorruptImageError(f"qcow2 L2 entry 0x{raw:016x} has reserved bits set")
     if host % (1 << cluster_bits):
         raise CorruptImageError(
             f"qcow2 data cluster offset 0x{host:x} is not aligned to the cluster size"

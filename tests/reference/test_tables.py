@@ -140,8 +140,9 @@ def test_l1_round_trip(cb: int, cluster: int, copied: bool) -> None:
 def test_l1_misaligned() -> None:
     with pytest.raises(CorruptImageError, match="0x10200"):
         decode_l1_entry(0x10200 | 1 << 63, 1 << 16)
-    # Bits below 9 are reserved, not part of the offset.
-    assert decode_l1_entry(0x10000 | 0x1FF, 1 << 16).l2_offset == 0x10000
+    # Bits below 9 are reserved, not part of the offset: set, they are corruption.
+    with pytest.raises(CorruptImageError, match="reserved"):
+        decode_l1_entry(0x10000 | 0x1FF, 1 << 16)
 
 
 @pytest.mark.clause("qcow2.metadata.alignment")

@@ -1,0 +1,174 @@
+"""Run the conformance suite (``pyimago.oracle.conformance``) with pytest in a subprocess.
+
+A subprocess keeps the run independent of the caller's process (imports, Hypothesis
+settings, the implementation's global state) and of the pytest configuration of the folder
+it is started from: pytest gets an empty ini file of its own and the suite's folder as its
+root.  The spec plugin writes the per-clause JSON (``--clause-report``) and this package's
+plugin each test's outcome, message and traceback (``--conformance-results``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Final
+
+from pyimago.oracle.conformance import IMPL_ENV
+
+__all__ = ["SUITE_PACKAGE", "SuiteResult", "TestRecord", "replay_command", "run_suite"]
+
+SUITE_PACKAGE: Final = "pyimago.oracle.conformance"
+
+#: Output of pytest kept for the report when the run itself broke.
+_TAIL: Final = 4000
+
+
+@dataclass(frozen=True, slots=True)
+class TestRecord:
+    """One conformance test's result, as the plugin recorded it."""
+
+    nodeid: str
+    path: str
+    name: str
+    clauses: tuple[str, ...]
+    outcome: str
+    message: str
+    details: str
+    duration: float
+
+
+@dataclass(frozen=True, slots=True)
+class SuiteResult:
+    """Everything one run of the suite produced."""
+
+    tests: dict[str, TestRecord]
+    clause_tests: dict[str, tuple[str, ...]]
+    """Clause ID -> the node IDs of the tests citing it (from the spec plugin)."""
+    errors: tuple[str, ...]
+    """Collection errors, bad citations, or why the run produced no results."""
+    exitstatus: int
+    duration: float
+
+
+def suite_folder() -> Path:
+    """The folder of the installed conformance suite."""
+    return Path(str(resources.files(SUITE_PACKAGE)))
+
+
+def replay_command(impl: str, record: TestRecord) -> str:
+    """A shell command that runs one conformance test again against ``impl``."""
+    target = f"{record.path}::{record.name}" if record.path else record.nodeid
+    return f"{IMPL_ENV}={shlex.quote(impl)} python -m pytest -p no:cacheprovider " + shlex.quote(
+        target
+    )
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def run_suite(
+    impl: str,
+    workdir: Path,
+    *,
+    timeout: float | None = None,
+    extra_args: tuple[str, ...] = (),
+) -> SuiteResult:
+    """Run the suite against ``impl`` (the ``$PYIMAGO_CONFORMANCE_IMPL`` value) in ``workdir``."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    ini = workdir / "pytest.ini"
+    ini.write_text("[pytest]\n", encoding="utf-8")
+    clause_json = workdir / "clauses.json"
+    results_json = workdir / "results.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "--pyargs",
+        SUITE_PACKAGE,
+        "-c",
+        str(ini),
+        "--rootdir",
+        str(suite_folder()),
+        "--import-mode=importlib",
+        "-p",
+        "pyimago.specs._pytest",
+        "-p",
+        "pyimago.oracle.report._plugin",
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "no:xdist",
+        "-p",
+        "no:randomly",
+        f"--clause-report={clause_json}",
+        f"--conformance-results={results_json}",
+        f"--basetemp={workdir / 'tmp'}",
+        "-q",
+        "--no-header",
+        "-rN",
+        *extra_args,
+    ]
+    env = dict(os.environ)
+    env[IMPL_ENV] = impl
+    env.pop("PYTEST_ADDOPTS", None)
+    started = time.monotonic()
+    errors: list[str] = []
+    try:
+        proc = subprocess.run(
+            cmd,
+            cwd=workdir,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        exitstatus = proc.returncode
+        output = proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as exc:
+        exitstatus = -1
+        out = exc.stdout or b""
+        output = out.decode(errors="replace") if isinstance(out, bytes) else out
+        errors.append(f"the conformance suite did not finish within {timeout} s")
+    duration = time.monotonic() - started
+
+    clause_doc = _load(clause_json)
+    results_doc = _load(results_json)
+    if clause_doc is None or results_doc is None:
+        errors.append(
+            f"the conformance suite produced no results (pytest exit status {exitstatus}):\n"
+            + output[-_TAIL:]
+        )
+    tests: dict[str, TestRecord] = {}
+    for nodeid, raw in sorted(((results_doc or {}).get("tests") or {}).items()):
+        tests[nodeid] = TestRecord(
+            nodeid=nodeid,
+            path=str(raw.get("path", "")),
+            name=str(raw.get("name", nodeid)),
+            clauses=tuple(str(c) for c in raw.get("clauses", ())),
+            outcome=str(raw.get("outcome", "not-run")),
+            message=str(raw.get("message", "")),
+            details=str(raw.get("details", "")),
+            duration=float(raw.get("duration", 0.0)),
+        )
+    for err in (results_doc or {}).get("collect_errors") or ():
+        errors.append(f"cannot collect {err.get('nodeid') or 'the suite'}:\n{err.get('message')}")
+    clause_tests: dict[str, tuple[str, ...]] = {}
+    for cid, raw in ((clause_doc or {}).get("clauses") or {}).items():
+        clause_tests[cid] = tuple(str(t) for t in raw.get("tests", ()))
+    errors.extend(str(e) for e in (clause_doc or {}).get("citation_errors") or ())
+    if exitstatus not in (0, 1) and not errors:
+        errors.append(f"pytest exited with status {exitstatus}:\n{output[-_TAIL:]}")
+    return SuiteResult(tests, clause_tests, tuple(errors), exitstatus, duration)
