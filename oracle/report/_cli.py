@@ -158,6 +158,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="report format (default: from -o's suffix, else md)")
     parser.add_argument("-o", "--output", metavar="FILE", default=None,
                         help="write the report to FILE ('-' for standard output)")
+    parser.add_argument("--also", action="append", default=[], metavar="FILE",
+                        help="also write the same report to FILE, in the format its suffix "
+                             "names (.md, .html, .json, .xml); repeatable")
     parser.add_argument("--examples", type=int, default=None, metavar="N",
                         help="examples the machines run (default: the profile's)")
     parser.add_argument("--profile", choices=("ci", "dev", "deep"), default="ci",
@@ -182,6 +185,9 @@ def conformance_main(argv: list[str] | None = None) -> int:
     output: str | None = args.output
     if output is None and fmt == "html":
         output = DEFAULT_HTML
+    for extra in args.also:
+        if Path(extra).suffix.lower() not in _SUFFIX_FORMAT:
+            parser.error(f"--also {extra}: suffix must be one of {sorted(_SUFFIX_FORMAT)}")
     try:
         load_impl(args.impl)
     except ImplError as exc:
@@ -207,5 +213,10 @@ def conformance_main(argv: list[str] | None = None) -> int:
     else:
         Path(output).write_text(text, encoding="utf-8")
         progress(f"report: {output}")
+    for extra in args.also:
+        Path(extra).write_text(
+            RENDERERS[_SUFFIX_FORMAT[Path(extra).suffix.lower()]](report), encoding="utf-8"
+        )
+        progress(f"report: {extra}")
     progress(report.summary_line())
     return report.exit_code

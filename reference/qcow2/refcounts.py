@@ -163,7 +163,11 @@ class RefcountTable:
 
     def last_used_cluster(self) -> int:
         """Index of the last host cluster with a non-zero refcount (-1 if none)."""
-        for ti in range(len(self._table) - 1, -1, -1):
+        packed = struct.pack(f">{len(self._table)}Q", *self._table)
+        last_entry = (len(packed.rstrip(b"\0")) - 1) // 8
+        for ti in range(last_entry, -1, -1):
+            if not self._table[ti]:
+                continue
             offset = self._block_offset(ti)
             if not offset:
                 continue

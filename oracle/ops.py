@@ -1,0 +1,244 @@
+"""Operations and chain descriptions: the vocabulary of the machines and of replay files.
+
+Everything here is plain data that round-trips through JSON, so a failing sequence can be
+written to a replay file and run again without Hypothesis.
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+from array import array
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyimago.reference import PreallocateMode
+
+__all__ = [
+    "ChainSpec",
+    "LayerSpec",
+    "Op",
+    "OpKind",
+    "decode_word",
+    "pattern",
+]
+
+
+class OpKind(enum.Enum):
+    """Every operation the machines generate, named as in the fsx-style log."""
+
+    READ = "read"
+    WRITE = "write"
+    WRITE_ZEROES = "write_zeroes"
+    DISCARD_TO_ZERO = "discard_to_zero"
+    DISCARD_TO_ANY = "discard_to_any"
+    DISCARD_TO_BACKING = "discard_to_backing"
+    WRITE_PAST_END = "write_past_end"
+    RESIZE = "resize"
+    FLUSH = "flush"
+    INVALIDATE = "invalidate_cache"
+    REOPEN = "reopen"
+    SWEEP = "sweep"
+    READ_PARALLEL = "read_parallelization"
+    WRITE_PARALLEL = "write_parallelization"
+
+
+RANGED = frozenset(
+    {
+        OpKind.READ,
+        OpKind.WRITE,
+        OpKind.WRITE_ZEROES,
+        OpKind.DISCARD_TO_ZERO,
+        OpKind.DISCARD_TO_ANY,
+        OpKind.DISCARD_TO_BACKING,
+        OpKind.WRITE_PAST_END,
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    """One operation.
+
+    Ranged operations use ``offset``/``length``; ``resize`` uses ``value`` (the new size) and
+    ``mode`` (a ``PreallocateMode`` value); ``write_past_end`` names the rejected operation
+    in ``mode``; the parallelization settings use ``value``; a
+    ``sweep`` writes ``length`` bytes every ``value`` bytes from ``offset``.  The data a write
+    puts down depends only on its offsets and its step number (see :func:`pattern`).
+    """
+
+    kind: OpKind
+    offset: int = 0
+    length: int = 0
+    value: int = 0
+    mode: str | None = None
+
+    @property
+    def prealloc(self) -> PreallocateMode:
+        return PreallocateMode(self.mode) if self.mode else PreallocateMode.NONE
+
+    def describe(self) -> str:
+        """fsx-style one-line description."""
+        name = self.kind.value.upper()
+        if self.kind is OpKind.WRITE_PAST_END:
+            name = f"{(self.mode or 'write').upper()}!PAST-END"
+        if self.kind in RANGED:
+            end = self.offset + self.length - 1 if self.length else self.offset
+            return (
+                f"{name:<20} 0x{self.offset:x} thru 0x{end:x}\t(0x{self.length:x} bytes)"
+            )
+        if self.kind is OpKind.RESIZE:
+            return f"{name:<20} to 0x{self.value:x} ({self.prealloc.value})"
+        if self.kind is OpKind.SWEEP:
+            return (
+                f"{name:<20} 0x{self.length:x} bytes every 0x{self.value:x} from 0x{self.offset:x}"
+            )
+        if self.kind in (OpKind.READ_PARALLEL, OpKind.WRITE_PARALLEL):
+            return f"{name:<20} {self.value}"
+        return name
+
+    def touches(self, offset: int) -> bool:
+        """Whether this operation covers guest ``offset`` (used to mark the log)."""
+        if self.kind in RANGED:
+            return self.offset <= offset < self.offset + self.length
+        if self.kind is OpKind.SWEEP and self.value > 0 and offset >= self.offset:
+            return (offset - self.offset) % self.value < self.length
+        return False
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"op": self.kind.value}
+        if self.kind in RANGED or self.kind is OpKind.SWEEP:
+            out["offset"] = self.offset
+            out["length"] = self.length
+        if self.kind in (
+            OpKind.RESIZE,
+            OpKind.SWEEP,
+            OpKind.READ_PARALLEL,
+            OpKind.WRITE_PARALLEL,
+        ):
+            out["value"] = self.value
+        if self.mode is not None:
+            out["mode"] = self.mode
+        return out
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> Op:
+        return cls(
+            OpKind(obj["op"]),
+            int(obj.get("offset", 0)),
+            int(obj.get("length", 0)),
+            int(obj.get("value", 0)),
+            obj.get("mode"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class LayerSpec:
+    """One layer of a chain: its format, geometry and the operations that fill it.
+
+    ``build`` runs on the layer (writable) before the next overlay is created on it; the top
+    layer's ``build`` is normally empty (the machine's steps take over from there).
+    """
+
+    format: str
+    size: int
+    cluster_size: int = 65536
+    compat: str = "1.1"
+    preallocation: str = "off"
+    build: tuple[Op, ...] = field(default_factory=tuple)
+
+    def describe(self) -> str:
+        if self.format == "raw":
+            return f"raw {self.size:#x} bytes"
+        version = "v3" if self.compat != "0.10" else "v2"
+        extra = f", preallocation={self.preallocation}" if self.preallocation != "off" else ""
+        return f"qcow2 {version} {self.size:#x} bytes, {self.cluster_size} B clusters{extra}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "size": self.size,
+            "cluster_size": self.cluster_size,
+            "compat": self.compat,
+            "preallocation": self.preallocation,
+            "build": [op.to_json() for op in self.build],
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> LayerSpec:
+        return cls(
+            str(obj["format"]),
+            int(obj["size"]),
+            int(obj.get("cluster_size", 65536)),
+            str(obj.get("compat", "1.1")),
+            str(obj.get("preallocation", "off")),
+            tuple(Op.from_json(o) for o in obj.get("build", ())),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ChainSpec:
+    """A backing chain, base first, and where it lives (``"memory"`` or ``"file"``)."""
+
+    layers: tuple[LayerSpec, ...]
+    storage: str = "memory"
+    l2_cache_tables: int | None = None
+    """When set, ask the target to open qcow2 layers with this many cached L2 tables."""
+
+    @property
+    def top(self) -> LayerSpec:
+        return self.layers[-1]
+
+    def describe(self) -> str:
+        parts = " <- ".join(layer.describe() for layer in self.layers)
+        cache = f", L2 cache {self.l2_cache_tables}" if self.l2_cache_tables else ""
+        return f"[{self.storage}{cache}] {parts}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "storage": self.storage,
+            "l2_cache_tables": self.l2_cache_tables,
+            "layers": [layer.to_json() for layer in self.layers],
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> ChainSpec:
+        cache = obj.get("l2_cache_tables")
+        return cls(
+            tuple(LayerSpec.from_json(layer) for layer in obj["layers"]),
+            str(obj.get("storage", "memory")),
+            int(cache) if cache is not None else None,
+        )
+
+
+def _step_byte(step: int) -> int:
+    # Never zero, so written data never reads as a zero cluster.
+    return step % 255 + 1
+
+
+def pattern(step: int, offset: int, length: int) -> bytes:
+    """The bytes step ``step`` writes at guest ``offset`` (fsx-style, self-describing).
+
+    The disk is seen as 4-byte words; the word at ``4*i`` is the step byte (``step % 255 + 1``)
+    followed by ``i`` as a 24-bit big-endian number, so any 4 aligned bytes read back from
+    the wrong place tell which step wrote them and for which offset (:func:`decode_word`).
+    """
+    if length <= 0:
+        return b""
+    first = offset // 4
+    last = (offset + length + 3) // 4
+    # The step byte overwrites each word's top byte, so indices simply wrap at 2^24.
+    words = array("I", range(first & 0xFFFFFFFF, (first & 0xFFFFFFFF) + (last - first)))
+    if sys.byteorder == "little":
+        words.byteswap()
+    buf = bytearray(words.tobytes())
+    buf[0::4] = bytes([_step_byte(step)]) * (last - first)
+    skip = offset - first * 4
+    return bytes(buf[skip : skip + length])
+
+
+def decode_word(word: bytes) -> tuple[int, int] | None:
+    """``(step % 255, offset)`` a 4-byte aligned word of :func:`pattern` data names, or None."""
+    if len(word) != 4 or word[0] == 0:
+        return None
+    return word[0] - 1, int.from_bytes(word[1:], "big") * 4

@@ -1,0 +1,136 @@
+"""Replay files: a failing sequence as JSON, and running it again without Hypothesis.
+
+A replay file holds the chain description (layers, their build operations, storage kind,
+L2 cache size) and the operations applied to the top layer, in order.  Step numbers (which
+decide the data each write puts down) are not stored: they follow from the order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .ops import ChainSpec, Op
+from .session import OracleFailure, RunStats, Session
+from .targets import ImplementationTarget
+
+__all__ = [
+    "DEFAULT_FAILURES_DIR",
+    "REPLAY_FORMAT",
+    "Replay",
+    "ReplayResult",
+    "load_replay",
+    "replay_record",
+    "run_replay",
+    "write_replay",
+]
+
+DEFAULT_FAILURES_DIR = ".pyimago-failures"
+REPLAY_FORMAT = "pyimago-replay"
+_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """A recorded sequence: the chain, the top-layer operations, and what failed."""
+
+    chain: ChainSpec
+    ops: tuple[Op, ...]
+    target: str | None = None
+    failure: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": REPLAY_FORMAT,
+            "version": _VERSION,
+            "target": self.target,
+            "chain": self.chain.to_json(),
+            "ops": [op.to_json() for op in self.ops],
+            "failure": self.failure,
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> Replay:
+        if obj.get("format") != REPLAY_FORMAT:
+            raise ValueError("not a pyimago replay file")
+        if int(obj.get("version", 0)) > _VERSION:
+            raise ValueError(f"replay file version {obj.get('version')} is newer than this oracle")
+        return cls(
+            ChainSpec.from_json(obj["chain"]),
+            tuple(Op.from_json(o) for o in obj["ops"]),
+            obj.get("target"),
+            obj.get("failure"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayResult:
+    """The outcome of running a replay: the log, and the error if it failed."""
+
+    log: str
+    error: BaseException | None
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+
+def replay_record(session: Session, error: BaseException | None) -> Replay:
+    """The replay of what ``session`` ran so far."""
+    failure = None if error is None else f"{type(error).__name__}: {error}"
+    return Replay(
+        session.chain,
+        tuple(session.applied),
+        session.target.module or session.target.name,
+        failure,
+    )
+
+
+def write_replay(replay: Replay, directory: str = DEFAULT_FAILURES_DIR) -> str:
+    """Write ``replay`` into ``directory`` (created if needed); return the file's path."""
+    text = json.dumps(replay.to_json(), indent=1)
+    digest = hashlib.sha1(text.encode()).hexdigest()[:10]
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"replay-{time.strftime('%Y%m%d-%H%M%S')}-{digest}.json")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+    return path
+
+
+def load_replay(path: str) -> Replay:
+    """Read a replay file."""
+    with open(path, encoding="utf-8") as f:
+        return Replay.from_json(json.load(f))
+
+
+def run_replay(
+    replay: Replay,
+    target: ImplementationTarget,
+    *,
+    stats: RunStats | None = None,
+    qemu_img: str | None = "auto",
+) -> ReplayResult:
+    """Run a replay against ``target``; failures come back in the result, not raised."""
+    session = Session(target, replay.chain, stats=stats, qemu_img=qemu_img, build=False)
+    error: BaseException | None = None
+    try:
+        session.build()
+        for op in replay.ops:
+            session.apply(op)
+    except Exception as exc:
+        error = exc
+    try:
+        session.close(verify=error is None)
+    except Exception as exc:
+        if error is None:
+            error = exc
+    return ReplayResult(session.format_log(failed=error), error)
+
+
+def is_oracle_failure(error: BaseException | None) -> bool:
+    """Whether an error is the model disagreeing (rather than the implementation raising)."""
+    return isinstance(error, OracleFailure)

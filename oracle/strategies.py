@@ -1,0 +1,273 @@
+"""Hypothesis strategies for chains and operations, aware of the disk's geometry.
+
+Offsets are drawn around the places bugs live: cluster boundaries, L2-table boundaries
+(``cluster_size / 8`` clusters per table), the disk end, sector boundaries, with small
+deltas either side; lengths are tiny, sector-sized, cluster-sized or just off them.  Sizes
+stay small (a few hundred clusters at most) so that checking the whole disk after every
+step stays cheap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hypothesis import strategies as st
+from pyimago.reference import PreallocateMode
+
+from .ops import ChainSpec, LayerSpec, Op, OpKind
+
+__all__ = [
+    "CLUSTER_SIZES",
+    "Geometry",
+    "build_ops",
+    "chain_specs",
+    "grow_ops",
+    "max_disk_size",
+    "modify_ranges",
+    "past_end_ops",
+    "read_ranges",
+    "shrink_ops",
+    "sweep_ops",
+]
+
+#: Cluster sizes to draw from, biased to small ones: they are fast, and small clusters put
+#: L2-table boundaries (every cluster_size/8 clusters) inside small disks.
+CLUSTER_SIZES = (512, 512, 512, 1024, 1024, 2048, 4096, 65536, 2 << 20)
+
+_SECTOR = 512
+_MAX_OP_LENGTH = 4 << 20
+
+
+def max_disk_size(cluster_size: int) -> int:
+    """Largest disk the strategies make for a cluster size (a few hundred clusters)."""
+    return max(min(192 * cluster_size, 2 << 20), 2 * cluster_size)
+
+
+@dataclass(frozen=True, slots=True)
+class Geometry:
+    """What the strategies need to know about the top layer."""
+
+    size: int
+    granularity: int
+    max_size: int
+
+    @property
+    def l2_span(self) -> int:
+        """Guest bytes one L2 table maps (``cluster_size / 8`` entries of a cluster each)."""
+        return self.granularity * (self.granularity // 8)
+
+
+def _sizes(cluster_size: int) -> st.SearchStrategy[int]:
+    limit = max_disk_size(cluster_size) // _SECTOR
+    per_cluster = max(cluster_size // _SECTOR, 1)
+    clusters = max(limit // per_cluster, 1)
+    # Mostly several clusters (small clusters: several L2 tables), whole or just off; now
+    # and then anything down to a single sector.
+    return st.one_of(
+        st.integers(min(2, clusters), clusters).flatmap(
+            lambda n: st.sampled_from([n * per_cluster, n * per_cluster - 1, n * per_cluster + 1])
+        ),
+        st.integers(clusters // 3 or 1, clusters).map(lambda n: n * per_cluster),
+        st.integers(1, limit),
+    ).map(lambda sectors: min(max(sectors, 1), limit) * _SECTOR)
+
+
+def _anchor(draw: st.DrawFn, geo: Geometry, *, past_end: bool) -> int:
+    size, g = geo.size, geo.granularity
+    where = draw(st.sampled_from(("cluster", "l2", "end", "sector", "anywhere", "zero")))
+    if where == "cluster":
+        return draw(st.integers(0, size // g)) * g
+    if where == "l2":
+        return draw(st.integers(0, size // geo.l2_span)) * geo.l2_span
+    if where == "end":
+        return size
+    if where == "sector":
+        return draw(st.integers(0, max(size // _SECTOR, 0))) * _SECTOR
+    if where == "anywhere":
+        return draw(st.integers(0, size + (g if past_end else 0)))
+    return 0
+
+
+def _delta(draw: st.DrawFn, g: int) -> int:
+    return draw(
+        st.one_of(
+            st.just(0),
+            st.integers(-8, 8),
+            st.sampled_from((-_SECTOR, _SECTOR, -g, g, 1 - g, g - 1)),
+            st.integers(-g, g),
+        )
+    )
+
+
+def _length(draw: st.DrawFn, g: int) -> int:
+    n = draw(
+        st.one_of(
+            st.integers(1, 16),
+            st.integers(1, 8).map(lambda k: k * _SECTOR),
+            st.sampled_from((g, 2 * g, g + 1, g - 1, 3 * g)),
+            st.integers(1, 2 * g),
+        )
+    )
+    return max(1, min(n, _MAX_OP_LENGTH))
+
+
+@st.composite
+def _range(draw: st.DrawFn, geo: Geometry, inside: bool) -> tuple[int, int]:
+    size, g = geo.size, geo.granularity
+    shape = draw(st.integers(0, 5))
+    if shape == 0:
+        # Whole clusters: the case discards and zeroing handle in the format's metadata.
+        offset = draw(st.integers(0, max(size // g - 1, 0))) * g
+        length = draw(st.integers(1, 8)) * g
+    elif shape == 1:
+        # Straddle a boundary: start a little before it, end a little after.
+        boundary = _anchor(draw, geo, past_end=False)
+        before = draw(st.integers(1, g))
+        after = draw(st.integers(1, g))
+        offset = max(boundary - before, 0)
+        length = boundary + after - offset
+    else:
+        offset = _anchor(draw, geo, past_end=not inside) + _delta(draw, g)
+        length = _length(draw, g)
+    offset = max(offset, 0)
+    if inside:
+        offset = min(offset, size - 1)
+        length = max(1, min(length, size - offset))
+    else:
+        offset = min(offset, size + 2 * g)
+    return offset, min(length, _MAX_OP_LENGTH)
+
+
+def read_ranges(geo: Geometry) -> st.SearchStrategy[tuple[int, int]]:
+    """Ranges to read: anywhere, the disk end and beyond included."""
+    return _range(geo, False)
+
+
+def modify_ranges(geo: Geometry) -> st.SearchStrategy[tuple[int, int]]:
+    """Ranges inside the disk, for writes, zeroing and discards."""
+    return _range(geo, True)
+
+
+@st.composite
+def past_end_ops(draw: st.DrawFn, geo: Geometry) -> Op:
+    """A modifying request that runs past the disk end (must be rejected, nothing written)."""
+    size, g = geo.size, geo.granularity
+    offset = draw(st.integers(max(size - g, 0), size + g))
+    length = max(size - offset, 0) + draw(st.integers(1, g))
+    name = draw(
+        st.sampled_from(
+            ("write", "write_zeroes", "discard_to_zero", "discard_to_any", "discard_to_backing")
+        )
+    )
+    return Op(OpKind.WRITE_PAST_END, offset, length, mode=name)
+
+
+@st.composite
+def grow_ops(draw: st.DrawFn, geo: Geometry) -> Op:
+    """Grow in whole sectors, with each preallocation mode (a no-op resize at the limit)."""
+    size, g = geo.size, geo.granularity
+    to_boundary = -size % g or g
+    step = draw(
+        st.one_of(
+            st.integers(1, 16).map(lambda k: k * _SECTOR),
+            st.sampled_from(tuple(sorted({g, 2 * g, to_boundary, to_boundary + _SECTOR}))),
+        )
+    )
+    new = max(min(size + step, geo.max_size), size)
+    mode = draw(st.sampled_from(tuple(PreallocateMode)))
+    return Op(OpKind.RESIZE, value=new, mode=mode.value)
+
+
+@st.composite
+def shrink_ops(draw: st.DrawFn, geo: Geometry) -> Op:
+    """Shrink in whole sectors: by a little, to a cluster boundary, or into a cluster."""
+    size, g = geo.size, geo.granularity
+    where = draw(st.sampled_from(("little", "boundary", "mid-cluster")))
+    if where == "little":
+        new = size - draw(st.integers(1, 16)) * _SECTOR
+    else:
+        boundary = draw(st.integers(0, max((size - 1) // g, 0))) * g
+        inside = 0
+        if where == "mid-cluster" and g > _SECTOR:
+            inside = draw(st.integers(1, g // _SECTOR - 1)) * _SECTOR
+        new = boundary + inside
+    new = min(max(new, _SECTOR), size)
+    return Op(OpKind.RESIZE, value=new, mode=PreallocateMode.NONE.value)
+
+
+@st.composite
+def sweep_ops(draw: st.DrawFn, geo: Geometry) -> Op:
+    """Small writes one L2 table apart (one cluster apart where tables are huge)."""
+    stride = geo.l2_span if geo.l2_span < geo.size else geo.granularity
+    stride = max(stride, geo.size // 64, 1)
+    offset = draw(st.integers(0, min(stride, geo.size) - 1))
+    length = draw(st.integers(1, min(_SECTOR, stride)))
+    return Op(OpKind.SWEEP, offset, length, value=stride)
+
+
+@st.composite
+def build_ops(draw: st.DrawFn, size: int, granularity: int) -> tuple[Op, ...]:
+    """What fills a lower layer: writes, plus zeroing (explicit zero clusters in v3)."""
+    geo = Geometry(size, granularity, size)
+    count = draw(st.integers(1, 5))
+    ops = []
+    for _ in range(count):
+        kind = draw(
+            st.sampled_from(
+                (OpKind.WRITE, OpKind.WRITE_ZEROES, OpKind.WRITE, OpKind.DISCARD_TO_ZERO)
+            )
+        )
+        offset, length = draw(modify_ranges(geo))
+        ops.append(Op(kind, offset, length))
+    return tuple(ops)
+
+
+@st.composite
+def chain_specs(
+    draw: st.DrawFn,
+    *,
+    storages: tuple[str, ...] = ("memory", "memory", "file"),
+    depths: tuple[int, int] = (1, 3),
+    base_formats: tuple[str, ...] = ("qcow2", "raw"),
+    compats: tuple[str, ...] = ("1.1", "0.10"),
+    cluster_sizes: tuple[int, ...] = CLUSTER_SIZES,
+    l2_cache_tables: tuple[int | None, ...] = (1, 2, None, 1, 2, 4),
+) -> ChainSpec:
+    """Chains of 1 to 3 layers: a raw or qcow2 base under qcow2 overlays.
+
+    Overlays are as long as, shorter or longer than what they sit on; lower layers get a few
+    writes and zeroings first; chains live in memory or in files.
+    """
+    depth = draw(st.integers(*depths))
+    layers: list[LayerSpec] = []
+    for index in range(depth):
+        fmt = draw(st.sampled_from(base_formats)) if index == 0 else "qcow2"
+        if fmt == "raw":
+            cluster = _SECTOR
+            compat = "1.1"
+        else:
+            cluster = draw(st.sampled_from(cluster_sizes))
+            compat = draw(st.sampled_from(compats))
+        limit = max_disk_size(cluster)
+        same_as_below = draw(st.booleans())
+        size = min(layers[-1].size, limit) if layers and same_as_below else draw(_sizes(cluster))
+        prealloc = "off"
+        # qemu-img (and the reference) refuse preallocation together with a backing file.
+        if fmt == "qcow2" and index == 0 and draw(st.integers(0, 5)) == 0:
+            prealloc = draw(st.sampled_from(("metadata", "falloc", "full")))
+        build: tuple[Op, ...] = ()
+        if index < depth - 1:
+            build = draw(build_ops(size, cluster if fmt == "qcow2" else _SECTOR))
+        layers.append(
+            LayerSpec(
+                format=fmt,
+                size=size,
+                cluster_size=cluster if fmt == "qcow2" else 65536,
+                compat=compat,
+                preallocation=prealloc,
+                build=build,
+            )
+        )
+    storage = draw(st.sampled_from(storages))
+    cache = draw(st.sampled_from(l2_cache_tables))
+    return ChainSpec(tuple(layers), storage, cache)

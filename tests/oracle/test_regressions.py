@@ -1,0 +1,61 @@
+"""Sequences the machines found, kept as plain regression tests.
+
+Each test replays a recorded sequence (the chain and the top-layer operations of a replay
+file, inline) against the reference.  A sequence that exposes a bug not fixed yet is marked
+``xfail(strict=True)`` with the reason: once the fix lands the test passes, strict xfail turns
+that into a failure, and the marker is removed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pyimago.oracle.replay import Replay, run_replay
+from pyimago.oracle.targets import reference_target
+
+
+def _replay(chain: dict[str, Any], ops: list[dict[str, Any]]) -> None:
+    replay = Replay.from_json(
+        {"format": "pyimago-replay", "version": 1, "chain": chain, "ops": ops}
+    )
+    result = run_replay(replay, reference_target())
+    assert not result.failed, result.log
+
+
+@pytest.mark.clause("access.write-zeroes.soft", "storage.write.extends")
+def test_v2_zeroing_over_backing_then_write_memory() -> None:
+    # Found by the machine: zeroing a fresh whole cluster of a v2 overlay (no zero flag, so
+    # zeroes are written) allocated a host cluster past the end of a MemoryStorage whose
+    # write_zeroes did not extend it; the next write to that cluster then failed with
+    # CorruptImageError "lies wholly outside the image file".  Fixed in MemoryStorage.
+    _replay(
+        {
+            "storage": "memory",
+            "l2_cache_tables": 1,
+            "layers": [
+                {"format": "raw", "size": 32768,
+                 "build": [{"op": "write", "offset": 0, "length": 512}]},
+                {"format": "qcow2", "size": 32768, "cluster_size": 512, "compat": "0.10"},
+            ],
+        },
+        [
+            {"op": "discard_to_zero", "offset": 0, "length": 1024},
+            {"op": "sweep", "offset": 0, "length": 1, "value": 512},
+        ],
+    )
+
+
+@pytest.mark.clause("access.resize.grow-zero", "access.resize.shrink-discards")
+def test_shrink_into_a_cluster_then_grow_zero_hides_old_tail() -> None:
+    _replay(
+        {
+            "storage": "memory",
+            "layers": [{"format": "qcow2", "size": 16384, "cluster_size": 4096}],
+        },
+        [
+            {"op": "write", "offset": 0, "length": 16384},
+            {"op": "resize", "value": 5120, "mode": "none"},
+            {"op": "resize", "value": 16384, "mode": "zero"},
+        ],
+    )
