@@ -9,11 +9,15 @@
 ``pyimago replay FILE``
     Runs a replay file's sequence again (against the target it names, or ``--target``),
     prints the operation log and exits 1 if it still fails.
+``pyimago fuzz module:target``
+    Fuzzes a third party's format driver (a ``DriverTarget``) against the oracle; see
+    :mod:`pyimago.oracle.fuzz`.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import traceback
@@ -38,6 +42,8 @@ _STORAGES = {"memory": ("memory",), "file": ("file",), "mixed": ("memory", "memo
 _DELEGATED_HELP = {
     "conformance": "per-clause conformance report of an implementation "
                    "(see 'pyimago conformance --help')",
+    "fuzz": "fuzz a format driver (module:target) against the oracle "
+            "(see 'pyimago fuzz --help')",
 }
 
 
@@ -46,6 +52,10 @@ def _delegated(name: str, rest: list[str]) -> int:
         from .report import conformance_main
 
         return conformance_main(rest)
+    if name == "fuzz":
+        from .fuzz._cli import fuzz_main
+
+        return fuzz_main(rest)
     raise AssertionError(name)
 
 
@@ -195,6 +205,9 @@ def _run(args: argparse.Namespace) -> int:
 
 def _replay(args: argparse.Namespace) -> int:
     replay = load_replay(args.file)
+    if os.getcwd() not in sys.path:
+        # A target named module:attribute (a driver under test) may live in the current folder.
+        sys.path.insert(0, os.getcwd())
     target = resolve_target(args.target or replay.target or "reference")
     result = run_replay(replay, target, qemu_img=None if args.no_qemu else "auto")
     if not args.quiet:

@@ -347,13 +347,12 @@ class FormatAccess:
                 raise DriverError(
                     f"{self._driver}: unexpected {mapping} at {offset} while zeroing"
                 )
-            if isinstance(mapping, RawMapping) and mapping.writable:
-                storage, host_offset = mapping.storage, mapping.offset
-            else:
-                storage, host_offset, mlen = self._driver.ensure_data_mapping(offset, mlen, True)
-                mlen = min(mlen, length)
-                if mlen <= 0:
-                    raise DriverError(f"{self._driver}: ensure_data_mapping mapped nothing")
+            # Even a writable raw mapping goes through ensure_data_mapping: the driver then
+            # checks the host range once more before anything is written to it.
+            storage, host_offset, mlen = self._driver.ensure_data_mapping(offset, mlen, True)
+            mlen = min(mlen, length)
+            if mlen <= 0:
+                raise DriverError(f"{self._driver}: ensure_data_mapping mapped nothing")
             storage.write_zeroes(host_offset, mlen)
             offset += mlen
             length -= mlen

@@ -48,6 +48,7 @@ from .tables import (
     l1_index,
     l2_index,
     offset_in_cluster,
+    whole_clusters,
 )
 
 if TYPE_CHECKING:
@@ -182,6 +183,13 @@ class Qcow2Driver:
 
     def _l2_table_offsets(self) -> set[int]:
         return {e & L1E_OFFSET_MASK for e in self._l1} - {0}
+
+    def _fixed_metadata_at(self, host: int) -> str | None:
+        """The fixed metadata structure the cluster at ``host`` overlaps, if any."""
+        for name, start, size in self._fixed_metadata():
+            if start < host + self._cluster_size and host < start + size:
+                return name
+        return None
 
     def _fixed_metadata(self) -> list[tuple[str, int, int]]:
         return [
@@ -398,9 +406,15 @@ class Qcow2Driver:
     def _mapping_for(self, entry: L2Entry, offset: int, in_cluster: int) -> ShallowMapping:
         t = entry.type
         if t is ClusterType.NORMAL:
-            return RawMapping(
-                self._storage, entry.host_offset + in_cluster, self._writable and entry.copied
+            # A cluster outside the file or over the header/L1/refcount table reads as it
+            # is, but is never handed out as writable (qcow2.metadata.outside-file, overlap).
+            writable = (
+                self._writable
+                and entry.copied
+                and entry.host_offset < self._storage.size()
+                and self._fixed_metadata_at(entry.host_offset) is None
             )
+            return RawMapping(self._storage, entry.host_offset + in_cluster, writable)
         if t in (ClusterType.ZERO_PLAIN, ClusterType.ZERO_ALLOC):
             return ZeroMapping(True)
         if t is ClusterType.COMPRESSED:
@@ -487,11 +501,11 @@ class Qcow2Driver:
                 f"qcow2 data cluster 0x{host:x} lies wholly outside the image file "
                 f"({self._storage.size()} bytes): refusing {what} it"
             )
-        for name, start, size in self._fixed_metadata():
-            if start < host + self._cluster_size and host < start + size:
-                raise CorruptImageError(
-                    f"qcow2 data cluster 0x{host:x} overlaps the {name}: refusing {what} it"
-                )
+        name = self._fixed_metadata_at(host)
+        if name is not None:
+            raise CorruptImageError(
+                f"qcow2 data cluster 0x{host:x} overlaps the {name}: refusing {what} it"
+            )
         if host in self._l2_table_offsets() or host in self._refcounts.block_offsets():
             raise CorruptImageError(
                 f"qcow2 data cluster 0x{host:x} is also an L2 table or refcount block: "
@@ -501,12 +515,8 @@ class Qcow2Driver:
     # -- zeroing and discarding ---------------------------------------------------------------
 
     def _whole_clusters(self, offset: int, length: int) -> range:
-        """Guest cluster offsets wholly inside the range (the disk end counts as aligned)."""
-        cs = self._cluster_size
         end = min(offset + length, self._size)
-        first = -(-offset // cs) * cs
-        last = end if end == self._size else end - end % cs
-        return range(first, max(first, last), cs)
+        return whole_clusters(offset, end - offset, self._cluster_bits, self._size)
 
     def _apply(
         self, offset: int, length: int, new_entry_for: Callable[[L2Entry], L2Entry | None]

@@ -44,6 +44,10 @@ def get_block_entry(block: bytes | bytearray, index: int, refcount_order: int) -
 
     Entries of 8 bits and more are big-endian integers; narrower ones are packed into bytes
     starting from the least significant bit, as QEMU's get_refcount_ro0..ro2 read them.
+
+    pre: 0 <= refcount_order <= 6
+    pre: 0 <= index < len(block) * 8 >> refcount_order
+    post: 0 <= __return__ < 1 << (1 << refcount_order)
     """
     bits = 1 << refcount_order
     if bits >= 8:

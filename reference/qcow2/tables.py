@@ -36,6 +36,7 @@ __all__ = [
     "l1_index",
     "l2_index",
     "offset_in_cluster",
+    "whole_clusters",
 ]
 
 
@@ -70,6 +71,25 @@ def offset_in_cluster(offset: int, cluster_bits: int) -> int:
     post: (offset - __return__) % (1 << cluster_bits) == 0
     """
     return offset & ((1 << cluster_bits) - 1)
+
+
+def whole_clusters(offset: int, length: int, cluster_bits: int, disk_size: int) -> range:
+    """Guest offsets of the clusters wholly inside ``[offset, offset + length)``.
+
+    The disk's last cluster, cut short by the disk end, counts as whole when the range
+    reaches the disk end (nothing of it lies outside the range that the guest can see).
+
+    pre: 9 <= cluster_bits <= 21
+    pre: 0 <= offset <= disk_size
+    pre: 0 <= length <= disk_size - offset
+    post: all(c % (1 << cluster_bits) == 0 and c >= offset for c in __return__)
+    post: offset+length == disk_size or all(c+2**cluster_bits <= offset+length for c in __return__)
+    """
+    cs = 1 << cluster_bits
+    end = offset + length
+    first = -(-offset // cs) * cs
+    last = end if end == disk_size else end - end % cs
+    return range(first, max(first, last), cs)
 
 
 @dataclass(frozen=True, slots=True)
