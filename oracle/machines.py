@@ -19,17 +19,20 @@ Hypothesis's report and writes a replay file (``pyimago replay FILE`` runs it ag
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 from hypothesis import note
 from hypothesis import strategies as st
 from hypothesis.control import current_build_context
 from hypothesis.errors import InvalidArgument
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
+from pyimago.reference import PreallocateMode
 
 from .ops import ChainSpec, Op, OpKind
 from .replay import DEFAULT_FAILURES_DIR, replay_record, write_replay
 from .session import RunStats, Session
 from .strategies import (
+    PAST_END_NAMES,
     Geometry,
     chain_specs,
     grow_ops,
@@ -43,6 +46,9 @@ from .strategies import (
 from .targets import ImplementationTarget
 
 __all__ = ["make_machine"]
+
+# Where data was written is where zeroing, discarding, resizing and reading find bugs.
+_HOT_KINDS = frozenset({OpKind.WRITE})
 
 
 def _is_final() -> bool:
@@ -60,6 +66,8 @@ def make_machine(
     stats: RunStats | None = None,
     qemu_img: str | None = "auto",
     echo_failures: bool = False,
+    capabilities: Any = None,
+    locality: bool = False,
 ) -> type[RuleBasedStateMachine]:
     """A state machine class that checks ``target`` against the model.
 
@@ -68,9 +76,34 @@ def make_machine(
     (None: nowhere).  ``stats``: counters to accumulate into (for progress displays).
     ``qemu_img``: as for :class:`Session`.  ``echo_failures``: also print the log of the final
     failing run to stderr (Hypothesis's report has it as a note either way).
+    ``capabilities``: a ``DriverCapabilities`` (default: the target's own, if it has one);
+    rules for what it does not claim are left out, and one rule instead checks that such
+    requests raise ``UnsupportedError``.  ``locality``: the distribution for third-party
+    drivers: ranges are drawn around what recent operations touched as often as anywhere
+    else, so that operations meet on the same clusters more often than chance has them do on
+    a disk of hundreds, and ranges end at boundaries (and one byte off them) as often as they
+    start there (see ``Geometry.hot`` and ``Geometry.sharp``).
     """
     chain_strategy = chains if chains is not None else chain_specs()
     run_stats = stats if stats is not None else RunStats()
+    caps = capabilities if capabilities is not None else getattr(target, "capabilities", None)
+    grow_modes = tuple(PreallocateMode)
+    past_end_names: tuple[str, ...] = PAST_END_NAMES
+    unclaimed: list[tuple[str, str]] = []
+    clear_kinds = [OpKind.WRITE_ZEROES, OpKind.DISCARD_TO_ZERO, OpKind.DISCARD_TO_ANY,
+                   OpKind.DISCARD_TO_BACKING]
+    if caps is not None:
+        grow_modes = tuple(m for m in PreallocateMode if caps.supports_grow(m))
+        past_end_names = tuple(
+            n for n in PAST_END_NAMES if not n.startswith("discard") or caps.supports_discard(n)
+        )
+        unclaimed += [("discard", n) for n in PAST_END_NAMES
+                      if n.startswith("discard") and not caps.supports_discard(n)]
+        unclaimed += [("grow", m.value) for m in PreallocateMode if m not in grow_modes]
+        if not caps.resize_shrink:
+            unclaimed.append(("shrink", ""))
+        clear_kinds = [k for k in clear_kinds
+                       if k is OpKind.WRITE_ZEROES or caps.supports_discard(k.value)]
 
     class OracleMachine(RuleBasedStateMachine):
         """Operations on a backing chain, checked against the flat model after each one."""
@@ -79,6 +112,7 @@ def make_machine(
             super().__init__()
             self.session: Session | None = None
             self.failed = False
+            self.hot: list[int] = []
 
         # -- plumbing -------------------------------------------------------------------------
 
@@ -99,6 +133,9 @@ def make_machine(
 
         def _apply(self, op: Op) -> None:
             assert self.session is not None
+            if locality and op.kind in _HOT_KINDS:
+                # Its first and last byte: the next range may start or end there.
+                self.hot = [*self.hot[-6:], op.offset, op.offset + max(op.length - 1, 0)]
             try:
                 self.session.apply(op)
             except Exception as exc:
@@ -112,7 +149,7 @@ def make_machine(
                 max_disk_size(model.granularity),
                 *(layer.size for layer in self.session.chain.layers),
             )
-            return Geometry(model.size, model.granularity, limit)
+            return Geometry(model.size, model.granularity, limit, tuple(self.hot), locality)
 
         # -- initialisation and teardown ------------------------------------------------------
 
@@ -126,6 +163,12 @@ def make_machine(
             except Exception as exc:
                 self._report(exc)
                 raise
+            if locality:
+                # What the lower layers hold (data, zeroes, compressed clusters) is worth
+                # reading, writing over and discarding around too.
+                for layer in chain.layers:
+                    for op in layer.build[-4:]:
+                        self.hot = [*self.hot[-6:], op.offset, op.offset + max(op.length - 1, 0)]
 
         def teardown(self) -> None:
             session = self.session
@@ -182,11 +225,13 @@ def make_machine(
 
         @rule(data=st.data())
         def request_past_end(self, data: st.DataObject) -> None:
-            self._apply(data.draw(past_end_ops(self._geometry()), label="request"))
+            self._apply(
+                data.draw(past_end_ops(self._geometry(), past_end_names), label="request")
+            )
 
         @rule(data=st.data())
         def grow(self, data: st.DataObject) -> None:
-            self._apply(data.draw(grow_ops(self._geometry()), label="grow"))
+            self._apply(data.draw(grow_ops(self._geometry(), grow_modes), label="grow"))
 
         @rule(data=st.data())
         def shrink(self, data: st.DataObject) -> None:
@@ -196,7 +241,7 @@ def make_machine(
         def shrink_and_regrow(self, data: st.DataObject) -> None:
             # The old tail must not come back: the classic resize bug, worth a rule of its own.
             self._apply(data.draw(shrink_ops(self._geometry()), label="shrink"))
-            self._apply(data.draw(grow_ops(self._geometry()), label="grow"))
+            self._apply(data.draw(grow_ops(self._geometry(), grow_modes), label="grow"))
 
         @rule()
         def flush(self) -> None:
@@ -222,6 +267,60 @@ def make_machine(
         @rule(n=st.integers(1, 4))
         def set_write_parallelization(self, n: int) -> None:
             self._apply(Op(OpKind.WRITE_PARALLEL, value=n))
+
+        if locality:
+
+            @rule(data=st.data())
+            def write_then_clear(self, data: st.DataObject) -> None:
+                # Data, then zeroing or discarding around it: where allocation bugs show.
+                geo = self._geometry()
+                offset, length = data.draw(modify_ranges(geo), label="write")
+                self._apply(Op(OpKind.WRITE, offset, length))
+                kind = data.draw(st.sampled_from(clear_kinds), label="then")
+                if data.draw(st.booleans(), label="same clusters"):
+                    # The clusters just written, give or take a byte at either end.
+                    g = geo.granularity
+                    start = offset - offset % g + data.draw(st.sampled_from((0, 0, 1, -1)))
+                    end = -(-(offset + length) // g) * g + data.draw(
+                        st.sampled_from((0, 0, -1, 1))
+                    )
+                    start, end = min(max(start, 0), geo.size - 1), min(end, geo.size)
+                    offset, length = start, max(end - start, 1)
+                else:
+                    offset, length = data.draw(modify_ranges(self._geometry()), label="range")
+                self._apply(Op(kind, offset, length))
+
+        if unclaimed:
+
+            @rule(data=st.data())
+            def unsupported_request(self, data: st.DataObject) -> None:
+                # What the target does not claim must raise UnsupportedError (the session
+                # knows from the capabilities) and leave the image as it was.
+                geo = self._geometry()
+                what, detail = data.draw(st.sampled_from(unclaimed), label="unclaimed")
+                if what == "discard":
+                    offset, length = data.draw(modify_ranges(geo), label="range")
+                    op = Op(OpKind(detail), offset, length)
+                elif what == "grow":
+                    more = data.draw(st.integers(1, 16), label="sectors") * 512
+                    op = Op(OpKind.RESIZE, value=geo.size + more, mode=detail)
+                else:
+                    new = data.draw(st.integers(1, max(geo.size // 512 - 1, 1)), label="sectors")
+                    op = Op(OpKind.RESIZE, value=min(new * 512, geo.size),
+                            mode=PreallocateMode.NONE.value)
+                self._apply(op)
+
+    if caps is not None:
+        # Rules for what the target does not claim are left out (before Hypothesis collects
+        # the rules, which it does on first use).
+        dropped = [f"discard_to_{k}" for k in ("zero", "any", "backing")
+                   if not caps.supports_discard(f"discard_to_{k}")]
+        if not grow_modes:
+            dropped += ["grow", "shrink_and_regrow"]
+        if not caps.resize_shrink:
+            dropped += ["shrink", "shrink_and_regrow"]
+        for name in dict.fromkeys(dropped):
+            delattr(OracleMachine, name)
 
     OracleMachine.__name__ = OracleMachine.__qualname__ = f"OracleMachine[{target.name}]"
     return OracleMachine

@@ -10,6 +10,8 @@ failure names the operation and the offset that went wrong.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import io
 import os
 import shutil
 import subprocess
@@ -18,7 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyimago.reference import (
     EofMapping,
@@ -32,8 +34,11 @@ from pyimago.reference import (
 )
 
 from .model import Alloc, FlatModel, LayerTraits, first_mismatch
-from .ops import ChainSpec, LayerSpec, Op, OpKind, decode_word, pattern
-from .targets import ImplementationTarget
+from .ops import RANGED, ChainSpec, LayerSpec, Op, OpKind, decode_word, pattern
+from .targets import ImplementationTarget, reference_target
+
+if TYPE_CHECKING:
+    from .fuzz import DriverCapabilities
 
 __all__ = [
     "LogEntry",
@@ -41,6 +46,7 @@ __all__ = [
     "RunStats",
     "Session",
     "check_image",
+    "describe_chain",
     "op_clauses",
     "traits_for",
 ]
@@ -127,6 +133,22 @@ class RunStats:
     failures: int = 0
     replay_files: list[str] = field(default_factory=list)
     on_example: Callable[[RunStats], None] | None = None
+    granules_touched: int = 0
+    """Allocation units of top layers that operations touched (distinct per chain)."""
+    l2_tables_touched: int = 0
+    """L2 tables (guest ranges one table maps) of qcow2 top layers that operations touched."""
+    granularities: Counter[int] = field(default_factory=Counter)
+    """Chains by the allocation unit of their top layer."""
+    unsupported_checked: int = 0
+    """Requests the target does not claim that duly raised UnsupportedError."""
+    compressed_clusters: int = 0
+    """Clusters of built qcow2 layers stored compressed (see ``strategies.COMPRESSED``)."""
+    qemu_checks: int = 0
+    """``qemu-img check`` runs at teardown."""
+    reference_reads: int = 0
+    """Times a target's image was read back by the reference and checked (differential)."""
+    differential_steps: int = 0
+    """Operations also run on a reference shadow chain (differential)."""
 
     def example_done(self) -> None:
         self.examples += 1
@@ -134,11 +156,30 @@ class RunStats:
             self.on_example(self)
 
 
+def describe_chain(chain: ChainSpec) -> str:
+    """``ChainSpec.describe``, naming a driver target's own format as such."""
+    parts = []
+    for layer in chain.layers:
+        if layer.format in ("raw", "qcow2"):
+            parts.append(layer.describe())
+        else:
+            zero = "zero clusters" if layer.compat != "0.10" else "no zero clusters"
+            extra = f", preallocation={layer.preallocation}" if layer.preallocation != "off" else ""
+            parts.append(
+                f"{layer.format} {layer.size:#x} bytes, {layer.cluster_size} B units, {zero}{extra}"
+            )
+    cache = f", L2 cache {chain.l2_cache_tables}" if chain.l2_cache_tables else ""
+    return f"[{chain.storage}{cache}] " + " <- ".join(parts)
+
+
 def traits_for(layer: LayerSpec) -> LayerTraits:
     """The model traits of a layer spec."""
     if layer.format == "raw":
         return LayerTraits.raw()
-    return LayerTraits.qcow2(layer.cluster_size, layer.compat)
+    if layer.format == "qcow2":
+        return LayerTraits.qcow2(layer.cluster_size, layer.compat)
+    # A driver target's own format: its layout's unit and zero clusters (see fuzz.Layout).
+    return LayerTraits(layer.format, layer.cluster_size, layer.compat != "0.10")
 
 
 def _hex(data: bytes) -> str:
@@ -379,6 +420,11 @@ class Session:
         self.access: Access = None
         self.stats.chain_depths[len(chain.layers)] += 1
         self._started = time.monotonic()
+        self.capabilities: DriverCapabilities | None = getattr(target, "capabilities", None)
+        self.shadow: Session | None = None
+        """With a differential target: the same sequence on the reference, in memory."""
+        self._differential = bool(getattr(target, "differential", False))
+        self._touched: set[int] = set()
         if build:
             self.build()
 
@@ -386,9 +432,28 @@ class Session:
         """Create the chain and open its top layer (see the constructor)."""
         try:
             self._build()
+            if self._differential:
+                self._build_shadow()
         except BaseException:
             self._cleanup()
             raise
+
+    def _build_shadow(self) -> None:
+        shadow = Session(
+            reference_target(),
+            dataclasses.replace(self.chain, storage="memory"),
+            stats=RunStats(),
+            qemu_img=None,
+            build=False,
+        )
+        try:
+            shadow.build()
+        except Exception as exc:
+            raise OracleFailure(
+                f"differential: the reference fails on this chain, which the target built: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        self.shadow = shadow
 
     # -- chain building -----------------------------------------------------------------------
 
@@ -406,7 +471,7 @@ class Session:
         options: dict[str, Any] = {"format": spec.format}
         if spec.preallocation != "off":
             options["preallocation"] = spec.preallocation
-        if spec.format == "qcow2":
+        if spec.format != "raw":
             options["cluster_size"] = spec.cluster_size
             options["compat"] = spec.compat
             if index > 0:
@@ -437,7 +502,7 @@ class Session:
             writable=writable,
             format=spec.format,
             backing=below,
-            explicit_backing=spec.format == "qcow2",
+            explicit_backing=spec.format != "raw",
             l2_cache_tables=cache if spec.format == "qcow2" else None,
         )
         self._open.append(access)
@@ -470,11 +535,32 @@ class Session:
                     self._run(access, model, op, index)
                 check_image(access, model, what=f"layer {index}")
                 self._close_all()
+                self._compress(index)
         self.model = self.models[-1]
         self.access = self._open_layer(len(layers) - 1, writable=True)
         for op in self.chain.top.build:
             self._run(self.access, self.model, op, len(layers) - 1)
+        if self._compressed_ranges(self.top_index):
+            self.access.flush()
+            self._close_all()
+            self._compress(self.top_index)
+            self.access = self._open_layer(self.top_index, writable=True)
         self.stats.bytes_compared += check_image(self.access, self.model, what="top")
+        self.stats.granularities[self.model.granularity] += 1
+
+    def _compressed_ranges(self, index: int) -> list[tuple[int, int]]:
+        spec = self.chain.layers[index]
+        if spec.format != "qcow2":
+            return []
+        return [(op.offset, op.length) for op in spec.build
+                if op.kind is OpKind.WRITE and op.mode == "compressed"]
+
+    def _compress(self, index: int) -> None:
+        ranges = self._compressed_ranges(index)
+        if ranges:
+            from .fuzz._compress import compress_clusters
+
+            self.stats.compressed_clusters += compress_clusters(self.layer_location(index), ranges)
 
     # -- operations ---------------------------------------------------------------------------
 
@@ -486,15 +572,83 @@ class Session:
         """Apply ``op`` to the top layer and the model, then check the whole image."""
         self.applied.append(op)
         old_size = self.model.size
+        unsupported = self.unsupported_reason(op, self.top_index, self.model) is not None
         try:
             self._run(self.access, self.model, op, self.top_index)
             self.stats.steps += 1
-            self.stats.ops[op.kind.value] += 1
+            self.stats.ops[op.kind.value + (" (unsupported)" if unsupported else "")] += 1
             self.stats.bytes_compared += check_image(self.access, self.model, what="top")
+            self._touch(op, old_size)
+            if self.shadow is not None and not unsupported:
+                self._apply_shadow(op)
         except OracleFailure as failure:
             extra = [c for c in op_clauses(op, old_size) if c not in failure.clauses]
             failure.clauses = (*failure.clauses, *extra)
             raise
+
+    def _apply_shadow(self, op: Op) -> None:
+        assert self.shadow is not None
+        try:
+            self.shadow.apply(op)
+        except Exception as exc:
+            what = "disagrees with the model" if isinstance(exc, OracleFailure) else "fails"
+            raise OracleFailure(
+                f"differential: the target did {op.describe().split()[0]} but the reference, "
+                f"given the same sequence, {what}: {type(exc).__name__}: {exc}"
+            ) from exc
+        self.stats.differential_steps += 1
+
+    def _touch(self, op: Op, size: int) -> None:
+        if op.kind is OpKind.SWEEP:
+            stride = max(op.value, 1)
+            spans = [(pos, op.length) for pos in range(op.offset, size, stride)]
+        elif op.kind in RANGED and op.kind is not OpKind.WRITE_PAST_END:
+            spans = [(op.offset, op.length)]
+        else:
+            return
+        g = self.model.granularity
+        for offset, length in spans:
+            end = min(offset + length, size)
+            if end > offset:
+                self._touched.update(range(offset // g, (end - 1) // g + 1))
+
+    def unsupported_reason(self, op: Op, layer: int, model: FlatModel) -> str | None:
+        """What of ``op`` the target does not claim to support (None: it is claimed)."""
+        caps = self.capabilities
+        if caps is None or self.chain.layers[layer].format not in caps.formats:
+            return None
+        kind = op.kind
+        if kind.value.startswith("discard_to_") and not caps.supports_discard(kind.value):
+            return kind.value
+        if kind is OpKind.RESIZE:
+            if op.value > model.size and not caps.supports_grow(op.prealloc):
+                return f"grow with {op.prealloc.value}" if caps.resize_grow else "grow"
+            if op.value < model.size and not caps.resize_shrink:
+                return "shrink"
+        return None
+
+    def _expect_unsupported(self, access: Access, op: Op, reason: str) -> None:
+        try:
+            if op.kind is OpKind.RESIZE:
+                access.resize(op.value, op.prealloc)
+            else:
+                getattr(access, op.kind.value)(op.offset, op.length)
+        except io.UnsupportedOperation:
+            self.stats.unsupported_checked += 1
+            return
+        except Exception as exc:
+            raise OracleFailure(
+                f"{op.describe()}: the target does not claim '{reason}', so it must raise "
+                f"UnsupportedError; it raised {type(exc).__name__}: {exc}",
+                offset=op.offset if op.kind in RANGED else None,
+                clauses=("access.unsupported",),
+            ) from exc
+        raise OracleFailure(
+            f"{op.describe()}: the target does not claim '{reason}', but the request did not "
+            "raise UnsupportedError",
+            offset=op.offset if op.kind in RANGED else None,
+            clauses=("access.unsupported",),
+        )
 
     def _run(self, access: Access, model: FlatModel, op: Op, layer: int) -> None:
         self.step += 1
@@ -502,7 +656,10 @@ class Session:
         self.log.append(LogEntry(step, layer, op))
         kind = op.kind
         off, length = op.offset, op.length
-        if kind is OpKind.READ:
+        reason = self.unsupported_reason(op, layer, model)
+        if reason is not None:
+            self._expect_unsupported(access, op, reason)
+        elif kind is OpKind.READ:
             actual = access.read(off, length)
             if len(actual) != length:
                 raise OracleFailure(
@@ -573,6 +730,11 @@ class Session:
                 getattr(access, name)(op.offset, op.length)
         except InvalidRequestError:
             return
+        except io.UnsupportedOperation:
+            # A discard the target does not implement may say so before checking the range.
+            if self.capabilities is None or self.capabilities.supports_discard(name):
+                raise
+            return
         raise OracleFailure(
             f"{name} of 0x{op.length:x} bytes at 0x{op.offset:x} runs past the disk end "
             f"0x{model.size:x} but was not rejected with InvalidRequestError",
@@ -582,6 +744,8 @@ class Session:
     def _reopen(self) -> None:
         self.access.flush()
         self._close_all()
+        if self._differential:
+            self.reference_check("after close")
         self.access = self._open_layer(self.top_index, writable=True)
         if self.read_parallelization != 1:
             self.access.set_read_parallelization(self.read_parallelization)
@@ -600,12 +764,57 @@ class Session:
         seconds[self.chain.storage] = (
             seconds.get(self.chain.storage, 0.0) + time.monotonic() - self._started
         )
+        self.stats.granules_touched += len(self._touched)
+        if self._touched and self.chain.top.format == "qcow2":
+            per_table = max(self.model.granularity // 8, 1)
+            self.stats.l2_tables_touched += len({unit // per_table for unit in self._touched})
         try:
             self._close_all()
+            if verify and self._differential:
+                self.reference_check("at teardown")
             if verify and self.workdir is not None and self._qemu_img:
                 self._qemu_verify(self._qemu_img)
         finally:
             self._cleanup()
+            if self.shadow is not None:
+                with contextlib.suppress(Exception):
+                    self.shadow.close(verify=False)
+
+    def reference_check(self, when: str) -> None:
+        """Read the (closed) chain back with ``pyimago.reference``; check it against the model.
+
+        This is how a symmetric on-disk bug is caught: one the target's own reads undo (an
+        entry written to the wrong place and read from the same wrong place).
+        """
+        ref = reference_target()
+        opened: list[Access] = []
+        try:
+            if self.workdir is not None:
+                top = ref.open(self.layer_location(self.top_index), writable=False,
+                               format=self.chain.top.format)
+                opened.append(top)
+            else:
+                top = None
+                for index, spec in enumerate(self.chain.layers):
+                    top = ref.open(self.layer_location(index), writable=False,
+                                   format=spec.format, backing=top,
+                                   explicit_backing=spec.format != "raw")
+                    opened.append(top)
+            self.stats.bytes_compared += check_image(
+                top, self.model, what=f"top {when}, read back by the reference"
+            )
+            self.stats.reference_reads += 1
+        except OracleFailure:
+            raise
+        except Exception as exc:
+            raise OracleFailure(
+                f"differential: the reference cannot read the image the target wrote "
+                f"({when}): {type(exc).__name__}: {exc}"
+            ) from exc
+        finally:
+            for access in reversed(opened):
+                with contextlib.suppress(Exception):
+                    access.close()
 
     def _cleanup(self) -> None:
         with contextlib.suppress(Exception):
@@ -625,6 +834,7 @@ class Session:
                 text=True,
                 check=False,
             )
+            self.stats.qemu_checks += 1
             if proc.returncode != 0:
                 raise OracleFailure(
                     f"qemu-img check of layer {index} failed (exit {proc.returncode}):\n"
@@ -633,6 +843,8 @@ class Session:
                 )
         top = self.chain.top
         top_path = self.layer_location(self.top_index)
+        if top.format not in ("qcow2", "raw"):
+            return  # a driver target's own format: QEMU cannot read it
         if top.format == "qcow2":
             assert self.workdir is not None
             out = os.path.join(self.workdir, "converted.raw")
@@ -673,7 +885,7 @@ class Session:
         offset = failed.offset if isinstance(failed, OracleFailure) else None
         lines = [
             f"pyimago oracle log (target {self.target.name})",
-            f"chain: {self.chain.describe()}",
+            f"chain: {describe_chain(self.chain)}",
         ]
         layer = -1
         for entry in self.log:

@@ -18,9 +18,12 @@ from .ops import ChainSpec, LayerSpec, Op, OpKind
 
 __all__ = [
     "CLUSTER_SIZES",
+    "COMPRESSED",
+    "PAST_END_NAMES",
     "Geometry",
     "build_ops",
     "chain_specs",
+    "disk_sizes",
     "grow_ops",
     "max_disk_size",
     "modify_ranges",
@@ -50,6 +53,12 @@ class Geometry:
     size: int
     granularity: int
     max_size: int
+    hot: tuple[int, ...] = ()
+    """Offsets recent operations touched: when given, ranges are often drawn around them, so
+    that operations meet (a write, then zeroing or discarding the same clusters)."""
+    sharp: bool = False
+    """Ranges also *end* at the places ranges start at, and one byte either side of a
+    boundary is drawn more often: off-by-one bugs live at both ends of a range."""
 
     @property
     def l2_span(self) -> int:
@@ -72,9 +81,19 @@ def _sizes(cluster_size: int) -> st.SearchStrategy[int]:
     ).map(lambda sectors: min(max(sectors, 1), limit) * _SECTOR)
 
 
+def disk_sizes(cluster_size: int) -> st.SearchStrategy[int]:
+    """Disk sizes (whole sectors) for a layer with this allocation unit."""
+    return _sizes(cluster_size)
+
+
 def _anchor(draw: st.DrawFn, geo: Geometry, *, past_end: bool) -> int:
     size, g = geo.size, geo.granularity
-    where = draw(st.sampled_from(("cluster", "l2", "end", "sector", "anywhere", "zero")))
+    places: tuple[str, ...] = ("cluster", "l2", "end", "sector", "anywhere", "zero")
+    if geo.hot:
+        places += ("hot", "hot")
+    where = draw(st.sampled_from(places))
+    if where == "hot":
+        return min(draw(st.sampled_from(geo.hot)), size)
     if where == "cluster":
         return draw(st.integers(0, size // g)) * g
     if where == "l2":
@@ -88,7 +107,9 @@ def _anchor(draw: st.DrawFn, geo: Geometry, *, past_end: bool) -> int:
     return 0
 
 
-def _delta(draw: st.DrawFn, g: int) -> int:
+def _delta(draw: st.DrawFn, g: int, sharp: bool = False) -> int:
+    if sharp and draw(st.integers(0, 3)) == 0:
+        return draw(st.sampled_from((-1, 1)))
     return draw(
         st.one_of(
             st.just(0),
@@ -114,11 +135,34 @@ def _length(draw: st.DrawFn, g: int) -> int:
 @st.composite
 def _range(draw: st.DrawFn, geo: Geometry, inside: bool) -> tuple[int, int]:
     size, g = geo.size, geo.granularity
-    shape = draw(st.integers(0, 5))
-    if shape == 0:
+    shape = draw(st.integers(0, 8 if geo.sharp else 5))
+    if shape == 8:
+        shape = 0  # whole clusters twice as often: metadata bugs live there
+    if shape >= 6:
+        end = _anchor(draw, geo, past_end=False) + _delta(draw, g, geo.sharp)
+        length = _length(draw, g)
+        offset = max(min(end, size) - length, 0)
+    elif shape == 0:
         # Whole clusters: the case discards and zeroing handle in the format's metadata.
-        offset = draw(st.integers(0, max(size // g - 1, 0))) * g
-        length = draw(st.integers(1, 8)) * g
+        near_hot = draw(st.booleans()) if geo.hot else False
+        if near_hot:
+            # The cluster a recent write touched is the first or the last of the range.
+            hot = min(draw(st.sampled_from(geo.hot)), max(size - 1, 0))
+            length = draw(st.integers(1, 8)) * g
+            offset = hot - hot % g
+            if draw(st.booleans()):
+                offset += g - length
+        else:
+            offset = draw(st.integers(0, max(size // g - 1, 0))) * g
+            length = draw(st.integers(1, 8)) * g
+        if geo.sharp:
+            # Almost whole clusters: one byte short at either end, where a "<=" for "<"
+            # takes a partial cluster for a whole one.
+            trim = draw(st.sampled_from(("none", "head", "tail")))
+            if trim == "head":
+                offset, length = offset + 1, length - 1
+            elif trim == "tail":
+                length -= 1
     elif shape == 1:
         # Straddle a boundary: start a little before it, end a little after.
         boundary = _anchor(draw, geo, past_end=False)
@@ -127,7 +171,7 @@ def _range(draw: st.DrawFn, geo: Geometry, inside: bool) -> tuple[int, int]:
         offset = max(boundary - before, 0)
         length = boundary + after - offset
     else:
-        offset = _anchor(draw, geo, past_end=not inside) + _delta(draw, g)
+        offset = _anchor(draw, geo, past_end=not inside) + _delta(draw, g, geo.sharp)
         length = _length(draw, g)
     offset = max(offset, 0)
     if inside:
@@ -148,23 +192,32 @@ def modify_ranges(geo: Geometry) -> st.SearchStrategy[tuple[int, int]]:
     return _range(geo, True)
 
 
+PAST_END_NAMES = (
+    "write", "write_zeroes", "discard_to_zero", "discard_to_any", "discard_to_backing"
+)
+
+
 @st.composite
-def past_end_ops(draw: st.DrawFn, geo: Geometry) -> Op:
-    """A modifying request that runs past the disk end (must be rejected, nothing written)."""
+def past_end_ops(
+    draw: st.DrawFn, geo: Geometry, names: tuple[str, ...] = PAST_END_NAMES
+) -> Op:
+    """A modifying request that runs past the disk end (must be rejected, nothing written).
+
+    ``names``: the operations to draw from (a driver may not implement every discard).
+    """
     size, g = geo.size, geo.granularity
     offset = draw(st.integers(max(size - g, 0), size + g))
     length = max(size - offset, 0) + draw(st.integers(1, g))
-    name = draw(
-        st.sampled_from(
-            ("write", "write_zeroes", "discard_to_zero", "discard_to_any", "discard_to_backing")
-        )
-    )
+    name = draw(st.sampled_from(names))
     return Op(OpKind.WRITE_PAST_END, offset, length, mode=name)
 
 
 @st.composite
-def grow_ops(draw: st.DrawFn, geo: Geometry) -> Op:
-    """Grow in whole sectors, with each preallocation mode (a no-op resize at the limit)."""
+def grow_ops(
+    draw: st.DrawFn, geo: Geometry, modes: tuple[PreallocateMode, ...] = tuple(PreallocateMode)
+) -> Op:
+    """Grow in whole sectors, with each preallocation mode of ``modes`` (a no-op resize at
+    the limit)."""
     size, g = geo.size, geo.granularity
     to_boundary = -size % g or g
     step = draw(
@@ -174,7 +227,7 @@ def grow_ops(draw: st.DrawFn, geo: Geometry) -> Op:
         )
     )
     new = max(min(size + step, geo.max_size), size)
-    mode = draw(st.sampled_from(tuple(PreallocateMode)))
+    mode = draw(st.sampled_from(modes))
     return Op(OpKind.RESIZE, value=new, mode=mode.value)
 
 
@@ -205,20 +258,40 @@ def sweep_ops(draw: st.DrawFn, geo: Geometry) -> Op:
     return Op(OpKind.SWEEP, offset, length, value=stride)
 
 
+#: ``Op.mode`` of a build write whose whole clusters are then stored compressed (qcow2).
+COMPRESSED = "compressed"
+
+
 @st.composite
-def build_ops(draw: st.DrawFn, size: int, granularity: int) -> tuple[Op, ...]:
-    """What fills a lower layer: writes, plus zeroing (explicit zero clusters in v3)."""
+def build_ops(
+    draw: st.DrawFn,
+    size: int,
+    granularity: int,
+    *,
+    kinds: tuple[OpKind, ...] = (
+        OpKind.WRITE, OpKind.WRITE_ZEROES, OpKind.WRITE, OpKind.DISCARD_TO_ZERO
+    ),
+    compress: bool = False,
+) -> tuple[Op, ...]:
+    """What fills a lower layer: writes, plus zeroing (explicit zero clusters in v3).
+
+    With ``compress``, some writes are marked :data:`COMPRESSED`: once the layer is built,
+    the whole clusters they cover are rewritten as compressed clusters.
+    """
     geo = Geometry(size, granularity, size)
     count = draw(st.integers(1, 5))
     ops = []
     for _ in range(count):
-        kind = draw(
-            st.sampled_from(
-                (OpKind.WRITE, OpKind.WRITE_ZEROES, OpKind.WRITE, OpKind.DISCARD_TO_ZERO)
-            )
-        )
+        kind = draw(st.sampled_from(kinds))
         offset, length = draw(modify_ranges(geo))
-        ops.append(Op(kind, offset, length))
+        mode = None
+        if compress and kind is OpKind.WRITE and draw(st.booleans()):
+            # Whole clusters, so that something is left to compress.
+            offset -= offset % granularity
+            length = min(max(length, granularity) + draw(st.integers(0, 3)) * granularity,
+                         size - offset)
+            mode = COMPRESSED
+        ops.append(Op(kind, offset, length, mode=mode))
     return tuple(ops)
 
 

@@ -8,12 +8,16 @@ or a third party's module.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .fuzz import DriverCapabilities
 
 __all__ = [
     "ImplementationTarget",
@@ -39,6 +43,12 @@ class ImplementationTarget:
     module: str | None = None
     l2_cache_option: bool = False
     """Whether ``open_image`` accepts ``l2_cache_tables=N`` (the reference's cache size)."""
+    capabilities: DriverCapabilities | None = None
+    """What the implementation claims to support (None: everything).  Sessions expect
+    ``UnsupportedError`` from operations outside it (see ``pyimago.oracle.DriverTarget``)."""
+    differential: bool = False
+    """Also check each chain against ``pyimago.reference``: the same sequence on a shadow
+    chain, and the implementation's images read back by the reference (qcow2 targets)."""
 
     def open(
         self,
@@ -92,7 +102,8 @@ def resolve_target(spec: str) -> ImplementationTarget:
     """A target from a command-line name.
 
     ``reference`` (the default), a module name (``pyimago.fast``), or ``module:attribute``
-    where the attribute is an :class:`ImplementationTarget` or a function returning one.
+    where the attribute is an :class:`ImplementationTarget` or a
+    :class:`~pyimago.oracle.DriverTarget`, or a function returning one.
     """
     if spec in ("", "reference", "pyimago.reference"):
         return reference_target()
@@ -101,6 +112,12 @@ def resolve_target(spec: str) -> ImplementationTarget:
         obj = getattr(importlib.import_module(mod_name), attr)
         if callable(obj) and not isinstance(obj, ImplementationTarget):
             obj = obj()
+        as_implementation = getattr(obj, "implementation", None)
+        if callable(as_implementation) and not isinstance(obj, ImplementationTarget):
+            # A DriverTarget: remember how it was named, so replay files can name it too.
+            if dataclasses.is_dataclass(obj) and getattr(obj, "module", "") is None:
+                obj = dataclasses.replace(obj, module=spec)  # type: ignore[type-var]
+            obj = obj.implementation()
         if not isinstance(obj, ImplementationTarget):
             raise TypeError(f"{spec} is not an ImplementationTarget")
         return obj

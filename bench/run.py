@@ -1,0 +1,567 @@
+#!/usr/bin/env python3
+"""pyimago.fast benchmark: one table of every workload × image × implementation.
+
+Each measurement runs in a forked child (so caches, thread pools and peak RSS belong to
+that measurement alone) and is repeated; the table shows the median, the spread (min..max)
+and the ratios to the raw-file limit (plain pread/readinto or mmap of the same bytes,
+whichever is faster) and to the best peer (qemu-img bench, dissect.hypervisor,
+libqcow-python, where installed).  Peers that are not installed print as n/a.
+
+    .venv/bin/python bench/run.py --quick            # 256 MiB images, 3 repetitions
+    .venv/bin/python bench/run.py --json out.json    # 1 GiB images, 5 repetitions
+
+Every measurement is time-boxed (``--max-seconds``): slow implementations (the reference)
+do fewer operations, and the rate is what they did divided by the time it took.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import random
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+MiB = 1 << 20
+KiB = 1 << 10
+
+READS = ("seq-1M-read", "seq-64K-read", "rand-4K-read")
+WRITES = ("seq-1M-write", "rand-4K-write")
+IMAGES = ("full", "chain", "zlib", "sparse")
+#: The bounded-memory workload: one 4 KiB read in each L2 table's range of a 1 TiB image.
+SWEEP = "table-sweep-4K"
+HUGE = 1 << 40
+TABLE_SPAN = 512 * MiB  # what one L2 table of 64 KiB clusters maps
+PEERS = ("qemu-img", "dissect", "libqcow")
+LIMITS = ("raw-pread", "raw-mmap")
+
+
+@dataclass
+class Result:
+    workload: str
+    image: str
+    impl: str
+    mbps: list[float] = field(default_factory=list)
+    opss: list[float] = field(default_factory=list)
+    rss_mib: float = 0.0
+    anon_mib: float = 0.0
+    note: str = ""
+
+    @property
+    def median_mbps(self) -> float:
+        return statistics.median(self.mbps) if self.mbps else 0.0
+
+    @property
+    def median_ops(self) -> float:
+        return statistics.median(self.opss) if self.opss else 0.0
+
+
+# -- image preparation ------------------------------------------------------------------------
+
+
+def _data_block(rnd: random.Random, n: int) -> bytes:
+    """Compressible (4-bit symbols) but not trivially so: zlib gets ~55%."""
+    table = bytes((i & 0x0F) + 0x41 for i in range(256))
+    return rnd.randbytes(n).translate(table)
+
+
+def _qemu(*args: str) -> None:
+    subprocess.run(["qemu-img", *args], check=True, capture_output=True)
+
+
+def prepare(work: str, size: int) -> dict[str, str]:
+    """Create the raw source and the four qcow2 images; returns name -> path."""
+    from pyimago import fast
+
+    rnd = random.Random(1)
+    raw = os.path.join(work, "data.raw")
+    with open(raw, "wb") as f:
+        block = _data_block(rnd, 4 * MiB)
+        for i in range(0, size, 4 * MiB):
+            # Vary each 4 MiB so compressed clusters are not all identical.
+            f.write(block[i // MiB % 7 :] + block[: i // MiB % 7])
+    paths = {"raw": raw}
+    have_qemu = shutil.which("qemu-img") is not None
+    full = os.path.join(work, "full.qcow2")
+    zl = os.path.join(work, "zlib.qcow2")
+    if have_qemu:
+        _qemu("convert", "-f", "raw", "-O", "qcow2", raw, full)
+        _qemu("convert", "-c", "-f", "raw", "-O", "qcow2", raw, zl)
+    else:
+        _copy_with_fast(raw, full, size)
+    paths["full"] = full
+    if have_qemu:
+        paths["zlib"] = zl
+    # Two-layer chain: the base holds everything, the overlay every other MiB (new bytes).
+    base = os.path.join(work, "chain-base.qcow2")
+    top = os.path.join(work, "chain-top.qcow2")
+    shutil.copyfile(full, base)
+    fast.create_image(top, size, backing_file="chain-base.qcow2", backing_fmt="qcow2")
+    with fast.open_image(top, writable=True) as img, open(raw, "rb") as src:
+        for off in range(0, size, 2 * MiB):
+            src.seek(off)
+            img.write(src.read(MiB)[::-1], off)
+    paths["chain"] = top
+    # Sparse: one 64 KiB cluster allocated per 4 MiB.
+    sparse = os.path.join(work, "sparse.qcow2")
+    fast.create_image(sparse, size)
+    with fast.open_image(sparse, writable=True) as img:
+        for off in range(0, size, 4 * MiB):
+            img.write(b"S" * (64 * KiB), off)
+    paths["sparse"] = sparse
+    # The raw bytes each image shows (the limit reads the same bytes from a plain file).
+    for name in ("chain", "sparse"):
+        flat = os.path.join(work, f"{name}.flat")
+        with fast.open_image(paths[name]) as img, open(flat, "wb") as f:
+            for off in range(0, size, 16 * MiB):
+                f.write(img.read(off, min(16 * MiB, size - off)))
+        paths[f"{name}.flat"] = flat
+    paths["full.flat"] = raw
+    paths["zlib.flat"] = raw
+    # Huge: 1 TiB virtual, one 4 KiB write per L2 table (2048 tables, 128 MiB of L2
+    # metadata: three times the default cache budget), to show that memory stays bounded.
+    huge = os.path.join(work, "huge.qcow2")
+    fast.create_image(huge, HUGE)
+    with fast.open_image(huge, writable=True) as img, open(huge + ".flat", "wb") as f:
+        f.truncate(HUGE)
+        for off in range(0, HUGE, TABLE_SPAN):
+            img.write(b"H" * (4 * KiB), off + 8 * KiB)
+            f.seek(off + 8 * KiB)
+            f.write(b"H" * (4 * KiB))
+    paths["huge"] = huge
+    paths["huge.flat"] = huge + ".flat"
+    return paths
+
+
+def _copy_with_fast(raw: str, dst: str, size: int) -> None:
+    from pyimago import fast
+
+    fast.create_image(dst, size)
+    with fast.open_image(dst, writable=True) as img, open(raw, "rb") as src:
+        for off in range(0, size, 4 * MiB):
+            img.write(src.read(4 * MiB), off)
+
+
+# -- offsets ----------------------------------------------------------------------------------
+
+
+def offsets(workload: str, size: int) -> tuple[int, list[int]]:
+    """Request size and the offsets of one pass of the workload."""
+    if workload == SWEEP:
+        # Every table once, in a scattered order (a different table each request).
+        tables = list(range(HUGE // TABLE_SPAN))
+        random.Random(5).shuffle(tables)
+        return 4 * KiB, [t * TABLE_SPAN + 8 * KiB for t in tables]
+    if workload.startswith("seq-1M"):
+        return MiB, list(range(0, size - MiB + 1, MiB))
+    if workload.startswith("seq-64K"):
+        return 64 * KiB, list(range(0, size - 64 * KiB + 1, 64 * KiB))
+    rnd = random.Random(42)
+    n = max(1, size // (4 * KiB))
+    return 4 * KiB, [rnd.randrange(n) * 4 * KiB for _ in range(min(n, 200_000))]
+
+
+def _timed(
+    fn: Callable[[int], None], offs: list[int], req: int, max_s: float
+) -> tuple[float, float]:
+    """Run ``fn`` over the offsets (cycling) for the pass or until ``max_s``: (MB/s, ops/s)."""
+    done = 0
+    t0 = time.perf_counter()
+    deadline = t0 + max_s
+    n = len(offs)
+    while True:
+        # Check the clock every 64 requests: cheap enough for 4 KiB requests.
+        for off in offs[done % n : done % n + 64]:
+            fn(off)
+        done += min(64, n - done % n)
+        now = time.perf_counter()
+        if done >= n or now >= deadline:
+            break
+    dt = now - t0
+    global _ANON_AT_END
+    _ANON_AT_END = _anon_mib()
+    return done * req / dt / 1e6, done / dt
+
+
+# -- implementations --------------------------------------------------------------------------
+
+
+def run_impl(
+    impl: str, workload: str, image: str, paths: dict[str, str], size: int, max_s: float, work: str
+) -> tuple[float, float, str]:
+    req, offs = offsets(workload, size)
+    buf = bytearray(req)
+    view = memoryview(buf)
+    writing = workload.endswith("write")
+    if impl in ("fast", "fast-p2", "reference"):
+        mod: Any
+        if impl == "reference":
+            from pyimago import reference as mod
+
+            if not hasattr(mod, "open_image"):
+                return 0.0, 0.0, "n/a (reference has no open_image yet)"
+        else:
+            from pyimago import fast as mod
+        target = _write_target(mod, image, paths, size, work) if writing else paths[image]
+        img = mod.open_image(target, writable=writing)
+        try:
+            if impl == "fast-p2":
+                img.set_read_parallelization(2)
+                img.set_write_parallelization(2)
+            if writing:
+                data = os.urandom(req)
+                mbps, ops = _timed(lambda o: img.write(data, o), offs, req, max_s)
+            else:
+                mbps, ops = _timed(lambda o: img.readinto(view, o), offs, req, max_s)
+        finally:
+            img.close()
+            if writing:
+                os.unlink(target)
+        return mbps, ops, ""
+    if impl == "raw-pread":
+        flat = paths[f"{image}.flat"] if not writing else _fresh_raw(work, size)
+        fd = os.open(flat, os.O_RDWR if writing else os.O_RDONLY)
+        try:
+            if writing:
+                data = os.urandom(req)
+                return (*_timed(lambda o: os.pwrite(fd, data, o), offs, req, max_s), "")
+            return (*_timed(lambda o: os.preadv(fd, [view], o), offs, req, max_s), "")
+        finally:
+            os.close(fd)
+    if impl == "raw-mmap":
+        if writing:
+            return 0.0, 0.0, "n/a"
+        with open(paths[f"{image}.flat"], "rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+            mv = memoryview(mm)
+
+            def rd(o: int) -> None:
+                view[:] = mv[o : o + req]
+
+            try:
+                return (*_timed(rd, offs, req, max_s), "")
+            finally:
+                mv.release()
+                mm.close()
+    if impl == "dissect":
+        if writing:
+            return 0.0, 0.0, "n/a (read-only)"
+        try:
+            from dissect.hypervisor.disk.qcow2 import QCow2
+        except ImportError:
+            return 0.0, 0.0, "n/a (not installed)"
+        fhs = []
+        path = paths[image]
+        fh = open(path, "rb")  # noqa: SIM115
+        fhs.append(fh)
+        backing = None
+        if image == "chain":
+            bfh = open(paths["chain"].replace("chain-top", "chain-base"), "rb")  # noqa: SIM115
+            fhs.append(bfh)
+            backing = QCow2(bfh).open()
+        try:
+            stream = QCow2(fh, backing_file=backing).open()
+
+            def drd(o: int) -> None:
+                stream.seek(o)
+                view[:] = stream.read(req)
+
+            return (*_timed(drd, offs, req, max_s), "")
+        finally:
+            for f in fhs:
+                f.close()
+    if impl == "libqcow":
+        if writing:
+            return 0.0, 0.0, "n/a (read-only)"
+        try:
+            import pyqcow
+        except ImportError:
+            return 0.0, 0.0, "n/a (not installed)"
+        f = pyqcow.file()
+        f.open(paths[image])
+        parent = None
+        if image == "chain":
+            parent = pyqcow.file()
+            parent.open(paths["chain"].replace("chain-top", "chain-base"))
+            f.set_parent(parent)
+        try:
+            rb = f.read_buffer_at_offset
+
+            def lrd(o: int) -> None:
+                view[:] = rb(req, o)
+
+            return (*_timed(lrd, offs, req, max_s), "")
+        finally:
+            f.close()
+            if parent is not None:
+                parent.close()
+    if impl == "qemu-img":
+        return _qemu_bench(workload, image, paths, size, req, work)
+    raise ValueError(impl)
+
+
+#: Anonymous memory when the last timed loop ended (the image still open, caches full).
+_ANON_AT_END = 0.0
+
+
+def _anon_mib() -> float:
+    """Anonymous memory now (peak RSS also counts mapped page cache, which mmap readers
+    map in but the kernel can reclaim)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _fresh_raw(work: str, size: int) -> str:
+    p = os.path.join(work, "fresh.raw")
+    with open(p, "wb") as f:
+        f.truncate(size)
+    return p
+
+
+def _write_target(mod: Any, image: str, paths: dict[str, str], size: int, work: str) -> str:
+    p = os.path.join(work, f"w-{os.getpid()}.qcow2")
+    if image == "fresh":
+        mod.create_image(p, size)
+    else:
+        shutil.copyfile(paths["full"], p)
+    return p
+
+
+def _qemu_bench(
+    workload: str, image: str, paths: dict[str, str], size: int, req: int, work: str
+) -> tuple[float, float, str]:
+    if shutil.which("qemu-img") is None:
+        return 0.0, 0.0, "n/a (not installed)"
+    writing = workload.endswith("write")
+    target = paths.get(image, "")
+    if writing:
+        target = os.path.join(work, f"qb-{os.getpid()}.qcow2")
+        if image == "fresh":
+            _qemu("create", "-f", "qcow2", target, str(size))
+        else:
+            shutil.copyfile(paths["full"], target)
+    count = size // req
+    note = ""
+    step = req
+    extra: list[str] = []
+    if workload.startswith("rand"):
+        # qemu-img bench has no random mode: a large odd stride scatters the requests.
+        step = req * 7919
+        count = min(count, 100_000)
+        note = "strided"
+    elif workload == SWEEP:
+        step, count, note = TABLE_SPAN, HUGE // TABLE_SPAN, "in order"
+        extra = ["-o", str(8 * KiB)]
+    args = [
+        "qemu-img",
+        "bench",
+        "-f",
+        "qcow2",
+        "-t",
+        "writeback",
+        "-c",
+        str(count),
+        "-s",
+        str(req),
+        "-S",
+        str(step),
+        *extra,
+    ]
+    if writing:
+        args.append("-w")
+    args.append(target)
+    t0 = time.perf_counter()
+    try:
+        out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
+    finally:
+        if writing:
+            os.unlink(target)
+    wall = time.perf_counter() - t0
+    m = re.search(r"Run completed in ([0-9.]+) seconds", out)
+    dt = float(m.group(1)) if m else wall
+    return count * req / dt / 1e6, count / dt, note
+
+
+# -- driver -----------------------------------------------------------------------------------
+
+
+def measure(
+    impl: str, workload: str, image: str, paths: dict[str, str], size: int, max_s: float, work: str
+) -> tuple[float, float, float, float, str]:
+    """One repetition in a forked child: (MB/s, ops/s, peak RSS, anon RSS (MiB), note)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            mbps, ops, note = run_impl(impl, workload, image, paths, size, max_s, work)
+            # (qemu-img runs as a child: its peak is the children's.)
+            rss = (
+                max(
+                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                    resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
+                )
+                / 1024
+            )
+            payload = json.dumps([mbps, ops, rss, _ANON_AT_END, note])
+        except BaseException as exc:  # the parent prints it in the table
+            payload = json.dumps([0.0, 0.0, 0.0, 0.0, f"error: {type(exc).__name__}: {exc}"[:80]])
+        os.write(w, payload.encode())
+        os._exit(0)
+    os.close(w)
+    chunks = []
+    while True:
+        b = os.read(r, 65536)
+        if not b:
+            break
+        chunks.append(b)
+    os.close(r)
+    os.waitpid(pid, 0)
+    mbps, ops, rss, anon, note = json.loads(b"".join(chunks) or b'[0,0,0,0,"error: no result"]')
+    return mbps, ops, rss, anon, note
+
+
+def plan(quick: bool) -> Iterator[tuple[str, str, str]]:
+    read_impls = ("fast", "fast-p2", "reference", *LIMITS, *PEERS)
+    for image in IMAGES:
+        for wl in READS:
+            for impl in read_impls:
+                yield wl, image, impl
+    for impl in read_impls:
+        yield SWEEP, "huge", impl
+    for wl in WRITES:
+        for image in ("fresh", "full"):
+            for impl in ("fast", "fast-p2", "reference", "raw-pread", "qemu-img"):
+                yield wl, image, impl
+
+
+def fmt_ratio(x: float, y: float) -> str:
+    return f"{x / y:5.2f}x" if x and y else "   -  "
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="256 MiB images, 3 repetitions")
+    ap.add_argument("--size-mib", type=int, default=None)
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--max-seconds", type=float, default=None, help="time box per measurement")
+    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    ap.add_argument("--only", default="", help="comma-separated substrings of impl/workload/image")
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args(argv)
+    size = (args.size_mib or (256 if args.quick else 1024)) * MiB
+    reps = args.reps or (3 if args.quick else 5)
+    max_s = args.max_seconds or (0.6 if args.quick else 2.0)
+    work = args.workdir or tempfile.mkdtemp(prefix="pyimago-bench-", dir=_scratch(size))
+    os.makedirs(work, exist_ok=True)
+    t0 = time.perf_counter()
+    paths = prepare(work, size)
+    from pyimago.fast._inflate import HAVE_ISAL
+
+    print(
+        f"# images ready in {time.perf_counter() - t0:.1f}s under {work} "
+        f"({size // MiB} MiB, {reps} reps, {max_s}s box); fast inflates with "
+        f"{'isal' if HAVE_ISAL else 'zlib (isal not installed)'}",
+        file=sys.stderr,
+    )
+    filters = [f for f in args.only.split(",") if f]
+    results: list[Result] = []
+    for wl, image, impl in plan(args.quick):
+        if filters and not all(f in (wl, image, impl) for f in filters):
+            continue
+        if image not in paths and image != "fresh":
+            continue
+        res = Result(wl, image, impl)
+        for _ in range(reps if impl != "reference" else 1):
+            mbps, ops, rss, anon, note = measure(impl, wl, image, paths, size, max_s, work)
+            if note.startswith(("n/a", "error")):
+                res.note = note
+                break
+            res.note = note
+            res.mbps.append(mbps)
+            res.opss.append(ops)
+            res.rss_mib = max(res.rss_mib, rss)
+            res.anon_mib = max(res.anon_mib, anon)
+        results.append(res)
+        print(
+            f"# {wl:13s} {image:7s} {impl:10s} {res.median_mbps:9.1f} MB/s {res.note}",
+            file=sys.stderr,
+        )
+    print_table(results)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {
+                    "size": size,
+                    "reps": reps,
+                    "max_seconds": max_s,
+                    "results": [
+                        asdict(r) | {"median_mbps": r.median_mbps, "median_ops": r.median_ops}
+                        for r in results
+                    ],
+                },
+                f,
+                indent=1,
+            )
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def _scratch(size: int) -> str | None:
+    """/dev/shm where it has room: the table should measure the code, not the disk (with
+    a disk, dirty-page throttling makes write figures depend on what ran before)."""
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:
+        return None
+    return "/dev/shm" if st.f_bavail * st.f_frsize > 12 * size else None
+
+
+def print_table(results: list[Result]) -> None:
+    groups: dict[tuple[str, str], list[Result]] = {}
+    for r in results:
+        groups.setdefault((r.workload, r.image), []).append(r)
+    hdr = (
+        f"{'workload':13s} {'image':7s} {'impl':10s} {'MB/s':>9s} {'ops/s':>10s} "
+        f"{'spread MB/s':>17s} {'/raw':>6s} {'/peer':>6s} {'RSS MiB':>8s} {'anon':>6s}  note"
+    )
+    print(hdr)
+    print("-" * len(hdr))
+    for (_wl, _image), rs in groups.items():
+        limit = max((r.median_mbps for r in rs if r.impl in LIMITS), default=0.0)
+        peer = max((r.median_mbps for r in rs if r.impl in PEERS), default=0.0)
+        for r in rs:
+            if not r.mbps:
+                print(
+                    f"{r.workload:13s} {r.image:7s} {r.impl:10s} {'n/a':>9s} {'':>10s} "
+                    f"{'':>17s} {'':>6s} {'':>6s} {'':>8s}  {r.note}"
+                )
+                continue
+            spread = f"{min(r.mbps):.0f}..{max(r.mbps):.0f}"
+            print(
+                f"{r.workload:13s} {r.image:7s} {r.impl:10s} {r.median_mbps:9.1f} "
+                f"{r.median_ops:10.0f} {spread:>17s} {fmt_ratio(r.median_mbps, limit):>6s} "
+                f"{fmt_ratio(r.median_mbps, peer):>6s} {r.rss_mib:8.1f} {r.anon_mib:6.1f}  {r.note}"
+            )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

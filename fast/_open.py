@@ -1,0 +1,173 @@
+"""``open_image``: probe the format, open the layer and its backing chain."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Protocol
+
+from pyimago.reference._errors import (
+    CorruptImageError,
+    InvalidRequestError,
+    UnsupportedFeatureError,
+)
+from pyimago.reference._storage import Storage
+
+from ._access import FormatAccess
+from ._header import MAGIC
+from ._qcow2 import DEFAULT_CACHE_BYTES, Qcow2Layer
+from ._raw import RawLayer
+from ._storage import FastFileStorage
+
+__all__ = ["AUTO", "MAX_CHAIN_DEPTH", "Gate", "open_image"]
+
+#: Deeper chains are refused (a loop of backing names would otherwise never end).
+MAX_CHAIN_DEPTH = 64
+
+
+class _Auto:
+    def __repr__(self) -> str:
+        return "<auto>"
+
+
+AUTO: Any = _Auto()
+
+
+class Gate(Protocol):
+    """Decides whether a file an image refers to may be opened (raises if not)."""
+
+    def check(self, path: str, *, format: str | None, writable: bool, referrer: str) -> None: ...
+
+
+def _resolve(name: str, overlay: str | None) -> str:
+    # backing.resolve-relative: relative to the overlay's folder, not the working directory.
+    if os.path.isabs(name) or overlay is None:
+        return name
+    return os.path.join(os.path.dirname(os.path.abspath(overlay)), name)
+
+
+def _probe(storage: Storage) -> str:
+    return "qcow2" if storage.read(0, 4) == MAGIC else "raw"
+
+
+def open_image(
+    path_or_storage: str | os.PathLike[str] | Storage,
+    *,
+    writable: bool = False,
+    format: str | None = None,
+    gate: Gate | None = None,
+    backing: Any = AUTO,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+    l2_cache_tables: int | None = None,
+    use_mmap: bool = True,
+) -> FormatAccess:
+    """Open an image (qcow2 or raw, probed unless ``format`` says) and its backing chain.
+
+    Backing files are opened read-only; relative names resolve against the overlay's
+    folder; the image's backing-format extension is honoured (a qcow2 image whose backing
+    is declared raw is read as raw).  ``gate`` (with a ``check`` method) is asked before any
+    backing file is opened.  For an image in a Storage object, pass ``backing`` (a
+    FormatAccess or None) when the image names a backing file.  ``cache_bytes`` bounds the
+    metadata cache of each qcow2 layer; ``l2_cache_tables`` instead caps its L2 cache at that
+    many tables (tests use it to make eviction happen).  ``use_mmap=False`` reads files with
+    ``preadv`` only: a mapped file that another process truncates raises SIGBUS on access,
+    which no Python code can catch.
+    """
+    if l2_cache_tables is not None and (type(l2_cache_tables) is not int or l2_cache_tables < 1):
+        raise InvalidRequestError(f"l2_cache_tables must be >= 1, not {l2_cache_tables!r}")
+    return _open(
+        path_or_storage,
+        writable,
+        format,
+        gate,
+        backing,
+        (cache_bytes, l2_cache_tables, use_mmap),
+        set(),
+    )
+
+
+def _open(
+    target: str | os.PathLike[str] | Storage,
+    writable: bool,
+    fmt: str | None,
+    gate: Gate | None,
+    backing: Any,
+    cache: tuple[int, int | None, bool],
+    seen: set[str],
+) -> FormatAccess:
+    if fmt is not None and fmt not in ("qcow2", "raw"):
+        raise UnsupportedFeatureError(f"unsupported image format {fmt!r}", feature=f"format {fmt}")
+    if type(writable) is not bool:
+        raise InvalidRequestError(f"writable must be a bool, not {writable!r}")
+    path: str | None
+    if isinstance(target, (str, os.PathLike)):
+        path = os.fspath(target)
+        storage: Storage = FastFileStorage(path, writable=writable, use_mmap=cache[2])
+        owned = True
+    elif not hasattr(target, "readinto") or not hasattr(target, "size"):
+        raise InvalidRequestError(f"open_image: not a path or Storage: {target!r}")
+    else:
+        storage = target
+        path = getattr(target, "path", None)
+        owned = False
+    try:
+        kind = fmt or _probe(storage)
+        if kind == "raw":
+            return FormatAccess(RawLayer(storage, writable=writable))
+        layer = Qcow2Layer(
+            storage, writable=writable, cache_bytes=cache[0], l2_cache_tables=cache[1]
+        )
+        try:
+            if backing is not AUTO:
+                if backing is not None and not hasattr(backing, "readinto"):
+                    raise InvalidRequestError(
+                        f"backing must be a FormatAccess or None: {backing!r}"
+                    )
+                layer.set_backing(backing, owned=False)
+            elif layer.backing_file is not None:
+                layer.set_backing(_open_backing(layer, path, gate, cache, seen), owned=True)
+        except BaseException:
+            if not owned:
+                # The caller keeps its storage: do not close it under them.
+                layer.backing = None
+            else:
+                layer.close()
+            raise
+        return FormatAccess(layer)
+    except BaseException:
+        if owned:
+            storage.close()
+        raise
+
+
+def _open_backing(
+    layer: Qcow2Layer,
+    overlay: str | None,
+    gate: Gate | None,
+    cache: tuple[int, int | None, bool],
+    seen: set[str],
+) -> FormatAccess:
+    name = layer.backing_file
+    assert name is not None
+    if overlay is None and not os.path.isabs(name):
+        raise InvalidRequestError(
+            f"{layer} names backing file {name!r}: pass backing= for an image in memory"
+        )
+    bpath = _resolve(name, overlay)
+    real = os.path.realpath(bpath)
+    if overlay is not None:
+        seen.add(os.path.realpath(overlay))
+    if real in seen:
+        raise CorruptImageError(f"qcow2: backing chain loops back to {bpath!r}")
+    if len(seen) >= MAX_CHAIN_DEPTH:
+        raise CorruptImageError(f"qcow2: backing chain deeper than {MAX_CHAIN_DEPTH}")
+    bfmt = layer.backing_format
+    if bfmt is not None and bfmt not in ("qcow2", "raw"):
+        raise UnsupportedFeatureError(
+            f"{layer}: backing format {bfmt!r} is not supported", feature=f"format {bfmt}"
+        )
+    if gate is not None:
+        gate.check(bpath, format=bfmt, writable=False, referrer=str(layer))
+    try:
+        return _open(bpath, False, bfmt, gate, AUTO, cache, seen)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(exc.errno, f"backing file of {overlay} not found", bpath) from exc

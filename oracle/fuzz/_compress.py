@@ -1,0 +1,71 @@
+"""Compressed clusters for the oracle's chains, made with the reference's qcow2 driver.
+
+No implementation is asked to *write* compressed clusters (FormatAccess has no such
+operation); to make drivers *read* them, and copy-on-write from them, a built qcow2 layer has
+some of its data clusters rewritten compressed, as ``qemu-img convert -c`` would store them.
+The guest content does not change, so the model does not either.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Iterable
+from typing import Any
+
+from pyimago.reference import FileStorage, Qcow2Driver, Storage
+from pyimago.reference.qcow2.constants import COMPRESSION_TYPE_ZSTD
+from pyimago.reference.qcow2.tables import ClusterType, L2Entry
+
+__all__ = ["compress_clusters"]
+
+_SECTOR = 512
+
+
+def _compress(data: bytes, compression_type: int) -> bytes:
+    if compression_type == COMPRESSION_TYPE_ZSTD:
+        import zstandard
+
+        return bytes(zstandard.ZstdCompressor().compress(data))
+    # Raw deflate with QEMU's 4 KiB window (qcow2.compressed.zlib).
+    comp = zlib.compressobj(6, zlib.DEFLATED, -12)
+    return comp.compress(data) + comp.flush()
+
+
+def compress_clusters(location: Any, ranges: Iterable[tuple[int, int]]) -> int:
+    """Store the data clusters wholly inside ``ranges`` of a closed qcow2 image compressed.
+
+    ``location`` is a path or a Storage.  Clusters that are not plain data, or that do not
+    compress, are left alone.  Returns how many clusters were compressed.
+    """
+    owned = isinstance(location, (str, os.PathLike))
+    storage: Storage = FileStorage(location, writable=True) if owned else location
+    driver = Qcow2Driver(storage, writable=True)
+    # Only clusters this layer holds are rewritten: the backing is never read.
+    driver.set_backing(None)
+    done = 0
+    try:
+        cs = driver.cluster_size
+        size = driver.size
+        for offset, length in ranges:
+            end = min(offset + length, size)
+            first = -(-offset // cs) * cs
+            last = end if end == size else end - end % cs
+            for guest in range(first, last, cs):
+                entry = driver._get_l2_entry(guest)
+                if entry.type is not ClusterType.NORMAL:
+                    continue
+                data = storage.read(entry.host_offset, cs)
+                packed = _compress(data, driver.header.compression_type)
+                if len(packed) >= cs:
+                    continue
+                host = driver._allocator.allocate(1)
+                storage.write(packed, host)
+                sectors = -(-len(packed) // _SECTOR)
+                driver._replace_entry(guest, L2Entry(ClusterType.COMPRESSED, host, False, sectors))
+                done += 1
+        driver.flush()
+    finally:
+        if owned:
+            driver.close()
+    return done

@@ -1,0 +1,136 @@
+"""pyimago.fast under the oracle's state machine (the same one that checks the reference).
+
+The machine builds backing chains, runs every oracle operation (reopen and sweeps included)
+against the implementation and a flat model, and compares bytes, sizes, mapping kinds and
+error classes after each step.  A second, small Hypothesis test runs the same random
+requests against fast and reference side by side on in-memory images.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import run_state_machine_as_test
+from pyimago import fast, reference
+from pyimago.oracle.machines import make_machine
+from pyimago.oracle.profiles import CI_MAX_EXAMPLES, CI_STEP_COUNT
+from pyimago.oracle.session import RunStats
+from pyimago.oracle.targets import module_target
+
+
+@pytest.mark.clause(
+    "access.read.no-short",
+    "access.write.past-end",
+    "access.mapping.tiling",
+    "access.cow.partial-cluster",
+    "access.write-zeroes.soft",
+    "access.discard-to-backing.visible",
+)
+def test_oracle_machine_accepts_fast() -> None:
+    stats = RunStats()
+    machine = make_machine(
+        module_target(fast, name="fast"), stats=stats, failures_dir=None, qemu_img="auto"
+    )
+    run_state_machine_as_test(
+        machine,
+        settings=settings(
+            settings.get_profile("ci"),
+            max_examples=CI_MAX_EXAMPLES,
+            stateful_step_count=CI_STEP_COUNT,
+            phases=(Phase.explicit, Phase.generate, Phase.shrink),
+            report_multiple_bugs=False,
+        ),
+    )
+    assert stats.examples > 0 and stats.steps > 0
+    print(f"fast: {stats.examples} examples, {stats.steps} steps, ops {dict(stats.ops)}")
+
+
+_CS = 4096
+_SIZE = 16 * _CS + 1024
+
+_op = st.one_of(
+    st.tuples(
+        st.just("write"), st.integers(0, _SIZE), st.integers(0, 3 * _CS), st.integers(1, 255)
+    ),
+    st.tuples(st.just("zero"), st.integers(0, _SIZE), st.integers(0, 3 * _CS), st.just(0)),
+    st.tuples(st.just("dzero"), st.integers(0, _SIZE), st.integers(0, 3 * _CS), st.just(0)),
+    st.tuples(st.just("dback"), st.integers(0, _SIZE), st.integers(0, 3 * _CS), st.just(0)),
+    st.tuples(st.just("dany"), st.integers(0, _SIZE), st.integers(0, 3 * _CS), st.just(0)),
+    st.tuples(st.just("resize"), st.integers(0, 2 * _SIZE // 512), st.integers(0, 4), st.just(0)),
+)
+
+_MODES = list(reference.PreallocateMode)
+
+
+def _apply(img: object, op: tuple[str, int, int, int]) -> str:
+    kind, a, b, c = op
+    try:
+        if kind == "write":
+            img.write(bytes([c]) * b, a)  # type: ignore[attr-defined]
+        elif kind == "zero":
+            img.write_zeroes(a, b)  # type: ignore[attr-defined]
+        elif kind == "dzero":
+            img.discard_to_zero(a, b)  # type: ignore[attr-defined]
+        elif kind == "dback":
+            img.discard_to_backing(a, b)  # type: ignore[attr-defined]
+        elif kind == "dany":
+            img.discard_to_any(a, b)  # type: ignore[attr-defined]
+        else:
+            img.resize(a * 512, _MODES[b])  # type: ignore[attr-defined]
+    except reference.PyimagoError as exc:
+        return type(exc).__name__
+    return "ok"
+
+
+def _kinds(img: object) -> list[tuple[int, str]]:
+    """(offset, mapping kind) at every 512-byte step: runs may differ in length, not kind."""
+    out = []
+    size = img.size  # type: ignore[attr-defined]
+    for off in range(0, size, 512):
+        m, _ = img.get_mapping(off, 512)  # type: ignore[attr-defined]
+        name = type(m).__name__
+        if isinstance(m, reference.ZeroMapping):
+            name += "/explicit" if m.explicit else "/plain"
+        out.append((off, name))
+    return out
+
+
+@pytest.mark.clause(
+    "access.mapping.tiling", "access.write-zeroes.no-free", "access.resize.grow-zero"
+)
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(
+    ops=st.lists(_op, max_size=14),
+    compat=st.sampled_from(["1.1", "0.10"]),
+    backing=st.sampled_from(["none", "full", "half"]),
+)
+def test_fast_matches_reference(
+    ops: list[tuple[str, int, int, int]], compat: str, backing: str
+) -> None:
+    """Same requests, same bytes, same mapping kind at every sector.  The "half" backing is
+    shorter than the overlay and holds data only in its first half, so that zeroing the
+    overlay's partial clusters meets backing zeroes (unallocated and past its end) too."""
+    images = []
+    for mod in (reference, fast):
+        below = None
+        if backing != "none":
+            bstore = reference.MemoryStorage()
+            bsize = _SIZE - 1024 if backing == "full" else _SIZE // 2
+            mod.create_image(bstore, bsize, cluster_size=_CS, compat=compat)
+            with mod.open_image(bstore, writable=True, backing=None) as b:
+                b.write(b"\xbb" * (bsize if backing == "full" else 5 * _CS + 512), 0)
+            below = mod.open_image(bstore, backing=None)
+        store = reference.MemoryStorage()
+        mod.create_image(store, _SIZE, cluster_size=_CS, compat=compat)
+        images.append(mod.open_image(store, writable=True, backing=below))
+    ref, fst = images
+    for op in ops:
+        assert _apply(ref, op) == _apply(fst, op), op
+        assert ref.size == fst.size
+        assert ref.read(0, ref.size + 100) == fst.read(0, fst.size + 100), op
+    assert _kinds(ref) == _kinds(fst)

@@ -1,0 +1,292 @@
+"""Mutants of the reference: its qcow2 driver, its cluster allocator and its FormatAccess.
+
+Each mutant overrides one small piece, the way a real bug would look.  A target opens images
+with the reference and turns every qcow2 driver of the chain (and, for access mutants, the
+top's FormatAccess) into the mutant, keeping its state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pyimago.oracle import DriverTarget
+from pyimago.reference import (
+    EofMapping,
+    FormatAccess,
+    IndirectMapping,
+    PreallocateMode,
+    Qcow2Driver,
+    RawMapping,
+    ShallowMapping,
+    WritableBuffer,
+    ZeroMapping,
+    create_image,
+    open_image,
+)
+from pyimago.reference.access import check_range
+from pyimago.reference.qcow2.allocation import ClusterAllocator
+from pyimago.reference.qcow2.tables import (
+    ClusterType,
+    L2Entry,
+    l1_index,
+    l2_index,
+    offset_in_cluster,
+)
+
+# -- qcow2 driver mutants -----------------------------------------------------------------
+
+
+class NoCopyOnWrite(Qcow2Driver):
+    """A partial-cluster write over an unallocated cluster does not copy the backing's data."""
+
+    def _cluster_content(self, guest_cluster: int, entry: L2Entry) -> bytes:
+        if entry.type is ClusterType.UNALLOCATED:
+            return bytes(self.cluster_size)
+        return super()._cluster_content(guest_cluster, entry)
+
+
+class StaleDiscardToBacking(Qcow2Driver):
+    """discard_to_backing forgets the last whole cluster of the range: its data stays."""
+
+    def discard_to_backing(self, offset: int, length: int) -> tuple[int, int]:
+        clusters = self._whole_clusters(offset, length)
+        if len(clusters) <= 1:
+            return super().discard_to_backing(offset, length)
+        done = super().discard_to_backing(offset, clusters[-1] - offset)
+        return done[0], min(offset + length, self.size) - done[0]
+
+
+class ZeroFlagIgnoredOnRead(Qcow2Driver):
+    """A zero cluster that keeps its host cluster (v3 write_zeroes over data) is read from
+    that host cluster: the old data shows again."""
+
+    def _mapping_for(self, entry: L2Entry, offset: int, in_cluster: int) -> ShallowMapping:
+        if entry.type is ClusterType.ZERO_ALLOC:
+            return RawMapping(self.storage, entry.host_offset + in_cluster, False)
+        return super()._mapping_for(entry, offset, in_cluster)
+
+
+class LowerExplicitZero(Qcow2Driver):
+    """An unallocated cluster over a lower layer's zero cluster is reported as explicit zero."""
+
+    def get_mapping(self, offset: int, max_length: int) -> tuple[ShallowMapping, int]:
+        mapping, length = super().get_mapping(offset, max_length)
+        if isinstance(mapping, IndirectMapping) and isinstance(mapping.layer, FormatAccess):
+            below, below_length = mapping.layer.get_mapping(mapping.offset, length)
+            if isinstance(below, ZeroMapping) and below.explicit:
+                return ZeroMapping(True), min(length, below_length)
+        return mapping, length
+
+
+class RegrowKeepsOldTail(Qcow2Driver):
+    """A grow believes the cluster at the old end reads zero past it, so after a shrink to
+    mid-cluster the old tail comes back."""
+
+    def _reads_zero(self, guest_cluster: int) -> bool:
+        return True
+
+
+class ClusterEndOffByOne(Qcow2Driver):
+    """Discards and zeroing take a range ending one byte short of a cluster boundary as
+    covering that cluster whole (``<=`` for ``<``): its last byte is lost."""
+
+    def _whole_clusters(self, offset: int, length: int) -> range:
+        end = min(offset + length, self.size)
+        if end < self.size and (end + 1) % self.cluster_size == 0:
+            length += 1
+        return super()._whole_clusters(offset, length)
+
+
+class L2BoundaryOffByOne(Qcow2Driver):
+    """The last cluster an L2 table maps is looked up one entry too far (the next table's
+    first entry), on the read and the write path alike."""
+
+    def _shift(self, guest_offset: int) -> int:
+        bits = self.cluster_size.bit_length() - 1
+        if l2_index(guest_offset, bits) == self.cluster_size // 8 - 1:
+            return guest_offset + self.cluster_size
+        return guest_offset
+
+    def _get_l2_entry(self, guest_offset: int) -> L2Entry:
+        return super()._get_l2_entry(self._shift(guest_offset))
+
+    def _set_l2_entry(self, guest_offset: int, entry: L2Entry, *, write_through: bool) -> None:
+        super()._set_l2_entry(self._shift(guest_offset), entry, write_through=write_through)
+
+
+class LoseDirtyL2OnEviction(Qcow2Driver):
+    """A dirty L2 table evicted from the cache is dropped instead of written back."""
+
+    def _evict_l2(self) -> None:
+        while len(self._l2_cache) > self._l2_cache_tables:
+            offset, _ = self._l2_cache.popitem(last=False)
+            self._dirty_l2.discard(offset)
+
+
+class NoRefcountAllocator(ClusterAllocator):
+    """Hands out single clusters without raising their refcount."""
+
+    def allocate(self, n: int = 1) -> int:
+        if n != 1:
+            return super().allocate(n)
+        first = self._find_free_cluster()
+        if first is None:
+            first = self.bump(1)
+        return first << self._cluster_bits
+
+
+class RefcountNotRaised(Qcow2Driver):
+    """A newly allocated cluster (data or L2 table) keeps refcount 0."""
+
+    def _mutate(self) -> None:
+        self._allocator.__class__ = NoRefcountAllocator
+
+
+class CopiedFlagWrong(Qcow2Driver):
+    """Data clusters are mapped without the COPIED flag although their refcount is 1 (only
+    ``qemu-img check`` sees it: reads are right, writes just copy needlessly)."""
+
+    def _replace_entry(self, guest_offset: int, new: L2Entry) -> None:
+        if new.type is ClusterType.NORMAL and new.copied:
+            new = L2Entry(ClusterType.NORMAL, new.host_offset, False)
+        super()._replace_entry(guest_offset, new)
+
+
+class CompressedReadWrongOffset(Qcow2Driver):
+    """A read inside a compressed cluster returns data from the cluster's start."""
+
+    def readv_special(self, buffers: Sequence[WritableBuffer], offset: int) -> None:
+        bits = self.cluster_size.bit_length() - 1
+        super().readv_special(buffers, offset - offset_in_cluster(offset, bits))
+
+
+class ResizeIgnoresPrealloc(Qcow2Driver):
+    """A grow ignores the preallocation mode: the new area is left unallocated."""
+
+    def resize_grow(self, new_size: int, prealloc: PreallocateMode) -> None:
+        super().resize_grow(new_size, PreallocateMode.NONE)
+
+
+class FlushDropsL2(Qcow2Driver):
+    """flush does not write the cached L2 tables back (only eviction does)."""
+
+    def _flush_l2(self) -> None:
+        pass
+
+
+class ZeroFlagInReservedBit(Qcow2Driver):
+    """Plain zero clusters are written with bit 1 (reserved) instead of bit 0, and read back
+    the same way: the driver's own reads are right, any other reader rejects the image.  Only
+    the differential read-back (or qemu-img check on file chains) sees it."""
+
+    _WRONG_ZERO = 1 << 1
+
+    def _set_l2_entry(self, guest_offset: int, entry: L2Entry, *, write_through: bool) -> None:
+        if entry.type is not ClusterType.ZERO_PLAIN:
+            super()._set_l2_entry(guest_offset, entry, write_through=write_through)
+            return
+        l2_offset, table = self._writable_l2(guest_offset)
+        table[l2_index(guest_offset, self._cluster_bits)] = self._WRONG_ZERO
+        self._dirty_l2.add(l2_offset)
+        if write_through:
+            self._write_l2(l2_offset, table)
+
+    def _get_l2_entry(self, guest_offset: int) -> L2Entry:
+        l1_idx = l1_index(guest_offset, self._cluster_bits)
+        if l1_idx < self._l1_size:
+            l2_offset = self._l2_table_offset(l1_idx)
+            if l2_offset:
+                raw = self._load_l2(l2_offset)[l2_index(guest_offset, self._cluster_bits)]
+                if raw == self._WRONG_ZERO:
+                    return L2Entry(ClusterType.ZERO_PLAIN)
+        return super()._get_l2_entry(guest_offset)
+
+
+# -- FormatAccess mutants -------------------------------------------------------------------
+
+
+class PartialPastEndAccess(FormatAccess):
+    """A write running past the disk end writes what fits before it is rejected."""
+
+    def write(self, data: Any, offset: int) -> None:
+        view = memoryview(data).cast("B")
+        if 0 <= offset < self.size < offset + len(view):
+            super().write(view[: self.size - offset], offset)
+        super().write(view, offset)
+
+
+class EofOnLowerLayerAccess(FormatAccess):
+    """Past the end of a shorter backing, get_mapping reports EOF (the lower layer's) instead
+    of unallocated zeroes."""
+
+    def get_mapping(self, offset: int, max_length: int) -> Any:
+        mapping, length = super().get_mapping(offset, max_length)
+        if isinstance(mapping, ZeroMapping) and not mapping.explicit:
+            backing = getattr(self.driver, "backing", None)
+            if backing is not None and offset >= backing.size:
+                return EofMapping(), 0
+        return mapping, length
+
+
+class OutOfPlaceParallelAccess(FormatAccess):
+    """With write parallelization, the jobs of one write capture the loop variables late:
+    every job writes the last chunk's (empty) slice, so the data never lands."""
+
+    def write(self, data: Any, offset: int) -> None:
+        if self.write_parallelization == 1:
+            super().write(data, offset)
+            return
+        view = memoryview(data).cast("B")
+        offset, length = check_range(offset, len(view), "write")
+        self._check_writable("write")
+        self._check_within_disk(offset, length, "write")
+        jobs: list[Callable[[], None]] = []
+        pos = 0
+        while pos < length:
+            storage, host, chunk = self.ensure_data_mapping(offset + pos, length - pos, True)
+            jobs.append(lambda: storage.write(view[pos : pos + chunk], host))  # noqa: B023
+            pos += chunk
+        self._run(jobs, self.write_parallelization)
+
+
+# -- targets --------------------------------------------------------------------------------
+
+
+def _swap_chain(access: Any, mutant: type[Qcow2Driver]) -> None:
+    """Turn every reference qcow2 driver in the chain into the mutant (same state)."""
+    layer = access
+    while isinstance(layer, FormatAccess):
+        driver = layer.driver
+        if type(driver) is Qcow2Driver:
+            driver.__class__ = mutant
+            hook = getattr(driver, "_mutate", None)
+            if hook is not None:
+                hook()
+        layer = getattr(driver, "backing", None)
+
+
+def qcow2_mutant_target(
+    name: str,
+    driver: type[Qcow2Driver] | None = None,
+    access: type[FormatAccess] | None = None,
+) -> DriverTarget:
+    """A qcow2 target: the reference with its driver and / or top FormatAccess mutated."""
+
+    def open_mutant(location: Any, **kwargs: Any) -> FormatAccess:
+        opened = open_image(location, **kwargs)
+        if driver is not None:
+            _swap_chain(opened, driver)
+            backing = kwargs.get("backing")
+            if isinstance(backing, FormatAccess):
+                _swap_chain(backing, driver)
+        if access is not None and kwargs.get("writable"):
+            opened.__class__ = access
+        return opened
+
+    return DriverTarget(
+        name=f"mutant:{name}",
+        format="qcow2",
+        create_image=create_image,
+        open_image=open_mutant,
+    )

@@ -1,0 +1,96 @@
+"""The oracle's kill rate: every deliberately broken driver must fail the conformance run.
+
+Each mutant (``mutants/``) runs through ``run_driver_conformance`` with the ``ci`` budget
+(100 examples of up to 30 steps, derandomised), without shrinking: only "is it caught" and
+"how fast" matter here.  The conftest prints the fraction caught and the median time to
+catch at the end of the run.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from typing import Any
+
+import chunkmap
+import pytest
+from hypothesis import Phase, settings
+from pyimago.oracle import DriverTarget, run_driver_conformance
+from pyimago.oracle.profiles import CI_MAX_EXAMPLES, CI_STEP_COUNT, register_profiles
+from pyimago.reference import create_image, open_image
+from pyimago_tests_fuzz_mutants import MUTANTS
+
+#: The user property each mutant test records: ``(name, caught, seconds, examples)``.
+KILL_PROPERTY = "pyimago_kill"
+
+
+def _ci_settings() -> settings:
+    register_profiles()
+    ci = settings.get_profile("ci")
+    assert (ci.max_examples, ci.stateful_step_count) == (CI_MAX_EXAMPLES, CI_STEP_COUNT)
+    return settings(ci, phases=(Phase.explicit, Phase.generate))
+
+
+def _param(name: str) -> Any:
+    return pytest.param(name, id=name, marks=pytest.mark.clause(*MUTANTS[name].clauses))
+
+
+@pytest.mark.parametrize("name", list(MUTANTS))
+def test_mutant_overrides_exist(name: str) -> None:
+    # A renamed method of the original would leave the mutant harmless: say so directly.
+    mutant = MUTANTS[name]
+    assert mutant.base is not None and mutant.mutant is not None
+    for attr, value in vars(mutant.mutant).items():
+        if callable(value) and not attr.startswith("__") and attr not in ("_shift", "_mutate"):
+            assert hasattr(mutant.base, attr), f"{name}: {mutant.base.__name__} has no {attr}"
+
+
+def test_there_are_enough_mutants() -> None:
+    assert len(MUTANTS) >= 15
+    kinds = {m.base.__name__ for m in MUTANTS.values() if m.base is not None}
+    assert kinds == {"Qcow2Driver", "FormatAccess", "ChunkMapDriver"}
+
+
+def _originals() -> dict[str, DriverTarget]:
+    return {
+        "reference-qcow2": DriverTarget("reference-qcow2", "qcow2", create_image, open_image),
+        "chunkmap": chunkmap.target(),
+    }
+
+
+@pytest.mark.parametrize("name", list(_originals()))
+def test_the_originals_pass(name: str) -> None:
+    # The control: what the mutants were made from passes the same run, so a mutant's
+    # failure is its bug, not the oracle's.
+    stats = run_driver_conformance(_originals()[name], settings=_ci_settings(), failures_dir=None)
+    assert stats.failures == 0 and stats.examples >= CI_MAX_EXAMPLES
+    print(stats)
+
+
+@pytest.mark.parametrize("name", [_param(n) for n in MUTANTS])
+def test_oracle_catches_mutant(name: str, record_property: Any) -> None:
+    mutant = MUTANTS[name]
+    if mutant.qemu and shutil.which("qemu-img") is None:
+        pytest.skip("only qemu-img check sees this bug, and qemu-img is not installed")
+    progress: list[Any] = []
+    start = time.monotonic()
+    error: BaseException | None = None
+    try:
+        run_driver_conformance(
+            mutant.target(),
+            settings=_ci_settings(),
+            failures_dir=None,
+            progress=lambda stats: progress.__setitem__(slice(None), [stats]),
+        )
+    except Exception as exc:
+        error = exc
+    elapsed = time.monotonic() - start
+    stats = progress[-1] if progress else None
+    examples = stats.examples if stats is not None else 0
+    record_property(KILL_PROPERTY, (name, error is not None, elapsed, examples))
+    assert error is not None, f"mutant {name} survived: {stats}"
+    # Caught by the oracle, not by a mutant broken by a renamed attribute.
+    assert not isinstance(error, (AttributeError, NameError, TypeError)), repr(error)
+    first = str(error).splitlines()[0] if str(error) else ""
+    print(f"{name}: caught after {examples} examples, {elapsed:.1f} s: "
+          f"{type(error).__name__}: {first[:160]}")
