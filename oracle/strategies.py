@@ -235,8 +235,14 @@ def grow_ops(
 def shrink_ops(draw: st.DrawFn, geo: Geometry) -> Op:
     """Shrink in whole sectors: by a little, to a cluster boundary, or into a cluster."""
     size, g = geo.size, geo.granularity
-    where = draw(st.sampled_from(("little", "boundary", "mid-cluster")))
-    if where == "little":
+    places: tuple[str, ...] = ("little", "boundary", "mid-cluster")
+    if geo.hot:
+        places += ("hot", "hot")
+    where = draw(st.sampled_from(places))
+    if where == "hot":
+        # Through data a recent write put down: its tail must not come back.
+        new = draw(st.sampled_from(geo.hot)) // _SECTOR * _SECTOR + _SECTOR
+    elif where == "little":
         new = size - draw(st.integers(1, 16)) * _SECTOR
     else:
         boundary = draw(st.integers(0, max((size - 1) // g, 0))) * g

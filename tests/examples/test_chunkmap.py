@@ -74,7 +74,9 @@ def test_file_chain_opens_its_backing_files(tmp_path: Path) -> None:
         assert top.read(3998, 6) == b"BBMTMM"
         assert top.read(8190, 4) == b"BB\0\0"
         assert top.read((2 << 20) - 2, 4) == bytes(4)
-        assert isinstance(top.driver.backing.driver, chunkmap.ChunkMapDriver)
+        driver = top.driver
+        assert isinstance(driver, chunkmap.ChunkMapDriver) and driver.backing is not None
+        assert isinstance(driver.backing.driver, chunkmap.ChunkMapDriver)
 
 
 def test_created_preallocated_and_rejects_what_it_is_not() -> None:
