@@ -5,11 +5,13 @@ It is the oracle other implementations are checked against: clarity over speed.
 
 from __future__ import annotations
 
+from ._check import CheckProblem, CheckResult, ProblemKind, RepairMode
 from ._driver import FormatDriver
 from ._errors import (
     CorruptImageError,
     DriverError,
     GateDeniedError,
+    ImageNotFoundError,
     InvalidRequestError,
     PyimagoError,
     ReadOnlyError,
@@ -41,6 +43,8 @@ from .raw import RawDriver
 __all__ = [
     "AUTO",
     "Buffer",
+    "CheckProblem",
+    "CheckResult",
     "CorruptImageError",
     "DenyImplicitOpenGate",
     "DriverError",
@@ -50,6 +54,7 @@ __all__ = [
     "FormatAccess",
     "FormatDriver",
     "GateDeniedError",
+    "ImageNotFoundError",
     "ImplicitOpenGate",
     "IndirectMapping",
     "InvalidRequestError",
@@ -57,11 +62,13 @@ __all__ = [
     "MemoryStorage",
     "PermissiveImplicitOpenGate",
     "PreallocateMode",
+    "ProblemKind",
     "PyimagoError",
     "Qcow2Driver",
     "RawDriver",
     "RawMapping",
     "ReadOnlyError",
+    "RepairMode",
     "ShallowMapping",
     "SpecialMapping",
     "Storage",

@@ -13,6 +13,7 @@ __all__ = [
     "CorruptImageError",
     "DriverError",
     "GateDeniedError",
+    "ImageNotFoundError",
     "InvalidRequestError",
     "PyimagoError",
     "ReadOnlyError",
@@ -55,3 +56,18 @@ class GateDeniedError(PyimagoError, PermissionError):
 
 class DriverError(PyimagoError, RuntimeError):
     """A format driver broke the driver protocol (e.g. returned an empty non-EOF mapping)."""
+
+
+class ImageNotFoundError(PyimagoError, FileNotFoundError):
+    """An image file (or a backing or data file an image names) does not exist.
+
+    ``filename`` is the path that was looked for; the message names it and, for a file an
+    image refers to, the image that names it.
+    """
+
+    def __init__(self, message: str, *, filename: str) -> None:
+        super().__init__(message)
+        self.filename = filename
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
