@@ -216,3 +216,95 @@ class RecordingStorage:
             apply_mutation(self._base, m)
         self._base_index += len(self.log)
         self.log.clear()
+
+
+# -- the power-cut rule ------------------------------------------------------------------------
+
+SECTOR = 512
+
+
+@dataclass(frozen=True, slots=True)
+class TimelinePoint:
+    """The image as the implementation reported it after one operation.
+
+    ``mutations``: the storage's mutation count when the operation returned; ``content``: the
+    whole guest content then; ``durable``: the operation completed a ``flush()`` + ``sync()``
+    (everything up to here must survive any later cut); ``unspecified``: guest ranges the
+    operation left with contents the contract does not fix (``discard_to_any``, a grow with
+    ``PreallocateMode.NONE``); ``label``: what the operation was, for messages.
+    """
+
+    mutations: int
+    content: bytes
+    durable: bool = False
+    unspecified: tuple[tuple[int, int], ...] = ()
+    label: str = ""
+
+    @property
+    def size(self) -> int:
+        return len(self.content)
+
+
+class CrashTimeline:
+    """What a recorded storage's image looked like after each operation, for judging cuts.
+
+    Begin with the state the storage was wrapped in (durable: it existed before the run),
+    then :meth:`add` a point after each operation.
+    """
+
+    def __init__(self, initial: TimelinePoint) -> None:
+        self.points: list[TimelinePoint] = [initial]
+
+    def add(self, point: TimelinePoint) -> None:
+        if point.mutations < self.points[-1].mutations:
+            raise InvalidRequestError("timeline points must come in mutation order")
+        self.points.append(point)
+
+    def window(self, cut: int) -> list[TimelinePoint]:
+        """The points a cut after mutation ``cut`` may show: from the last durable point at
+        or before the cut, to the first point at or after it (the operation in progress)."""
+        first = 0
+        for i, p in enumerate(self.points):
+            if p.mutations > cut:
+                break
+            if p.durable:
+                first = i
+        last = len(self.points) - 1
+        for i in range(first, len(self.points)):
+            if self.points[i].mutations >= cut:
+                last = i
+                break
+        return self.points[first : last + 1]
+
+    def violations(self, cut: int, size: int, content: bytes, *, limit: int = 4) -> list[str]:
+        """What is wrong with a cut state whose image has ``size`` and reads ``content``.
+
+        The rule (``crash.power-cut``): the size is one some operation in the window gave the
+        image; every 512-byte sector reads a value some point of the window had there (the
+        durable value or one a later operation gave it), or lies in a range an operation of
+        the window left unspecified.
+        """
+        window = self.window(cut)
+        sizes = {p.size for p in window}
+        if size not in sizes:
+            return [f"cut after mutation {cut}: disk size {size} is none of "
+                    f"{sorted(sizes)} (operations {window[0].label!r}..{window[-1].label!r})"]
+        if any(p.content == content for p in window if p.size == size):
+            return []
+        loose = [r for p in window[1:] for r in p.unspecified]
+        problems: list[str] = []
+        for at in range(0, size, SECTOR):
+            actual = content[at : at + SECTOR]
+            if any(p.content[at : at + SECTOR] == actual for p in window if at < p.size):
+                continue
+            if any(a <= at and at + SECTOR <= a + n for a, n in loose):
+                continue
+            durable = window[0]
+            problems.append(
+                f"cut after mutation {cut}: sector at guest 0x{at:x} reads "
+                f"{actual[:8].hex()}.. which no operation from {durable.label!r} (durable) to "
+                f"{window[-1].label!r} put there"
+            )
+            if len(problems) >= limit:
+                break
+        return problems
