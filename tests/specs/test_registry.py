@@ -34,6 +34,8 @@ AREAS = {
     "qcow2-compressed",
     "qcow2-zero",
     "qcow2-snapshots",
+    "qcow2-corrupt",
+    "crash",
 }
 
 # IDs that tests and code already cite: they are part of the contract and must never vanish.
