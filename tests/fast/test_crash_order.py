@@ -73,7 +73,8 @@ def qemu_made(tmp_path: Path, data: bytes, *options: str, snapshot: bool = False
     return out.read_bytes()
 
 
-@pytest.mark.clause("crash.order.refcount-before-reference", "crash.order.new-structure-before-pointer")
+@pytest.mark.clause("crash.order.refcount-before-reference",
+                    "crash.order.new-structure-before-pointer")
 def test_grow_l1_counts_the_new_l1_before_the_header_points_at_it(tmp_path: Path) -> None:
     # Issue 10's repro: the L1 grows (512-byte clusters, 32 KiB per L2 table) and the
     # header moves to the new L1 while its refcount was only in the cache.
@@ -165,7 +166,8 @@ def test_shrink_writes_no_l1_entry_for_a_table_only_in_the_cache(tmp_path: Path)
     img.close()
 
 
-@pytest.mark.clause("crash.order.new-structure-before-pointer", "crash.order.unref-after-entry")
+@pytest.mark.clause("crash.order.new-structure-before-pointer",
+                    "crash.order.unref-after-entry")
 def test_shared_table_copy_writes_no_l1_entry_for_a_table_only_in_the_cache(
     tmp_path: Path,
 ) -> None:
