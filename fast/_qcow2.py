@@ -44,6 +44,7 @@ from pyimago.reference._storage import Storage, WritableBuffer
 
 from ._cache import TableCache
 from ._codec import decode_u64_table, encode_u64_table
+from ._guard import MetadataGuard
 from ._header import (
     EXT_BACKING_FORMAT,
     MAGIC,
@@ -89,7 +90,7 @@ _ZERO_KEEPING = -1
 _AFTER_L1 = -1
 
 
-class Qcow2Layer(LayerBase):
+class Qcow2Layer(MetadataGuard, LayerBase):
     """One qcow2 image (v2 or v3) in a storage, optionally over a backing image."""
 
     format_name = "qcow2"
@@ -123,6 +124,10 @@ class Qcow2Layer(LayerBase):
         self.backing_file: str | None = None
         if hdr.backing.at:
             name = cluster0[hdr.backing.at : hdr.backing.at + hdr.backing.n]
+            if b"\0" in name:
+                raise CorruptImageError(
+                    f"qcow2: the backing file name at byte {hdr.backing.at} holds a NUL byte"
+                )
             self.backing_file = bytes(name).decode("utf-8", "surrogateescape")
         self.backing_format: str | None = next(
             (e.data.decode("utf-8", "surrogateescape") for e in self.extensions
@@ -162,6 +167,8 @@ class Qcow2Layer(LayerBase):
             cache_bytes=budget // 5,
             moved=self._reftable_moved,
             vet_block=self._vet_block,
+            vet_alloc=self._vet_alloc,
+            placed_block=self._meta_add_block,
         )
         l2_limit = l2_cache_tables if l2_cache_tables is not None else (budget - budget // 5) // cs
         self._l2 = TableCache(l2_limit, self._store_l2, self._before_l2_store,
@@ -173,8 +180,7 @@ class Qcow2Layer(LayerBase):
         self._unlinked: set[int] = set()
         #: Data writes a parallel write has promised but not done yet (host, bytes).
         self._unsettled: list[tuple[int, memoryview]] | None = None
-        self._meta_clusters: set[int] | None = None
-        self._meta_gen = 0
+        self._init_guard()
         self._last_inflated: tuple[int, bytes] | None = None
         if writable and hdr.version >= 3 and hdr.features.autoclear:
             # Unknown (or unmaintained: bitmaps) auto-clear bits go before the first write.
@@ -207,88 +213,6 @@ class Qcow2Layer(LayerBase):
 
     # -- metadata placement ---------------------------------------------------------------
 
-    def _file_size_now(self) -> int:
-        self._file_end = max(self._file_end, self.storage.size(), self.refs.end)
-        return self._file_end
-
-    def _vet_table(self, what: str, ofs: int) -> None:
-        """An L2 table or refcount block must be a whole cluster of its own in the file."""
-        cs = self._cs
-        if ofs & self._cmask:
-            raise CorruptImageError(f"qcow2: {what} offset 0x{ofs:x} is not cluster-aligned")
-        if ofs < cs:
-            raise CorruptImageError(f"qcow2: {what} at 0x{ofs:x} overlaps the header")
-        if ofs >= self._file_end and ofs >= self._file_size_now():
-            raise CorruptImageError(
-                f"qcow2: {what} at 0x{ofs:x} lies wholly outside the image file "
-                f"({self._file_end} bytes)"
-            )
-        hdr = self.hdr
-        for name, at, n in (
-            ("L1 table", hdr.l1.at, hdr.l1.n * 8),
-            ("refcount table", hdr.reftable.at, hdr.reftable.n * cs),
-        ):
-            if n and at < ofs + cs and ofs < at + n:
-                raise CorruptImageError(f"qcow2: {what} at 0x{ofs:x} overlaps the {name}")
-
-    def _vet_block(self, ofs: int) -> None:
-        self._vet_table("refcount block", ofs)
-
-    def _metadata(self) -> set[int]:
-        """Host cluster numbers holding metadata: header, L1 and refcount tables, every L2
-        table the L1 table points at and every refcount block."""
-        found = self._meta_clusters
-        if found is None or self._meta_gen != self.refs.generation:
-            cb = self._cbits
-            hdr = self.hdr
-            found = {0}
-            for at, n in ((hdr.l1.at, hdr.l1.n * 8), (hdr.reftable.at, hdr.reftable.n * self._cs)):
-                if n:
-                    found.update(range(at >> cb, ((at + n - 1) >> cb) + 1))
-            found.update((e & HOST_MASK) >> cb for e in self._l1 if e & HOST_MASK)
-            found.update(ofs >> cb for ofs in self.refs.block_offsets())
-            self._meta_clusters = found
-            self._meta_gen = self.refs.generation
-        return found
-
-    def _vet_in_place(self, host: int, n: int) -> None:
-        """A data range about to be written where it lies must be in the file and clear of
-        every metadata cluster."""
-        if host >= self._file_end and host >= self._file_size_now():
-            raise CorruptImageError(
-                f"qcow2: data cluster 0x{host:x} lies wholly outside the image file: "
-                "refusing to write it"
-            )
-        cb = self._cbits
-        first, last = host >> cb, (host + n - 1) >> cb
-        meta = self._meta_clusters
-        if meta is None or self._meta_gen != self.refs.generation:
-            meta = self._metadata()
-        if first in meta or (last > first and not meta.isdisjoint(range(first + 1, last + 1))):
-            clash = next(c for c in range(first, last + 1) if c in meta)
-            raise CorruptImageError(
-                f"qcow2: data cluster 0x{clash << cb:x} is also metadata: refusing to write it"
-            )
-
-    def _vet_releases(self, entries: Sequence[int]) -> None:
-        """Entries about to be dropped: every host cluster they hold must be a data cluster
-        with a reference to give back (checked before anything changes)."""
-        if not entries:
-            return
-        meta = self._metadata()
-        for e in entries:
-            for cluster in self._held(e):
-                if cluster in meta:
-                    raise CorruptImageError(
-                        f"qcow2: an L2 entry points at metadata cluster "
-                        f"0x{cluster << self._cbits:x}: refusing to free it"
-                    )
-                if self.refs.count(cluster) == 0:
-                    raise CorruptImageError(
-                        f"qcow2: an L2 entry points at host cluster "
-                        f"0x{cluster << self._cbits:x}, whose refcount is 0"
-                    )
-
     def _held(self, e: int) -> range:
         """Host cluster numbers an L2 entry holds a reference to."""
         cb = self._cbits
@@ -313,7 +237,7 @@ class Qcow2Layer(LayerBase):
     def _reftable_moved(self, span: Span) -> None:
         self.hdr = self.hdr.moved(reftable=span)
         self._write_header()
-        self._meta_clusters = None
+        self._meta_moved()
 
     # -- L2 tables ------------------------------------------------------------------------
 
@@ -383,8 +307,7 @@ class Qcow2Layer(LayerBase):
         nofs = c << self._cbits
         self._l2.add(nofs, new, dirty=True)
         self._unlinked.add(nofs)
-        if self._meta_clusters is not None:
-            self._meta_clusters.add(c)
+        self._meta_add_table(c)
         self._l1[l1i] = nofs | COPIED
         self._l1_dirty = True
         if old is not None:
@@ -393,6 +316,7 @@ class Qcow2Layer(LayerBase):
             # table (written after the copy) points at the copy.
             if ofs not in self._l2.dirty:
                 self._l2.forget(ofs)
+            self._meta_drop_table(ofs >> self._cbits)
             self._release_after(_AFTER_L1, [(ofs >> self._cbits, 1)])
         return nofs, new
 
@@ -448,9 +372,6 @@ class Qcow2Layer(LayerBase):
             self._store_l1()
         # Refcounts last: the releases the table writes allowed.
         self.refs.write_back()
-
-    def _write_header(self) -> None:
-        self.storage.write(self.hdr.to_bytes(), 0)
 
     # -- mapping runs ---------------------------------------------------------------------
 
@@ -783,6 +704,7 @@ class Qcow2Layer(LayerBase):
         self, view: memoryview, offset: int, jobs: list[tuple[int, memoryview]] | None
     ) -> None:
         """Write ``view`` at guest ``offset``; with ``jobs``, data writes are deferred there."""
+        self.refuse_corrupt("write")
         n = len(view)
         pos = 0
         storage = self.storage
@@ -805,6 +727,7 @@ class Qcow2Layer(LayerBase):
         self, offset: int, length: int, overwrite: bool
     ) -> tuple[Storage, int, int]:
         self.refuse_read_only("ensure_data_mapping")
+        self.refuse_corrupt("ensure_data_mapping")
         if offset >= self.size:
             raise InvalidRequestError(f"{self}: offset {offset} is past the disk end")
         host, n, _ = self.prepare(offset, min(length, self.size - offset), overwrite)
@@ -820,6 +743,7 @@ class Qcow2Layer(LayerBase):
         handles the partial clusters at the head and tail.
         """
         self.refuse_read_only(how.value)
+        self.refuse_corrupt(how.value)
         if not length:
             return
         cb = self._cbits
@@ -984,7 +908,7 @@ class Qcow2Layer(LayerBase):
         self._l1 = bigger[:entries]
         self._l1_dirty = False
         self._unlinked.clear()
-        self._meta_clusters = None
+        self._meta_moved()
         self._release_pending(_AFTER_L1)
         if old.n:
             self.refs.free(old.at >> self._cbits, -(-old.n * 8 // cs))
@@ -1003,6 +927,7 @@ class Qcow2Layer(LayerBase):
             if new_size <= old:
                 return
             self.refuse_read_only("resize_grow")
+            self.refuse_corrupt("resize_grow")
             tables = self._tables_for(new_size)
             if tables > self.hdr.l1.n:
                 self._grow_l1(tables)
@@ -1077,6 +1002,7 @@ class Qcow2Layer(LayerBase):
 
     def resize_shrink(self, new_size: int) -> None:
         self.refuse_read_only("resize_shrink")
+        self.refuse_corrupt("resize_shrink")
         self._check_new_size(new_size)
         if new_size >= self.size:
             return
@@ -1093,7 +1019,7 @@ class Qcow2Layer(LayerBase):
                     self._l2.forget(ofs)
                     held = self._pending_frees.pop(ofs, [])
                     self._release_after(_AFTER_L1, [*held, (ofs >> cb, 1)])
-                    self._meta_clusters = None
+                    self._meta_drop_table(ofs >> cb)
             if self._l1_dirty:
                 self._store_l1()
             self._set_size(new_size)
@@ -1112,7 +1038,7 @@ class Qcow2Layer(LayerBase):
             self._pending_frees.clear()
             self._unlinked.clear()
             self._last_inflated = None
-            self._meta_clusters = None
+            self._meta_moved()
             self.storage.invalidate_cache()
             self._file_end = self.storage.size()
             self.hdr = parse_header(self._first_cluster(), self._file_end)
@@ -1121,6 +1047,7 @@ class Qcow2Layer(LayerBase):
             self._l1_dirty = False
             self.refs.span = self.hdr.reftable
             self.refs.reload()
+            self._meta_moved()
 
     def _drop_caches(self) -> None:
         # The layer and its caches refer to each other (write-back callbacks): emptying them
@@ -1129,7 +1056,7 @@ class Qcow2Layer(LayerBase):
         self._pending_frees.clear()
         self._unlinked.clear()
         self.refs.blocks.clear()
-        self._meta_clusters = None
+        self._meta_moved()
         self._last_inflated = None
 
     def detach(self) -> None:
