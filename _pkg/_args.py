@@ -115,7 +115,8 @@ def output_file(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text}: is a folder, not a file")
     existed = path.exists()
     if not existed and not path.parent.is_dir():
-        raise argparse.ArgumentTypeError(f"{text}: folder {str(path.parent)!r} does not exist")
+        what = "is not a folder" if path.parent.exists() else "does not exist"
+        raise argparse.ArgumentTypeError(f"{text}: {str(path.parent)!r} {what}")
     try:
         with open(path, "a", encoding="utf-8"):
             pass

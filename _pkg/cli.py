@@ -117,11 +117,11 @@ def _entry(command: Command) -> Callable[[list[str]], int]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pyimago`` command; returns the exit status."""
     words = list(sys.argv[1:] if argv is None else argv)
-    if not words:
-        print(_help(), file=sys.stderr)
-        return USAGE_ERROR
-    first, rest = words[0], words[1:]
+    first, rest = (words[0], words[1:]) if words else ("", [])
     try:
+        if not words:
+            fail("pyimago", f"missing command (commands: {', '.join(_BY_NAME)}; "
+                            "see 'pyimago --help')")
         if first in ("-h", "--help", "help"):
             print(_help())
             return 0
