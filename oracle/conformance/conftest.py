@@ -31,9 +31,10 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
-def pytest_sessionstart(session: pytest.Session) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # An implementation that does not load is one error, not a failure of every test: say
-    # why (in the file the caller named) and stop before anything runs.
+    # why (in the file the caller named) and stop before anything runs.  (Collection is the
+    # first hook this conftest sees when the suite is named with --pyargs.)
     try:
         impl_from_env()
     except ImplError as exc:

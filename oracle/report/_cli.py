@@ -27,6 +27,7 @@ from pyimago._args import (
 )
 from pyimago.oracle._cli_support import add_import_paths
 from pyimago.oracle.conformance import IMPL_ENV, ImplError, load_impl
+from pyimago.oracle.conformance._crosshair_run import CROSSHAIR_MISSING
 from pyimago.specs import ClauseRegistryError, load_areas, load_clauses
 
 from ._build import build_report
@@ -70,6 +71,10 @@ exit status:
   1  a `must` clause failed, or the run itself broke (listed under Errors)
   2  bad arguments, or the implementation cannot be loaded
 """
+
+
+def _s(n: int) -> str:
+    return "" if n == 1 else "s"
 
 
 def _version(dist: str) -> str:
@@ -127,13 +132,17 @@ def run_conformance(
     with tempfile.TemporaryDirectory(prefix="pyimago-conformance-") as tmp:
         suite = run_suite(impl, Path(tmp), timeout=suite_timeout, import_paths=import_paths)
     if suite.load_error is not None:
-        say(f"conformance suite: {suite.load_error}")
-        machines = False
-    counts: dict[str, int] = {}
-    for record in suite.tests.values():
-        counts[record.outcome] = counts.get(record.outcome, 0) + 1
-    shown = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
-    say(f"conformance suite: {len(suite.tests)} tests in {suite.duration:.1f} s ({shown})")
+        machines = False  # nothing to check them against: the report says why, once
+    else:
+        counts: dict[str, int] = {}
+        for record in suite.tests.values():
+            counts[record.outcome] = counts.get(record.outcome, 0) + 1
+        shown = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+        say(f"conformance suite: {len(suite.tests)} tests in {suite.duration:.1f} s ({shown})")
+    env = environment()
+    not_run = sum(1 for r in suite.tests.values() if CROSSHAIR_MISSING in r.message)
+    if not_run:
+        env["crosshair"] = f"not installed: {not_run} check{_s(not_run)} not run"
     machine_run: MachineRun | None = None
     if machines:
         say(f"machines: profile {profile}, running ...")
@@ -150,7 +159,7 @@ def run_conformance(
         machines=machine_run,
         generated=generated,
         duration=time.monotonic() - started,
-        environment=environment(),
+        environment=env,
         errors=tuple(errors),
     )
 

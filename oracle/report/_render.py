@@ -115,6 +115,9 @@ def render_markdown(report: Report) -> str:
     totals = report.totals()
     out.append("| **total** | " + " | ".join(f"**{totals[s]}**" for s in STATUSES) + " |")
     out += ["", _run_line(report), ""]
+    crosshair = report.environment.get("crosshair", "")
+    if crosshair.startswith("not installed"):
+        out += [f"**CrossHair {crosshair}**: their clauses are not counted as passed.", ""]
     if report.errors:
         out += ["## Errors", ""]
         for error in report.errors:
