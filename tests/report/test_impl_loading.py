@@ -82,3 +82,21 @@ def test_a_suite_that_cannot_load_the_impl_is_one_error(
     assert len(data["errors"]) == 1
     assert set(_statuses(data).values()) == {"untested"}
     assert data["machines"] is None
+
+
+def test_a_driver_target_runs_the_driver_machines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    rc = conformance_main(["--impl", "chunkmap:target", "--path", str(examples), "-q",
+                           "--examples", "3", "--format", "json", "-o", "report.json",
+                           "--failures-dir", str(tmp_path / "failures")])
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert rc in (0, 1) and data["load_error"] is None
+    machines = data["machines"]
+    # Not "not-applicable" (chunkmap is neither qcow2 nor raw): the driver's own machines.
+    assert machines["outcome"] == "passed", machines
+    assert machines["runs"] >= 3 and machines["steps"] > 0
+    assert machines["ops"].get("write", 0) > 0
