@@ -10,7 +10,7 @@ import sys
 import traceback
 from collections.abc import Iterable
 
-__all__ = ["add_import_paths", "format_failure", "target_error"]
+__all__ = ["add_import_paths", "budget_note", "format_failure", "target_error"]
 
 
 def add_import_paths(folders: Iterable[str]) -> list[str]:
@@ -41,3 +41,17 @@ def format_failure(error: BaseException) -> str:
     """A failure found by the oracle, for a person: the exception and its notes (Hypothesis's
     shrunk program, the oracle's log, the replay file), without the oracle's own frames."""
     return "".join(traceback.format_exception_only(error)).rstrip()
+
+
+def budget_note(runs: int, budget: int, *, failed: bool) -> str:
+    """How many examples ran, saying why when that is more than the budget asked for.
+
+    Hypothesis counts only valid examples against ``max_examples`` and, after a failure,
+    runs many more while shrinking it; a bare "243 examples" under ``--examples 100``
+    would read as a bug.
+    """
+    if runs <= budget:
+        return f"{runs:,}"
+    extra = runs - budget
+    why = "shrink steps" if failed else "runs Hypothesis did not count (invalid or overrun)"
+    return f"{runs:,} ({budget:,} examples + {extra:,} {why})"

@@ -25,7 +25,7 @@ from hypothesis import settings
 from hypothesis.stateful import run_state_machine_as_test
 from pyimago._args import CliParser, existing_dir, existing_file, fail, output_dir, positive_int
 
-from ._cli_support import add_import_paths, format_failure, target_error
+from ._cli_support import add_import_paths, budget_note, format_failure, target_error
 from .machines import make_machine
 from .profiles import PROFILES, load_profile_from_env, oracle_settings, register_profiles
 from .replay import DEFAULT_FAILURES_DIR, ReplayFileError, load_replay, run_replay
@@ -94,7 +94,9 @@ def _rate(steps: int, seconds: float) -> str:
     return f"{steps / seconds:,.0f} ops/s" if seconds > 0 else "n/a"
 
 
-def _summary(stats: RunStats, target: str, profile: str, wall: float, failed: bool) -> None:
+def _summary(
+    stats: RunStats, target: str, profile: str, wall: float, failed: bool, budget: int
+) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -103,7 +105,7 @@ def _summary(stats: RunStats, target: str, profile: str, wall: float, failed: bo
     table.add_column(style="bold")
     table.add_column()
     table.add_row("profile", profile)
-    table.add_row("examples", f"{stats.examples:,}")
+    table.add_row("examples", budget_note(stats.examples, budget, failed=failed))
     table.add_row("steps", f"{stats.steps:,}")
     table.add_row("wall time", f"{wall:.1f} s")
     table.add_row("throughput (all)", _rate(stats.steps, wall))
@@ -198,7 +200,7 @@ def run_main(argv: Sequence[str]) -> int:
     wall = time.monotonic() - start
     if error is not None:
         print(format_failure(error), file=sys.stderr)
-    _summary(stats, target.name, profile, wall, error is not None)
+    _summary(stats, target.name, profile, wall, error is not None, run_settings.max_examples)
     return 1 if error is not None else 0
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 
 from pyimago._args import CliParser, existing_dir, fail, output_dir, output_file, positive_int
 
-from .._cli_support import add_import_paths, format_failure, target_error
+from .._cli_support import add_import_paths, budget_note, format_failure, target_error
 from ..profiles import PROFILES
 from ..replay import DEFAULT_FAILURES_DIR
 from ..session import RunStats
@@ -88,7 +88,7 @@ def write_junit(
     ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
 
 
-def _print_stats(stats: ConformanceStats, failed: bool) -> None:
+def _print_stats(stats: ConformanceStats, failed: bool, budget: int) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -98,6 +98,8 @@ def _print_stats(stats: ConformanceStats, failed: bool) -> None:
     for label, value in stats.rows():
         if label == "failures":
             value = "[red]yes[/red]" if failed else "[green]none[/green]"
+        elif label == "examples":
+            value = budget_note(stats.examples, budget, failed=failed)
         table.add_row(label, value)
     Console().print(table)
 
@@ -174,10 +176,11 @@ def fuzz_main(argv: Sequence[str]) -> int:
         # Hypothesis's shrunk program, the oracle's log and the replay file are its notes.
         print(format_failure(error), file=sys.stderr)
         print(f"pyimago fuzz: {name} FAILED", file=sys.stderr)
-    _print_stats(stats, error is not None)
+    _print_stats(stats, error is not None, settings.max_examples)
     if args.junit:
         write_junit(args.junit, stats, error)
     if error is None:
-        print(f"pyimago fuzz: {name} conforms ({stats.examples} examples, {stats.steps} steps)")
+        runs = budget_note(stats.examples, settings.max_examples, failed=False)
+        print(f"pyimago fuzz: {name} conforms (examples: {runs}; {stats.steps:,} steps)")
     return 1 if error is not None else 0
 
