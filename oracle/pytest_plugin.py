@@ -110,7 +110,14 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> None:
         return
     if len(marker.args) != 1:
         raise pytest.UsageError(f"@pytest.mark.{MARKER} takes one target, got {marker.args!r}")
-    _run(pyfuncitem, marker.args[0], dict(marker.kwargs))
+    try:
+        _run(pyfuncitem, marker.args[0], dict(marker.kwargs))
+    except Exception as exc:
+        # The failure as the oracle reports it (Hypothesis's shrunk program, the oracle's log,
+        # the replay file: the exception's notes), once, without the oracle's own frames.
+        from ._cli_support import format_failure
+
+        pytest.fail(format_failure(exc), pytrace=False)
     # Returning None lets pytest call the test body as usual.
 
 
