@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from ..profiles import PROFILES
 from ..replay import DEFAULT_FAILURES_DIR
 from ..session import RunStats
+from ._campaign_cli import add_campaign_options, campaign_main, check_database
 from ._run import conformance_settings, run_driver_conformance
 from ._stats import ConformanceStats
 from ._target import load_target
@@ -52,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-qemu", action="store_true",
                         help="skip the qemu-img checks at teardown of file chains")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_campaign_options(parser)
     return parser
 
 
@@ -104,6 +106,10 @@ def _print_stats(stats: ConformanceStats, failed: bool) -> None:
 def fuzz_main(argv: Sequence[str]) -> int:
     """``pyimago fuzz``; returns the exit status."""
     args = _parser().parse_args(list(argv))
+    if args.workers is not None:
+        return campaign_main(args)
+    if not check_database(args.database):
+        return 2
     for folder in [*reversed(args.path), os.getcwd()]:
         if folder not in sys.path:
             # As ``python -m`` would: a driver next to the user is importable by name.
@@ -134,6 +140,7 @@ def fuzz_main(argv: Sequence[str]) -> int:
             failures_dir=args.failures_dir,
             qemu_img=None if args.no_qemu else "auto",
             progress=tick,
+            database=args.database,
         )
 
     try:

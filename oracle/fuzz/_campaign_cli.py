@@ -1,0 +1,154 @@
+"""The campaign options of ``pyimago fuzz`` (``--database``, ``--workers`` and friends) and
+the command-line side of a campaign: checks up front, progress, the merged summary."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from ._campaign import SUMMARY_FILE, CampaignResult, CampaignSpec, new_seed, run_campaign
+
+__all__ = ["add_campaign_options", "campaign_main", "check_database"]
+
+_PROG = "pyimago fuzz"
+
+
+def add_campaign_options(parser: argparse.ArgumentParser) -> None:
+    """``--database``, ``--workers``, ``--duration``, ``--campaign-dir``, ``--json``."""
+    group = parser.add_argument_group("campaigns")
+    group.add_argument("--database", metavar="URL", default=None,
+                       help="example database shared by every run: a directory or "
+                            "redis://host:port/N (the 'campaign' extra); its failures are "
+                            "replayed first, new ones saved there")
+    group.add_argument("--workers", type=int, default=None, metavar="N",
+                       help="run a campaign of N seeded workers through pytest-xdist")
+    group.add_argument("--duration", type=float, default=None, metavar="MINUTES",
+                       help="with --workers: each worker runs rounds of --examples until "
+                            "this much time has passed")
+    group.add_argument("--campaign-dir", default=None, metavar="DIR",
+                       help="with --workers: where workers' reports, pytest's log and "
+                            "summary.json go (default .pyimago-campaign/TIMESTAMP)")
+    group.add_argument("--json", default=None, metavar="FILE",
+                       help="with --workers: also write the merged summary to FILE")
+
+
+def _error(message: str) -> int:
+    print(f"{_PROG}: {message}", file=sys.stderr)
+    return 2
+
+
+def check_database(url: str | None) -> bool:
+    """Whether ``url`` (if any) opens; if not, the one-line error is printed."""
+    if url is None:
+        return True
+    from ..database import DatabaseError, open_database
+
+    try:
+        open_database(url)
+    except DatabaseError as exc:
+        _error(str(exc))
+        return False
+    return True
+
+
+def campaign_main(args: argparse.Namespace) -> int:
+    """``pyimago fuzz TARGET --workers N ...``; returns the exit status."""
+    if args.workers < 1:
+        return _error(f"--workers {args.workers}: must be at least 1")
+    if args.duration is not None and not args.duration > 0:
+        return _error(f"--duration {args.duration}: must be more than 0 minutes")
+    for name in ("examples", "steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            return _error(f"--{name} {value}: must be at least 1")
+    if args.junit:
+        return _error("--junit is for single runs; a campaign writes --json")
+    if not check_database(args.database):
+        return 2
+    paths = [os.path.abspath(p) for p in args.path]
+    for folder in [*reversed(paths), os.getcwd()]:
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+    from ._campaign import load_campaign_target
+
+    try:
+        target = load_campaign_target(args.target)
+    except Exception as exc:
+        return _error(f"cannot load {args.target}: {type(exc).__name__}: {exc}")
+    folder = args.campaign_dir or os.path.join(
+        ".pyimago-campaign", time.strftime("%Y%m%d-%H%M%S")
+    )
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return _error(f"--campaign-dir {folder}: {exc}")
+    database = args.database
+    if database is not None and "://" not in database:
+        database = os.path.abspath(database)
+    spec = CampaignSpec(
+        target=args.target,
+        workers=args.workers,
+        seed=args.seed if args.seed is not None else new_seed(),
+        folder=os.path.abspath(folder),
+        profile=args.profile,
+        examples=args.examples,
+        steps=args.steps,
+        database=database,
+        failures_dir=os.path.abspath(args.failures_dir) if args.failures_dir else None,
+        qemu=not args.no_qemu,
+        paths=tuple(paths),
+        duration=None if args.duration is None else args.duration * 60.0,
+    )
+    result = run_campaign(spec, progress=not args.no_progress)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_json(), indent=1) + "\n")
+    _report(result, target.name)
+    if result.failed:
+        return 1
+    if result.pytest_status != 0 or not result.complete:
+        return _error(
+            f"the campaign's workers did not all finish (pytest exit {result.pytest_status}); "
+            f"see {result.log}"
+        )
+    return 0
+
+
+def _report(result: CampaignResult, name: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    for worker in result.workers:
+        if worker.error:
+            print(worker.error, file=sys.stderr)
+            print(f"{_PROG}: {name} FAILED in worker {worker.worker} "
+                  f"(seeds {', '.join(map(str, worker.seeds))})", file=sys.stderr)
+    for path in result.stats.replay_files:
+        print(f"replay file: {path}  (run it again: pyimago replay {path})", file=sys.stderr)
+    spec = result.spec
+    table = Table(title=f"pyimago fuzz campaign: {name}, {spec.workers} workers",
+                  show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("wall time", f"{result.wall_seconds:.1f} s")
+    table.add_row("database", spec.database or "none")
+    for label, value in result.stats.rows():
+        if label == "failures":
+            value = f"[red]{value}[/red]" if result.failed else "[green]none[/green]"
+        if label != "replay file":
+            table.add_row(label, value)
+    for worker in result.workers:
+        s = worker.stats
+        table.add_row(
+            f"worker {worker.worker}",
+            f"{worker.state}: seeds {', '.join(map(str, worker.seeds))}; {s.examples:,} "
+            f"examples, {s.steps:,} steps, {s.failures} failures",
+        )
+    table.add_row("summary", os.path.join(spec.folder, SUMMARY_FILE))
+    Console().print(table)
+    if not result.failed and result.complete:
+        print(f"{_PROG}: {name} conforms ({result.stats.examples} examples, "
+              f"{result.stats.steps} steps, {spec.workers} workers)")
