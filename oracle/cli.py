@@ -8,7 +8,8 @@
     shrunk operation log is printed and its replay file written.
 ``pyimago replay FILE``
     Runs a replay file's sequence again (against the target it names, or ``--target``),
-    prints the operation log and exits 1 if it still fails.
+    prints the operation log and exits 1 if it still fails.  ``pyimago replay --database
+    URL`` lists the failures saved in a campaign's example database and reruns them.
 ``pyimago fuzz module:target``
     Fuzzes a third party's format driver (a ``DriverTarget``) against the oracle; see
     :mod:`pyimago.oracle.fuzz`.
@@ -80,13 +81,22 @@ def _parser() -> argparse.ArgumentParser:
                      help=f"where replay files go (default {DEFAULT_FAILURES_DIR})")
     run.add_argument("--no-qemu", action="store_true", help="skip the qemu-img teardown checks")
     run.add_argument("--no-progress", action="store_true", help="no progress display")
+    run.add_argument("--database", metavar="URL", default=None,
+                     help="example database shared by every run: a directory or "
+                          "redis://host:port/N; its failures are replayed first")
 
     # Subcommands with their own argument parsers; main() hands them the rest of argv.
     for name, help_text in _DELEGATED_HELP.items():
         sub.add_parser(name, help=help_text, add_help=False)
 
     replay = sub.add_parser("replay", help="re-run a replay file")
-    replay.add_argument("file", help="a replay file written by a failing run")
+    replay.add_argument("file", nargs="?", default=None,
+                        help="a replay file written by a failing run")
+    replay.add_argument("--database", metavar="URL", default=None,
+                        help="instead of a file: list and rerun the failures saved in this "
+                             "example database (a directory or redis://host:port/N)")
+    replay.add_argument("--list", action="store_true",
+                        help="with --database: only list the saved failures")
     replay.add_argument("--target", default=None,
                         help="implementation to run it against (default: the file's)")
     replay.add_argument("--no-qemu", action="store_true", help="skip the qemu-img checks")
@@ -138,6 +148,15 @@ def _run(args: argparse.Namespace) -> int:
         overrides["max_examples"] = args.examples
     if args.steps is not None:
         overrides["stateful_step_count"] = args.steps
+    database = None
+    if args.database is not None:
+        from .database import DatabaseError, open_database
+
+        try:
+            overrides["database"] = database = open_database(args.database)
+        except DatabaseError as exc:
+            print(f"pyimago run: {exc}", file=sys.stderr)
+            return 2
     run_settings = oracle_settings(base, **overrides)
     target = resolve_target(args.target)
     stats = RunStats()
@@ -197,6 +216,10 @@ def _run(args: argparse.Namespace) -> int:
             except Exception as exc:
                 error = exc
     wall = time.monotonic() - start
+    if error is not None and database is not None:
+        from .database import save_replay_files
+
+        save_replay_files(database, stats.replay_files)
     if error is not None:
         print("".join(traceback.format_exception(error)), file=sys.stderr)
     _summary(stats, target.name, profile, wall, error is not None)
@@ -204,6 +227,15 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
+    if (args.file is None) == (args.database is None):
+        print("pyimago replay: name a replay FILE or --database URL (one of them)",
+              file=sys.stderr)
+        return 2
+    if args.database is not None:
+        from .replay_db import replay_database
+
+        return replay_database(args.database, target=args.target, list_only=args.list,
+                               qemu_img=None if args.no_qemu else "auto", quiet=args.quiet)
     replay = load_replay(args.file)
     if os.getcwd() not in sys.path:
         # A target named module:attribute (a driver under test) may live in the current folder.

@@ -26,7 +26,7 @@ from typing import Any, Final
 
 from hypothesis.database import DirectoryBasedExampleDatabase, ExampleDatabase
 
-from .replay import Replay
+from .replay import Replay, load_replay
 
 __all__ = [
     "CAMPAIGN_EXTRA",
@@ -35,6 +35,7 @@ __all__ = [
     "SavedReplay",
     "open_database",
     "save_replay",
+    "save_replay_files",
     "saved_replays",
 ]
 
@@ -119,6 +120,12 @@ def save_replay(db: ExampleDatabase, replay: Replay, *, worker: str | None = Non
         "worker": worker,
     }
     db.save(REPLAYS_KEY, json.dumps(record, sort_keys=True).encode())
+
+
+def save_replay_files(db: ExampleDatabase, paths: list[str], *, worker: str | None = None) -> None:
+    """Store the replay files at ``paths`` (a failing run's) in ``db``."""
+    for path in paths:
+        save_replay(db, load_replay(path), worker=worker)
 
 
 def saved_replays(db: ExampleDatabase) -> list[SavedReplay]:

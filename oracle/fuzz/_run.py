@@ -262,7 +262,9 @@ def run_driver_conformance(
     except BaseException as exc:
         if isinstance(exc, Exception):
             if shared is not None:
-                _save_replays(shared, stats.replay_files, worker)
+                from ..database import save_replay_files
+
+                save_replay_files(shared, stats.replay_files, worker=worker)
             exc.add_note(snapshot().summary())
         raise
     finally:
@@ -273,10 +275,3 @@ def run_driver_conformance(
             progress(snapshot())
     return snapshot()
 
-
-def _save_replays(db: ExampleDatabase, paths: list[str], worker: str | None) -> None:
-    from ..database import save_replay
-    from ..replay import load_replay
-
-    for path in paths:
-        save_replay(db, load_replay(path), worker=worker)

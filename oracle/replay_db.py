@@ -1,0 +1,67 @@
+"""``pyimago replay --database URL``: list the failures a campaign saved, and rerun them.
+
+Every failure found by a run with ``--database`` is stored there as a replay record (see
+:mod:`pyimago.oracle.database`); this reruns each one from the record alone, against the
+target it names (or ``--target``), as ``pyimago replay FILE`` reruns a file.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from .database import DatabaseError, open_database, saved_replays
+from .replay import run_replay
+from .targets import resolve_target
+
+__all__ = ["replay_database"]
+
+
+def replay_database(
+    url: str,
+    *,
+    target: str | None = None,
+    qemu_img: str | None = "auto",
+    list_only: bool = False,
+    quiet: bool = False,
+) -> int:
+    """List the replay records in the database ``url`` and rerun them (unless
+    ``list_only``); the exit status: 1 when one still fails, 2 for a database that cannot be
+    used or a target that cannot be loaded, else 0."""
+    try:
+        db = open_database(url)
+    except DatabaseError as exc:
+        print(f"pyimago replay: {exc}", file=sys.stderr)
+        return 2
+    saved = saved_replays(db)
+    print(f"{len(saved)} saved failure(s) in {url}")
+    for index, entry in enumerate(saved, 1):
+        print(f"  {index}. {entry.describe()}")
+    if list_only or not saved:
+        return 0
+    if os.getcwd() not in sys.path:
+        # A target named module:attribute (a driver under test) may live in the current folder.
+        sys.path.insert(0, os.getcwd())
+    still_failing = 0
+    for index, entry in enumerate(saved, 1):
+        name = target or entry.replay.target or "reference"
+        try:
+            impl = resolve_target(name)
+        except Exception as exc:
+            print(f"pyimago replay: cannot load {name}: {type(exc).__name__}: {exc}",
+                  file=sys.stderr)
+            return 2
+        result = run_replay(entry.replay, impl, qemu_img=qemu_img)
+        if not quiet:
+            print(result.log)
+        if result.failed:
+            still_failing += 1
+            print(f"{index}. replay FAILED against {impl.name}: {result.error}", file=sys.stderr)
+        else:
+            print(f"{index}. replay passed against {impl.name} "
+                  f"({len(entry.replay.ops)} operations)")
+    if still_failing:
+        print(f"pyimago replay: {still_failing} of {len(saved)} saved failure(s) still fail",
+              file=sys.stderr)
+        return 1
+    return 0
