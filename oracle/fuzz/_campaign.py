@@ -73,6 +73,8 @@ class CampaignSpec:
     paths: tuple[str, ...] = ()
     duration: float | None = None
     """Seconds: workers run rounds until this much time has passed (None: one round)."""
+    tx: tuple[str, ...] = ()
+    """pytest-xdist gateway specs (``2*ssh=host//python=...``) instead of ``-n workers``."""
 
     def seed_of(self, worker: int, round_: int = 0) -> int:
         """The seed of ``worker``'s round ``round_``: never the same for two (worker, round)."""
@@ -80,8 +82,12 @@ class CampaignSpec:
             raise ValueError(f"worker {worker} is not one of {self.workers}")
         return self.seed + worker + round_ * self.workers
 
-    def report_path(self, worker: int) -> Path:
-        return Path(self.folder) / f"worker-{worker}.json"
+    def report_path(self, worker: int, *, final: bool = True) -> Path:
+        """Where ``worker``'s report goes: the final one (written by pytest's controlling
+        process from the test report, so that it arrives from remote workers too), or the
+        one the worker rewrites as it goes (``final=False``: progress on this machine)."""
+        name = f"worker-{worker}.json" if final else f"worker-{worker}.progress.json"
+        return Path(self.folder) / name
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -90,6 +96,7 @@ class CampaignSpec:
     def from_json(cls, text: str) -> CampaignSpec:
         obj = json.loads(text)
         obj["paths"] = tuple(obj.get("paths", ()))
+        obj["tx"] = tuple(obj.get("tx", ()))
         return cls(**obj)
 
 
@@ -119,19 +126,20 @@ class WorkerReport:
                    stats_from_json(obj["stats"]), obj.get("error"))
 
 
-def write_worker_report(spec: CampaignSpec, report: WorkerReport) -> None:
-    """Write a worker's report atomically (the controller may be reading it)."""
-    path = spec.report_path(report.worker)
+def write_worker_report(spec: CampaignSpec, report: WorkerReport, *, final: bool) -> None:
+    """Write a worker's report atomically (the campaign's process may be reading it)."""
+    path = spec.report_path(report.worker, final=final)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(report.to_json()))
     os.replace(tmp, path)
 
 
-def _read_reports(spec: CampaignSpec) -> list[WorkerReport]:
+def _read_reports(spec: CampaignSpec, *, final: bool) -> list[WorkerReport]:
     reports = []
     for worker in range(spec.workers):
+        path = spec.report_path(worker, final=final)
         try:
-            reports.append(WorkerReport.from_json(json.loads(spec.report_path(worker).read_text())))
+            reports.append(WorkerReport.from_json(json.loads(path.read_text())))
         except (OSError, ValueError, KeyError, TypeError):
             continue
     return reports
@@ -177,14 +185,13 @@ class CampaignResult:
 
 
 def _pytest_command(spec: CampaignSpec) -> list[str]:
-    ini = Path(spec.folder) / "pytest.ini"
-    # Our own ini: the campaign must not pick up the settings of whatever project it runs in.
-    ini.write_text("[pytest]\n")
+    # No ini file (the campaign must not pick up the settings of whatever project it runs
+    # in), and paths that exist on every host with pyimago installed at the same place.
+    nodes = [f"--tx={tx}" for tx in spec.tx] if spec.tx else ["-n", str(spec.workers)]
     return [
         sys.executable, "-m", "pytest", str(_TESTS),
-        "-p", _PLUGIN, f"--pyimago-campaign={spec.to_json()}",
-        "-n", str(spec.workers),
-        "-c", str(ini), "--rootdir", spec.folder,
+        "-p", _PLUGIN, f"--pyimago-campaign={spec.to_json()}", *nodes,
+        "-c", os.devnull, "--rootdir", str(_TESTS.parent),
         "--import-mode=importlib", "-p", "no:cacheprovider",
         "-q", "--no-header", "-o", "console_output_style=classic",
     ]
@@ -203,7 +210,8 @@ def run_campaign(spec: CampaignSpec, *, progress: bool = True) -> CampaignResult
     folder = Path(spec.folder)
     folder.mkdir(parents=True, exist_ok=True)
     for worker in range(spec.workers):
-        spec.report_path(worker).unlink(missing_ok=True)
+        for final in (True, False):
+            spec.report_path(worker, final=final).unlink(missing_ok=True)
     log_path = folder / "pytest.log"
     start = time.monotonic()
     with log_path.open("w") as log:
@@ -217,7 +225,7 @@ def run_campaign(spec: CampaignSpec, *, progress: bool = True) -> CampaignResult
             proc.wait()
             raise
     wall = time.monotonic() - start
-    reports = tuple(_read_reports(spec))
+    reports = tuple(_read_reports(spec, final=True))
     stats = (
         merge_stats([r.stats for r in reports], parallel=True) if reports else empty_stats(spec)
     )
@@ -263,7 +271,7 @@ def _show_progress(spec: CampaignSpec, proc: subprocess.Popen[bytes], start: flo
             done = 0
             steps = 0
             failures = 0
-            for report in _read_reports(spec):
+            for report in _read_reports(spec, final=False):
                 s = report.stats
                 count = min(int(elapsed), total) if spec.duration else s.examples
                 if report.state != "running":

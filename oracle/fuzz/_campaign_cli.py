@@ -16,6 +16,11 @@ __all__ = ["add_campaign_options", "campaign_main", "check_database"]
 
 _PROG = "pyimago fuzz"
 
+#: Examples per round of a ``--duration`` campaign when ``--examples`` is not given: a round
+#: ends every few minutes even with the ``deep`` profile's long programs, so the campaign
+#: ends close to its time.
+DURATION_ROUND = 25
+
 
 def add_campaign_options(parser: argparse.ArgumentParser) -> None:
     """``--database``, ``--workers``, ``--duration``, ``--campaign-dir``, ``--json``."""
@@ -27,11 +32,15 @@ def add_campaign_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--workers", type=int, default=None, metavar="N",
                        help="run a campaign of N seeded workers through pytest-xdist")
     group.add_argument("--duration", type=float, default=None, metavar="MINUTES",
-                       help="with --workers: each worker runs rounds of --examples until "
-                            "this much time has passed")
+                       help="with --workers: each worker runs rounds of --examples "
+                            f"(default {DURATION_ROUND}) until this much time has passed")
     group.add_argument("--campaign-dir", default=None, metavar="DIR",
                        help="with --workers: where workers' reports, pytest's log and "
                             "summary.json go (default .pyimago-campaign/TIMESTAMP)")
+    group.add_argument("--tx", action="append", default=[], metavar="SPEC",
+                       help="with --workers: run the workers on pytest-xdist gateways "
+                            "(e.g. 2*ssh=host//python=/opt/pyimago/bin/python; repeatable) "
+                            "instead of N local processes")
     group.add_argument("--json", default=None, metavar="FILE",
                        help="with --workers: also write the merged summary to FILE")
 
@@ -67,6 +76,8 @@ def campaign_main(args: argparse.Namespace) -> int:
             return _error(f"--{name} {value}: must be at least 1")
     if args.junit:
         return _error("--junit is for single runs; a campaign writes --json")
+    if args.seed is not None and args.seed < 0:
+        return _error(f"--seed {args.seed}: must not be negative")
     if not check_database(args.database):
         return 2
     paths = [os.path.abspath(p) for p in args.path]
@@ -95,13 +106,14 @@ def campaign_main(args: argparse.Namespace) -> int:
         seed=args.seed if args.seed is not None else new_seed(),
         folder=os.path.abspath(folder),
         profile=args.profile,
-        examples=args.examples,
+        examples=args.examples if args.examples or not args.duration else DURATION_ROUND,
         steps=args.steps,
         database=database,
         failures_dir=os.path.abspath(args.failures_dir) if args.failures_dir else None,
         qemu=not args.no_qemu,
         paths=tuple(paths),
         duration=None if args.duration is None else args.duration * 60.0,
+        tx=tuple(args.tx),
     )
     result = run_campaign(spec, progress=not args.no_progress)
     if args.json:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import pytest
 
-__all__ = ["pytest_addoption", "pytest_generate_tests"]
+__all__ = ["pytest_addoption", "pytest_configure", "pytest_generate_tests"]
 
 OPTION = "--pyimago-campaign"
 FIXTURE = "pyimago_campaign_worker"
+#: The user property a worker's final report travels in, to pytest's controlling process.
+REPORT_PROPERTY = "pyimago_campaign_report"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -20,6 +22,30 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         OPTION, default=None, metavar="JSON",
         help="the campaign every worker runs (written by pyimago fuzz --workers)",
     )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption(OPTION, None) is not None and not hasattr(config, "workerinput"):
+        config.pluginmanager.register(_Collector(config), "pyimago-campaign-collector")
+
+
+class _Collector:
+    """In pytest's controlling process: each worker's final report, from its test report
+    (xdist brings those back from every worker, local or remote), into the campaign folder."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        from ._campaign import CampaignSpec
+
+        self.spec = CampaignSpec.from_json(config.getoption(OPTION))
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when != "call":
+            return
+        from ._campaign import WorkerReport, write_worker_report
+
+        for name, value in report.user_properties:
+            if name == REPORT_PROPERTY and isinstance(value, dict):
+                write_worker_report(self.spec, WorkerReport.from_json(value), final=True)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -21,7 +21,7 @@ from pyimago.oracle.fuzz._campaign import (
     worker_error_text,
     write_worker_report,
 )
-from pyimago.oracle.fuzz._campaign_plugin import OPTION
+from pyimago.oracle.fuzz._campaign_plugin import OPTION, REPORT_PROPERTY
 from pyimago.oracle.fuzz._merge import merge_stats
 
 # Reports are rewritten at most this often while a round runs (and always at its end).
@@ -35,6 +35,12 @@ def test_campaign_worker(pyimago_campaign_worker: int, request: pytest.FixtureRe
         if folder not in sys.path:
             sys.path.insert(0, folder)
     target = load_campaign_target(spec.target)
+    try:
+        os.makedirs(spec.folder, exist_ok=True)
+        progress_files = True
+    except OSError:
+        # A remote worker without the campaign's folder: its final report still arrives.
+        progress_files = False
     done: list[ConformanceStats] = []
     seeds: list[int] = []
     start = time.monotonic()
@@ -43,7 +49,11 @@ def test_campaign_worker(pyimago_campaign_worker: int, request: pytest.FixtureRe
     def report(state: str, current: ConformanceStats | None, error: str | None = None) -> None:
         runs = [*done, *([current] if current is not None else [])]
         stats = merge_stats(runs, parallel=False) if runs else empty_stats(spec)
-        write_worker_report(spec, WorkerReport(worker, tuple(seeds), state, stats, error))
+        entry = WorkerReport(worker, tuple(seeds), state, stats, error)
+        if state != "running":
+            request.node.user_properties.append((REPORT_PROPERTY, entry.to_json()))
+        if progress_files:
+            write_worker_report(spec, entry, final=False)
 
     def tick(stats: ConformanceStats) -> None:
         nonlocal last_write

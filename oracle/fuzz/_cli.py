@@ -108,6 +108,10 @@ def fuzz_main(argv: Sequence[str]) -> int:
     args = _parser().parse_args(list(argv))
     if args.workers is not None:
         return campaign_main(args)
+    if args.tx or args.duration is not None or args.campaign_dir or args.json:
+        print("pyimago fuzz: --tx, --duration, --campaign-dir and --json need --workers N",
+              file=sys.stderr)
+        return 2
     if not check_database(args.database):
         return 2
     for folder in [*reversed(args.path), os.getcwd()]:

@@ -15,6 +15,8 @@ import pytest
 from pyimago.oracle import cli
 from pyimago.oracle.database import open_database, saved_replays
 
+pytest_plugins = ["pytester"]
+
 pytestmark = pytest.mark.clause("access.flush.no-sync", "access.close.flushes")
 
 
@@ -106,3 +108,49 @@ def test_a_directory_database_keeps_a_failure_for_replay(
     # Against the driver it was broken from, the same sequence passes.
     assert cli.main(["replay", "--database", database, "--no-qemu", "--quiet",
                      "--target", "chunkmap:target"]) == 0
+
+
+def test_the_pytest_plugin_saves_to_the_database(
+    pytester: pytest.Pytester, broken_driver: str, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    pytester.makeini("[pytest]\naddopts = -p no:cacheprovider\n")
+    pytester.makepyfile(test_broken=f"""
+        import pytest
+
+        @pytest.mark.pyimago_target({broken_driver!r}, steps=10, qemu_img=None)
+        def test_broken():
+            pass
+    """)
+    database = tmp_path / "plugin-db"
+    # (Run from tmp_path, where broken_driver.py is importable.)
+    result = pytester.runpytest_subprocess(str(pytester.path / "test_broken.py"),
+                                           "--pyimago-profile", "ci",
+                                           "--pyimago-database", str(database))
+    result.assert_outcomes(failed=1)
+    assert "--pyimago-database" in pytester.runpytest_subprocess("--help").stdout.str()
+    # The database has the failure for pyimago replay (a fresh process reading it alone).
+    listed = _pyimago("replay", "--database", str(database), "--list", cwd=tmp_path)
+    assert listed.returncode == 0 and f"1. {broken_driver}" in listed.stdout, listed.stdout
+
+
+@pytest.mark.slow
+def test_a_campaign_on_xdist_gateways_merges_every_worker(tmp_path: Path) -> None:
+    # Three workers on two gateways (the form a multi-host campaign takes with ssh=...
+    # gateways): one gateway runs two workers; every worker's report reaches the summary.
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    ran = _pyimago(
+        "fuzz", "chunkmap:target", "--path", str(examples), "--workers", "3",
+        "--tx", "2*popen", "--profile", "ci", "--examples", "3", "--steps", "6",
+        "--seed", "7", "--no-progress", "--no-qemu", "--campaign-dir", str(tmp_path / "c"),
+        "--json", str(tmp_path / "campaign.json"), "--database", str(tmp_path / "db"),
+        cwd=tmp_path,
+    )
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    summary = json.loads((tmp_path / "campaign.json").read_text())
+    assert summary == json.loads((tmp_path / "c" / "summary.json").read_text())
+    workers = sorted(summary["per_worker"], key=lambda w: w["worker"])
+    assert [w["seeds"] for w in workers] == [[7], [8], [9]]
+    assert all(w["state"] == "passed" and w["stats"]["examples"] >= 3 for w in workers)
+    assert summary["stats"]["examples"] == sum(w["stats"]["examples"] for w in workers)
+    assert "chunkmap conforms" in ran.stdout and "3 workers" in ran.stdout

@@ -121,6 +121,8 @@ def test_replay_records_round_trip_once_per_failure(tmp_path: Path) -> None:
         (["fuzz", "chunkmap:target", "--workers", "2", "--database", "ftp://x"], "ftp://x"),
         (["fuzz", "chunkmap:target", "--database", "ftp://x"], "ftp://x"),
         (["fuzz", "no_such_module_here:t", "--workers", "2"], "cannot load"),
+        (["fuzz", "chunkmap:target", "--tx", "popen"], "need --workers N"),
+        (["fuzz", "chunkmap:target", "--workers", "2", "--seed", "-1"], "--seed -1"),
         (["run", "--database", "ftp://x"], "ftp://x"),
         (["replay"], "name a replay FILE or --database"),
         (["replay", "x.json", "--database", "db"], "name a replay FILE or --database"),
