@@ -178,23 +178,9 @@ def _run(args: argparse.Namespace) -> int:
         except Exception as exc:
             error = exc
     else:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            SpinnerColumn,
-            TextColumn,
-            TimeElapsedColumn,
-        )
+        from ._progress import progress_bar
 
-        with Progress(
-            SpinnerColumn(),
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("{task.fields[detail]}"),
-        ) as progress:
+        with progress_bar() as progress:
             task = progress.add_task(
                 f"oracle vs {target.name}", total=run_settings.max_examples, detail=""
             )

@@ -235,28 +235,14 @@ def run_campaign(spec: CampaignSpec, *, progress: bool = True) -> CampaignResult
 
 
 def _show_progress(spec: CampaignSpec, proc: subprocess.Popen[bytes], start: float) -> None:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        SpinnerColumn,
-        TextColumn,
-        TimeElapsedColumn,
-    )
+    from .._progress import progress_bar
 
     budget = spec.examples
     if budget is None:
         from ._run import conformance_settings
 
         budget = conformance_settings(profile=spec.profile).max_examples
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[detail]}"),
-    ) as bar:
+    with progress_bar() as bar:
         unit = "s" if spec.duration else "examples"
         total = int(spec.duration) if spec.duration else budget
         tasks = [

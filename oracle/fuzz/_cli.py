@@ -151,23 +151,9 @@ def fuzz_main(argv: Sequence[str]) -> int:
         if args.no_progress:
             run()
         else:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                SpinnerColumn,
-                TextColumn,
-                TimeElapsedColumn,
-            )
+            from .._progress import progress_bar
 
-            with Progress(
-                SpinnerColumn(),
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TextColumn("{task.fields[detail]}"),
-            ) as bar:
+            with progress_bar() as bar:
                 task = bar.add_task(f"fuzzing {name}", total=settings.max_examples, detail="")
 
                 def show(stats: ConformanceStats) -> None:
