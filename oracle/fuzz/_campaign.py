@@ -82,6 +82,24 @@ class CampaignSpec:
             raise ValueError(f"worker {worker} is not one of {self.workers}")
         return self.seed + worker + round_ * self.workers
 
+    def next_round(self, elapsed: float, examples: int, seconds: float) -> int | None:
+        """Examples for a worker's next round, after ``examples`` in ``seconds`` of rounds and
+        ``elapsed`` seconds since it started; None when it is done.  A ``--duration``
+        campaign sizes its last rounds to what the time left holds at the pace so far, so
+        that it ends near its time even when one round of the full size would not fit."""
+        if self.duration is None:
+            return None
+        left = self.duration - elapsed
+        size = self.examples or 1
+        if left <= 0:
+            return None
+        if examples == 0 or seconds <= 0:
+            return size
+        per_example = seconds / examples
+        if left < per_example / 2:
+            return None
+        return max(1, min(size, round(left / per_example)))
+
     def report_path(self, worker: int, *, final: bool = True) -> Path:
         """Where ``worker``'s report goes: the final one (written by pytest's controlling
         process from the test report, so that it arrives from remote workers too), or the

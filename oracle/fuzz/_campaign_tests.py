@@ -63,6 +63,7 @@ def test_campaign_worker(pyimago_campaign_worker: int, request: pytest.FixtureRe
             report("running", stats)
 
     round_ = 0
+    examples = spec.examples
     while True:
         seed = spec.seed_of(worker, round_)
         seeds.append(seed)
@@ -76,7 +77,7 @@ def test_campaign_worker(pyimago_campaign_worker: int, request: pytest.FixtureRe
             run_driver_conformance(
                 target,
                 profile=spec.profile,
-                max_examples=spec.examples,
+                max_examples=examples,
                 steps=spec.steps,
                 seed=seed,
                 failures_dir=spec.failures_dir,
@@ -90,6 +91,8 @@ def test_campaign_worker(pyimago_campaign_worker: int, request: pytest.FixtureRe
             raise
         done.extend(final)
         round_ += 1
-        if spec.duration is None or time.monotonic() - start >= spec.duration:
+        so_far = merge_stats(done, parallel=False) if done else empty_stats(spec)
+        examples = spec.next_round(time.monotonic() - start, so_far.examples, so_far.seconds)
+        if examples is None:
             break
     report("passed", None)

@@ -69,6 +69,17 @@ def test_no_two_workers_or_rounds_share_a_seed() -> None:
     assert CampaignSpec.from_json(spec.to_json()) == spec
 
 
+def test_duration_rounds_fit_the_time_left() -> None:
+    once = CampaignSpec(target="t", workers=2, seed=0, folder="f", examples=25)
+    assert once.next_round(1.0, 25, 1.0) is None  # no --duration: one round
+    timed = dataclasses.replace(once, duration=600.0)
+    assert timed.next_round(0.0, 0, 0.0) == 25
+    assert timed.next_round(100.0, 50, 100.0) == 25  # 2 s an example, 500 s left
+    assert timed.next_round(560.0, 280, 560.0) == 20  # 40 s left: 20 examples
+    assert timed.next_round(599.5, 299, 599.0) is None  # less than half an example left
+    assert timed.next_round(600.0, 300, 600.0) is None
+
+
 def test_database_urls(tmp_path: Path) -> None:
     db = open_database(str(tmp_path / "new"))
     assert isinstance(db, DirectoryBasedExampleDatabase) and (tmp_path / "new").is_dir()
