@@ -4,6 +4,7 @@ the command-line side of a campaign: checks up front, progress, the merged summa
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -78,6 +79,10 @@ def campaign_main(args: argparse.Namespace) -> int:
         return _error("--junit is for single runs; a campaign writes --json")
     if args.seed is not None and args.seed < 0:
         return _error(f"--seed {args.seed}: must not be negative")
+    missing = [name for name in ("pytest", "xdist") if importlib.util.find_spec(name) is None]
+    if missing:
+        return _error(f"--workers needs {' and '.join(missing)}; install the 'campaign' extra: "
+                      "pip install 'pyimago[campaign]'")
     if not check_database(args.database):
         return 2
     paths = [os.path.abspath(p) for p in args.path]

@@ -148,8 +148,33 @@ def test_bad_campaign_arguments_are_one_line_exit_2(
     assert says in err and "\n" not in err and "Traceback" not in err
 
 
+def test_workers_without_xdist_name_the_extra(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "xdist", None)  # as if pytest-xdist were not installed
+    assert cli.main(["fuzz", "chunkmap:target", "--workers", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "needs xdist" in err and "pyimago[campaign]" in err and "\n" not in err
+
+
 def test_an_empty_database_lists_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert cli.main(["replay", "--database", str(tmp_path)]) == 0
     assert "0 saved failure(s)" in capsys.readouterr().out
+
+
+def test_pyimago_run_hands_the_database_to_hypothesis(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[object] = []
+
+    def fake_run(machine: object, *, settings: object) -> None:
+        seen.append(getattr(settings, "database", None))
+
+    monkeypatch.setattr(cli, "run_state_machine_as_test", fake_run)
+    database = tmp_path / "db"
+    assert cli.main(["run", "--database", str(database), "--no-progress", "--no-qemu",
+                     "--examples", "1"]) == 0
+    (db,) = seen
+    assert isinstance(db, DirectoryBasedExampleDatabase) and Path(db.path) == database
