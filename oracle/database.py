@@ -34,6 +34,7 @@ __all__ = [
     "DatabaseError",
     "SavedReplay",
     "open_database",
+    "redact",
     "save_replay",
     "save_replay_files",
     "saved_replays",
@@ -53,20 +54,30 @@ class DatabaseError(ValueError):
     """A ``--database`` value that cannot be used (the message names it)."""
 
 
+def redact(url: str) -> str:
+    """``url`` as messages and summaries show it: a redis password replaced by ``***``."""
+    if not url.startswith(_REDIS) or "@" not in url:
+        return url
+    userinfo, rest = url[len(_REDIS):].split("@", 1)
+    user = userinfo.split(":", 1)[0] if ":" in userinfo else ""
+    return f"{_REDIS}{user}:***@{rest}"
+
+
 def _open_redis(url: str) -> ExampleDatabase:
+    shown = redact(url)
     try:
         import redis
         from hypothesis.extra.redis import RedisExampleDatabase
     except ImportError as exc:
         raise DatabaseError(
-            f"--database {url}: redis databases need the redis client; install the "
+            f"--database {shown}: redis databases need the redis client; install the "
             f"'{CAMPAIGN_EXTRA}' extra: pip install 'pyimago[{CAMPAIGN_EXTRA}]'"
         ) from exc
     try:
         client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30)
         client.ping()
     except (ValueError, redis.RedisError) as exc:
-        raise DatabaseError(f"--database {url}: cannot use this redis server: {exc}") from exc
+        raise DatabaseError(f"--database {shown}: cannot use this redis server: {exc}") from exc
     return RedisExampleDatabase(client)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .database import DatabaseError, open_database, saved_replays
+from .database import DatabaseError, open_database, redact, saved_replays
 from .replay import run_replay
 from .targets import resolve_target
 
@@ -34,7 +34,7 @@ def replay_database(
         print(f"pyimago replay: {exc}", file=sys.stderr)
         return 2
     saved = saved_replays(db)
-    print(f"{len(saved)} saved failure(s) in {url}")
+    print(f"{len(saved)} saved failure(s) in {redact(url)}")
     for index, entry in enumerate(saved, 1):
         print(f"  {index}. {entry.describe()}")
     if list_only or not saved:

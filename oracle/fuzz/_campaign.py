@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..database import redact
 from ..targets import ImplementationTarget, resolve_target
 from ._merge import merge_stats, stats_from_json, stats_to_json
 from ._stats import ConformanceStats
@@ -193,7 +194,7 @@ class CampaignResult:
             "workers": self.spec.workers,
             "seed": self.spec.seed,
             "profile": self.spec.profile,
-            "database": self.spec.database,
+            "database": None if self.spec.database is None else redact(self.spec.database),
             "duration": self.spec.duration,
             "wall_seconds": self.wall_seconds,
             "failed": self.failed,

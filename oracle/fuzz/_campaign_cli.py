@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..database import redact
 from ._campaign import SUMMARY_FILE, CampaignResult, CampaignSpec, new_seed, run_campaign
 
 __all__ = ["add_campaign_options", "campaign_main", "check_database"]
@@ -151,7 +152,7 @@ def _report(result: CampaignResult, name: str) -> None:
     table.add_column(style="bold")
     table.add_column()
     table.add_row("wall time", f"{result.wall_seconds:.1f} s")
-    table.add_row("database", spec.database or "none")
+    table.add_row("database", "none" if spec.database is None else redact(spec.database))
     for label, value in result.stats.rows():
         if label == "failures":
             value = f"[red]{value}[/red]" if result.failed else "[green]none[/green]"

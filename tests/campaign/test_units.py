@@ -16,6 +16,7 @@ from pyimago.oracle.database import (
     REPLAYS_KEY,
     DatabaseError,
     open_database,
+    redact,
     save_replay,
     saved_replays,
 )
@@ -95,6 +96,16 @@ def test_database_urls(tmp_path: Path) -> None:
     # Nobody listens on port 1: named, one line.
     with pytest.raises(DatabaseError, match="cannot use this redis server"):
         open_database("redis://127.0.0.1:1/0")
+
+
+def test_redis_passwords_are_not_shown() -> None:
+    assert redact("redis://:s3cret@db:6379/0") == "redis://:***@db:6379/0"
+    assert redact("redis://fuzz:s3cret@db:6379/0") == "redis://fuzz:***@db:6379/0"
+    assert redact("redis://db:6379/0") == "redis://db:6379/0"
+    assert redact("/some/dir") == "/some/dir"
+    with pytest.raises(DatabaseError) as info:
+        open_database("redis://:s3cret@127.0.0.1:1/0")
+    assert "s3cret" not in str(info.value) and "redis://:***@127.0.0.1:1/0" in str(info.value)
 
 
 def test_redis_without_the_extra_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
