@@ -64,14 +64,23 @@ def _free_port() -> int:
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real redis-server on 127.0.0.1 (a free port), stopped at the end: its URL."""
     server = shutil.which("redis-server")
+    try:
+        import redis
+    except ImportError:
+        redis = None
+    missing = []
     if server is None:
-        message = ("redis-server is not installed (Debian package redis-server; "
-                   "./scripts/bootstrap installs it as root)")
+        missing.append("redis-server is not installed (Debian package redis-server; "
+                       "./scripts/bootstrap installs it as root)")
+    if redis is None:
+        missing.append("the redis client is not installed (pip install 'pyimago[campaign]')")
+    if missing:
+        message = "; ".join(missing)
         if _truthy(os.environ.get("CI")):
             pytest.fail(f"{message}: the shared-database tests must run in CI")
         warnings.warn(f"SKIPPING the redis campaign tests: {message}", stacklevel=1)
         pytest.skip(f"SKIPPED LOUDLY: {message}")
-    redis = pytest.importorskip("redis", reason="the 'campaign' extra (redis client) is missing")
+    assert server is not None and redis is not None
     folder = tmp_path_factory.mktemp("redis")
     port = _free_port()
     proc = subprocess.Popen(
