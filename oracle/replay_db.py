@@ -7,14 +7,18 @@ target it names (or ``--target``), as ``pyimago replay FILE`` reruns a file.
 
 from __future__ import annotations
 
-import os
 import sys
 
+from pyimago._args import fail
+
+from ._cli_support import target_error
 from .database import DatabaseError, open_database, redact, saved_replays
 from .replay import run_replay
 from .targets import resolve_target
 
 __all__ = ["replay_database"]
+
+_PROG = "pyimago replay"
 
 
 def replay_database(
@@ -26,31 +30,27 @@ def replay_database(
     quiet: bool = False,
 ) -> int:
     """List the replay records in the database ``url`` and rerun them (unless
-    ``list_only``); the exit status: 1 when one still fails, 2 for a database that cannot be
-    used or a target that cannot be loaded, else 0."""
+    ``list_only``); the exit status: 1 when one still fails, else 0.  A database that cannot
+    be used or a target that cannot be loaded is a one-line error (exit status 2).  The
+    caller puts the folders targets are imported from on ``sys.path``."""
     try:
         db = open_database(url)
     except DatabaseError as exc:
-        print(f"pyimago replay: {exc}", file=sys.stderr)
-        return 2
+        fail(_PROG, str(exc))
     saved = saved_replays(db)
     print(f"{len(saved)} saved failure(s) in {redact(url)}")
     for index, entry in enumerate(saved, 1):
         print(f"  {index}. {entry.describe()}")
     if list_only or not saved:
         return 0
-    if os.getcwd() not in sys.path:
-        # A target named module:attribute (a driver under test) may live in the current folder.
-        sys.path.insert(0, os.getcwd())
     still_failing = 0
     for index, entry in enumerate(saved, 1):
         name = target or entry.replay.target or "reference"
         try:
             impl = resolve_target(name)
         except Exception as exc:
-            print(f"pyimago replay: cannot load {name}: {type(exc).__name__}: {exc}",
-                  file=sys.stderr)
-            return 2
+            fail(_PROG, f"{'--target' if target else f'saved failure {index}: target'} {name}: "
+                        f"{target_error(exc)}")
         result = run_replay(entry.replay, impl, qemu_img=qemu_img)
         if not quiet:
             print(result.log)
@@ -61,7 +61,7 @@ def replay_database(
             print(f"{index}. replay passed against {impl.name} "
                   f"({len(entry.replay.ops)} operations)")
     if still_failing:
-        print(f"pyimago replay: {still_failing} of {len(saved)} saved failure(s) still fail",
+        print(f"{_PROG}: {still_failing} of {len(saved)} saved failure(s) still fail",
               file=sys.stderr)
         return 1
     return 0

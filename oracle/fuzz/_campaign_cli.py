@@ -11,6 +11,9 @@ import sys
 import time
 from pathlib import Path
 
+from pyimago._args import fail, output_dir, output_file, positive_float, positive_int
+
+from .._cli_support import add_import_paths, target_error
 from ..database import redact
 from ._campaign import SUMMARY_FILE, CampaignResult, CampaignSpec, new_seed, run_campaign
 
@@ -31,78 +34,59 @@ def add_campaign_options(parser: argparse.ArgumentParser) -> None:
                        help="example database shared by every run: a directory or "
                             "redis://host:port/N (the 'campaign' extra); its failures are "
                             "replayed first, new ones saved there")
-    group.add_argument("--workers", type=int, default=None, metavar="N",
+    group.add_argument("--workers", type=positive_int, default=None, metavar="N",
                        help="run a campaign of N seeded workers through pytest-xdist")
-    group.add_argument("--duration", type=float, default=None, metavar="MINUTES",
+    group.add_argument("--duration", type=positive_float, default=None, metavar="MINUTES",
                        help="with --workers: each worker runs rounds of --examples "
                             f"(default {DURATION_ROUND}) until this much time has passed")
-    group.add_argument("--campaign-dir", default=None, metavar="DIR",
+    group.add_argument("--campaign-dir", type=output_dir, default=None, metavar="DIR",
                        help="with --workers: where workers' reports, pytest's log and "
                             "summary.json go (default .pyimago-campaign/TIMESTAMP)")
     group.add_argument("--tx", action="append", default=[], metavar="SPEC",
                        help="with --workers: run the workers on pytest-xdist gateways "
                             "(e.g. 2*ssh=host//python=/opt/pyimago/bin/python; repeatable) "
                             "instead of N local processes")
-    group.add_argument("--json", default=None, metavar="FILE",
+    group.add_argument("--json", type=output_file, default=None, metavar="FILE",
                        help="with --workers: also write the merged summary to FILE")
 
 
-def _error(message: str) -> int:
-    print(f"{_PROG}: {message}", file=sys.stderr)
-    return 2
-
-
-def check_database(url: str | None) -> bool:
-    """Whether ``url`` (if any) opens; if not, the one-line error is printed."""
+def check_database(url: str | None) -> None:
+    """Exit with a one-line error (status 2) unless ``url`` (if any) opens."""
     if url is None:
-        return True
+        return
     from ..database import DatabaseError, open_database
 
     try:
         open_database(url)
     except DatabaseError as exc:
-        _error(str(exc))
-        return False
-    return True
+        fail(_PROG, str(exc))
 
 
 def campaign_main(args: argparse.Namespace) -> int:
     """``pyimago fuzz TARGET --workers N ...``; returns the exit status."""
-    if args.workers < 1:
-        return _error(f"--workers {args.workers}: must be at least 1")
-    if args.duration is not None and not args.duration > 0:
-        return _error(f"--duration {args.duration}: must be more than 0 minutes")
-    for name in ("examples", "steps"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            return _error(f"--{name} {value}: must be at least 1")
     if args.junit:
-        return _error("--junit is for single runs; a campaign writes --json")
+        fail(_PROG, "--junit is for single runs; a campaign writes --json")
     if args.seed is not None and args.seed < 0:
-        return _error(f"--seed {args.seed}: must not be negative")
+        fail(_PROG, f"--seed {args.seed}: must not be negative")
     missing = [name for name in ("pytest", "xdist") if importlib.util.find_spec(name) is None]
     if missing:
-        return _error(f"--workers needs {' and '.join(missing)}; install the 'campaign' extra: "
-                      "pip install 'pyimago[campaign]'")
-    if not check_database(args.database):
-        return 2
-    paths = [os.path.abspath(p) for p in args.path]
-    for folder in [*reversed(paths), os.getcwd()]:
-        if folder not in sys.path:
-            sys.path.insert(0, folder)
+        fail(_PROG, f"--workers needs {' and '.join(missing)}; install the 'campaign' extra: "
+                    "pip install 'pyimago[campaign]'")
+    check_database(args.database)
+    paths = add_import_paths(args.path)
     from ._campaign import load_campaign_target
 
     try:
         target = load_campaign_target(args.target)
     except Exception as exc:
-        return _error(f"cannot load {args.target}: {type(exc).__name__}: {exc}")
+        fail(_PROG, f"cannot load {args.target}: {target_error(exc)}")
     folder = args.campaign_dir or os.path.join(
         ".pyimago-campaign", time.strftime("%Y%m%d-%H%M%S")
     )
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        return _error(f"--campaign-dir {folder}: {exc}")
+        fail(_PROG, f"--campaign-dir {folder}: {exc.strerror or exc}")
     database = args.database
     if database is not None and "://" not in database:
         database = os.path.abspath(database)
@@ -128,10 +112,9 @@ def campaign_main(args: argparse.Namespace) -> int:
     if result.failed:
         return 1
     if result.pytest_status != 0 or not result.complete:
-        return _error(
-            f"the campaign's workers did not all finish (pytest exit {result.pytest_status}); "
-            f"see {result.log}"
-        )
+        print(f"{_PROG}: the campaign's workers did not all finish (pytest exit "
+              f"{result.pytest_status}); see {result.log}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -138,7 +138,7 @@ def test_replay_records_round_trip_once_per_failure(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("argv", "says"),
     [
-        (["fuzz", "chunkmap:target", "--workers", "0"], "--workers 0"),
+        (["fuzz", "chunkmap:target", "--workers", "0"], "--workers: must be at least 1"),
         (["fuzz", "chunkmap:target", "--workers", "2", "--duration", "0"], "--duration"),
         (["fuzz", "chunkmap:target", "--workers", "2", "--database", "ftp://x"], "ftp://x"),
         (["fuzz", "chunkmap:target", "--database", "ftp://x"], "ftp://x"),
@@ -146,8 +146,8 @@ def test_replay_records_round_trip_once_per_failure(tmp_path: Path) -> None:
         (["fuzz", "chunkmap:target", "--tx", "popen"], "need --workers N"),
         (["fuzz", "chunkmap:target", "--workers", "2", "--seed", "-1"], "--seed -1"),
         (["run", "--database", "ftp://x"], "ftp://x"),
-        (["replay"], "name a replay FILE or --database"),
-        (["replay", "x.json", "--database", "db"], "name a replay FILE or --database"),
+        (["replay"], "name a replay file or --database"),
+        (["replay", __file__, "--database", "db"], "name a replay file or --database"),
         (["replay", "--database", "ftp://x"], "ftp://x"),
     ],
 )
