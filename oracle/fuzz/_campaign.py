@@ -275,6 +275,7 @@ def _show_progress(spec: CampaignSpec, proc: subprocess.Popen[bytes], start: flo
             elapsed = time.monotonic() - start
             done = 0
             steps = 0
+            cuts = 0
             failures = 0
             for report in _read_reports(spec, final=False):
                 s = report.stats
@@ -283,6 +284,7 @@ def _show_progress(spec: CampaignSpec, proc: subprocess.Popen[bytes], start: flo
                     count = total
                 done += count
                 steps += s.steps
+                cuts += s.crash_states
                 failures += s.failures
                 bar.update(
                     tasks[report.worker],
@@ -292,7 +294,7 @@ def _show_progress(spec: CampaignSpec, proc: subprocess.Popen[bytes], start: flo
                 )
             bar.update(overall, completed=done,
                        detail=f"{steps:,} steps, {steps / max(elapsed, 1e-9):,.0f}/s, "
-                              f"{failures} failures")
+                              f"{cuts:,} cut states, {failures} failures")
             if not running:
                 break
             time.sleep(0.5)
