@@ -20,7 +20,6 @@ import random
 import subprocess
 import sys
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -301,8 +300,11 @@ def _show_progress(spec: CampaignSpec, proc: subprocess.Popen[bytes], start: flo
 
 
 def worker_error_text(error: BaseException) -> str:
-    """How a worker's failure is kept in its report (with Hypothesis's notes)."""
-    return "".join(traceback.format_exception(error))
+    """How a worker's failure is kept in its report: as ``pyimago fuzz`` prints a failure
+    (the exception with Hypothesis's shrunk program, the oracle's log, the replay file)."""
+    from .._cli_support import format_failure
+
+    return format_failure(error)
 
 
 def new_seed() -> int:
