@@ -7,6 +7,7 @@ from typing import Any, Protocol
 
 from pyimago.reference._errors import (
     CorruptImageError,
+    ImageNotFoundError,
     InvalidRequestError,
     UnsupportedFeatureError,
 )
@@ -100,7 +101,10 @@ def _open(
     path: str | None
     if isinstance(target, (str, os.PathLike)):
         path = os.fspath(target)
-        storage: Storage = FastFileStorage(path, writable=writable, use_mmap=cache[2])
+        try:
+            storage: Storage = FastFileStorage(path, writable=writable, use_mmap=cache[2])
+        except FileNotFoundError as exc:
+            raise ImageNotFoundError(f"image file {path!r} not found", filename=path) from exc
         owned = True
     elif not hasattr(target, "readinto") or not hasattr(target, "size"):
         raise InvalidRequestError(f"open_image: not a path or Storage: {target!r}")
@@ -168,5 +172,9 @@ def _open_backing(
         gate.check(bpath, format=bfmt, writable=False, referrer=str(layer))
     try:
         return _open(bpath, False, bfmt, gate, AUTO, cache, seen)
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(exc.errno, f"backing file of {overlay} not found", bpath) from exc
+    except ImageNotFoundError as exc:
+        if exc.filename != bpath:
+            raise
+        raise ImageNotFoundError(
+            f"backing file {bpath!r} of {overlay} not found", filename=bpath
+        ) from exc
