@@ -1,4 +1,7 @@
-"""``pyimago``: run the oracle's machines, and replay recorded failures.
+"""``pyimago run`` and ``pyimago replay``: the oracle's machines, and recorded failures.
+
+The ``pyimago`` command itself is :mod:`pyimago.cli` (a table of subcommands); these are two
+of its rows.  Arguments are checked before any work starts (one-line errors, exit 2).
 
 ``pyimago run``
     Runs the state machines against an implementation (the reference by default) for a
@@ -10,9 +13,6 @@
     Runs a replay file's sequence again (against the target it names, or ``--target``),
     prints the operation log and exits 1 if it still fails.  ``pyimago replay --database
     URL`` lists the failures saved in a campaign's example database and reruns them.
-``pyimago fuzz module:target``
-    Fuzzes a third party's format driver (a ``DriverTarget``) against the oracle; see
-    :mod:`pyimago.oracle.fuzz`.
 """
 
 from __future__ import annotations

@@ -75,6 +75,7 @@ CALLS: list[tuple[list[str], str]] = [
     (["run", "--path", "nowhere"], "nowhere"),
     (["run", "--bogus"], "--bogus"),
     (["run", "stray"], "stray"),
+    (["run", "--database", "afile"], "afile"),
     # replay
     (["replay"], "file"),
     (["replay", "missing.json"], "missing.json"),
@@ -95,6 +96,8 @@ CALLS: list[tuple[list[str], str]] = [
      "pyimago_cli_no_such_module"),
     (["replay", "good.json", "--target", "pyimago_cli_nottarget:x"], "pyimago_cli_nottarget:x"),
     (["replay", "good.json", "--path", "nowhere"], "nowhere"),
+    (["replay", "--database", "afile"], "afile"),
+    (["replay", "good.json", "--database", "adir"], "one of them"),
     # fuzz
     (["fuzz"], "target"),
     (["fuzz", "chunkmap"], "'chunkmap'"),
@@ -111,6 +114,12 @@ CALLS: list[tuple[list[str], str]] = [
     (["fuzz", "chunkmap:target", "--profile", "nope"], "'nope'"),
     (["fuzz", "chunkmap:target", "--failures-dir", "afile"], "afile"),
     (["fuzz", "chunkmap:target", "--path", "nowhere"], "nowhere"),
+    (["fuzz", "chunkmap:target", "--workers", "0"], "'0'"),
+    (["fuzz", "chunkmap:target", "--workers", "2", "--duration", "-1"], "'-1'"),
+    (["fuzz", "chunkmap:target", "--database", "afile"], "afile"),
+    (["fuzz", "chunkmap:target", "--database", "ftp://x"], "ftp://x"),
+    (["fuzz", "chunkmap:target", "--workers", "2", "--json", "nodir/s.json"], "nodir/s.json"),
+    (["fuzz", "chunkmap:target", "--workers", "2", "--junit", "j.xml"], "--junit"),
     # conformance
     (["conformance", "--impl", "pyimago_cli_no_such_module"], "pyimago_cli_no_such_module"),
     (["conformance", "--impl", "pyimago_cli_nottarget"], "pyimago_cli_nottarget"),
