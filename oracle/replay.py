@@ -116,6 +116,7 @@ def run_replay(
 ) -> ReplayResult:
     """Run a replay against ``target``; failures come back in the result, not raised."""
     session = Session(target, replay.chain, stats=stats, qemu_img=qemu_img, build=False)
+    session.full_checks = True  # the exact check after every step: the earliest report
     error: BaseException | None = None
     try:
         session.build()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import itertools
 import os
 import shutil
 import subprocess
@@ -29,7 +30,7 @@ from pyimago.reference import (
     PreallocateMode,
 )
 
-from ._check import OracleFailure, check_image, content_failure
+from ._check import OracleFailure, check_image, check_small_mapping, content_failure
 from ._power import PowerCutFailure, PowerCuts
 from .crash import CutJudge, qemu_judge, reference_judge
 from .model import FlatModel, LayerTraits, first_mismatch
@@ -79,13 +80,25 @@ _OP_CLAUSES: dict[OpKind, tuple[str, ...]] = {
     OpKind.REOPEN: ("access.close.flushes",),
     OpKind.READ_PARALLEL: ("access.parallel.same-result",),
     OpKind.WRITE_PARALLEL: ("access.parallel.same-result",),
+    OpKind.READINTO: ("access.read.no-short",),
+    OpKind.READV: ("access.read.no-short",),
+    OpKind.WRITEV: ("access.write.no-short",),
+    OpKind.ENSURE_DATA_MAPPING: ("access.cow.partial-cluster",),
+    OpKind.GET_MAPPING: ("access.mapping.tiling", "access.mapping.eof-top-only"),
     OpKind.SYNC: ("crash.power-cut",),
     OpKind.POWER_CUT: ("crash.power-cut",),
 }
 
 # Operations that change neither the image nor its storage: no crash timeline point.
 _PASSIVE = frozenset({OpKind.READ, OpKind.READ_PARALLEL, OpKind.WRITE_PARALLEL,
-                      OpKind.POWER_CUT, OpKind.WRITE_PAST_END})
+                      OpKind.POWER_CUT, OpKind.WRITE_PAST_END, OpKind.READINTO, OpKind.READV,
+                      OpKind.GET_MAPPING})
+
+# After these the whole disk is checked; after the others, the range they touched and a
+# rotating slice (the whole disk is checked again at reopen and teardown).
+_FULL_CHECK = frozenset({OpKind.RESIZE, OpKind.REOPEN, OpKind.INVALIDATE, OpKind.SWEEP})
+#: The rotating slice: this fraction of the disk after every operation.
+_SLICE_FRACTION = 8
 
 
 def op_clauses(op: Op, old_size: int) -> tuple[str, ...]:
@@ -257,6 +270,9 @@ class Session:
         self._differential = bool(getattr(target, "differential", False))
         self._touched: set[int] = set()
         self._recording = False
+        self._slice = 0
+        self.full_checks = False
+        """Check the whole disk after every operation (replays do: exact, not fast)."""
         self.power: PowerCuts | None = None
         """Power-cut recording of the top layer (targets that are ``crash_safe``)."""
         if getattr(target, "crash_safe", False):
@@ -421,8 +437,9 @@ class Session:
         self._recording = True
         self.access = self._open_layer(self.top_index, writable=True)
 
-    def check_power_cuts(self) -> int:
-        """Check the cut states since the last check (see :class:`PowerCuts`)."""
+    def check_power_cuts(self, *, final: bool = False) -> int:
+        """Check the cut states since the last check (see :class:`PowerCuts`); ``final``:
+        the teardown check (more cuts judged, the lower layers compared)."""
         power = self.power
         if power is None or power.rec is None:
             return 0
@@ -438,7 +455,7 @@ class Session:
                                         l2_cache_tables=cache)
 
             before = power.stats.states, power.stats.judged, power.stats.leaks
-            checked = power.check(open_cut, step=self.step)
+            checked = power.check(open_cut, step=self.step, final=final)
         except PowerCutFailure as failure:
             raise OracleFailure(str(failure), clauses=failure.clauses) from failure
         finally:
@@ -498,7 +515,7 @@ class Session:
             self._run(self.access, self.model, op, self.top_index)
             self.stats.steps += 1
             self.stats.ops[op.kind.value + (" (unsupported)" if unsupported else "")] += 1
-            self.stats.bytes_compared += check_image(self.access, self.model, what="top")
+            self._check_after(op, old_size)
             if self.power is not None and op.kind not in _PASSIVE:
                 self.power.point(self.model, op.describe(), durable=op.kind is OpKind.SYNC,
                                  unspecified=_cut_unspecified(op, old_size))
@@ -509,6 +526,27 @@ class Session:
             extra = [c for c in op_clauses(op, old_size) if c not in failure.clauses]
             failure.clauses = (*failure.clauses, *extra)
             raise
+
+    def _check_after(self, op: Op, old_size: int) -> None:
+        """The incremental check: the whole disk after a resize, reopen, cache drop or
+        sweep (or when ``full_checks`` is set); else the units the operation touched, one
+        unit either side, plus a slice of the disk that rotates from step to step."""
+        model = self.model
+        size = model.size
+        if self.full_checks or op.kind in _FULL_CHECK or size != old_size or size == 0:
+            self.stats.bytes_compared += check_image(self.access, model, what="top")
+            return
+        g = model.granularity
+        if op.kind in RANGED and op.offset < size:
+            start = max(op.offset - g, 0)
+            end = min(op.offset + max(op.length, 1) + g, size)
+            self.stats.bytes_compared += check_image(self.access, model, what="top",
+                                                     start=start, end=end)
+        piece = max(-(-size // _SLICE_FRACTION), g)
+        at = self._slice % size
+        self._slice = at + piece
+        self.stats.bytes_compared += check_image(self.access, model, what="top",
+                                                 start=at, end=at + piece)
 
     def _apply_shadow(self, op: Op) -> None:
         assert self.shadow is not None
@@ -584,19 +622,7 @@ class Session:
         if reason is not None:
             self._expect_unsupported(access, op, reason)
         elif kind is OpKind.READ:
-            actual = access.read(off, length)
-            if len(actual) != length:
-                raise OracleFailure(
-                    f"read of 0x{length:x} bytes at 0x{off:x} returned 0x{len(actual):x}",
-                    offset=off,
-                )
-            expected, known = model.read(off, length)
-            bad = first_mismatch(actual, expected, known)
-            if bad is not None:
-                raise OracleFailure(
-                    content_failure("read", off, bad, actual, expected), offset=off + bad
-                )
-            self.stats.bytes_compared += length
+            self._compare_read(model, off, length, access.read(off, length), "read")
         elif kind is OpKind.WRITE:
             data = pattern(step, off, length)
             access.write(data, off)
@@ -641,6 +667,25 @@ class Session:
         elif kind is OpKind.WRITE_PARALLEL:
             access.set_write_parallelization(op.value)
             self.write_parallelization = op.value
+        elif kind in (OpKind.READINTO, OpKind.READV):
+            buffers = [bytearray(n) for n in op.buffers]
+            if kind is OpKind.READINTO:
+                access.readinto(buffers[0], off)
+            else:
+                access.readv(buffers, off)
+            self._compare_read(model, off, length, b"".join(buffers), kind.value)
+        elif kind is OpKind.WRITEV:
+            data = pattern(step, off, length)
+            view = memoryview(data)
+            cuts = [0]
+            for n in op.buffers:
+                cuts.append(cuts[-1] + n)
+            access.writev([view[a:b] for a, b in itertools.pairwise(cuts)], off)
+            model.write(off, data)
+        elif kind is OpKind.ENSURE_DATA_MAPPING:
+            self._ensure_and_write(access, model, op, step)
+        elif kind is OpKind.GET_MAPPING:
+            check_small_mapping(access, model, off, length)
         elif kind is OpKind.SYNC:
             access.flush()
             access.sync()
@@ -648,6 +693,40 @@ class Session:
             self.check_power_cuts()
         else:  # pragma: no cover - every kind is handled above
             raise AssertionError(f"unhandled operation {kind}")
+
+    def _compare_read(
+        self, model: FlatModel, off: int, length: int, actual: bytes, call: str
+    ) -> None:
+        if len(actual) != length:
+            raise OracleFailure(
+                f"{call} of 0x{length:x} bytes at 0x{off:x} returned 0x{len(actual):x}",
+                offset=off,
+            )
+        expected, known = model.read(off, length)
+        bad = first_mismatch(actual, expected, known)
+        if bad is not None:
+            raise OracleFailure(
+                content_failure(call, off, bad, actual, expected), offset=off + bad
+            )
+        self.stats.bytes_compared += length
+
+    def _ensure_and_write(self, access: Access, model: FlatModel, op: Op, step: int) -> None:
+        """``ensure_data_mapping``, then the guest data written straight to the storage it
+        returned: what a caller doing its own I/O (a block job, an NBD server) does."""
+        overwrite = op.mode != "keep"
+        storage, host, mapped = access.ensure_data_mapping(op.offset, op.length, overwrite)
+        if not 0 < mapped <= op.length:
+            raise OracleFailure(
+                f"ensure_data_mapping(0x{op.offset:x}, 0x{op.length:x}) mapped 0x{mapped:x} "
+                "bytes: it maps 1..length bytes",
+                offset=op.offset,
+                clauses=("access.mapping.tiling",),
+            )
+        # Keeping: write only the first half, so the rest must still read what it did.
+        n = mapped if overwrite else max(1, mapped // 2)
+        data = pattern(step, op.offset, n)
+        storage.write(data, host)
+        model.write(op.offset, data)
 
     def _past_end(self, access: Access, model: FlatModel, op: Op, step: int) -> None:
         name = op.mode or "write"
@@ -701,11 +780,14 @@ class Session:
             per_table = max(self.model.granularity // 8, 1)
             self.stats.l2_tables_touched += len({unit // per_table for unit in self._touched})
         try:
+            if verify and self.access is not None and not getattr(self.access, "closed", False):
+                self.stats.bytes_compared += check_image(self.access, self.model,
+                                                         what="top at teardown")
             self._close_all()
             if self.power is not None:
                 self.power.point(self.model, "close")
                 if verify:
-                    self.check_power_cuts()
+                    self.check_power_cuts(final=True)
             if verify and self._differential:
                 self.reference_check("at teardown")
             if verify and self.workdir is not None and self._qemu_img:

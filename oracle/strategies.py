@@ -9,6 +9,7 @@ step stays cheap.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 from hypothesis import strategies as st
@@ -25,11 +26,14 @@ __all__ = [
     "chain_specs",
     "disk_sizes",
     "grow_ops",
+    "mapping_lengths",
     "max_disk_size",
     "modify_ranges",
     "past_end_ops",
     "read_ranges",
     "shrink_ops",
+    "split_buffers",
+    "straddle_ranges",
     "sweep_ops",
 ]
 
@@ -190,6 +194,43 @@ def read_ranges(geo: Geometry) -> st.SearchStrategy[tuple[int, int]]:
 def modify_ranges(geo: Geometry) -> st.SearchStrategy[tuple[int, int]]:
     """Ranges inside the disk, for writes, zeroing and discards."""
     return _range(geo, True)
+
+
+@st.composite
+def split_buffers(draw: st.DrawFn, length: int) -> str:
+    """``length`` bytes split into 2..4 buffers of odd sizes, as ``Op.mode`` lists them."""
+    parts = min(draw(st.integers(2, 4)), length)
+    if parts <= 1:
+        return str(length)
+    cuts = draw(st.lists(st.integers(1, length - 1), min_size=parts - 1, max_size=parts - 1,
+                         unique=True))
+    bounds = [0, *sorted(cuts), length]
+    return ",".join(str(b - a) for a, b in itertools.pairwise(bounds))
+
+
+@st.composite
+def straddle_ranges(draw: st.DrawFn, geo: Geometry) -> tuple[int, int]:
+    """Ranges inside the disk across an L2-table boundary or ending at the disk end: where
+    an operation's work is split between two tables, or clipped by the disk's end."""
+    size, g = geo.size, geo.granularity
+    tables = size // geo.l2_span
+    if tables and draw(st.booleans()):
+        boundary = draw(st.integers(1, tables)) * geo.l2_span
+        before = draw(st.one_of(st.integers(1, 2 * g), st.sampled_from((g, 1, _SECTOR))))
+        after = draw(st.one_of(st.integers(1, 2 * g), st.sampled_from((g, 1, _SECTOR))))
+        offset = max(boundary - before, 0)
+        end = min(boundary + after, size)
+    else:
+        back = draw(st.one_of(st.integers(1, 3 * g), st.sampled_from((g, 1, _SECTOR, g + 1))))
+        offset, end = max(size - back, 0), size
+    return offset, max(min(end - offset, _MAX_OP_LENGTH), 1)
+
+
+def mapping_lengths(geo: Geometry) -> st.SearchStrategy[int]:
+    """Small ``max_length`` values for ``get_mapping``: a byte, a sector, a unit and around."""
+    g = geo.granularity
+    return st.one_of(st.sampled_from((1, 2, _SECTOR - 1, _SECTOR, g - 1, g, g + 1)),
+                     st.integers(1, 3 * g))
 
 
 PAST_END_NAMES = (
