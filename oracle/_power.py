@@ -21,6 +21,7 @@ from typing import Any
 from pyimago.reference import MemoryStorage
 
 from .crash import (
+    SECTOR,
     CrashTimeline,
     CutJudge,
     RecordingStorage,
@@ -91,8 +92,11 @@ class PowerCuts:
                extra: tuple[tuple[int, int], ...] = ()) -> TimelinePoint:
         assert self.rec is not None
         content, known = model.read(0, model.size)
+        # Sector-widened: the rule judges whole sectors.
+        wide = tuple((a - a % SECTOR, -(-(a + n) // SECTOR) * SECTOR - (a - a % SECTOR))
+                     for a, n in extra)
         return TimelinePoint(self.rec.mutations, content, durable,
-                             unknown_ranges(known) + extra, label)
+                             unknown_ranges(known) + wide, label)
 
     def point(self, model: FlatModel, label: str, *, durable: bool = False,
               unspecified: tuple[tuple[int, int], ...] = ()) -> None:

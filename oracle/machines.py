@@ -271,6 +271,16 @@ def make_machine(
                 self._apply(Op(OpKind.RESIZE, value=new, mode=PreallocateMode.NONE.value))
                 self._apply(Op(OpKind.RESIZE, value=size, mode=PreallocateMode.ZERO.value))
 
+        @precondition(lambda self: self.session is not None
+                      and self.session.chain.top.format == "qcow2"
+                      and 0 < self.session.model.size <= 3 << 20)
+        @rule()
+        def fill_disk(self) -> None:
+            # Every cluster at once: refcount blocks fill up and are added (narrow clusters,
+            # wide refcounts), and on the large chains the refcount table has to grow.
+            assert self.session is not None
+            self._apply(Op(OpKind.WRITE, 0, self.session.model.size))
+
         @rule()
         def sync(self) -> None:
             self._apply(Op(OpKind.SYNC))

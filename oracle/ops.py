@@ -176,12 +176,17 @@ class LayerSpec:
     compat: str = "1.1"
     preallocation: str = "off"
     build: tuple[Op, ...] = field(default_factory=tuple)
+    refcount_bits: int = 16
+    """qcow2 v3 refcount width (1..64 bits): narrow ones pack several refcounts per byte and
+    fill refcount blocks fast (more blocks, a refcount table that must grow)."""
 
     def describe(self) -> str:
         if self.format == "raw":
             return f"raw {self.size:#x} bytes"
         version = "v3" if self.compat != "0.10" else "v2"
         extra = f", preallocation={self.preallocation}" if self.preallocation != "off" else ""
+        if self.refcount_bits != 16:
+            extra += f", refcount_bits={self.refcount_bits}"
         return f"qcow2 {version} {self.size:#x} bytes, {self.cluster_size} B clusters{extra}"
 
     def to_json(self) -> dict[str, Any]:
@@ -192,6 +197,7 @@ class LayerSpec:
             "compat": self.compat,
             "preallocation": self.preallocation,
             "build": [op.to_json() for op in self.build],
+            "refcount_bits": self.refcount_bits,
         }
 
     @classmethod
@@ -203,6 +209,7 @@ class LayerSpec:
             str(obj.get("compat", "1.1")),
             str(obj.get("preallocation", "off")),
             tuple(Op.from_json(o) for o in obj.get("build", ())),
+            int(obj.get("refcount_bits", 16)),
         )
 
 

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import io
 import itertools
+import json
 import os
 import shutil
 import subprocess
@@ -32,6 +33,7 @@ from pyimago.reference import (
 
 from ._check import OracleFailure, check_image, check_small_mapping, content_failure
 from ._power import PowerCutFailure, PowerCuts
+from ._probe import RefcountLayout, refcount_layout
 from .crash import CutJudge, qemu_judge, reference_judge
 from .model import FlatModel, LayerTraits, first_mismatch
 from .ops import RANGED, ChainSpec, LayerSpec, Op, OpKind, pattern
@@ -159,6 +161,60 @@ class RunStats:
     """Of those, the ones ``qemu-img check`` (or the reference's ``check()``) judged."""
     crash_leaks: int = 0
     """Leaked clusters the judge counted in cut states (allowed, counted)."""
+    refcount_widths: Counter[int] = field(default_factory=Counter)
+    """Chains by the refcount width (bits) of their qcow2 top layer."""
+    refcount_blocks_added: int = 0
+    """Refcount blocks the top layers gained during sessions (read from their headers)."""
+    refcount_tables_moved: int = 0
+    """Sessions whose top layer's refcount table moved (it grew)."""
+    l2_crossings: int = 0
+    """Operations on a qcow2 top whose range crossed an L2-table boundary."""
+    compressed_reads: int = 0
+    """Compressed clusters (of any layer) that reads and partial writes went over."""
+    parallel_jobs: int = 0
+    """Operations run with parallelization > 1 over two or more allocation units (jobs)."""
+    chains: set[str] = field(default_factory=set)
+    """The distinct chains built (their JSON), for the diversity figure."""
+
+    def path_rows(self) -> list[tuple[str, str]]:
+        """``(label, value)`` rows of the paths a run took, for the run and fuzz summaries."""
+        widths = ", ".join(f"{b}: {n}" for b, n in sorted(self.refcount_widths.items()))
+        distinct = len(self.chains)
+        share = f" ({distinct / self.examples:.0%} of examples)" if self.examples else ""
+        return [
+            ("calls by API", ", ".join(f"{k} {v}" for k, v in sorted(self.ops.items()))
+             or "none"),
+            ("crash states checked", f"{self.crash_states:,} in {self.crash_checks:,} checks "
+                                     f"({self.crash_judged:,} judged, {self.crash_leaks:,} "
+                                     "leaked clusters)"),
+            ("refcount widths", widths or "none"),
+            ("refcount blocks added", f"{self.refcount_blocks_added:,} "
+                                      f"({self.refcount_tables_moved:,} tables moved)"),
+            ("L2-boundary crossings", f"{self.l2_crossings:,}"),
+            ("compressed clusters read", f"{self.compressed_reads:,}"),
+            ("parallel jobs", f"{self.parallel_jobs:,} operations with 2+ jobs"),
+            ("distinct chains", f"{distinct:,}{share}"),
+        ]
+
+    def coverage_warnings(self) -> list[str]:
+        """Paths this run never took: each one is a warning in the run's summary."""
+        from .ops import OpKind as Kind
+
+        hit = {name.split(" ")[0] for name in self.ops}
+        skip = {Kind.WRITE_PAST_END.value, Kind.SWEEP.value}
+        missing = [f"no {k.value} call" for k in Kind if k.value not in hit | skip]
+        figures = {
+            "no crash state checked": self.crash_states,
+            "no refcount block added": self.refcount_blocks_added,
+            "no L2-boundary crossing": self.l2_crossings,
+            "no compressed cluster read": self.compressed_reads,
+            "no parallel job run": self.parallel_jobs,
+        }
+        missing += [what for what, n in figures.items() if not n]
+        widths = [b for b in (1, 2, 4, 8, 16, 32, 64) if not self.refcount_widths[b]]
+        if widths:
+            missing.append("no chain with refcount_bits " + ", ".join(map(str, widths)))
+        return missing
 
     def example_done(self) -> None:
         self.examples += 1
@@ -212,9 +268,13 @@ def _file_reader(path: str) -> Callable[[], bytes]:
 
 def _cut_unspecified(op: Op, old_size: int) -> tuple[tuple[int, int], ...]:
     """What a cut during ``op`` may leave unspecified beyond what the model leaves unknown:
-    a shrink's cut-off tail, until the new size is on storage."""
+    a shrink's cut-off tail, until the new size is on storage; the range of an
+    ``ensure_data_mapping`` told the data will be overwritten (the mapping may reach storage
+    before the caller's data does: the driver cannot order a write it does not make)."""
     if op.kind is OpKind.RESIZE and op.value < old_size:
         return ((op.value, old_size - op.value),)
+    if op.kind is OpKind.ENSURE_DATA_MAPPING and op.mode != "keep":
+        return ((op.offset, op.length),)
     return ()
 
 
@@ -269,6 +329,8 @@ class Session:
         """With a differential target: the same sequence on the reference, in memory."""
         self._differential = bool(getattr(target, "differential", False))
         self._touched: set[int] = set()
+        self._refcounts_at_start: RefcountLayout | None = None
+        self._compressed: list[tuple[int, int]] = []
         self._recording = False
         self._slice = 0
         self.full_checks = False
@@ -334,6 +396,8 @@ class Session:
         if spec.format != "raw":
             options["cluster_size"] = spec.cluster_size
             options["compat"] = spec.compat
+            if spec.refcount_bits != 16 and spec.format == "qcow2":
+                options["refcount_bits"] = spec.refcount_bits
             if index > 0:
                 options["backing_file"] = self._layer_name(index - 1)
                 options["backing_fmt"] = self.chain.layers[index - 1].format
@@ -422,6 +486,31 @@ class Session:
             self._start_recording()
         self.stats.bytes_compared += check_image(self.access, self.model, what="top")
         self.stats.granularities[self.model.granularity] += 1
+        top = self.chain.top
+        if top.format == "qcow2":
+            self.stats.refcount_widths[top.refcount_bits] += 1
+        self.stats.chains.add(json.dumps(self.chain.to_json(), sort_keys=True))
+        self._refcounts_at_start = self._top_refcounts()
+        self._compressed = [
+            (op.offset, op.offset + op.length)
+            for layer in self.chain.layers if layer.format == "qcow2"
+            for op in layer.build if op.kind is OpKind.WRITE and op.mode == "compressed"
+        ]
+
+    def _top_refcounts(self) -> RefcountLayout | None:
+        """The top layer's refcount layout as its bytes say (qcow2 tops only)."""
+        if self.chain.top.format != "qcow2":
+            return None
+        location = self.layer_location(self.top_index)
+        try:
+            if isinstance(location, MemoryStorage):
+                data = location.snapshot()
+            else:
+                with open(location, "rb") as f:
+                    data = f.read()
+        except OSError:
+            return None
+        return refcount_layout(data)
 
     def _start_recording(self) -> None:
         """Reopen the built top through a recording storage; fingerprint the layers below."""
@@ -516,6 +605,7 @@ class Session:
             self.stats.steps += 1
             self.stats.ops[op.kind.value + (" (unsupported)" if unsupported else "")] += 1
             self._check_after(op, old_size)
+            self._count(op)
             if self.power is not None and op.kind not in _PASSIVE:
                 self.power.point(self.model, op.describe(), durable=op.kind is OpKind.SYNC,
                                  unspecified=_cut_unspecified(op, old_size))
@@ -526,6 +616,27 @@ class Session:
             extra = [c for c in op_clauses(op, old_size) if c not in failure.clauses]
             failure.clauses = (*failure.clauses, *extra)
             raise
+
+    def _count(self, op: Op) -> None:
+        """The path counters of one applied operation (see ``RunStats``)."""
+        if op.kind not in RANGED or op.kind is OpKind.WRITE_PAST_END or op.length <= 0:
+            return
+        g = self.model.granularity
+        start, end = op.offset, op.offset + op.length
+        if self.chain.top.format == "qcow2" and op.kind is not OpKind.GET_MAPPING:
+            span = g * (g // 8)
+            if start // span != (end - 1) // span:
+                self.stats.l2_crossings += 1
+        reads = op.kind in (OpKind.READ, OpKind.READINTO, OpKind.READV)
+        if reads or op.kind in (OpKind.WRITE, OpKind.WRITEV, OpKind.ENSURE_DATA_MAPPING):
+            for a, b in self._compressed:
+                if a < end and start < b:
+                    # Reads go through them; writes copy-on-write from the partial clusters.
+                    over = min(b, end) - max(a, start)
+                    self.stats.compressed_reads += max(1, -(-over // g)) if reads else 1
+        n = self.read_parallelization if reads else self.write_parallelization
+        if n > 1 and op.kind is not OpKind.GET_MAPPING and (end - 1) // g > start // g:
+            self.stats.parallel_jobs += 1
 
     def _check_after(self, op: Op, old_size: int) -> None:
         """The incremental check: the whole disk after a resize, reopen, cache drop or
@@ -714,6 +825,10 @@ class Session:
         """``ensure_data_mapping``, then the guest data written straight to the storage it
         returned: what a caller doing its own I/O (a block job, an NBD server) does."""
         overwrite = op.mode != "keep"
+        # Keeping: what the range reads now must still read so where we do not write.
+        before = b"" if overwrite else bytes(access.read(op.offset, op.length))
+        if before:
+            self._compare_read(model, op.offset, op.length, before, "read before ensure")
         storage, host, mapped = access.ensure_data_mapping(op.offset, op.length, overwrite)
         if not 0 < mapped <= op.length:
             raise OracleFailure(
@@ -726,7 +841,8 @@ class Session:
         n = mapped if overwrite else max(1, mapped // 2)
         data = pattern(step, op.offset, n)
         storage.write(data, host)
-        model.write(op.offset, data)
+        # The whole mapped range is now this layer's data: ours, then what it read before.
+        model.write(op.offset, data + before[n:mapped])
 
     def _past_end(self, access: Access, model: FlatModel, op: Op, step: int) -> None:
         name = op.mode or "write"
@@ -784,6 +900,7 @@ class Session:
                 self.stats.bytes_compared += check_image(self.access, self.model,
                                                          what="top at teardown")
             self._close_all()
+            self._count_refcounts()
             if self.power is not None:
                 self.power.point(self.model, "close")
                 if verify:
@@ -797,6 +914,13 @@ class Session:
             if self.shadow is not None:
                 with contextlib.suppress(Exception):
                     self.shadow.close(verify=False)
+
+    def _count_refcounts(self) -> None:
+        before, after = self._refcounts_at_start, self._top_refcounts()
+        if before is None or after is None:
+            return
+        self.stats.refcount_blocks_added += max(after.blocks - before.blocks, 0)
+        self.stats.refcount_tables_moved += after.table_offset != before.table_offset
 
     def reference_check(self, when: str) -> None:
         """Read the (closed) chain back with ``pyimago.reference``; check it against the model.

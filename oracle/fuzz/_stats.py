@@ -47,6 +47,10 @@ class ConformanceStats:
     preflight_checks: int
     failures: int
     replay_files: tuple[str, ...]
+    paths: tuple[tuple[str, str], ...] = ()
+    """The paths the run took (crash states, refcount widths, ...: ``RunStats.path_rows``)."""
+    warnings: tuple[str, ...] = ()
+    """Paths the run never took (``RunStats.coverage_warnings``)."""
 
     @classmethod
     def from_run(
@@ -73,6 +77,8 @@ class ConformanceStats:
             preflight_checks=preflight_checks,
             failures=stats.failures,
             replay_files=tuple(stats.replay_files),
+            paths=tuple(stats.path_rows()),
+            warnings=tuple(stats.coverage_warnings()),
         )
 
     def op_count(self, kind: str) -> int:
@@ -101,8 +107,10 @@ class ConformanceStats:
             ("qemu-img checks", f"{self.qemu_checks:,}"),
             ("differential", f"{self.differential_steps:,} steps on the reference, "
                              f"{self.reference_reads:,} images read back by it"),
+            *self.paths,
             ("failures", f"{self.failures}"),
         ]
+        rows += [("warning", what) for what in self.warnings]
         rows += [("replay file", path) for path in self.replay_files]
         return rows
 
