@@ -184,9 +184,6 @@ class RunStats:
         return [
             ("calls by API", ", ".join(f"{k} {v}" for k, v in sorted(self.ops.items()))
              or "none"),
-            ("crash states checked", f"{self.crash_states:,} in {self.crash_checks:,} checks "
-                                     f"({self.crash_judged:,} judged, {self.crash_leaks:,} "
-                                     "leaked clusters)"),
             ("refcount widths", widths or "none"),
             ("refcount blocks added", f"{self.refcount_blocks_added:,} "
                                       f"({self.refcount_tables_moved:,} tables moved)"),

@@ -127,6 +127,8 @@ def resolve_target(spec: str) -> ImplementationTarget:
                 obj = dataclasses.replace(obj, module=spec)  # type: ignore[type-var]
             obj = obj.implementation()
         if not isinstance(obj, ImplementationTarget):
-            raise TypeError(f"{spec} is not an ImplementationTarget")
+            raise TypeError(
+                f"{spec} is {type(obj).__name__}, not an ImplementationTarget or DriverTarget"
+            )
         return obj
     return module_target(spec)
