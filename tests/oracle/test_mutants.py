@@ -33,8 +33,8 @@ from pyimago.reference import (
     create_image,
     open_image,
 )
-from pyimago.reference.qcow2.refcounts import RefcountTable, set_block_entry
 from pyimago.reference.qcow2.l2cache import L2Cache
+from pyimago.reference.qcow2.refcounts import RefcountTable, set_block_entry
 from pyimago.reference.qcow2.tables import ClusterType, L2Entry, l2_index
 
 # -- the mutants ----------------------------------------------------------------------------
@@ -123,8 +123,10 @@ class EntryBeforeData(Qcow2Driver):
     reaches storage before the guest data FormatAccess writes into it (crash.order.
     data-before-entry): a cut in between shows a cluster of zeroes."""
 
-    def _set_l2_entry(self, guest_offset: int, entry: L2Entry, *, write_through: bool) -> None:
-        super()._set_l2_entry(guest_offset, entry, write_through=True)
+    def _set_l2_entry(
+        self, guest_offset: int, entry: L2Entry, *, write_through: bool, pinned: bool = False
+    ) -> None:
+        super()._set_l2_entry(guest_offset, entry, write_through=True, pinned=pinned)
 
 
 class _MsbFirstRefcounts(RefcountTable):

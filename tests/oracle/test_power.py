@@ -24,7 +24,7 @@ from pyimago.oracle.targets import ImplementationTarget, reference_target
 from pyimago.reference import FormatAccess, Qcow2Driver, open_image
 from pyimago.reference.qcow2.tables import L2Entry
 
-pytestmark = pytest.mark.clause("crash.power-cut")
+pytestmark = pytest.mark.clause("crash.power-cut", "crash.oracle-rule")
 
 CHAIN = ChainSpec(
     (
@@ -36,8 +36,10 @@ CHAIN = ChainSpec(
 
 
 class _EntryFirst(Qcow2Driver):
-    def _set_l2_entry(self, guest_offset: int, entry: L2Entry, *, write_through: bool) -> None:
-        super()._set_l2_entry(guest_offset, entry, write_through=True)
+    def _set_l2_entry(
+        self, guest_offset: int, entry: L2Entry, *, write_through: bool, pinned: bool = False
+    ) -> None:
+        super()._set_l2_entry(guest_offset, entry, write_through=True, pinned=pinned)
 
 
 def _swapping(mutant: type[Qcow2Driver]) -> ImplementationTarget:
