@@ -12,7 +12,11 @@ from pyimago.reference._errors import (
     CorruptImageError,
     DriverError,
     GateDeniedError,
+    ImageAccessError,
+    ImageInUseError,
+    ImageNotFoundError,
     InvalidRequestError,
+    ProbedRawWriteError,
     PyimagoError,
     ReadOnlyError,
     UnsupportedError,
@@ -30,7 +34,7 @@ from pyimago.reference._mapping import (
 from pyimago.reference._prealloc import PreallocateMode
 from pyimago.reference._storage import MemoryStorage, Storage
 
-from ._access import FormatAccess
+from ._access import MAX_REQUEST_BYTES, FormatAccess
 from ._create import create_image
 from ._open import open_image
 from ._qcow2 import DEFAULT_CACHE_BYTES
@@ -38,17 +42,22 @@ from ._storage import FastFileStorage
 
 __all__ = [
     "DEFAULT_CACHE_BYTES",
+    "MAX_REQUEST_BYTES",
     "CorruptImageError",
     "DriverError",
     "EofMapping",
     "FastFileStorage",
     "FormatAccess",
     "GateDeniedError",
+    "ImageAccessError",
+    "ImageInUseError",
+    "ImageNotFoundError",
     "IndirectMapping",
     "InvalidRequestError",
     "Mapping",
     "MemoryStorage",
     "PreallocateMode",
+    "ProbedRawWriteError",
     "PyimagoError",
     "RawMapping",
     "ReadOnlyError",
