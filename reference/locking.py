@@ -103,7 +103,7 @@ def check_locking_options(locking: object, force_share: object, writable: bool) 
     if not isinstance(force_share, bool):
         raise InvalidRequestError(f"force_share must be a bool, not {force_share!r}")
     if force_share and writable:
-        # storage.lock.force-share: "force-share=on can only be used with read-only images"
+        # storage.lock.options: force-share is for read-only opens only (qemu-img -U)
         raise InvalidRequestError(
             "force_share=True can only be used with read-only opens (writable=False)"
         )
