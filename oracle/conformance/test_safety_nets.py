@@ -120,7 +120,7 @@ def test_create_checks_the_backing_file_as_qemu_img_does(img: ImageKit) -> None:
                backing_fmt="qcow2")
     assert "backing file: missing.qcow2" in qemu_img("info", "-U", target).stdout
     expect_error(InvalidRequestError, "unsafe create without a size",
-                 lambda: img.create(img.tmp / "u.qcow2", None, "qcow2", unsafe=True,
+                 lambda: img.impl.create_image(str(img.tmp / "u.qcow2"), None, unsafe=True,
                                     backing_file="missing.qcow2"))
     expect_error(InvalidRequestError, "unsafe='yes'",
                  lambda: img.create(img.tmp / "v.qcow2", 64 * KiB, "qcow2", unsafe="yes",
@@ -132,12 +132,13 @@ def test_create_checks_the_backing_file_as_qemu_img_does(img: ImageKit) -> None:
 def test_without_a_size_the_backing_files_size_is_taken(img: ImageKit) -> None:
     base = img.tmp / "base.raw"
     base.write_bytes(pattern(61, 100 * KiB + 3))
-    img.create(img.tmp / "top.qcow2", None, "qcow2", backing_file="base.raw", backing_fmt="raw")
+    img.impl.create_image(str(img.tmp / "top.qcow2"), None, backing_file="base.raw",
+                          backing_fmt="raw")
     with img.open(img.tmp / "top.qcow2", writable=False) as top:
         assert top.size == 100 * KiB + 512, f"size {top.size}, backing {100 * KiB + 3}"
         assert top.read(0, 100 * KiB) == pattern(61, 100 * KiB)
     # In memory, a size-less create opens the backing file too (an absolute name).
     store = MemoryStorage()
-    img.create(store, None, "qcow2", backing_file=str(base), backing_fmt="raw")
+    img.impl.create_image(store, None, backing_file=str(base), backing_fmt="raw")
     with img.open(store, writable=False, backing=None) as top:
         assert top.size == 100 * KiB + 512
