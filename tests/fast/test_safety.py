@@ -1,4 +1,5 @@
-"""FastFileStorage: bad paths and image locks (storage.open.errors, storage.lock.*)."""
+"""File storages of both implementations: bad paths and image locks (storage.open.errors,
+storage.lock.*)."""
 
 from __future__ import annotations
 
@@ -6,35 +7,41 @@ from pathlib import Path
 
 import pytest
 from pyimago.fast import FastFileStorage, ImageInUseError, ImageNotFoundError, InvalidRequestError
+from pyimago.reference import FileStorage
+
+STORAGES = [FileStorage, FastFileStorage]
 
 
 @pytest.mark.clause("storage.open.errors")
+@pytest.mark.parametrize("cls", STORAGES)
 @pytest.mark.parametrize("bad", [12345, None, b"bytes.img", ""])
-def test_not_a_path(bad: object) -> None:
+def test_not_a_path(cls: type, bad: object) -> None:
     with pytest.raises(InvalidRequestError, match=repr(bad).replace("'", ".")):
-        FastFileStorage(bad)  # type: ignore[arg-type]
+        cls(bad)
 
 
 @pytest.mark.clause("storage.open.errors")
-def test_folder_and_missing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("cls", STORAGES)
+def test_folder_and_missing(cls: type, tmp_path: Path) -> None:
     with pytest.raises(InvalidRequestError, match="folder"):
-        FastFileStorage(tmp_path)
+        cls(tmp_path)
     with pytest.raises(ImageNotFoundError) as info:
-        FastFileStorage(tmp_path / "none.img", writable=True)
+        cls(tmp_path / "none.img", writable=True)
     assert info.value.filename == str(tmp_path / "none.img")
 
 
 @pytest.mark.clause("storage.lock.conflict", "storage.lock.options")
-def test_conflict_and_options(tmp_path: Path) -> None:
+@pytest.mark.parametrize("cls", STORAGES)
+def test_conflict_and_options(cls: type, tmp_path: Path) -> None:
     path = tmp_path / "f.img"
     path.write_bytes(bytes(512))
-    first = FastFileStorage(path, writable=True)
+    first = cls(path, writable=True)
     assert first.locked
     with pytest.raises(ImageInUseError, match="in use by another process"):
-        FastFileStorage(path)
-    assert FastFileStorage(path, force_share=True).locked
-    assert not FastFileStorage(path, locking="off").locked
+        cls(path)
+    assert cls(path, force_share=True).locked
+    assert not cls(path, locking="off").locked
     with pytest.raises(InvalidRequestError, match="force_share"):
-        FastFileStorage(path, writable=True, force_share=True)
+        cls(path, writable=True, force_share=True)
     first.close()
-    FastFileStorage(path, writable=True).close()
+    cls(path, writable=True).close()
