@@ -12,11 +12,16 @@ import pytest
 from pyimago.reference import (
     MAX_REQUEST_BYTES,
     ImageAccessError,
+    ImageInUseError,
     ImageNotFoundError,
     InvalidRequestError,
     MemoryStorage,
+    ProbedRawWriteError,
+    PyimagoError,
+    ReadOnlyError,
 )
 
+from ._impl import Impl
 from ._support import ImageKit, KiB, MiB, expect_error, pattern, qemu_img
 
 
@@ -142,3 +147,17 @@ def test_without_a_size_the_backing_files_size_is_taken(img: ImageKit) -> None:
     img.impl.create_image(store, None, backing_file=str(base), backing_fmt="raw")
     with img.open(store, writable=False, backing=None) as top:
         assert top.size == 100 * KiB + 512
+
+
+@pytest.mark.clause("errors.hierarchy")
+def test_safety_net_errors_derive_from_the_builtins(impl: Impl) -> None:
+    expected: list[tuple[type[Exception], type[Exception]]] = [
+        (ImageInUseError, BlockingIOError),
+        (ImageAccessError, PermissionError),
+        (ImageNotFoundError, FileNotFoundError),
+        (ProbedRawWriteError, ReadOnlyError),
+    ]
+    for cls, builtin in expected:
+        assert issubclass(cls, PyimagoError) and issubclass(cls, builtin), cls
+        own = getattr(impl.obj, cls.__name__, cls)
+        assert own is cls, f"{impl.name}.{cls.__name__} is not pyimago.reference's class"
