@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +16,10 @@ from ._runs import K_DATA, K_EOF
 from ._storage import fill_zero
 
 __all__ = ["RawLayer"]
+
+#: Serialises check-and-change of block 0 of probed raw images: two writers could otherwise
+#: each pass the check with half of a header.  (Rare and tiny: one lock for all images.)
+_BLOCK0 = threading.Lock()
 
 
 class _Block0Guard:
@@ -34,17 +39,22 @@ class _Block0Guard:
         view = memoryview(data).cast("B")
         if offset < SECTOR:
             head = bytes(view[: SECTOR - offset])
-            refuse_block0_change(self._inner.read(0, SECTOR), offset, head, len(view), self)
-            view = memoryview(head + bytes(view[len(head) :]))
-        self._inner.write(view, offset)
+            with _BLOCK0:
+                refuse_block0_change(self._inner.read(0, SECTOR), offset, head, len(view), self)
+                self._inner.write(head, offset)
+            view, offset = view[len(head) :], offset + len(head)
+        if view:
+            self._inner.write(view, offset)
 
     def write_zeroes(self, offset: int, length: int) -> None:
-        refuse_block0_change(self._inner.read(0, SECTOR), offset, None, length, self)
-        self._inner.write_zeroes(offset, length)
+        with _BLOCK0:
+            refuse_block0_change(self._inner.read(0, SECTOR), offset, None, length, self)
+            self._inner.write_zeroes(offset, length)
 
     def discard(self, offset: int, length: int) -> None:
-        refuse_block0_change(self._inner.read(0, SECTOR), offset, None, length, self)
-        self._inner.discard(offset, length)
+        with _BLOCK0:
+            refuse_block0_change(self._inner.read(0, SECTOR), offset, None, length, self)
+            self._inner.discard(offset, length)
 
 
 class RawLayer(LayerBase):
@@ -99,10 +109,15 @@ class RawLayer(LayerBase):
         self, view: memoryview, offset: int, jobs: list[tuple[int, memoryview]] | None
     ) -> None:
         if self.probed and offset < SECTOR:
-            # Judge and write the very same bytes (the caller's buffer may change).
+            # Judge and write the very same bytes (the caller's buffer may change), at once:
+            # the rest of the request may still go to the worker threads.
             head = bytes(view[: SECTOR - offset])
-            self._check_block0(offset, head, len(view))
-            view = memoryview(head + bytes(view[len(head) :]))
+            with _BLOCK0:
+                self._check_block0(offset, head, len(view))
+                self.storage.write(head, offset)
+            view, offset = view[len(head) :], offset + len(head)
+            if not view:
+                return
         if jobs is not None:
             jobs.append((offset, view))
         else:
@@ -117,8 +132,15 @@ class RawLayer(LayerBase):
     def clear(self, offset: int, length: int, how: Clear) -> None:
         """No metadata to mark anything with: zeroes are written (raw has no backing, so
         "the backing" reads as zeroes too); only ``discard_to_any`` may drop the data."""
-        # A discard may leave zeroes too: every kind is judged as zeroing.
-        self._check_block0(offset, None, length)
+        if self.probed and offset < SECTOR:
+            with _BLOCK0:
+                # A discard may leave zeroes too: every kind is judged as zeroing.
+                self._check_block0(offset, None, length)
+                self._clear(offset, length, how)
+        else:
+            self._clear(offset, length, how)
+
+    def _clear(self, offset: int, length: int, how: Clear) -> None:
         if how is Clear.ANY:
             self.storage.discard(offset, length)
         else:

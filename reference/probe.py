@@ -14,6 +14,7 @@ score matters here, and every score above raw's 1 means "another format".
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Final
 
@@ -167,6 +168,9 @@ class ProbedRawGuard:
 
     def __init__(self, storage: Storage) -> None:
         self._storage = storage
+        # Check and change of block 0 happen as one step: two writers could otherwise each
+        # pass the check with half of a header.
+        self._block0 = threading.Lock()
 
     def __str__(self) -> str:
         return str(self._storage)
@@ -221,24 +225,27 @@ class ProbedRawGuard:
 
     def write(self, data: Buffer, offset: int) -> None:
         view = memoryview(data).cast("B")
-        # Check the very bytes that are then written (the caller could change its buffer).
-        head = bytes(view[: max(0, PROBE_BYTES - offset)]) if offset < PROBE_BYTES else b""
-        self.check(offset, head, len(view))
-        if head:
-            self._storage.write(head, offset)
-            if len(view) > len(head):
-                self._storage.write(view[len(head) :], offset + len(head))
-        else:
+        if offset >= PROBE_BYTES:
             self._storage.write(view, offset)
+            return
+        # Check the very bytes that are then written (the caller could change its buffer).
+        head = bytes(view[: PROBE_BYTES - offset])
+        with self._block0:
+            self.check(offset, head, len(view))
+            self._storage.write(head, offset)
+        if len(view) > len(head):
+            self._storage.write(view[len(head) :], offset + len(head))
 
     def write_zeroes(self, offset: int, length: int) -> None:
-        self.check(offset, None, length)
-        self._storage.write_zeroes(offset, length)
+        with self._block0:
+            self.check(offset, None, length)
+            self._storage.write_zeroes(offset, length)
 
     def discard(self, offset: int, length: int) -> None:
         # A discarded range may read as zeroes afterwards: judge the zeroed sector.
-        self.check(offset, None, length)
-        self._storage.discard(offset, length)
+        with self._block0:
+            self.check(offset, None, length)
+            self._storage.discard(offset, length)
 
     def resize(self, new_size: int, prealloc: PreallocateMode = PreallocateMode.NONE) -> None:
         self._storage.resize(new_size, prealloc)
