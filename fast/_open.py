@@ -16,6 +16,7 @@ from pyimago.reference._storage import Storage
 from ._access import FormatAccess
 from ._header import MAGIC
 from ._lock import validate
+from ._probe import SECTOR, claimed_by
 from ._qcow2 import DEFAULT_CACHE_BYTES, Qcow2Layer
 from ._raw import RawLayer
 from ._storage import FastFileStorage
@@ -48,7 +49,18 @@ def _resolve(name: str, overlay: str | None) -> str:
 
 
 def _probe(storage: Storage) -> str:
-    return "qcow2" if storage.read(0, 4) == MAGIC else "raw"
+    head = storage.read(0, SECTOR)
+    if head[:4] == MAGIC:
+        return "qcow2"
+    # raw.probe.other-formats: what QEMU would open as vmdk, vdi, ... is not raw to us either.
+    other = claimed_by(head)
+    if other is not None:
+        raise UnsupportedFeatureError(
+            f"{storage}: its first sector is a {other} header (QEMU's probing); pyimago does "
+            "not read that format (format='raw' opens the bytes as raw)",
+            feature=f"format {other}",
+        )
+    return "raw"
 
 
 def open_image(

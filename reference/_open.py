@@ -17,6 +17,7 @@ from ._storage import FileStorage, Storage, make_image_file
 from .access import FormatAccess
 from .backing import ImplicitOpenGate, PermissiveImplicitOpenGate, resolve_backing_path
 from .locking import check_locking_options
+from .probe import PROBE_BYTES, probe_sector
 from .qcow2.constants import COMPRESSION_TYPE_ZLIB, COMPRESSION_TYPE_ZSTD, QCOW_MAGIC
 from .qcow2.create import Qcow2CreateOptions, write_initial_layout
 from .qcow2.driver import DEFAULT_L2_CACHE_TABLES, Qcow2Driver
@@ -51,9 +52,22 @@ _UNSUPPORTED_OPTIONS = ("encryption", "encrypt", "data_file", "data_file_raw", "
 
 
 def probe_format(storage: Storage) -> str:
-    """backing.probe: qcow2 when the storage starts with the qcow2 magic, raw otherwise."""
-    magic = storage.read(0, 4)
-    return "qcow2" if int.from_bytes(magic, "big") == QCOW_MAGIC else "raw"
+    """backing.probe: qcow2 when the storage starts with the qcow2 magic, raw otherwise.
+
+    raw.probe.other-formats: a first sector QEMU would probe as another format (vmdk, vdi,
+    ...) is not taken for raw: pyimago does not read those formats, so it says so.
+    """
+    first = storage.read(0, PROBE_BYTES)
+    if int.from_bytes(first[:4], "big") == QCOW_MAGIC:
+        return "qcow2"
+    other = probe_sector(first)
+    if other != "raw":
+        raise UnsupportedFeatureError(
+            f"{storage} probes as {other} (as QEMU probes it), a format pyimago does not "
+            "support; pass format='raw' to open it as raw anyway",
+            feature=f"format {other}",
+        )
+    return "raw"
 
 
 def _check_format(fmt: object, what: str) -> str:

@@ -21,7 +21,7 @@ from pyimago.oracle.conformance._support import (
     qemu_img,
     require_qemu,
 )
-from pyimago.reference import ProbedRawWriteError, ReadOnlyError
+from pyimago.reference import ProbedRawWriteError, ReadOnlyError, UnsupportedFeatureError
 
 from ._sectors import HAND_MADE, HARMLESS
 
@@ -168,3 +168,30 @@ def test_explicit_raw_and_memory_images_are_not_restricted(img: ImageKit) -> Non
     with img.open(probed) as disk:
         expect_error(ProbedRawWriteError, "probed raw in memory",
                      lambda: disk.write(HAND_MADE["qed"], 0))
+
+
+@pytest.mark.clause("raw.probe.other-formats", "errors.feature-named")
+def test_other_formats_are_not_opened_as_raw(img: ImageKit) -> None:
+    cases = {**HAND_MADE, **_qemu_sectors(img.tmp)}
+    wrong: list[str] = []
+    for name, sector in cases.items():
+        path = _raw_file(img, "other.img", sector)
+        fmt = name.removeprefix("qemu-img ").split("-")[0]
+        for writable in (False, True):
+            try:
+                img.open(path, writable=writable).close()
+            except UnsupportedFeatureError as exc:
+                # (qcow, version 1 of the qcow2 magic, goes to the qcow2 driver, which names
+                # the version it does not support.)
+                named = "version 1" if fmt == "qcow" else fmt
+                if named not in str(exc) or named not in exc.feature:
+                    wrong.append(f"{name}: {exc} (feature {exc.feature!r})")
+            except Exception as exc:
+                if fmt != "qcow2":
+                    wrong.append(f"{name}: {type(exc).__name__}: {exc}")
+            else:
+                if fmt != "qcow2":
+                    wrong.append(f"{name}: opened as raw")
+        with img.open(path, format="raw", writable=False) as disk:
+            assert disk.read(0, 512) == sector
+    assert not wrong, f"images QEMU probes as other formats: {wrong}"
