@@ -237,7 +237,8 @@ def _backing_size(target: object, name: str, fmt: str | None) -> int:
     if isinstance(target, (str, os.PathLike)) and not os.path.isabs(name):
         path = os.path.join(os.path.dirname(os.path.abspath(os.fspath(target))), name)
     try:
-        with open_image(path, format=fmt, backing=None) as backing:
+        # force_share as qemu-img create: the backing may be in use (external snapshots).
+        with open_image(path, format=fmt, backing=None, force_share=True) as backing:
             return -(-backing.size // 512) * 512
     except ImageNotFoundError as exc:
         raise ImageNotFoundError(

@@ -331,7 +331,10 @@ def _backing_size(target: PathOrStorage, qopts: Qcow2CreateOptions) -> int:
     overlay = os.fspath(target) if isinstance(target, (str, os.PathLike)) else None
     path = resolve_backing_path(qopts.backing_file, overlay)
     try:
-        with open_image(path, format=qopts.backing_fmt, backing=None) as backing:
+        # Shared, as qemu-img create opens it (force-share): an overlay of an image in use
+        # (an external snapshot) may be made while its user runs.
+        with open_image(path, format=qopts.backing_fmt, backing=None,
+                        force_share=True) as backing:
             size = backing.size
     except ImageNotFoundError as exc:
         raise ImageNotFoundError(

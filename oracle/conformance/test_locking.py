@@ -168,3 +168,17 @@ def test_locking_options_are_checked_up_front(img: ImageKit) -> None:
             assert held_lock_bytes(path) == WRITABLE
     with img.open(path, locking="off"):
         assert not held_lock_bytes(path)
+
+
+@pytest.mark.needs("backing")
+@pytest.mark.clause("storage.lock.backing", "create.backing.checked")
+def test_an_overlay_of_an_image_in_use_can_be_created(img: ImageKit) -> None:
+    """As qemu-img create (external snapshots): the backing file is opened shared."""
+    base = img.file("running.qcow2", 1024 * KiB)
+    with qemu_holding(base):
+        img.impl.create_image(str(img.tmp / "snap.qcow2"), None, backing_file="running.qcow2",
+                              backing_fmt="qcow2")
+        qemu_img("create", "-q", "-f", "qcow2", "-b", "running.qcow2", "-F", "qcow2",
+                 img.tmp / "qsnap.qcow2")
+    with img.open(img.tmp / "snap.qcow2", writable=False) as snap:
+        assert snap.size == 1024 * KiB
