@@ -165,7 +165,7 @@ def lock_image(
 
 def _in_use(path: str, what: str) -> ImageInUseError:
     return ImageInUseError(
-        f"{path} is in use by another process ({what}); a read-only open with "
-        "force_share=True, or locking='off', does not take or check this lock",
+        f"{path} is in use by another process ({what}); to use it anyway, open it "
+        "read-only with force_share=True (as qemu-img -U) or with locking='off'",
         filename=path,
     )
