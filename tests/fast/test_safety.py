@@ -45,3 +45,22 @@ def test_conflict_and_options(cls: type, tmp_path: Path) -> None:
         cls(path, writable=True, force_share=True)
     first.close()
     cls(path, writable=True).close()
+
+
+@pytest.mark.clause("storage.lock.options")
+@pytest.mark.parametrize("cls", STORAGES)
+def test_without_ofd_locks_auto_goes_unlocked_and_on_refuses(
+    cls: type, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pyimago.fast import _lock
+    from pyimago.reference import UnsupportedError, locking
+
+    monkeypatch.setattr(locking, "_OFD_SETLK", None)
+    monkeypatch.setattr(_lock, "_SET", None)
+    path = tmp_path / "f.img"
+    path.write_bytes(bytes(512))
+    storage = cls(path, writable=True)
+    assert not storage.locked
+    storage.close()
+    with pytest.raises(UnsupportedError, match="OFD"):
+        cls(path, writable=True, locking="on")
