@@ -20,8 +20,11 @@ from pyimago.reference._errors import (
     CorruptImageError,
     DriverError,
     GateDeniedError,
+    ImageAccessError,
+    ImageInUseError,
     ImageNotFoundError,
     InvalidRequestError,
+    ProbedRawWriteError,
     PyimagoError,
     ReadOnlyError,
     UnsupportedError,
@@ -45,7 +48,7 @@ from pyimago.reference.backing import (
     PermissiveImplicitOpenGate,
 )
 
-from ._access import FormatAccess
+from ._access import MAX_REQUEST_BYTES, FormatAccess
 from ._create import create_image
 from ._open import AUTO, open_image, probe_format
 from ._qcow2 import DEFAULT_CACHE_BYTES
@@ -60,6 +63,7 @@ __all__ = [
     "Buffer",
     "CheckProblem",
     "CheckResult",
+    "MAX_REQUEST_BYTES",
     "CorruptImageError",
     "DenyImplicitOpenGate",
     "DriverError",
@@ -72,6 +76,8 @@ __all__ = [
     "GateDeniedError",
     "ImageNotFoundError",
     "ImplicitOpenGate",
+    "ImageAccessError",
+    "ImageInUseError",
     "IndirectMapping",
     "InvalidRequestError",
     "Mapping",
@@ -79,6 +85,7 @@ __all__ = [
     "PermissiveImplicitOpenGate",
     "PreallocateMode",
     "ProblemKind",
+    "ProbedRawWriteError",
     "PyimagoError",
     "RawMapping",
     "ReadOnlyError",

@@ -11,8 +11,11 @@ from ._errors import (
     CorruptImageError,
     DriverError,
     GateDeniedError,
+    ImageAccessError,
+    ImageInUseError,
     ImageNotFoundError,
     InvalidRequestError,
+    ProbedRawWriteError,
     PyimagoError,
     ReadOnlyError,
     UnsupportedError,
@@ -30,7 +33,7 @@ from ._mapping import (
 from ._open import AUTO, create_image, open_image, probe_format
 from ._prealloc import PreallocateMode
 from ._storage import Buffer, FileStorage, MemoryStorage, Storage, WritableBuffer
-from .access import FormatAccess
+from .access import MAX_REQUEST_BYTES, FormatAccess
 from .backing import (
     DenyImplicitOpenGate,
     FolderImplicitOpenGate,
@@ -43,6 +46,7 @@ from .raw import RawDriver
 
 __all__ = [
     "AUTO",
+    "MAX_REQUEST_BYTES",
     "Buffer",
     "CheckProblem",
     "CheckResult",
@@ -55,6 +59,8 @@ __all__ = [
     "FormatAccess",
     "FormatDriver",
     "GateDeniedError",
+    "ImageAccessError",
+    "ImageInUseError",
     "ImageNotFoundError",
     "ImplicitOpenGate",
     "IndirectMapping",
@@ -63,6 +69,7 @@ __all__ = [
     "MemoryStorage",
     "PermissiveImplicitOpenGate",
     "PreallocateMode",
+    "ProbedRawWriteError",
     "ProblemKind",
     "PyimagoError",
     "Qcow2Driver",
