@@ -31,6 +31,7 @@ from pyimago.reference._prealloc import PreallocateMode
 from pyimago.reference._storage import MemoryStorage, Storage
 
 from ._access import FormatAccess
+from ._check import check
 from ._create import create_image
 from ._open import open_image
 from ._qcow2 import DEFAULT_CACHE_BYTES
@@ -58,6 +59,7 @@ __all__ = [
     "UnsupportedError",
     "UnsupportedFeatureError",
     "ZeroMapping",
+    "check",
     "create_image",
     "open_image",
 ]
