@@ -69,6 +69,18 @@ _LEAKS = 1
 _ERRORS = 2
 
 
+#: The most clusters a file may hold for check() (QEMU's INT_MAX).
+_MAX_CLUSTERS = (1 << 31) - 1
+
+
+def _zeros(n: int) -> array[int]:
+    return array("Q", bytes(8 * n))
+
+
+class _CannotCheck(Exception):
+    """The check cannot be done at all (qemu-img: "Check failed")."""
+
+
 class _Unreadable(Exception):
     """A refcount that cannot be read (its refcount block offset is unaligned)."""
 
@@ -173,8 +185,12 @@ class _Checker:
 
     # -- counting references (calculate_refcounts) ----------------------------------------
 
-    def calculate(self, res: _Result, fix: int) -> tuple[list[int], bool]:
-        self.counts = [0] * -(-self.file_size // self.cs)
+    def calculate(self, res: _Result, fix: int) -> tuple[array[int], bool]:
+        nb = -(-self.file_size // self.cs)
+        if nb > _MAX_CLUSTERS:
+            # QEMU's limit too (qcow2_check_refcounts: nb_clusters > INT_MAX is -EFBIG).
+            raise _CannotCheck(f"the file holds {nb} clusters, more than {_MAX_CLUSTERS}")
+        self.counts = _zeros(nb)
         self.rebuild = False
         hdr = self.hdr
         self.inc(res, 0, self.cs)
@@ -207,7 +223,7 @@ class _Checker:
         counts = self.counts
         for k in range(offset >> self.cb, ((offset + size - 1) >> self.cb) + 1):
             if k >= len(counts):
-                counts.extend([0] * (k + 1 - len(counts)))
+                counts.extend(_zeros(k + 1 - len(counts)))
             if counts[k] == self.refmax:
                 res.note(_C, k << self.cb, f"overflow cluster offset=0x{k << self.cb:x}")
                 continue
@@ -280,9 +296,12 @@ class _Checker:
                 self.rebuild = True
                 continue
             if ofs >> self.cb >= nb:
-                # (qemu-img check -r all would extend the file to the block; we rebuild.)
                 res.note(_C, ofs, f"refcount block {i} is outside image")
-                self.rebuild = True
+                if fix & _ERRORS:
+                    # qemu-img check -r all extends the file up to the block (however far
+                    # away); we build a new refcount structure instead (a recorded
+                    # divergence of qcow2.corrupt.check).
+                    self.rebuild = True
                 continue
             if ofs:
                 self.inc(res, ofs, self.cs)
@@ -383,7 +402,7 @@ class _Checker:
             c, run = first_free, 0
             while run < n:
                 if c >= len(counts):
-                    counts.extend([0] * (c + 1 - len(counts)))
+                    counts.extend(_zeros(c + 1 - len(counts)))
                 run = run + 1 if counts[c] == 0 else 0
                 c += 1
             start = c - n
@@ -432,6 +451,15 @@ def _run(storage: Storage, hdr: Header, fix: int) -> tuple[_Result, Header]:
         snaps, snaps_bytes = [], 0
     chk = _Checker(storage, hdr, snaps, snaps_bytes)
     res = _Result()
+    try:
+        return _passes(storage, chk, res, fix)
+    except (_CannotCheck, MemoryError) as exc:
+        why = str(exc) or "out of memory"
+        res.note(ProblemKind.CHECK_ERROR, None, f"the check failed: {why}")
+        return res, chk.hdr
+
+
+def _passes(storage: Storage, chk: _Checker, res: _Result, fix: int) -> tuple[_Result, Header]:
     chk.calculate(res, fix)
     before = res.copy()
     rebuild = chk.compare(res, 0) or chk.rebuild
