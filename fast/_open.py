@@ -11,6 +11,7 @@ from pyimago.reference._errors import (
     InvalidRequestError,
     UnsupportedFeatureError,
 )
+from pyimago.reference._open import AUTO as REFERENCE_AUTO
 from pyimago.reference._storage import Storage
 
 from ._access import FormatAccess
@@ -19,18 +20,15 @@ from ._qcow2 import DEFAULT_CACHE_BYTES, Qcow2Layer
 from ._raw import RawLayer
 from ._storage import FastFileStorage
 
-__all__ = ["AUTO", "MAX_CHAIN_DEPTH", "Gate", "open_image"]
+__all__ = ["AUTO", "MAX_CHAIN_DEPTH", "Gate", "open_image", "probe_format"]
 
 #: Deeper chains are refused (a loop of backing names would otherwise never end).
 MAX_CHAIN_DEPTH = 64
 
 
-class _Auto:
-    def __repr__(self) -> str:
-        return "<auto>"
-
-
-AUTO: Any = _Auto()
+#: "Open the backing file the image names": the reference's sentinel itself, so that a
+#: caller passing ``pyimago.reference.AUTO`` to either implementation means the same.
+AUTO: Any = REFERENCE_AUTO
 
 
 class Gate(Protocol):
@@ -46,12 +44,13 @@ def _resolve(name: str, overlay: str | None) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(overlay)), name)
 
 
-def _probe(storage: Storage) -> str:
+def probe_format(storage: Storage) -> str:
+    """``"qcow2"`` when the storage starts with the qcow2 magic, else ``"raw"``."""
     return "qcow2" if storage.read(0, 4) == MAGIC else "raw"
 
 
 def open_image(
-    path_or_storage: str | os.PathLike[str] | Storage,
+    target: str | os.PathLike[str] | Storage,
     *,
     writable: bool = False,
     format: str | None = None,
@@ -76,7 +75,7 @@ def open_image(
     if l2_cache_tables is not None and (type(l2_cache_tables) is not int or l2_cache_tables < 1):
         raise InvalidRequestError(f"l2_cache_tables must be >= 1, not {l2_cache_tables!r}")
     return _open(
-        path_or_storage,
+        target,
         writable,
         format,
         gate,
@@ -114,7 +113,7 @@ def _open(
         path = getattr(target, "path", None)
         owned = False
     try:
-        kind = fmt or _probe(storage)
+        kind = fmt or probe_format(storage)
         if kind == "raw":
             return FormatAccess(RawLayer(storage, writable=writable))
         layer = Qcow2Layer(
