@@ -24,11 +24,18 @@ from __future__ import annotations
 import os
 from array import array
 from dataclasses import dataclass, field, replace
+from typing import cast
 
 from pyimago.reference._check import CheckProblem, CheckResult, ProblemKind, RepairMode
-from pyimago.reference._errors import InvalidRequestError, UnsupportedError
+from pyimago.reference._errors import (
+    ImageNotFoundError,
+    InvalidRequestError,
+    PyimagoError,
+    UnsupportedError,
+)
 from pyimago.reference._storage import Storage
 
+from ._access import FormatAccess
 from ._codec import (
     decode_refblock,
     decode_u64_table,
@@ -51,11 +58,10 @@ from ._header import (
     Header,
     Incompat,
     Span,
-    check_features,
-    decode_extensions,
-    feature_names,
     parse_header,
 )
+from ._overlap import MetadataIndex, clusters_of
+from ._qcow2 import Qcow2Layer
 from ._snapshots import Snapshot, read_snapshot_table
 from ._storage import FastFileStorage
 
@@ -79,6 +85,10 @@ def _zeros(n: int) -> array[int]:
 
 class _CannotCheck(Exception):
     """The check cannot be done at all (qemu-img: "Check failed")."""
+
+
+class _RepairRefused(Exception):
+    """A repair write would land on other metadata: the image is marked corrupt."""
 
 
 class _Unreadable(Exception):
@@ -183,6 +193,41 @@ class _Checker:
             self.st.write(encode_refblock(self.blocks[ofs], self.width), ofs)
         self.dirty.clear()
 
+    # -- repair writes: QEMU's overlap check ----------------------------------------------
+
+    def write_meta(self, at: int, data: bytes, own: str) -> None:
+        """Write a repaired table (or entry) of kind ``own``; if it would land on any other
+        metadata, refuse as qemu-img does (qcow2_pre_write_overlap_check)."""
+        index = self._index(own)
+        clash = index.first_hit(at >> self.cb, (at + len(data) - 1) >> self.cb)
+        if clash is not None:
+            raise _RepairRefused(
+                f"repairing the {own} at 0x{at:x} would overwrite the {index.what(clash)}: "
+                "metadata overlap check failed"
+            )
+        self.st.write(data, at)
+
+    def _index(self, skip: str) -> MetadataIndex:
+        cb, cs, hdr = self.cb, self.cs, self.hdr
+        parts = [
+            (range(1), "header"),
+            (clusters_of(hdr.l1.at, 8 * hdr.l1.n, cb), "active L1 table"),
+            (clusters_of(hdr.reftable.at, hdr.reftable.n * cs, cb), "refcount table"),
+            (clusters_of(hdr.snapshots.at, self.snaps_bytes, cb), "snapshot table"),
+        ]
+        parts += [(range(e >> cb, (e >> cb) + 1), "refcount block") for e in
+                  (x & REFT_OFFSET_MASK for x in self.reftable) if e and not e & (cs - 1)]
+        parts += [(range(e >> cb, (e >> cb) + 1), "active L2 table") for e in
+                  (x & HOST_MASK for x in self.l1) if e]
+        for sn in self.snaps:
+            if sn.l1.at & (cs - 1) or sn.l1.n > _MAX_L1_ENTRIES:
+                continue
+            parts.append((clusters_of(sn.l1.at, 8 * sn.l1.n, cb), "inactive L1 table"))
+            parts += [(range(e >> cb, (e >> cb) + 1), "inactive L2 table") for e in
+                      (x & HOST_MASK for x in decode_u64_table(self.read(sn.l1.at, 8 * sn.l1.n)))
+                      if e]
+        return MetadataIndex((r, what) for r, what in parts if what != skip)
+
     # -- counting references (calculate_refcounts) ----------------------------------------
 
     def calculate(self, res: _Result, fix: int) -> tuple[array[int], bool]:
@@ -194,7 +239,7 @@ class _Checker:
         self.rebuild = False
         hdr = self.hdr
         self.inc(res, 0, self.cs)
-        self.check_l1(res, hdr.l1.at, hdr.l1.n, active=True)
+        self.check_l1(res, hdr.l1.at, hdr.l1.n, fix, active=True)
         for sn in self.snaps:
             if sn.l1.at & (self.cs - 1):
                 res.note(_C, sn.l1.at, f"snapshot {sn.id} ({sn.name}) l1_offset=0x{sn.l1.at:x}: "
@@ -204,7 +249,7 @@ class _Checker:
                 res.note(_C, sn.l1.at, f"snapshot {sn.id} ({sn.name}) l1_size=0x{sn.l1.n:x}: "
                          "L1 table is too large; snapshot table entry corrupted")
                 continue
-            self.check_l1(res, sn.l1.at, sn.l1.n, active=False)
+            self.check_l1(res, sn.l1.at, sn.l1.n, fix, active=False)
         self.inc(res, hdr.snapshots.at, self.snaps_bytes)
         self.inc(res, hdr.reftable.at, hdr.reftable.n * self.cs)
         self.check_refblocks(res, fix)
@@ -229,7 +274,7 @@ class _Checker:
                 continue
             counts[k] += 1
 
-    def check_l1(self, res: _Result, at: int, n: int, *, active: bool) -> None:
+    def check_l1(self, res: _Result, at: int, n: int, fix: int, *, active: bool) -> None:
         if not n:
             return
         self.inc(res, at, 8 * n)
@@ -243,12 +288,12 @@ class _Checker:
             if l2 & (self.cs - 1):
                 res.note(_C, l2, f"l2_offset={l2:x}: Table is not cluster aligned; L1 entry "
                          "corrupted")
-            self.check_l2(res, l2, active)
+            self.check_l2(res, l2, fix, active)
 
-    def check_l2(self, res: _Result, ofs: int, active: bool) -> None:
+    def check_l2(self, res: _Result, ofs: int, fix: int, active: bool) -> None:
         cs = self.cs
         next_contiguous = 0
-        for e in decode_u64_table(self.read(ofs, cs)):
+        for i, e in enumerate(decode_u64_table(self.read(ofs, cs))):
             if not e:
                 continue
             if e & COMPRESSED:
@@ -273,8 +318,17 @@ class _Checker:
             if host & (cs - 1):
                 data = not e & ZERO_FLAG
                 what = "Data" if data else "Preallocated"
-                res.note(_C, host, f"offset={host:x}: {what} cluster is not properly aligned; "
-                         "L2 entry corrupted.")
+                msg = (f"offset={host:x}: {what} cluster is not properly aligned; L2 entry "
+                       "corrupted.")
+                if not data and fix & _ERRORS:
+                    # fix_l2_entry_by_zero: the entry becomes a plain zero cluster, and the
+                    # cluster is not counted (it is unused now).
+                    self.write_meta(ofs + 8 * i, ZERO_FLAG.to_bytes(8, "big"),
+                                    "inactive L2 table" if not active else "active L2 table")
+                    res.corruptions_fixed += 1
+                    res.note(_C, host, msg, repaired=True)
+                    continue
+                res.note(_C, host, msg)
             if active:
                 res.allocated += 1
                 if next_contiguous and host != next_contiguous:
@@ -364,7 +418,8 @@ class _Checker:
                 msg = f"OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={n}"
                 if repair:
                     self.l1[i] = e | COPIED if n == 1 else e & ~COPIED
-                    self.st.write(self.l1[i].to_bytes(8, "big"), self.hdr.l1.at + 8 * i)
+                    self.write_meta(self.hdr.l1.at + 8 * i, self.l1[i].to_bytes(8, "big"),
+                                    "active L1 table")
                     res.corruptions_fixed += 1
                 res.note(_C, l2, msg, repaired=repair)
             tbl = decode_u64_table(self.read(l2, self.cs))
@@ -384,7 +439,7 @@ class _Checker:
                         tbl[j] = x | COPIED if n == 1 else x & ~COPIED
                         dirty += 1
             if dirty:
-                self.st.write(encode_u64_table(tbl), l2)
+                self.write_meta(l2, encode_u64_table(tbl), "active L2 table")
                 res.corruptions_fixed += dirty
 
     # -- rebuilding the refcount structure ------------------------------------------------
@@ -494,25 +549,35 @@ def _passes(storage: Storage, chk: _Checker, res: _Result, fix: int) -> tuple[_R
     return res, chk.hdr
 
 
-def check(image: str | os.PathLike[str] | Storage, *, repair: RepairMode | None = None,
-          ) -> CheckResult:
-    """Check a qcow2 image's metadata as ``qemu-img check`` does, optionally repairing it
-    as ``qemu-img check -r leaks|all`` does.
+def check(image: object, *, repair: RepairMode | None = None) -> CheckResult:
+    """Check a qcow2 image (a path, a Storage, or an open FormatAccess) as ``qemu-img
+    check`` does, and with ``repair="leaks"`` or ``"all"`` repair it as ``qemu-img check -r``
+    does (a path is then opened writable; an open FormatAccess cannot be repaired).
 
-    ``image`` is a path or a Storage.  The counts in the result are what is still wrong
-    (after a repair: what a second check finds); ``leaks_fixed`` and
-    ``corruptions_fixed`` what the repair fixed.
+    The counts in the result are what is still wrong (after a repair: what a second check
+    finds); ``leaks_fixed`` and ``corruptions_fixed`` what the repair fixed.  An image that
+    cannot be opened at all is one check error (qemu-img: "Check failed", exit code 1).
     """
     if repair not in (None, "leaks", "all"):
         raise InvalidRequestError(f"check: repair must be None, 'leaks' or 'all', not {repair!r}")
-    owned = isinstance(image, (str, os.PathLike))
-    if owned:
-        storage: Storage = FastFileStorage(os.fspath(image),  # type: ignore[arg-type]
-                                           writable=repair is not None, use_mmap=False)
-    elif hasattr(image, "read") and hasattr(image, "size"):
-        storage = image  # type: ignore[assignment]
+    owned = False
+    if isinstance(image, (str, os.PathLike)):
+        path = os.fspath(image)
+        if not os.path.exists(path):
+            raise ImageNotFoundError(f"check: image file {path!r} not found", filename=path)
+        storage: Storage = FastFileStorage(path, writable=repair is not None, use_mmap=False)
+        owned = True
+    elif isinstance(image, FormatAccess):
+        if repair is not None:
+            raise InvalidRequestError("check: close the image before repairing it")
+        image.flush()
+        storage = image.driver.storage
+    elif all(hasattr(image, a) for a in ("read", "write", "size", "writable")):
+        storage = cast(Storage, image)
+        if repair is not None and not storage.writable:
+            raise InvalidRequestError(f"check: cannot repair read-only {storage}")
     else:
-        raise InvalidRequestError(f"check: not a path or Storage: {image!r}")
+        raise InvalidRequestError(f"check: not an image, path or Storage: {image!r}")
     try:
         return _check(storage, repair)
     finally:
@@ -520,21 +585,39 @@ def check(image: str | os.PathLike[str] | Storage, *, repair: RepairMode | None 
             storage.close()
 
 
+def _mark_corrupt(storage: Storage) -> None:
+    hdr = parse_header(storage.read(0, 512))
+    if hdr.version >= 3:
+        bits = hdr.features.incompatible | Incompat.CORRUPT
+        storage.write(bits.to_bytes(8, "big"), 72)
+
+
 def _check(storage: Storage, repair: RepairMode | None) -> CheckResult:
     name = str(getattr(storage, "path", None) or storage.name)
     head = storage.read(0, min(512, storage.size()))
     if head[:4] != MAGIC:
-        raise UnsupportedError(f"check: {name} is not a qcow2 image (raw images have no "
-                               "metadata to check)")
-    bits = int.from_bytes(head[20:24], "big")
-    cluster0 = storage.read(0, min(1 << min(max(bits, 9), 21), storage.size()))
-    hdr = parse_header(cluster0)
-    # What QEMU would not open (unknown incompatible bits, encryption, an external data
-    # file) it cannot check either; the corrupt and dirty bits are what check is for.
-    exts = decode_extensions(cluster0, hdr.header_length, hdr.backing.at or hdr.cluster_size)
-    check_features(hdr, feature_names(exts), writable=False)
+        raise UnsupportedError(f"check: {name} is not a qcow2 image (qemu-img: this image "
+                               "format does not support checks)")
     fix = 0 if repair is None else _LEAKS if repair == "leaks" else _LEAKS | _ERRORS
-    res, hdr = _run(storage, hdr, fix)
+    try:
+        # qemu-img check opens the image first: what our open refuses (header, extensions,
+        # backing name, table placement, unknown or unsupported incompatible features) is
+        # not checked.  The corrupt and dirty bits are what check is for: they do not stop it.
+        layer = Qcow2Layer(storage, writable=False)
+        hdr = layer.hdr
+        layer.detach()
+        res, hdr = _run(storage, hdr, fix)
+    except (PyimagoError, _RepairRefused) as exc:
+        failed = _Result()
+        if isinstance(exc, _RepairRefused):
+            # qcow2.corrupt.mark: as QEMU (qcow2_signal_corruption), the image gets the
+            # corrupt bit and the check fails.
+            failed.note(ProblemKind.CHECK_ERROR, None, str(exc))
+            _mark_corrupt(storage)
+        else:
+            failed.note(ProblemKind.CHECK_ERROR, None, f"the image cannot be checked: {exc}")
+        return CheckResult(filename=name, format="qcow2", check_errors=1,
+                           problems=tuple(failed.problems))
     if res.leaks_fixed or res.corruptions_fixed:
         # As qemu-img: what is still wrong is what a second, read-only check finds.
         again, hdr = _run(storage, hdr, 0)
