@@ -49,6 +49,7 @@ from pyimago.reference.backing import (
 )
 
 from ._access import MAX_REQUEST_BYTES, FormatAccess
+from ._check import check
 from ._create import create_image
 from ._open import AUTO, open_image, probe_format
 from ._qcow2 import DEFAULT_CACHE_BYTES
@@ -97,6 +98,7 @@ __all__ = [
     "UnsupportedFeatureError",
     "WritableBuffer",
     "ZeroMapping",
+    "check",
     "create_image",
     "open_image",
     "probe_format",

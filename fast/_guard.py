@@ -16,6 +16,7 @@ from pyimago.reference._errors import CorruptImageError
 from pyimago.reference._storage import Storage
 
 from ._codec import decode_u64_table
+from ._entries import HOST_MASK
 from ._header import Header, Incompat
 from ._overlap import MetadataIndex, clusters_of
 from ._refcounts import Refcounts
@@ -23,7 +24,6 @@ from ._snapshots import Snapshot, read_snapshot_table
 
 __all__ = ["MetadataGuard"]
 
-_HOST_MASK = 0x00FFFFFFFFFFFE00
 _CORRUPT_NOTE = "the image is marked corrupt: writes are refused, reads still work"
 
 
@@ -44,6 +44,8 @@ class MetadataGuard:
     def _init_guard(self) -> None:
         self._meta: MetadataIndex | None = None
         self._snap_parts: list[tuple[range, str]] | None = None
+        #: Host cluster -> references released but not yet dropped from its refcount.
+        self._releasing: dict[int, int] = {}
         #: Why the image was marked corrupt (None while it is not).
         self.corrupt: str | None = None
 
@@ -85,7 +87,7 @@ class MetadataGuard:
                     what = f"L1 table of snapshot {sn.id!r}"
                     parts.append((clusters_of(at, 8 * n, cb), what))
                     l1 = decode_u64_table(self._meta_read(at, min(8 * n, end - at) & ~7))
-                    l2s = {(e & _HOST_MASK) >> cb for e in l1 if e & _HOST_MASK}
+                    l2s = {(e & HOST_MASK) >> cb for e in l1 if e & HOST_MASK}
                     parts.extend((range(c, c + 1), f"L2 table of snapshot {sn.id!r}")
                                  for c in sorted(l2s))
             self._snap_parts = parts
@@ -105,7 +107,7 @@ class MetadataGuard:
             parts += [(range(ofs >> cb, (ofs >> cb) + 1), "refcount block")
                       for ofs in self.refs.block_offsets()]
             parts += [(range(c, c + 1), "active L2 table")
-                      for c in {(e & _HOST_MASK) >> cb for e in self._l1 if e & _HOST_MASK}]
+                      for c in {(e & HOST_MASK) >> cb for e in self._l1 if e & HOST_MASK}]
             parts += self._snapshot_parts()
             index = self._meta = MetadataIndex(parts)
         return index
@@ -179,14 +181,19 @@ class MetadataGuard:
         if not entries:
             return
         meta = self._metadata()
+        # References already given back (but not yet dropped: crash.order.unref-after-entry)
+        # count, and so do the earlier entries of this same batch.
+        releasing = self._releasing
+        taken: dict[int, int] = {}
         for e in entries:
             for cluster in self._held(e):
                 if cluster in meta:
                     raise self._overlap("freeing an L2 entry's cluster", cluster, meta)
-                if self.refs.count(cluster) == 0:
+                taken[cluster] = n = taken.get(cluster, 0) + 1
+                if self.refs.count(cluster) < n + releasing.get(cluster, 0):
                     raise self.mark_corrupt(
-                        f"qcow2: an L2 entry points at host cluster "
-                        f"0x{cluster << self._cbits:x}, whose refcount is 0"
+                        f"qcow2: an L2 entry points at host cluster 0x{cluster << self._cbits:x}, "
+                        "whose refcount is too low for its references"
                     )
 
     def _overlap(self, action: str, cluster: int, meta: MetadataIndex) -> CorruptImageError:

@@ -44,6 +44,7 @@ from pyimago.reference._storage import Storage, WritableBuffer
 
 from ._cache import TableCache
 from ._codec import decode_u64_table, encode_u64_table
+from ._entries import COMPRESSED, COPIED, HOST_MASK, L1_RESERVED, L2_RESERVED, ZERO_FLAG
 from ._guard import MetadataGuard
 from ._header import (
     EXT_BACKING_FORMAT,
@@ -64,15 +65,8 @@ from ._storage import fill_zero
 
 __all__ = ["COPIED", "DEFAULT_CACHE_BYTES", "Qcow2Layer", "backing_readers"]
 
-COPIED = 1 << 63
-COMPRESSED = 1 << 62
-ZERO_FLAG = 1
-HOST_MASK = 0x00FFFFFFFFFFFE00
 #: Every bit of an entry but COPIED: an entry without any of them is unallocated.
 _NOT_COPIED = COPIED - 1
-#: Reserved bits of a standard L2 entry (1-8, 56-61) and of an L1 entry (0-8, 56-62).
-_L2_RESERVED = 0x3F000000000001FE
-_L1_RESERVED = 0x7F000000000001FF
 
 #: Fills a view from a guest offset.
 Reader: TypeAlias = Callable[[memoryview, int], None]
@@ -150,8 +144,8 @@ class Qcow2Layer(MetadataGuard, LayerBase):
         self._comp_host = (1 << self._comp_shift) - 1
         # An entry with any of these bits is corrupt (reserved bits, or a host offset that
         # is not cluster-aligned): one AND tells.
-        self._l2_bad = _L2_RESERVED | (HOST_MASK & self._cmask)
-        self._l1_bad = _L1_RESERVED | (HOST_MASK & self._cmask)
+        self._l2_bad = L2_RESERVED | (HOST_MASK & self._cmask)
+        self._l1_bad = L1_RESERVED | (HOST_MASK & self._cmask)
         self._zero_run_mask = ZERO_FLAG | COMPRESSED | self._l2_bad
         self._plain_mask = COPIED | ZERO_FLAG | COMPRESSED | self._l2_bad
 
@@ -344,12 +338,21 @@ class Qcow2Layer(MetadataGuard, LayerBase):
         table's offset, or _AFTER_L1) is on storage."""
         if clusters:
             self._pending_frees.setdefault(key, []).extend(clusters)
+            releasing = self._releasing
+            for first, n in clusters:
+                for c in range(first, first + n):
+                    releasing[c] = releasing.get(c, 0) + 1
 
     def _release_pending(self, key: int) -> None:
         """The table ``key`` is on storage: what its old entries held may go now."""
         runs = self._pending_frees.pop(key, None)
         if runs:
+            releasing = self._releasing
             for first, n in runs:
+                for c in range(first, first + n):
+                    left = releasing.pop(c, 0) - 1
+                    if left > 0:
+                        releasing[c] = left
                 self.refs.free(first, n)
 
     def _store_l1(self) -> None:
@@ -1018,7 +1021,8 @@ class Qcow2Layer(MetadataGuard, LayerBase):
                     self._l1_dirty = True
                     self._l2.forget(ofs)
                     held = self._pending_frees.pop(ofs, [])
-                    self._release_after(_AFTER_L1, [*held, (ofs >> cb, 1)])
+                    self._pending_frees.setdefault(_AFTER_L1, []).extend(held)
+                    self._release_after(_AFTER_L1, [(ofs >> cb, 1)])
                     self._meta_drop_table(ofs >> cb)
             if self._l1_dirty:
                 self._store_l1()
@@ -1036,6 +1040,7 @@ class Qcow2Layer(MetadataGuard, LayerBase):
         with self._lock:
             self._l2.clear()
             self._pending_frees.clear()
+            self._releasing.clear()
             self._unlinked.clear()
             self._last_inflated = None
             self._meta_moved()
@@ -1054,6 +1059,7 @@ class Qcow2Layer(MetadataGuard, LayerBase):
         # frees the tables now rather than at the next garbage collection.
         self._l2.clear()
         self._pending_frees.clear()
+        self._releasing.clear()
         self._unlinked.clear()
         self.refs.blocks.clear()
         self._meta_moved()

@@ -23,12 +23,12 @@ from ._codec import (
     encode_u64_table,
     refblock_typecode,
 )
+from ._entries import REFT_OFFSET_MASK
 from ._header import MAX_REFTABLE_BYTES, Span
 
 __all__ = ["REFTABLE_OFFSET_MASK", "Refcounts"]
 
-#: Bits 9-63 of a refcount table entry; bits 0-8 are reserved.
-REFTABLE_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
+REFTABLE_OFFSET_MASK = REFT_OFFSET_MASK
 
 
 class Refcounts:
