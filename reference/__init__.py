@@ -18,6 +18,7 @@ from ._errors import (
     UnsupportedError,
     UnsupportedFeatureError,
 )
+from ._info import ImageInfo, Qcow2Info, SnapshotInfo
 from ._mapping import (
     EofMapping,
     IndirectMapping,
@@ -54,6 +55,7 @@ __all__ = [
     "FormatAccess",
     "FormatDriver",
     "GateDeniedError",
+    "ImageInfo",
     "ImageNotFoundError",
     "ImplicitOpenGate",
     "IndirectMapping",
@@ -65,11 +67,13 @@ __all__ = [
     "ProblemKind",
     "PyimagoError",
     "Qcow2Driver",
+    "Qcow2Info",
     "RawDriver",
     "RawMapping",
     "ReadOnlyError",
     "RepairMode",
     "ShallowMapping",
+    "SnapshotInfo",
     "SpecialMapping",
     "Storage",
     "UnsupportedError",

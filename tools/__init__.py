@@ -1,0 +1,23 @@
+"""pyimago.tools: qemu-img's image tools (info, map, measure, compare, convert, create,
+resize...) over either implementation.
+
+Every tool takes ``impl``: ``"fast"`` (the default engine), ``"reference"`` (to cross-check),
+or an implementation module with ``open_image``/``create_image``.  The tools use only the
+public ``FormatAccess`` API of that implementation.  Their JSON uses qemu-img's field names.
+"""
+
+from __future__ import annotations
+
+from ._common import ToolError, implementation
+from ._info import image_info, render_info
+from ._map import MapEntry, map_image, render_map
+
+__all__ = [
+    "MapEntry",
+    "ToolError",
+    "image_info",
+    "implementation",
+    "map_image",
+    "render_info",
+    "render_map",
+]

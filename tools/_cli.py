@@ -1,0 +1,152 @@
+"""The image tools as ``pyimago`` subcommands: ``<name>_main(argv) -> exit status``.
+
+Arguments are parsed and checked before any work starts; every error is one line on stderr
+and exit status 2 (never a traceback).  Exit statuses otherwise follow qemu-img's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+from pyimago.reference import PyimagoError
+
+from ._common import IMPLEMENTATIONS, ToolError
+from ._info import image_info, render_info
+from ._map import map_image, render_map
+
+__all__ = ["COMMANDS", "info_main", "map_main"]
+
+_ERROR_EXIT = 2
+
+
+class _Usage(Exception):
+    """A command-line error (argparse's), reported as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise _Usage(message)
+
+
+def _parser(prog: str, description: str) -> _Parser:
+    parser = _Parser(prog=f"pyimago {prog}", description=description)
+    parser.add_argument("--impl", choices=sorted(IMPLEMENTATIONS), default="fast",
+                        help="implementation used as the engine (default: fast)")
+    return parser
+
+
+def _size(text: str) -> int:
+    """A byte count with qemu-img's optional suffix (k, M, G, T, P, E; powers of 1024)."""
+    units = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
+             "p": 1 << 50, "e": 1 << 60}
+    body = text.strip()
+    suffix = body[-1:].lower() if body[-1:].isalpha() else ""
+    number = body[: len(body) - len(suffix)]
+    try:
+        value = float(number) if "." in number else int(number, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}") from None
+    if suffix not in units or value < 0:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}")
+    result = value * units[suffix]
+    if result != int(result):
+        raise argparse.ArgumentTypeError(f"size {text!r} is not a whole number of bytes")
+    return int(result)
+
+
+def _run(prog: str, body: Callable[[], int]) -> int:
+    try:
+        return body()
+    except (PyimagoError, OSError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"pyimago {prog}: error: {message}", file=sys.stderr)
+        return _ERROR_EXIT
+    except KeyboardInterrupt:
+        print(f"pyimago {prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parse(parser: _Parser, argv: Sequence[str]) -> argparse.Namespace | int:
+    """Parsed arguments, or the exit status when parsing ended the command."""
+    try:
+        return parser.parse_args(list(argv))
+    except _Usage as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return _ERROR_EXIT
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else 0
+
+
+def _reader_args(parser: _Parser, output: str | None) -> None:
+    """Options every reading tool takes: -f, --output (default ``output``), -U."""
+    parser.add_argument("-f", dest="fmt", choices=("qcow2", "raw"), help="image format")
+    if output is not None:
+        parser.add_argument("--output", choices=("human", "json"), default=output,
+                            help=f"output format (default: {output})")
+    parser.add_argument("-U", "--force-share", action="store_true",
+                        help="accepted for qemu-img compatibility (pyimago takes no locks)")
+
+
+# -- info ----------------------------------------------------------------------------------------
+
+
+def info_main(argv: Sequence[str]) -> int:
+    """``pyimago info [-f FMT] [--output human|json] [--backing-chain] [-U] IMAGE``."""
+    parser = _parser("info", "Show what qemu-img info shows about an image.")
+    _reader_args(parser, "human")
+    parser.add_argument("--backing-chain", action="store_true",
+                        help="also show every image of the backing chain")
+    parser.add_argument("image")
+    args = _parse(parser, argv)
+    if isinstance(args, int):
+        return args
+
+    def body() -> int:
+        records = image_info(args.image, impl=args.impl, fmt=args.fmt,
+                             backing_chain=args.backing_chain)
+        sys.stdout.write(render_info(records, output=args.output,
+                                     backing_chain=args.backing_chain))
+        return 0
+
+    return _run("info", body)
+
+
+# -- map -----------------------------------------------------------------------------------------
+
+
+def map_main(argv: Sequence[str]) -> int:
+    """``pyimago map [-f FMT] [--output human|json] [--start-offset N] [--max-length N] IMAGE``."""
+    parser = _parser("map", "Show where each guest range of an image is stored (qemu-img map).")
+    _reader_args(parser, "human")
+    parser.add_argument("-s", "--start-offset", type=_size, default=0,
+                        help="first guest offset to map")
+    parser.add_argument("-l", "--max-length", type=_size, default=None,
+                        help="map at most this many bytes")
+    parser.add_argument("image")
+    args = _parse(parser, argv)
+    if isinstance(args, int):
+        return args
+
+    def body() -> int:
+        entries = map_image(args.image, impl=args.impl, fmt=args.fmt,
+                            start_offset=args.start_offset, max_length=args.max_length)
+        try:
+            text = render_map(entries, output=args.output)
+        except ToolError as exc:
+            # qemu-img map's human output cannot show compressed data: exit 1, as it does.
+            print(f"pyimago map: error: {exc}", file=sys.stderr)
+            return 1
+        sys.stdout.write(text)
+        return 0
+
+    return _run("map", body)
+
+
+#: Subcommand name -> "module:function" for the ``pyimago`` dispatcher.
+COMMANDS = {
+    "info": "pyimago.tools._cli:info_main",
+    "map": "pyimago.tools._cli:map_main",
+}
