@@ -9,15 +9,21 @@ public ``FormatAccess`` API of that implementation.  Their JSON uses qemu-img's 
 from __future__ import annotations
 
 from ._common import ToolError, implementation
+from ._compare import CompareResult, compare
 from ._info import image_info, render_info
 from ._map import MapEntry, map_image, render_map
+from ._measure import measure, render_measure
 
 __all__ = [
+    "CompareResult",
     "MapEntry",
     "ToolError",
+    "compare",
     "image_info",
     "implementation",
     "map_image",
+    "measure",
     "render_info",
     "render_map",
+    "render_measure",
 ]

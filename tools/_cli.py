@@ -13,11 +13,13 @@ from typing import NoReturn
 
 from pyimago.reference import PyimagoError
 
-from ._common import IMPLEMENTATIONS, ToolError
+from ._common import IMPLEMENTATIONS, ToolError, parse_options, parse_size, require_file
+from ._compare import compare
 from ._info import image_info, render_info
 from ._map import map_image, render_map
+from ._measure import measure, render_measure
 
-__all__ = ["COMMANDS", "info_main", "map_main"]
+__all__ = ["COMMANDS", "compare_main", "info_main", "map_main", "measure_main"]
 
 _ERROR_EXIT = 2
 
@@ -39,22 +41,11 @@ def _parser(prog: str, description: str) -> _Parser:
 
 
 def _size(text: str) -> int:
-    """A byte count with qemu-img's optional suffix (k, M, G, T, P, E; powers of 1024)."""
-    units = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
-             "p": 1 << 50, "e": 1 << 60}
-    body = text.strip()
-    suffix = body[-1:].lower() if body[-1:].isalpha() else ""
-    number = body[: len(body) - len(suffix)]
+    """argparse type: a byte count with qemu-img's optional suffix."""
     try:
-        value = float(number) if "." in number else int(number, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r}") from None
-    if suffix not in units or value < 0:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r}")
-    result = value * units[suffix]
-    if result != int(result):
-        raise argparse.ArgumentTypeError(f"size {text!r} is not a whole number of bytes")
-    return int(result)
+        return parse_size(text)
+    except ToolError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _run(prog: str, body: Callable[[], int]) -> int:
@@ -145,8 +136,71 @@ def map_main(argv: Sequence[str]) -> int:
     return _run("map", body)
 
 
+# -- measure -------------------------------------------------------------------------------------
+
+
+def measure_main(argv: Sequence[str]) -> int:
+    """``pyimago measure [--output human|json] [-O FMT] [-o OPTS] (--size N | [-f FMT] IMAGE)``."""
+    parser = _parser("measure", "Compute the size a new image needs (qemu-img measure).")
+    _reader_args(parser, "human")
+    parser.add_argument("-O", dest="out_fmt", choices=("qcow2", "raw"), default="raw",
+                        help="format of the image to measure for (default: raw)")
+    parser.add_argument("-o", dest="options", action="append", default=[],
+                        help="creation options of that image (name=value,...)")
+    parser.add_argument("--size", type=_size, help="measure an empty disk of this size")
+    parser.add_argument("image", nargs="?")
+    args = _parse(parser, argv)
+    if isinstance(args, int):
+        return args
+
+    def body() -> int:
+        options = parse_options(args.options, args.out_fmt)
+        if args.image is not None:
+            require_file(args.image)
+        result = measure(args.image, size=args.size, out_fmt=args.out_fmt, options=options,
+                         impl=args.impl, fmt=args.fmt)
+        sys.stdout.write(render_measure(result, output=args.output))
+        return 0
+
+    return _run("measure", body)
+
+
+# -- compare -------------------------------------------------------------------------------------
+
+
+def compare_main(argv: Sequence[str]) -> int:
+    """``pyimago compare [-f FMT] [-F FMT] [-s] [-q] IMAGE1 IMAGE2``: exit 0 identical,
+    1 different, 2 error."""
+    parser = _parser("compare", "Compare the guest contents of two images (qemu-img compare).")
+    parser.add_argument("-f", dest="fmt1", choices=("qcow2", "raw"), help="first image format")
+    parser.add_argument("-F", dest="fmt2", choices=("qcow2", "raw"), help="second image format")
+    parser.add_argument("-s", "--strict", action="store_true",
+                        help="a size or allocation difference is a difference")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing")
+    parser.add_argument("-U", "--force-share", action="store_true",
+                        help="accepted for qemu-img compatibility (pyimago takes no locks)")
+    parser.add_argument("image1")
+    parser.add_argument("image2")
+    args = _parse(parser, argv)
+    if isinstance(args, int):
+        return args
+
+    def body() -> int:
+        require_file(args.image1)
+        require_file(args.image2)
+        result = compare(args.image1, args.image2, fmt1=args.fmt1, fmt2=args.fmt2,
+                         strict=args.strict, impl=args.impl)
+        if not args.quiet:
+            sys.stdout.write("".join(f"{line}\n" for line in result.messages))
+        return result.exit_code
+
+    return _run("compare", body)
+
+
 #: Subcommand name -> "module:function" for the ``pyimago`` dispatcher.
 COMMANDS = {
     "info": "pyimago.tools._cli:info_main",
     "map": "pyimago.tools._cli:map_main",
+    "measure": "pyimago.tools._cli:measure_main",
+    "compare": "pyimago.tools._cli:compare_main",
 }

@@ -96,3 +96,68 @@ def size_to_str(value: int) -> str:
 def allocated_size(path: str) -> int:
     """Bytes the file occupies on disk (qemu's ``actual-size``: st_blocks * 512)."""
     return os.stat(path).st_blocks * 512
+
+
+# -- creation options (qemu-img's -o) -------------------------------------------------------------
+
+#: The -o names pyimago's create_image takes, per format, and how each value is parsed.
+_SIZE_OPTIONS = frozenset({"cluster_size", "size"})
+_INT_OPTIONS = frozenset({"refcount_bits"})
+_STR_OPTIONS = frozenset({"compat", "backing_file", "backing_fmt", "preallocation",
+                          "compression_type"})
+OPTION_NAMES = {
+    "qcow2": _SIZE_OPTIONS | _INT_OPTIONS | _STR_OPTIONS,
+    "raw": frozenset({"size", "preallocation"}),
+}
+#: qemu-img options pyimago knows but cannot honour (a clear "not supported" error).
+_UNSUPPORTED = frozenset({"encryption", "encrypt.format", "data_file", "data_file_raw",
+                          "extended_l2", "lazy_refcounts", "nocow", "extent_size_hint"})
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
+          "p": 1 << 50, "e": 1 << 60}
+
+
+def parse_size(text: str, what: str = "size") -> int:
+    """A byte count as qemu-img reads one: a number with an optional k/M/G/T/P/E suffix
+    (powers of 1024); fractions are allowed when the result is whole."""
+    body = text.strip()
+    suffix = body[-1:].lower() if body[-1:].isalpha() else ""
+    number = body[: len(body) - len(suffix)]
+    try:
+        value = float(number) if "." in number else int(number, 10)
+    except ValueError:
+        raise ToolError(f"invalid {what} {text!r}") from None
+    if suffix not in _UNITS or value < 0:
+        raise ToolError(f"invalid {what} {text!r}")
+    result = value * _UNITS[suffix]
+    if result != int(result) or result >= 1 << 63:
+        raise ToolError(f"invalid {what} {text!r}")
+    return int(result)
+
+
+def parse_options(texts: list[str], fmt: str) -> dict[str, object]:
+    """``-o name=value[,name=value...]`` (repeatable) as create_image keyword arguments."""
+    out: dict[str, object] = {}
+    for text in texts:
+        for item in text.split(","):
+            if not item:
+                continue
+            name, sep, value = item.partition("=")
+            name = name.strip().replace("-", "_")
+            if not sep:
+                raise ToolError(f"option {item!r} has no value (use name=value)")
+            if name in _UNSUPPORTED:
+                raise ToolError(f"option {name!r} is not supported by pyimago yet")
+            if name not in OPTION_NAMES[fmt]:
+                known = ", ".join(sorted(OPTION_NAMES[fmt]))
+                raise ToolError(f"unknown {fmt} option {name!r} (known: {known})")
+            if name in _SIZE_OPTIONS:
+                out[name] = parse_size(value, name)
+            elif name in _INT_OPTIONS:
+                try:
+                    out[name] = int(value)
+                except ValueError:
+                    raise ToolError(f"{name} must be a number, not {value!r}") from None
+            else:
+                out[name] = value
+    return out

@@ -25,7 +25,7 @@ from pyimago.reference import (
 
 from ._common import Impl, ToolError, backing_path, open_chain
 
-__all__ = ["MapEntry", "map_image", "render_map"]
+__all__ = ["MapEntry", "block_status", "chain_length", "map_image", "render_map"]
 
 #: qemu-img map asks for at most this much at once (BDRV_REQUEST_MAX_BYTES, rounded).
 _STEP = 1 << 30
@@ -123,6 +123,15 @@ def _layers(image: Any, filename: str) -> list[_Layer]:
     return out
 
 
+def chain_length(image: Any) -> int:
+    """How many layers the image's backing chain has (1: no backing file)."""
+    count = 0
+    while image is not None:
+        count += 1
+        image = image.driver.backing if image.info().backing_file is not None else None
+    return count
+
+
 def _file_extents(filename: str, offset: int, length: int) -> Iterator[tuple[int, bool]]:
     """Split ``[offset, offset+length)`` of a file into (length, is_data) by SEEK_DATA/HOLE."""
     end = offset + length
@@ -184,6 +193,19 @@ def _status(layers: list[_Layer], offset: int, length: int) -> MapEntry:
         raise ToolError(f"{layer.filename}: unexpected end of disk at {guest}")
 
 
+def block_status(image: Any, filename: str, start: int = 0, end: int | None = None
+                 ) -> Iterator[MapEntry]:
+    """Unmerged records for ``[start, end)`` of an open image (``end``: the disk end);
+    ``filename`` is the path the image was opened from (backing names resolve against it)."""
+    layers = _layers(image, filename)
+    stop = image.size if end is None else min(end, image.size)
+    pos = start
+    while pos < stop:
+        entry = _status(layers, pos, min(stop - pos, _STEP))
+        yield entry
+        pos += entry.length
+
+
 def map_image(
     path: str,
     *,
@@ -199,16 +221,12 @@ def map_image(
         raise ToolError(f"--max-length must not be negative: {max_length}")
     entries: list[MapEntry] = []
     with open_chain(path, impl=impl, fmt=fmt) as image:
-        layers = _layers(image, path)
-        end = image.size if max_length is None else min(image.size, start_offset + max_length)
-        pos = start_offset
-        while pos < end:
-            entry = _status(layers, pos, min(end - pos, _STEP))
+        end = None if max_length is None else start_offset + max_length
+        for entry in block_status(image, path, start_offset, end):
             if entries and entries[-1].merges_with(entry):
                 entries[-1] = replace(entries[-1], length=entries[-1].length + entry.length)
             else:
                 entries.append(entry)
-            pos += entry.length
     if not entries:
         # qemu-img prints its (empty) current record when the window holds nothing.
         entries.append(MapEntry(start_offset, 0, 0, False, False, False))
