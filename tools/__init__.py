@@ -10,15 +10,18 @@ from __future__ import annotations
 
 from ._common import ToolError, implementation
 from ._compare import CompareResult, compare
+from ._convert import ConvertOptions, convert
 from ._info import image_info, render_info
 from ._map import MapEntry, map_image, render_map
 from ._measure import measure, render_measure
 
 __all__ = [
     "CompareResult",
+    "ConvertOptions",
     "MapEntry",
     "ToolError",
     "compare",
+    "convert",
     "image_info",
     "implementation",
     "map_image",

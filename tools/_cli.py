@@ -15,11 +15,12 @@ from pyimago.reference import PyimagoError
 
 from ._common import IMPLEMENTATIONS, ToolError, parse_options, parse_size, require_file
 from ._compare import compare
+from ._convert import ConvertOptions, convert
 from ._info import image_info, render_info
 from ._map import map_image, render_map
 from ._measure import measure, render_measure
 
-__all__ = ["COMMANDS", "compare_main", "info_main", "map_main", "measure_main"]
+__all__ = ["COMMANDS", "compare_main", "convert_main", "info_main", "map_main", "measure_main"]
 
 _ERROR_EXIT = 2
 
@@ -197,10 +198,67 @@ def compare_main(argv: Sequence[str]) -> int:
     return _run("compare", body)
 
 
+# -- convert -------------------------------------------------------------------------------------
+
+
+def convert_main(argv: Sequence[str]) -> int:
+    """``pyimago convert [-f FMT] [-O FMT] [-o OPTS] [-B BACKING [-F FMT]] [-n] [-c] [-p]
+    [-S SIZE] [-m N] SOURCE OUTPUT``."""
+    parser = _parser("convert", "Copy an image's guest contents into another image "
+                                "(qemu-img convert).")
+    parser.add_argument("-f", dest="fmt", choices=("qcow2", "raw"), help="source format")
+    parser.add_argument("-O", dest="out_fmt", choices=("qcow2", "raw"), default="raw",
+                        help="output format (default: raw)")
+    parser.add_argument("-o", dest="options", action="append", default=[],
+                        help="creation options of the output (name=value,...)")
+    parser.add_argument("-B", dest="backing", help="backing file of the output")
+    parser.add_argument("-F", dest="backing_fmt", choices=("qcow2", "raw"),
+                        help="format of the backing file")
+    parser.add_argument("-n", dest="no_create", action="store_true",
+                        help="the output exists: do not create it")
+    parser.add_argument("-c", dest="compress", action="store_true",
+                        help="compress the output (not supported yet)")
+    parser.add_argument("-p", dest="progress", action="store_true",
+                        help="show a progress bar (on a terminal only)")
+    parser.add_argument("-S", dest="sparse_size", type=_size, default=4096,
+                        help="zero runs this long become holes (default 4k; 0: never)")
+    parser.add_argument("-m", dest="workers", type=int, default=4,
+                        help="parallel read jobs (default 4)")
+    parser.add_argument("-l", dest="snapshot", help="snapshot to convert (not supported yet)")
+    parser.add_argument("-U", "--force-share", action="store_true",
+                        help="accepted for qemu-img compatibility (pyimago takes no locks)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing")
+    parser.add_argument("source")
+    parser.add_argument("output")
+    args = _parse(parser, argv)
+    if isinstance(args, int):
+        return args
+
+    def body() -> int:
+        if args.snapshot is not None:
+            raise ToolError("converting an internal snapshot (-l) is not supported yet")
+        opts = ConvertOptions(
+            out_fmt=args.out_fmt,
+            options=tuple(parse_options(args.options, args.out_fmt).items()),
+            compress=args.compress,
+            backing=args.backing,
+            backing_fmt=args.backing_fmt,
+            no_create=args.no_create,
+            sparse_size=args.sparse_size,
+            workers=args.workers,
+            show_progress=args.progress and not args.quiet,
+        )
+        convert(args.source, args.output, opts, impl=args.impl, fmt=args.fmt)
+        return 0
+
+    return _run("convert", body)
+
+
 #: Subcommand name -> "module:function" for the ``pyimago`` dispatcher.
 COMMANDS = {
     "info": "pyimago.tools._cli:info_main",
     "map": "pyimago.tools._cli:map_main",
     "measure": "pyimago.tools._cli:measure_main",
     "compare": "pyimago.tools._cli:compare_main",
+    "convert": "pyimago.tools._cli:convert_main",
 }
