@@ -103,7 +103,7 @@ def _qcow2_options(opts: dict[str, object]) -> _Qcow2Options:
 
 
 def create_image(
-    path_or_storage: str | os.PathLike[str] | Storage,
+    target: str | os.PathLike[str] | Storage,
     size: int | None,
     *,
     format: str = "qcow2",
@@ -139,7 +139,7 @@ def create_image(
     if size is None:
         if qcow2 is None or qcow2.backing_file is None:
             raise _invalid(f"size is required for {format} images without a backing file")
-        size = _backing_size(path_or_storage, qcow2.backing_file, qcow2.backing_fmt)
+        size = _backing_size(target, qcow2.backing_file, qcow2.backing_fmt)
     if type(size) is not int or size < 0:
         raise _invalid(f"size must be a non-negative int, not {size!r}")
     if qcow2 is not None:
@@ -149,8 +149,8 @@ def create_image(
         if -(-size // (cs * cs // 8)) > MAX_L1_ENTRIES:
             raise _invalid(f"size {size} needs too large an L1 table for cluster_size {cs}")
     first_cluster = _cluster0(qcow2) if qcow2 is not None else b""
-    owned = isinstance(path_or_storage, (str, os.PathLike))
-    storage = _fresh_storage(path_or_storage)
+    owned = isinstance(target, (str, os.PathLike))
+    storage = _fresh_storage(target)
     try:
         storage.resize(0)
         if qcow2 is None:

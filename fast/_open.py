@@ -7,9 +7,11 @@ from typing import Any, Protocol
 
 from pyimago.reference._errors import (
     CorruptImageError,
+    ImageNotFoundError,
     InvalidRequestError,
     UnsupportedFeatureError,
 )
+from pyimago.reference._open import AUTO as REFERENCE_AUTO
 from pyimago.reference._storage import Storage
 
 from ._access import FormatAccess
@@ -18,18 +20,15 @@ from ._qcow2 import DEFAULT_CACHE_BYTES, Qcow2Layer
 from ._raw import RawLayer
 from ._storage import FastFileStorage
 
-__all__ = ["AUTO", "MAX_CHAIN_DEPTH", "Gate", "open_image"]
+__all__ = ["AUTO", "MAX_CHAIN_DEPTH", "Gate", "open_image", "probe_format"]
 
 #: Deeper chains are refused (a loop of backing names would otherwise never end).
 MAX_CHAIN_DEPTH = 64
 
 
-class _Auto:
-    def __repr__(self) -> str:
-        return "<auto>"
-
-
-AUTO: Any = _Auto()
+#: "Open the backing file the image names": the reference's sentinel itself, so that a
+#: caller passing ``pyimago.reference.AUTO`` to either implementation means the same.
+AUTO: Any = REFERENCE_AUTO
 
 
 class Gate(Protocol):
@@ -45,12 +44,13 @@ def _resolve(name: str, overlay: str | None) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(overlay)), name)
 
 
-def _probe(storage: Storage) -> str:
+def probe_format(storage: Storage) -> str:
+    """``"qcow2"`` when the storage starts with the qcow2 magic, else ``"raw"``."""
     return "qcow2" if storage.read(0, 4) == MAGIC else "raw"
 
 
 def open_image(
-    path_or_storage: str | os.PathLike[str] | Storage,
+    target: str | os.PathLike[str] | Storage,
     *,
     writable: bool = False,
     format: str | None = None,
@@ -75,7 +75,7 @@ def open_image(
     if l2_cache_tables is not None and (type(l2_cache_tables) is not int or l2_cache_tables < 1):
         raise InvalidRequestError(f"l2_cache_tables must be >= 1, not {l2_cache_tables!r}")
     return _open(
-        path_or_storage,
+        target,
         writable,
         format,
         gate,
@@ -101,7 +101,10 @@ def _open(
     path: str | None
     if isinstance(target, (str, os.PathLike)):
         path = os.fspath(target)
-        storage: Storage = FastFileStorage(path, writable=writable, use_mmap=cache[2])
+        try:
+            storage: Storage = FastFileStorage(path, writable=writable, use_mmap=cache[2])
+        except FileNotFoundError as exc:
+            raise ImageNotFoundError(f"image file {path!r} not found", filename=path) from exc
         owned = True
     elif not hasattr(target, "readinto") or not hasattr(target, "size"):
         raise InvalidRequestError(f"open_image: not a path or Storage: {target!r}")
@@ -110,7 +113,7 @@ def _open(
         path = getattr(target, "path", None)
         owned = False
     try:
-        kind = fmt or _probe(storage)
+        kind = fmt or probe_format(storage)
         if kind == "raw":
             return FormatAccess(RawLayer(storage, writable=writable))
         layer = Qcow2Layer(
@@ -169,5 +172,9 @@ def _open_backing(
         gate.check(bpath, format=bfmt, writable=False, referrer=str(layer))
     try:
         return _open(bpath, False, bfmt, gate, AUTO, cache, seen)
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(exc.errno, f"backing file of {overlay} not found", bpath) from exc
+    except ImageNotFoundError as exc:
+        if exc.filename != bpath:
+            raise
+        raise ImageNotFoundError(
+            f"backing file {bpath!r} of {overlay} not found", filename=bpath
+        ) from exc

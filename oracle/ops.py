@@ -41,6 +41,10 @@ class OpKind(enum.Enum):
     SWEEP = "sweep"
     READ_PARALLEL = "read_parallelization"
     WRITE_PARALLEL = "write_parallelization"
+    SYNC = "sync"
+    """``flush()`` then ``sync()``: everything so far must survive a power cut."""
+    POWER_CUT = "power_cut"
+    """Check the states a power cut after each storage mutation since the last check leaves."""
 
 
 RANGED = frozenset(

@@ -22,6 +22,7 @@ __all__ = [
     "DEFAULT_FAILURES_DIR",
     "REPLAY_FORMAT",
     "Replay",
+    "ReplayFileError",
     "ReplayResult",
     "load_replay",
     "replay_record",
@@ -32,6 +33,10 @@ __all__ = [
 DEFAULT_FAILURES_DIR = ".pyimago-failures"
 REPLAY_FORMAT = "pyimago-replay"
 _VERSION = 1
+
+
+class ReplayFileError(ValueError):
+    """A file that is not a readable pyimago replay file; the message names the file."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,9 +107,29 @@ def write_replay(replay: Replay, directory: str = DEFAULT_FAILURES_DIR) -> str:
 
 
 def load_replay(path: str) -> Replay:
-    """Read a replay file."""
-    with open(path, encoding="utf-8") as f:
-        return Replay.from_json(json.load(f))
+    """Read a replay file; :class:`ReplayFileError` (naming ``path``) if it cannot be used."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except IsADirectoryError:
+        raise ReplayFileError(f"{path}: is a folder, not a replay file") from None
+    except FileNotFoundError:
+        raise ReplayFileError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ReplayFileError(f"{path}: cannot read: {exc}") from None
+    try:
+        obj = json.loads(text)
+    except ValueError as exc:
+        raise ReplayFileError(f"{path}: not a pyimago replay file (not JSON: {exc})") from None
+    if not isinstance(obj, dict) or obj.get("format") != REPLAY_FORMAT:
+        raise ReplayFileError(
+            f"{path}: not a pyimago replay file (no \"format\": \"{REPLAY_FORMAT}\")"
+        )
+    try:
+        return Replay.from_json(obj)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        what = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise ReplayFileError(f"{path}: broken pyimago replay file ({what})") from None
 
 
 def run_replay(

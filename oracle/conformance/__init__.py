@@ -20,12 +20,22 @@ not-applicable rather than skipped.
 
 from __future__ import annotations
 
-from ._impl import CAPABILITIES, IMPL_ENV, Capabilities, Impl, ImplError, impl_from_env, load_impl
+from ._impl import (
+    CAPABILITIES,
+    IMPL_ENV,
+    LOAD_ERROR_ENV,
+    Capabilities,
+    Impl,
+    ImplError,
+    impl_from_env,
+    load_impl,
+)
 from ._support import NOT_APPLICABLE
 
 __all__ = [
     "CAPABILITIES",
     "IMPL_ENV",
+    "LOAD_ERROR_ENV",
     "NOT_APPLICABLE",
     "Capabilities",
     "Impl",

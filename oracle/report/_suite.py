@@ -20,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Final
 
-from pyimago.oracle.conformance import IMPL_ENV
+from pyimago.oracle.conformance import IMPL_ENV, LOAD_ERROR_ENV
 
 __all__ = ["SUITE_PACKAGE", "SuiteResult", "TestRecord", "replay_command", "run_suite"]
 
@@ -55,6 +55,8 @@ class SuiteResult:
     """Collection errors, bad citations, or why the run produced no results."""
     exitstatus: int
     duration: float
+    load_error: str | None = None
+    """Why the suite's process could not load the implementation (nothing ran then)."""
 
 
 def suite_folder() -> Path:
@@ -68,6 +70,12 @@ def replay_command(impl: str, record: TestRecord) -> str:
     return f"{IMPL_ENV}={shlex.quote(impl)} python -m pytest -p no:cacheprovider " + shlex.quote(
         target
     )
+
+
+def _python_path(first: tuple[str, ...], current: str) -> str:
+    entries = [os.path.abspath(p) for p in first]
+    entries += [os.path.abspath(p) for p in current.split(os.pathsep) if p]
+    return os.pathsep.join(dict.fromkeys(entries))
 
 
 def _load(path: Path) -> dict[str, Any] | None:
@@ -84,8 +92,14 @@ def run_suite(
     *,
     timeout: float | None = None,
     extra_args: tuple[str, ...] = (),
+    import_paths: tuple[str, ...] = (),
 ) -> SuiteResult:
-    """Run the suite against ``impl`` (the ``$PYIMAGO_CONFORMANCE_IMPL`` value) in ``workdir``."""
+    """Run the suite against ``impl`` (the ``$PYIMAGO_CONFORMANCE_IMPL`` value) in ``workdir``.
+
+    ``import_paths``: folders the caller imported ``impl`` from (``--path``, its current
+    folder); the subprocess gets them, and ``$PYTHONPATH`` made absolute, first on its path,
+    so it resolves the module the caller resolved although it runs in ``workdir``.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     ini = workdir / "pytest.ini"
     ini.write_text("[pytest]\n", encoding="utf-8")
@@ -123,6 +137,9 @@ def run_suite(
     env = dict(os.environ)
     env[IMPL_ENV] = impl
     env.pop("PYTEST_ADDOPTS", None)
+    env["PYTHONPATH"] = _python_path(import_paths, env.get("PYTHONPATH", ""))
+    load_error_file = workdir / "load-error.txt"
+    env[LOAD_ERROR_ENV] = str(load_error_file)
     started = time.monotonic()
     errors: list[str] = []
     try:
@@ -143,6 +160,12 @@ def run_suite(
         output = out.decode(errors="replace") if isinstance(out, bytes) else out
         errors.append(f"the conformance suite did not finish within {timeout} s")
     duration = time.monotonic() - started
+    try:
+        load_error: str | None = load_error_file.read_text(encoding="utf-8").strip()
+    except OSError:
+        load_error = None
+    if load_error:
+        return SuiteResult({}, {}, (), exitstatus, duration, load_error=load_error)
 
     clause_doc = _load(clause_json)
     results_doc = _load(results_json)

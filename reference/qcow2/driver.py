@@ -8,7 +8,6 @@ eviction is a real code path).  Comments cite the clause IDs of specs/.
 from __future__ import annotations
 
 import struct
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
@@ -44,6 +43,7 @@ from .constants import (
 from .extensions import HeaderExtension, backing_format, feature_names, parse_extensions
 from .features import check_features
 from .header import FIELD_OFFSETS, QCowHeader, l2_entries, parse_header, required_l1_size
+from .l2cache import L2Cache
 from .refcounts import RefcountTable
 from .tables import (
     ClusterType,
@@ -132,8 +132,10 @@ class Qcow2Driver:
         )
         self._l1 = self._load_l1()
         self._check_snapshot_table()
-        self._l2_cache: OrderedDict[int, list[int]] = OrderedDict()
-        self._dirty_l2: set[int] = set()
+        self._l2 = L2Cache(storage, cs, l2_cache_tables)
+        # Host clusters to unreference once the pinned L2 tables (whose new entries replace
+        # the references) are on storage (crash.order.unref-after-entry).
+        self._pending_frees: list[int] = []
 
         self._allocator = ClusterAllocator(storage, self._cluster_bits)
         self._refcounts = RefcountTable(
@@ -298,25 +300,26 @@ class Qcow2Driver:
         return entry.l2_offset
 
     def _load_l2(self, l2_offset: int) -> list[int]:
-        table = self._l2_cache.get(l2_offset)
-        if table is not None:
-            self._l2_cache.move_to_end(l2_offset)
-            return table
-        raw = self._storage.read(l2_offset, self._cluster_size)
-        table = [v for (v,) in struct.iter_unpack(">Q", raw)]
-        self._l2_cache[l2_offset] = table
-        self._evict_l2()
-        return table
+        return self._l2.load(l2_offset)
 
-    def _evict_l2(self) -> None:
-        while len(self._l2_cache) > self._l2_cache_tables:
-            offset, table = self._l2_cache.popitem(last=False)
-            if offset in self._dirty_l2:
-                self._write_l2(offset, table)
+    def _settle(self) -> None:
+        """Called on entry to every driver operation but ``ensure_data_mapping``: by then the
+        caller has written its data through every mapping it was given, so the entries that
+        map it may reach storage, and after them the refcount drops they wait for.
 
-    def _write_l2(self, offset: int, table: list[int]) -> None:
-        self._storage.write(struct.pack(f">{len(table)}Q", *table), offset)
-        self._dirty_l2.discard(offset)
+        crash.order.data-before-entry: "An L2 entry that maps a guest cluster to a newly
+        allocated (or newly reused) host cluster is written to storage only after every byte
+        the guest will read through it [...] has been written there."
+        crash.order.unref-after-entry: "the entry's new value is on storage before the
+        cluster's refcount drops".
+        """
+        if self._pending_frees:
+            self._l2.write_pinned()
+            frees, self._pending_frees = self._pending_frees, []
+            for host in frees:
+                self._allocator.free(host)
+        if self._l2.pinned:
+            self._l2.unpin()
 
     def _get_l2_entry(self, guest_offset: int) -> L2Entry:
         l1_idx = l1_index(guest_offset, self._cluster_bits)
@@ -344,32 +347,34 @@ class Qcow2Driver:
         else:
             table = [0] * self._l2_entries
         new_offset = self._allocator.allocate(1)
-        # The new table reaches storage before the L1 entry that points to it.
-        self._write_l2(new_offset, table)
-        self._l2_cache[new_offset] = table
-        self._evict_l2()
+        # crash.order.new-structure-before-pointer: "A new L1 table, L2 table, refcount table
+        # or refcount block is written completely, and its clusters are counted in refcounts
+        # that are on storage, before the header, L1 entry or refcount-table entry pointing at
+        # it is written [...] The old structure is freed last."
+        new_table = self._l2.write_new(new_offset, table)
         self._set_l1_entry(l1_idx, new_offset | QCOW_OFLAG_COPIED)
         if entry.l2_offset:
-            self._l2_cache.pop(entry.l2_offset, None)
-            self._dirty_l2.discard(entry.l2_offset)
+            self._l2.drop(entry.l2_offset)
             self._allocator.free(entry.l2_offset)
-        return new_offset, self._load_l2(new_offset)
+        return new_offset, new_table
 
     def _set_l1_entry(self, l1_idx: int, raw: int) -> None:
         self._l1[l1_idx] = raw
         self._storage.write(struct.pack(">Q", raw), self._l1_offset + 8 * l1_idx)
 
-    def _set_l2_entry(self, guest_offset: int, entry: L2Entry, *, write_through: bool) -> None:
+    def _set_l2_entry(
+        self, guest_offset: int, entry: L2Entry, *, write_through: bool, pinned: bool = False
+    ) -> None:
         """Change one L2 entry; ``write_through`` when a refcount drop follows, so that the
         entry no longer points at a cluster by the time it may be reused
-        (qcow2.refcount.order-of-updates)."""
+        (qcow2.refcount.order-of-updates); ``pinned`` while the data it maps is unwritten."""
         l2_offset, table = self._writable_l2(guest_offset)
         table[l2_index(guest_offset, self._cluster_bits)] = encode_l2_entry(
             entry, self._cluster_bits
         )
-        self._dirty_l2.add(l2_offset)
+        self._l2.mark_dirty(l2_offset, pinned=pinned)
         if write_through:
-            self._write_l2(l2_offset, table)
+            self._l2.write(l2_offset)
 
     def _held_clusters(self, entry: L2Entry) -> range:
         """Host cluster offsets whose refcount counts this entry."""
@@ -382,7 +387,14 @@ class Qcow2Driver:
             return range(first, entry.host_offset + entry.compressed_length, cs)
         return range(0)
 
-    def _replace_entry(self, guest_offset: int, new: L2Entry) -> None:
+    def _replace_entry(self, guest_offset: int, new: L2Entry, *, data_pending: bool = False
+                       ) -> None:
+        """Point the entry of ``guest_offset`` at ``new``, releasing what the old one held.
+
+        With ``data_pending`` the caller has yet to write the data ``new`` maps: the entry
+        stays in the cache (pinned) and the old clusters' refcounts drop only once it is on
+        storage (see ``_settle``).
+        """
         old = self._get_l2_entry(guest_offset)
         held = self._held_clusters(old)
         releases = bool(held) and not (new.host_offset and new.host_offset == old.host_offset)
@@ -396,6 +408,11 @@ class Qcow2Driver:
                         f"qcow2 L2 entry for guest offset {guest_offset} refers to host cluster "
                         f"0x{host:x} whose refcount is 0"
                     )
+        if data_pending:
+            self._set_l2_entry(guest_offset, new, write_through=False, pinned=True)
+            if releases:
+                self._pending_frees.extend(held)
+            return
         self._set_l2_entry(guest_offset, new, write_through=releases)
         if releases:
             for host in held:
@@ -404,6 +421,7 @@ class Qcow2Driver:
     # -- mappings -----------------------------------------------------------------------------
 
     def get_mapping(self, offset: int, max_length: int) -> tuple[ShallowMapping, int]:
+        self._settle()
         if offset >= self._size:
             return EofMapping(), 0
         cs = self._cluster_size
@@ -460,6 +478,7 @@ class Qcow2Driver:
         return decompress_cluster(data, self._cluster_size, self.header.compression_type)
 
     def readv_special(self, buffers: Sequence[WritableBuffer], offset: int) -> None:
+        self._settle()
         entry = self._get_l2_entry(offset)
         if entry.type is not ClusterType.COMPRESSED:
             raise UnsupportedError(f"{self}: no special data at guest offset {offset}")
@@ -477,6 +496,11 @@ class Qcow2Driver:
     def _require_writable(self, op: str) -> None:
         if not self._writable:
             raise ReadOnlyError(f"{op}: {self} is read-only")
+
+    def _begin(self, op: str) -> None:
+        """Start a modifying operation other than ensure_data_mapping."""
+        self._require_writable(op)
+        self._settle()
 
     def _cluster_content(self, guest_cluster: int, entry: L2Entry) -> bytes:
         """What the guest currently sees in a whole cluster (the source of copy-on-write)."""
@@ -518,7 +542,8 @@ class Qcow2Driver:
             host = self._allocator.allocate(1)
             for a, b in keep:
                 self._storage.write(content[a:b], host + a)
-        self._replace_entry(guest_cluster, L2Entry(ClusterType.NORMAL, host, True))
+        self._replace_entry(guest_cluster, L2Entry(ClusterType.NORMAL, host, True),
+                            data_pending=True)
         return self._storage, host + in_cluster, chunk
 
     def _check_data_cluster(
@@ -552,7 +577,7 @@ class Qcow2Driver:
     def _apply(
         self, offset: int, length: int, new_entry_for: Callable[[L2Entry], L2Entry | None]
     ) -> tuple[int, int]:
-        self._require_writable("discard/zero")
+        self._begin("discard/zero")
         clusters = self._whole_clusters(offset, length)
         if not clusters:
             return offset, 0
@@ -566,7 +591,7 @@ class Qcow2Driver:
 
     def ensure_zero_mapping(self, offset: int, length: int) -> tuple[int, int]:
         """access.write-zeroes.no-free: v3 keeps host clusters, flagging them zero."""
-        self._require_writable("write_zeroes")
+        self._begin("write_zeroes")
         if self.header.version < 3:
             return self._v2_unallocated_run(offset, length)
 
@@ -598,7 +623,7 @@ class Qcow2Driver:
         return start, end - start
 
     def discard_to_zero(self, offset: int, length: int) -> tuple[int, int]:
-        self._require_writable("discard_to_zero")
+        self._begin("discard_to_zero")
         if self.header.version < 3:
             if self._backing is not None:
                 return offset, 0
@@ -606,11 +631,11 @@ class Qcow2Driver:
         return self._apply(offset, length, lambda old: _ZERO_PLAIN)
 
     def discard_to_any(self, offset: int, length: int) -> tuple[int, int]:
-        self._require_writable("discard_to_any")
+        self._begin("discard_to_any")
         return self._apply(offset, length, lambda old: _UNALLOCATED)
 
     def discard_to_backing(self, offset: int, length: int) -> tuple[int, int]:
-        self._require_writable("discard_to_backing")
+        self._begin("discard_to_backing")
         return self._apply(offset, length, lambda old: _UNALLOCATED)
 
     # -- resize -------------------------------------------------------------------------------
@@ -645,7 +670,7 @@ class Qcow2Driver:
         self._size = new_size
 
     def resize_grow(self, new_size: int, prealloc: PreallocateMode) -> None:
-        self._require_writable("resize_grow")
+        self._begin("resize_grow")
         self._check_new_size(new_size)
         old_size = self._size
         if new_size <= old_size:
@@ -653,7 +678,21 @@ class Qcow2Driver:
         needed = required_l1_size(new_size, self._cluster_bits)
         if needed > self._l1_size:
             self._grow_l1(needed)
+        # crash.order.grow-size-last: "Growing prepares the whole new area first [...] and
+        # writes the new size into the header last".  The new size holds in memory only, so
+        # that the preparation may map clusters past the old end.
+        self._size = new_size
+        try:
+            self._prepare_grown_area(old_size, new_size, prealloc)
+            self._settle()
+            self._l2.flush()
+        except BaseException:
+            self._size = old_size
+            raise
         self._set_size(new_size)
+
+    def _prepare_grown_area(self, old_size: int, new_size: int,
+                            prealloc: PreallocateMode) -> None:
         if prealloc is PreallocateMode.NONE:
             return
         # access.resize.grow-zero: the partial cluster at the old end may hold stale data from
@@ -707,7 +746,7 @@ class Qcow2Driver:
             self._replace_entry(guest, L2Entry(ClusterType.NORMAL, first_host + i * cs, True))
 
     def resize_shrink(self, new_size: int) -> None:
-        self._require_writable("resize_shrink")
+        self._begin("resize_shrink")
         self._check_new_size(new_size)
         if new_size >= self._size:
             return
@@ -723,8 +762,7 @@ class Qcow2Driver:
             l2_offset = self._l1[l1_idx] & L1E_OFFSET_MASK
             if l2_offset:
                 self._set_l1_entry(l1_idx, 0)
-                self._l2_cache.pop(l2_offset, None)
-                self._dirty_l2.discard(l2_offset)
+                self._l2.drop(l2_offset)
                 self._allocator.free(l2_offset)
         self._set_size(new_size)
 
@@ -742,21 +780,19 @@ class Qcow2Driver:
 
     # -- caches and lifetime ------------------------------------------------------------------
 
-    def _flush_l2(self) -> None:
-        for offset in sorted(self._dirty_l2):
-            self._write_l2(offset, self._l2_cache[offset])
-
     def flush(self) -> None:
         if self._writable:
-            self._flush_l2()
+            self._settle()
+            self._l2.flush()
         self._storage.flush()
 
     def sync(self) -> None:
         self._storage.sync()
 
     def invalidate_cache(self) -> None:
-        self._l2_cache.clear()
-        self._dirty_l2.clear()
+        self._l2.clear()
+        # Refcount drops that waited for entries now lost: the clusters leak, never corrupt.
+        self._pending_frees.clear()
         self._refcounts.invalidate_cache()
         self._l1 = self._load_l1()
         self._storage.invalidate_cache()

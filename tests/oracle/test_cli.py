@@ -143,3 +143,11 @@ def test_python_dash_m_runs(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "throughput (memory)" in proc.stdout
+
+
+def test_budget_overshoot_is_explained() -> None:
+    from pyimago.oracle._cli_support import budget_note
+
+    assert budget_note(100, 100, failed=False) == "100"
+    assert budget_note(243, 100, failed=True) == "243 (100 examples + 143 shrink steps)"
+    assert "did not count" in budget_note(104, 100, failed=False)
