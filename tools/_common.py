@@ -68,7 +68,12 @@ def open_chain(
     """Open ``path`` (and its backing chain) with ``impl``; the image is closed afterwards."""
     require_file(path)
     module = implementation(impl)
-    image = module.open_image(path, format=check_format(fmt), writable=writable)
+    try:
+        image = module.open_image(path, format=check_format(fmt), writable=writable)
+    except (PyimagoError, OSError) as exc:
+        # Name the image the user gave: the driver's message may only name a field.
+        message = str(exc) if path in str(exc) else f"{path}: {exc}"
+        raise ToolError(message) from exc
     try:
         yield image
     finally:

@@ -118,6 +118,22 @@ CALLS: list[tuple[list[str], str]] = [
     (["conformance", "--suite-timeout", "soon"], "'soon'"),
     (["conformance", "--failures-dir", "afile"], "afile"),
     (["conformance", "--path", "nowhere"], "nowhere"),
+    # the image tools
+    (["info", "missing.qcow2"], "missing.qcow2"),
+    (["info", "-f", "vmdk", "afile"], "'vmdk'"),
+    (["info", "-f", "qcow2", "afile"], "afile"),
+    (["info", "adir"], "adir"),
+    (["map", "--start-offset", "x", "afile"], "'x'"),
+    (["map", "--output", "xml", "afile"], "'xml'"),
+    (["map", "missing.img"], "missing.img"),
+    (["compare", "afile", "missing.img"], "missing.img"),
+    (["compare", "-F", "vmdk", "afile", "afile"], "'vmdk'"),
+    (["convert", "-c", "afile", "out.qcow2"], "-c"),
+    (["convert", "-O", "vdi", "afile", "out.vdi"], "'vdi'"),
+    (["convert", "-O", "qcow2", "-o", "nope=1", "afile", "out.qcow2"], "'nope'"),
+    (["convert", "missing.img", "out.raw"], "missing.img"),
+    (["measure", "--size", "lots"], "'lots'"),
+    (["measure", "-O", "qcow2", "-o", "cluster_size=3k", "--size", "1M"], "3072"),
 ]
 
 
