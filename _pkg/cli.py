@@ -57,6 +57,8 @@ COMMANDS: Final[tuple[Command, ...]] = (
     Command("map", "pyimago.tools._cli:map_main", "print an image's mappings"),
     Command("compare", "pyimago.tools._cli:compare_main", "compare two images' contents"),
     Command("convert", "pyimago.tools._cli:convert_main", "copy an image to a new format"),
+    Command("create", "pyimago.tools._cli:create_main", "create an image"),
+    Command("resize", "pyimago.tools._cli:resize_main", "grow or shrink an image"),
     Command("measure", "pyimago.tools._cli:measure_main", "the size a conversion needs"),
 )
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from ._common import ToolError, implementation
 from ._compare import CompareResult, compare
 from ._convert import ConvertOptions, convert
+from ._create import create, resize
 from ._info import image_info, render_info
 from ._map import MapEntry, map_image, render_map
 from ._measure import measure, render_measure
@@ -22,6 +23,7 @@ __all__ = [
     "ToolError",
     "compare",
     "convert",
+    "create",
     "image_info",
     "implementation",
     "map_image",
@@ -29,4 +31,5 @@ __all__ = [
     "render_info",
     "render_map",
     "render_measure",
+    "resize",
 ]

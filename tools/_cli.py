@@ -16,11 +16,21 @@ from pyimago.reference import PyimagoError
 from ._common import IMPLEMENTATIONS, ToolError, parse_options, parse_size, require_file
 from ._compare import compare
 from ._convert import ConvertOptions, convert
+from ._create import create, resize
 from ._info import image_info, render_info
 from ._map import map_image, render_map
 from ._measure import measure, render_measure
 
-__all__ = ["COMMANDS", "compare_main", "convert_main", "info_main", "map_main", "measure_main"]
+__all__ = [
+    "COMMANDS",
+    "compare_main",
+    "convert_main",
+    "create_main",
+    "info_main",
+    "map_main",
+    "measure_main",
+    "resize_main",
+]
 
 _ERROR_EXIT = 2
 
@@ -80,6 +90,14 @@ def _reader_args(parser: _Parser, output: str | None) -> None:
                             help=f"output format (default: {output})")
     parser.add_argument("-U", "--force-share", action="store_true",
                         help="accepted for qemu-img compatibility (pyimago takes no locks)")
+
+
+def _creation_args(parser: _Parser, flag: str) -> None:
+    """The format of a new image (``flag``: -O or -f; stored as ``out_fmt``) and its -o."""
+    parser.add_argument(flag, dest="out_fmt", choices=("qcow2", "raw"), default="raw",
+                        help="format of the new image (default: raw)")
+    parser.add_argument("-o", dest="options", action="append", default=[],
+                        help="creation options of the new image (name=value,...)")
 
 
 # -- info ----------------------------------------------------------------------------------------
@@ -207,10 +225,7 @@ def convert_main(argv: Sequence[str]) -> int:
     parser = _parser("convert", "Copy an image's guest contents into another image "
                                 "(qemu-img convert).")
     parser.add_argument("-f", dest="fmt", choices=("qcow2", "raw"), help="source format")
-    parser.add_argument("-O", dest="out_fmt", choices=("qcow2", "raw"), default="raw",
-                        help="output format (default: raw)")
-    parser.add_argument("-o", dest="options", action="append", default=[],
-                        help="creation options of the output (name=value,...)")
+    _creation_args(parser, "-O")
     parser.add_argument("-B", dest="backing", help="backing file of the output")
     parser.add_argument("-F", dest="backing_fmt", choices=("qcow2", "raw"),
                         help="format of the backing file")
@@ -254,6 +269,60 @@ def convert_main(argv: Sequence[str]) -> int:
     return _run("convert", body)
 
 
+# -- create and resize ---------------------------------------------------------------------------
+
+
+def create_main(argv: Sequence[str]) -> int:
+    """``pyimago create [-f FMT] [-o OPTS] [-b BACKING -F FMT] [-u] [-q] IMAGE [SIZE]``."""
+    parser = _parser("create", "Create a new image (qemu-img create).")
+    _creation_args(parser, "-f")
+    parser.add_argument("-b", dest="backing", help="backing file (qcow2)")
+    parser.add_argument("-F", dest="backing_fmt", choices=("qcow2", "raw"),
+                        help="format of the backing file")
+    parser.add_argument("-u", dest="unsafe", action="store_true",
+                        help="do not open the backing file (it may not exist yet)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing")
+    parser.add_argument("image")
+    parser.add_argument("size", nargs="?", type=_size)
+    args = _parse(parser, argv)
+    if isinstance(args, int):
+        return args
+
+    def body() -> int:
+        line = create(args.image, args.size, fmt=args.out_fmt,
+                      options=parse_options(args.options, args.out_fmt), backing=args.backing,
+                      backing_fmt=args.backing_fmt, unsafe=args.unsafe, impl=args.impl)
+        if not args.quiet:
+            print(line)
+        return 0
+
+    return _run("create", body)
+
+
+def resize_main(argv: Sequence[str]) -> int:
+    """``pyimago resize [-f FMT] [--shrink] [--preallocation MODE] [-q] IMAGE [+|-]SIZE``."""
+    parser = _parser("resize", "Change an image's disk size (qemu-img resize).")
+    parser.add_argument("-f", dest="fmt", choices=("qcow2", "raw"), help="image format")
+    parser.add_argument("--shrink", action="store_true", help="allow making the disk smaller")
+    parser.add_argument("--preallocation", choices=("off", "metadata", "falloc", "full"),
+                        help="how to prepare a grown area")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing")
+    parser.add_argument("image")
+    parser.add_argument("size", help="new size, or +SIZE / -SIZE relative to the current one")
+    args = _parse(parser, argv)
+    if isinstance(args, int):
+        return args
+
+    def body() -> int:
+        resize(args.image, args.size, fmt=args.fmt, shrink=args.shrink,
+               preallocation=args.preallocation, impl=args.impl)
+        if not args.quiet:
+            print("Image resized.")
+        return 0
+
+    return _run("resize", body)
+
+
 #: Subcommand name -> "module:function" for the ``pyimago`` dispatcher.
 COMMANDS = {
     "info": "pyimago.tools._cli:info_main",
@@ -261,4 +330,6 @@ COMMANDS = {
     "measure": "pyimago.tools._cli:measure_main",
     "compare": "pyimago.tools._cli:compare_main",
     "convert": "pyimago.tools._cli:convert_main",
+    "create": "pyimago.tools._cli:create_main",
+    "resize": "pyimago.tools._cli:resize_main",
 }

@@ -133,6 +133,11 @@ CALLS: list[tuple[list[str], str]] = [
     (["convert", "-O", "qcow2", "-o", "nope=1", "afile", "out.qcow2"], "'nope'"),
     (["convert", "missing.img", "out.raw"], "missing.img"),
     (["measure", "--size", "lots"], "'lots'"),
+    (["create", "-f", "qcow2", "new.qcow2", "1Q"], "1Q"),
+    (["create", "-f", "qcow2", "-o", "cluster_size=1000", "new.qcow2", "1M"], "1000"),
+    (["create", "-f", "qcow2", "-b", "afile", "new.qcow2"], "afile"),
+    (["resize", "missing.img", "1M"], "missing.img"),
+    (["resize", "afile", "+lots"], "lots"),
     (["measure", "-O", "qcow2", "-o", "cluster_size=3k", "--size", "1M"], "3072"),
 ]
 
