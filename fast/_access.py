@@ -27,6 +27,7 @@ from pyimago.reference._mapping import (
 )
 from pyimago.reference._prealloc import PreallocateMode
 from pyimago.reference._storage import Buffer, Storage, WritableBuffer
+from pyimago.reference._stream import ImageStream
 
 from ._layer import Clear
 from ._qcow2 import Qcow2Layer
@@ -199,6 +200,11 @@ class FormatAccess:
                 return
             yield start, n, found
             start += n
+
+    def stream(self) -> ImageStream:
+        """The guest disk as a seekable file object (``io.RawIOBase``), writable when the
+        image is; closing it leaves the image open."""
+        return ImageStream(self)
 
     def info(self) -> ImageInfo:
         """This image's own format facts (its backing chain's are not included)."""

@@ -31,6 +31,7 @@ from ._mapping import (
 from ._open import AUTO, create_image, open_image, probe_format
 from ._prealloc import PreallocateMode
 from ._storage import Buffer, FileStorage, MemoryStorage, Storage, WritableBuffer
+from ._stream import ImageStream
 from .access import FormatAccess
 from .backing import (
     DenyImplicitOpenGate,
@@ -57,6 +58,7 @@ __all__ = [
     "GateDeniedError",
     "ImageInfo",
     "ImageNotFoundError",
+    "ImageStream",
     "ImplicitOpenGate",
     "IndirectMapping",
     "InvalidRequestError",

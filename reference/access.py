@@ -25,6 +25,7 @@ from ._mapping import (
 )
 from ._prealloc import PreallocateMode
 from ._storage import Buffer, Storage, WritableBuffer
+from ._stream import ImageStream
 
 __all__ = ["MAX_OFFSET", "FormatAccess", "check_range"]
 
@@ -189,6 +190,11 @@ class FormatAccess:
                 return
             yield offset, n, mapping
             offset += n
+
+    def stream(self) -> ImageStream:
+        """The guest disk as a seekable file object (``io.RawIOBase``), writable when the
+        image is; closing it leaves the image open."""
+        return ImageStream(self)
 
     def info(self) -> ImageInfo:
         """This image's own format facts (not its backing chain's), as qemu-img info says."""
