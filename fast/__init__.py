@@ -26,6 +26,7 @@ from pyimago.reference._errors import (
     UnsupportedError,
     UnsupportedFeatureError,
 )
+from pyimago.reference._info import ImageInfo, Qcow2Info, SnapshotInfo
 from pyimago.reference._mapping import (
     EofMapping,
     IndirectMapping,
@@ -37,6 +38,7 @@ from pyimago.reference._mapping import (
 )
 from pyimago.reference._prealloc import PreallocateMode
 from pyimago.reference._storage import Buffer, MemoryStorage, Storage, WritableBuffer
+from pyimago.reference._stream import ImageStream
 from pyimago.reference.backing import (
     DenyImplicitOpenGate,
     FolderImplicitOpenGate,
@@ -69,7 +71,9 @@ __all__ = [
     "FormatAccess",
     "FormatDriver",
     "GateDeniedError",
+    "ImageInfo",
     "ImageNotFoundError",
+    "ImageStream",
     "ImplicitOpenGate",
     "IndirectMapping",
     "InvalidRequestError",
@@ -79,10 +83,12 @@ __all__ = [
     "PreallocateMode",
     "ProblemKind",
     "PyimagoError",
+    "Qcow2Info",
     "RawMapping",
     "ReadOnlyError",
     "RepairMode",
     "ShallowMapping",
+    "SnapshotInfo",
     "SpecialMapping",
     "Storage",
     "UnsupportedError",
