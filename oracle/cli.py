@@ -8,7 +8,8 @@
     shrunk operation log is printed and its replay file written.
 ``pyimago replay FILE``
     Runs a replay file's sequence again (against the target it names, or ``--target``),
-    prints the operation log and exits 1 if it still fails.
+    prints the operation log and exits 1 if it still fails.  ``pyimago replay --database
+    URL`` lists the failures saved in a campaign's example database and reruns them.
 ``pyimago fuzz module:target``
     Fuzzes a third party's format driver (a ``DriverTarget``) against the oracle; see
     :mod:`pyimago.oracle.fuzz`.
@@ -70,6 +71,9 @@ def _run_parser() -> CliParser:
                      help="also import the target from DIR (the current folder always is)")
     run.add_argument("--no-qemu", action="store_true", help="skip the qemu-img teardown checks")
     run.add_argument("--no-progress", action="store_true", help="no progress display")
+    run.add_argument("--database", metavar="URL", default=None,
+                     help="example database shared by every run: a directory or "
+                          "redis://host:port/N; its failures are replayed first")
     return run
 
 
@@ -79,8 +83,13 @@ def _replay_parser() -> CliParser:
         description="Run a replay file's sequence again (against the target it names, or "
                     "--target), print the operation log; exit status 1 if it still fails.",
     )
-    replay.add_argument("file", type=existing_file,
+    replay.add_argument("file", nargs="?", default=None, type=existing_file,
                         help="a replay file written by a failing run")
+    replay.add_argument("--database", metavar="URL", default=None,
+                        help="instead of a file: list and rerun the failures saved in this "
+                             "example database (a directory or redis://host:port/N)")
+    replay.add_argument("--list", action="store_true",
+                        help="with --database: only list the saved failures")
     replay.add_argument("--target", default=None,
                         help="implementation to run it against (default: the file's)")
     replay.add_argument("--path", action="append", default=[], metavar="DIR", type=existing_dir,
@@ -140,6 +149,14 @@ def run_main(argv: Sequence[str]) -> int:
         overrides["max_examples"] = args.examples
     if args.steps is not None:
         overrides["stateful_step_count"] = args.steps
+    database = None
+    if args.database is not None:
+        from .database import DatabaseError, open_database
+
+        try:
+            overrides["database"] = database = open_database(args.database)
+        except DatabaseError as exc:
+            fail("pyimago run", str(exc))
     run_settings = oracle_settings(base, **overrides)
     stats = RunStats()
     machine = make_machine(
@@ -160,23 +177,9 @@ def run_main(argv: Sequence[str]) -> int:
         except Exception as exc:
             error = exc
     else:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            SpinnerColumn,
-            TextColumn,
-            TimeElapsedColumn,
-        )
+        from ._progress import progress_bar
 
-        with Progress(
-            SpinnerColumn(),
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("{task.fields[detail]}"),
-        ) as progress:
+        with progress_bar() as progress:
             task = progress.add_task(
                 f"oracle vs {target.name}", total=run_settings.max_examples, detail=""
             )
@@ -198,6 +201,10 @@ def run_main(argv: Sequence[str]) -> int:
             except Exception as exc:
                 error = exc
     wall = time.monotonic() - start
+    if error is not None and database is not None:
+        from .database import save_replay_files
+
+        save_replay_files(database, stats.replay_files)
     if error is not None:
         print(format_failure(error), file=sys.stderr)
     _summary(stats, target.name, profile, wall, error is not None, run_settings.max_examples)
@@ -208,6 +215,14 @@ def replay_main(argv: Sequence[str]) -> int:
     """``pyimago replay``; returns the exit status."""
     prog = "pyimago replay"
     args = _replay_parser().parse_args(list(argv))
+    if (args.file is None) == (args.database is None):
+        fail(prog, "name a replay file or --database URL (one of them)")
+    if args.database is not None:
+        from .replay_db import replay_database
+
+        add_import_paths(args.path)
+        return replay_database(args.database, target=args.target, list_only=args.list,
+                               qemu_img=None if args.no_qemu else "auto", quiet=args.quiet)
     try:
         replay = load_replay(args.file)
     except ReplayFileError as exc:

@@ -21,6 +21,8 @@ from .targets import ImplementationTarget
 __all__ = [
     "DEFAULT_FAILURES_DIR",
     "REPLAY_FORMAT",
+    "REPLAY_MAX_BYTES",
+    "REPLAY_MAX_OPS",
     "Replay",
     "ReplayFileError",
     "ReplayResult",
@@ -31,6 +33,13 @@ __all__ = [
 ]
 
 DEFAULT_FAILURES_DIR = ".pyimago-failures"
+
+#: Largest disk, offset or length a replay file may name.  The machines make disks of a few
+#: MiB; a file asking for more is damaged or hostile, and the flat model holds the whole
+#: disk in memory.
+REPLAY_MAX_BYTES = 1 << 30
+#: Most operations (per layer build, and on the top layer) a replay file may list.
+REPLAY_MAX_OPS = 100_000
 REPLAY_FORMAT = "pyimago-replay"
 _VERSION = 1
 
@@ -126,10 +135,36 @@ def load_replay(path: str) -> Replay:
             f"{path}: not a pyimago replay file (no \"format\": \"{REPLAY_FORMAT}\")"
         )
     try:
-        return Replay.from_json(obj)
+        replay = Replay.from_json(obj)
+        problem = _out_of_bounds(replay)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        what = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
-        raise ReplayFileError(f"{path}: broken pyimago replay file ({what})") from None
+        problem = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
+    if problem:
+        raise ReplayFileError(f"{path}: broken pyimago replay file ({problem})")
+    return replay
+
+
+def _out_of_bounds(replay: Replay) -> str | None:
+    """What makes a parsed replay unusable (sizes no machine makes), or None."""
+    if replay.chain.storage not in ("memory", "file"):
+        return f"storage {replay.chain.storage!r} is neither 'memory' nor 'file'"
+    if not replay.chain.layers:
+        return "the chain has no layers"
+    batches = [*(layer.build for layer in replay.chain.layers), replay.ops]
+    if any(len(ops) > REPLAY_MAX_OPS for ops in batches):
+        return f"more than {REPLAY_MAX_OPS:,} operations"
+    for layer in replay.chain.layers:
+        if not 0 < layer.size <= REPLAY_MAX_BYTES:
+            return f"layer size {layer.size} outside 1..{REPLAY_MAX_BYTES}"
+        if not 0 < layer.cluster_size <= 2 << 20:
+            return f"cluster size {layer.cluster_size} outside 1..{2 << 20}"
+    for ops in batches:
+        for op in ops:
+            for name in ("offset", "length", "value"):
+                value = getattr(op, name)
+                if not 0 <= value <= REPLAY_MAX_BYTES:
+                    return f"{op.kind.value} {name} {value} outside 0..{REPLAY_MAX_BYTES}"
+    return None
 
 
 def run_replay(

@@ -39,6 +39,7 @@ from .backing import (
     ImplicitOpenGate,
     PermissiveImplicitOpenGate,
 )
+from .qcow2.check import check
 from .qcow2.driver import Qcow2Driver
 from .raw import RawDriver
 
@@ -82,6 +83,7 @@ __all__ = [
     "UnsupportedFeatureError",
     "WritableBuffer",
     "ZeroMapping",
+    "check",
     "create_image",
     "open_image",
     "probe_format",

@@ -29,6 +29,7 @@ __all__ = [
     "CAPABILITIES",
     "IMPL_ENV",
     "LOAD_ERROR_ENV",
+    "PROGRESS_ENV",
     "Capabilities",
     "Impl",
     "ImplError",
@@ -41,6 +42,9 @@ IMPL_ENV: Final = "PYIMAGO_CONFORMANCE_IMPL"
 
 #: Where the suite writes why it could not load the implementation (set by the runner).
 LOAD_ERROR_ENV: Final = "PYIMAGO_CONFORMANCE_LOAD_ERROR"
+
+#: A file the results plugin keeps "<tests done> <tests collected>" in (set by the runner).
+PROGRESS_ENV: Final = "PYIMAGO_CONFORMANCE_PROGRESS"
 
 #: Short names of the implementations that ship with pyimago.
 _BUILTIN: Final = {"reference": "pyimago.reference", "fast": "pyimago.fast"}

@@ -21,6 +21,7 @@ from .._cli_support import add_import_paths, budget_note, format_failure, target
 from ..profiles import PROFILES
 from ..replay import DEFAULT_FAILURES_DIR
 from ..session import RunStats
+from ._campaign_cli import add_campaign_options, campaign_main, check_database
 from ._run import conformance_settings, run_driver_conformance
 from ._stats import ConformanceStats
 from ._target import load_target
@@ -53,6 +54,7 @@ def _parser() -> CliParser:
     parser.add_argument("--no-qemu", action="store_true",
                         help="skip the qemu-img checks at teardown of file chains")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_campaign_options(parser)
     return parser
 
 
@@ -107,6 +109,11 @@ def _print_stats(stats: ConformanceStats, failed: bool, budget: int) -> None:
 def fuzz_main(argv: Sequence[str]) -> int:
     """``pyimago fuzz``; returns the exit status."""
     args = _parser().parse_args(list(argv))
+    if args.workers is not None:
+        return campaign_main(args)
+    if args.tx or args.duration is not None or args.campaign_dir or args.json:
+        fail("pyimago fuzz", "--tx, --duration, --campaign-dir and --json need --workers N")
+    check_database(args.database)
     add_import_paths(args.path)
     try:
         target = load_target(args.target)
@@ -132,29 +139,16 @@ def fuzz_main(argv: Sequence[str]) -> int:
             failures_dir=args.failures_dir,
             qemu_img=None if args.no_qemu else "auto",
             progress=tick,
+            database=args.database,
         )
 
     try:
         if args.no_progress:
             run()
         else:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                SpinnerColumn,
-                TextColumn,
-                TimeElapsedColumn,
-            )
+            from .._progress import progress_bar
 
-            with Progress(
-                SpinnerColumn(),
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TextColumn("{task.fields[detail]}"),
-            ) as bar:
+            with progress_bar() as bar:
                 task = bar.add_task(f"fuzzing {name}", total=settings.max_examples, detail="")
 
                 def show(stats: ConformanceStats) -> None:

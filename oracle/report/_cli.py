@@ -130,7 +130,8 @@ def run_conformance(
         errors.append(f"spec clause registry: {exc}")
     say(f"conformance suite: running against {loaded.name} ...")
     with tempfile.TemporaryDirectory(prefix="pyimago-conformance-") as tmp:
-        suite = run_suite(impl, Path(tmp), timeout=suite_timeout, import_paths=import_paths)
+        suite = run_suite(impl, Path(tmp), timeout=suite_timeout, import_paths=import_paths,
+                          progress=progress)
     if suite.load_error is not None:
         machines = False  # nothing to check them against: the report says why, once
     else:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from dataclasses import replace
+from typing import TYPE_CHECKING, NoReturn
 
 from .._errors import (
     CorruptImageError,
@@ -44,7 +45,18 @@ from .extensions import HeaderExtension, backing_format, feature_names, parse_ex
 from .features import check_features
 from .header import FIELD_OFFSETS, QCowHeader, l2_entries, parse_header, required_l1_size
 from .l2cache import L2Cache
+from .overlap import (
+    ACTIVE_L1,
+    ACTIVE_L2,
+    HEADER,
+    REFCOUNT_BLOCK,
+    REFCOUNT_TABLE,
+    MetadataRegion,
+    first_overlap,
+    snapshot_regions,
+)
 from .refcounts import RefcountTable
+from .snapshots import read_snapshot_table
 from .tables import (
     ClusterType,
     L2Entry,
@@ -112,6 +124,13 @@ class Qcow2Driver:
             raw = cluster[
                 header.backing_file_offset : header.backing_file_offset + header.backing_file_size
             ]
+            if b"\0" in raw:
+                # QEMU reads the name as a C string and would open a different file; a name
+                # no path can hold is corruption, not a ValueError from os.path later.
+                raise CorruptImageError(
+                    f"qcow2 backing file name {raw!r} (at offset "
+                    f"{header.backing_file_offset}) holds a NUL byte"
+                )
             self.backing_file = raw.decode("utf-8", "surrogateescape")
         self.backing_format: str | None = backing_format(self.extensions)
 
@@ -132,6 +151,18 @@ class Qcow2Driver:
         )
         self._l1 = self._load_l1()
         self._check_snapshot_table()
+        #: qcow2.corrupt.mark: set once a write would have landed on metadata.
+        self._corrupt = False
+        # The snapshots' metadata never changes here (we make no snapshots): read it once,
+        # for the overlap checks of a writable image.
+        self._snapshot_metadata: list[MetadataRegion] = []
+        if writable:
+            snapshots, table_length = read_snapshot_table(
+                storage, header.snapshots_offset, header.nb_snapshots
+            )
+            self._snapshot_metadata = list(snapshot_regions(
+                storage, cs, header.snapshots_offset, table_length, snapshots
+            ))
         self._l2 = L2Cache(storage, cs, l2_cache_tables)
         # Host clusters to unreference once the pinned L2 tables (whose new entries replace
         # the references) are on storage (crash.order.unref-after-entry).
@@ -150,6 +181,7 @@ class Qcow2Driver:
         )
         if writable:
             self._allocator.attach(self._refcounts)
+            self._allocator.overlap_check = self._overlap_check
             if header.version >= 3 and header.autoclear_features:
                 # qcow2.features.autoclear-clear: "An implementation may only write to an image
                 # with unknown auto-clear features if it clears the respective bits from this
@@ -174,12 +206,11 @@ class Qcow2Driver:
         if offset < self._cluster_size:
             raise CorruptImageError(f"qcow2 {what} at offset 0x{offset:x} overlaps the header")
         if check_overlap:
-            for name, start, size in self._fixed_metadata():
-                if start < offset + length and offset < start + size:
-                    raise CorruptImageError(
-                        f"qcow2 {what} at offset 0x{offset:x} overlaps the {name} "
-                        f"(0x{start:x}+{size})"
-                    )
+            region = first_overlap(self._fixed_metadata(), offset, length)
+            if region is not None:
+                raise CorruptImageError(
+                    f"qcow2 {what} at offset 0x{offset:x} overlaps the {region}"
+                )
 
     def _check_snapshot_table(self) -> None:
         # qcow2.snapshots.table: only the active L1 table is read, but a snapshot table that
@@ -189,26 +220,51 @@ class Qcow2Driver:
             self._check_metadata_range("snapshot table", h.snapshots_offset, 1,
                                        check_overlap=False)
 
-    def _l2_table_offsets(self) -> set[int]:
-        return {e & L1E_OFFSET_MASK for e in self._l1} - {0}
-
-    def _fixed_metadata_at(self, host: int) -> str | None:
-        """The fixed metadata structure the cluster at ``host`` overlaps, if any."""
-        for name, start, size in self._fixed_metadata():
-            if start < host + self._cluster_size and host < start + size:
-                return name
-        return None
-
-    def _fixed_metadata(self) -> list[tuple[str, int, int]]:
+    def _fixed_metadata(self) -> list[MetadataRegion]:
         return [
-            ("header", 0, self._cluster_size),
-            ("L1 table", self._l1_offset, self._l1_size * 8),
-            (
-                "refcount table",
+            MetadataRegion(HEADER, 0, self._cluster_size),
+            MetadataRegion(ACTIVE_L1, self._l1_offset, self._l1_size * 8),
+            MetadataRegion(
+                REFCOUNT_TABLE,
                 self._refcounts.table_offset,
                 self._refcounts.table_clusters * self._cluster_size,
             ),
         ]
+
+    def _metadata_regions(self) -> Iterator[MetadataRegion]:
+        """Every metadata structure of the image (qcow2.corrupt.overlap-check)."""
+        cs = self._cluster_size
+        yield from self._fixed_metadata()
+        for offset in sorted(self._refcounts.block_offsets()):
+            yield MetadataRegion(REFCOUNT_BLOCK, offset, cs)
+        for offset in sorted({e & L1E_OFFSET_MASK for e in self._l1} - {0}):
+            yield MetadataRegion(ACTIVE_L2, offset, cs)
+        yield from self._snapshot_metadata
+
+    def _overlap_check(self, offset: int, length: int, what: str = "write") -> None:
+        """qcow2.corrupt.overlap-check: "A hit raises CorruptImageError naming the offset and
+        the structure it overlaps, and nothing is written."  (And marks the image corrupt.)"""
+        region = first_overlap(self._metadata_regions(), offset, length)
+        if region is not None:
+            self._signal_corruption(
+                f"qcow2 {self._storage}: preventing invalid {what} at 0x{offset:x}+{length}: "
+                f"it overlaps the {region}"
+            )
+
+    def _signal_corruption(self, message: str) -> NoReturn:
+        """qcow2.corrupt.mark: "a v3 image gets the corrupt bit (incompatible bit 1) set on
+        storage, every later modifying operation on the open image raises
+        CorruptImageError, and reads keep working."  (v2 has no such bit: the open image
+        still refuses writes.)"""
+        if not self._corrupt:
+            self._corrupt = True
+            # Whatever waited in the caches stays unwritten: leaks at worst.
+            self._pending_frees.clear()
+            if self.header.version >= 3:
+                flags = self.header.incompatible_features | QCOW2_INCOMPAT_CORRUPT
+                self._write_field("incompatible_features", ">Q", flags)
+                self.header = replace(self.header, incompatible_features=flags)
+        raise CorruptImageError(message + "; the image is marked corrupt, writes are refused")
 
     def _load_l1(self) -> list[int]:
         raw = self._storage.read(self._l1_offset, self._l1_size * 8) if self._l1_size else b""
@@ -296,8 +352,18 @@ class Qcow2Driver:
     def _l2_table_offset(self, l1_idx: int) -> int:
         entry = decode_l1_entry(self._l1[l1_idx], self._cluster_size)
         if entry.l2_offset:
-            self._check_metadata_range("L2 table", entry.l2_offset, self._cluster_size)
+            self._check_l2_table(entry.l2_offset)
         return entry.l2_offset
+
+    def _check_l2_table(self, l2_offset: int) -> None:
+        try:
+            self._check_metadata_range("L2 table", l2_offset, self._cluster_size)
+        except CorruptImageError as exc:
+            if not self._writable or self._corrupt:
+                raise
+            # qcow2.corrupt.mark: "When a write would land on metadata (or metadata is found
+            # inconsistent while writing), a v3 image gets the corrupt bit".
+            self._signal_corruption(str(exc))
 
     def _load_l2(self, l2_offset: int) -> list[int]:
         return self._l2.load(l2_offset)
@@ -337,12 +403,12 @@ class Qcow2Driver:
         l1_idx = l1_index(guest_offset, self._cluster_bits)
         entry = decode_l1_entry(self._l1[l1_idx], self._cluster_size)
         if entry.l2_offset and entry.copied:
-            self._check_metadata_range("L2 table", entry.l2_offset, self._cluster_size)
+            self._check_l2_table(entry.l2_offset)
             return entry.l2_offset, self._load_l2(entry.l2_offset)
         if entry.l2_offset:
             # qcow2.l2.cow-shared: an L2 table with refcount > 1 (COPIED clear) is shared with a
             # snapshot and must be copied before it is changed.
-            self._check_metadata_range("L2 table", entry.l2_offset, self._cluster_size)
+            self._check_l2_table(entry.l2_offset)
             table = list(self._load_l2(entry.l2_offset))
         else:
             table = [0] * self._l2_entries
@@ -402,7 +468,7 @@ class Qcow2Driver:
             # Validate before anything changes: a hostile entry must not make us free the
             # image's own metadata, or a cluster nobody holds.
             for host in held:
-                self._check_data_cluster(host, what="freeing", in_file=False)
+                self._check_data_cluster(host, what="freeing of", in_file=False)
                 if self._allocator.refcount(host) == 0:
                     raise CorruptImageError(
                         f"qcow2 L2 entry for guest offset {guest_offset} refers to host cluster "
@@ -459,9 +525,11 @@ class Qcow2Driver:
             # is, but is never handed out as writable (qcow2.metadata.outside-file, overlap).
             writable = (
                 self._writable
+                and not self._corrupt
                 and entry.copied
                 and entry.host_offset < self._storage.size()
-                and self._fixed_metadata_at(entry.host_offset) is None
+                and first_overlap(self._metadata_regions(), entry.host_offset,
+                                  self._cluster_size) is None
             )
             return RawMapping(self._storage, entry.host_offset + in_cluster, writable)
         if t in (ClusterType.ZERO_PLAIN, ClusterType.ZERO_ALLOC):
@@ -496,6 +564,10 @@ class Qcow2Driver:
     def _require_writable(self, op: str) -> None:
         if not self._writable:
             raise ReadOnlyError(f"{op}: {self} is read-only")
+        if self._corrupt:
+            # qcow2.corrupt.mark: "every later modifying operation on the open image raises
+            # CorruptImageError".
+            raise CorruptImageError(f"{op}: {self} is marked corrupt; writes are refused")
 
     def _begin(self, op: str) -> None:
         """Start a modifying operation other than ensure_data_mapping."""
@@ -547,26 +619,17 @@ class Qcow2Driver:
         return self._storage, host + in_cluster, chunk
 
     def _check_data_cluster(
-        self, host: int, *, what: str = "writing", in_file: bool = True
+        self, host: int, *, what: str = "write to", in_file: bool = True
     ) -> None:
-        """qcow2.metadata.overlap / outside-file: a data cluster we are about to write (or
-        free) must lie in the image file and must not overlap the header, L1 or refcount
-        table."""
+        """qcow2.metadata.outside-file / qcow2.corrupt.overlap-check: a data cluster we are
+        about to write (or free) must lie in the image file and must not overlap any
+        metadata."""
         if in_file and host >= self._storage.size():
             raise CorruptImageError(
                 f"qcow2 data cluster 0x{host:x} lies wholly outside the image file "
                 f"({self._storage.size()} bytes): refusing {what} it"
             )
-        name = self._fixed_metadata_at(host)
-        if name is not None:
-            raise CorruptImageError(
-                f"qcow2 data cluster 0x{host:x} overlaps the {name}: refusing {what} it"
-            )
-        if host in self._l2_table_offsets() or host in self._refcounts.block_offsets():
-            raise CorruptImageError(
-                f"qcow2 data cluster 0x{host:x} is also an L2 table or refcount block: "
-                f"refusing {what} it"
-            )
+        self._overlap_check(host, self._cluster_size, f"{what} data cluster")
 
     # -- zeroing and discarding ---------------------------------------------------------------
 
@@ -781,7 +844,7 @@ class Qcow2Driver:
     # -- caches and lifetime ------------------------------------------------------------------
 
     def flush(self) -> None:
-        if self._writable:
+        if self._writable and not self._corrupt:
             self._settle()
             self._l2.flush()
         self._storage.flush()

@@ -115,3 +115,31 @@ def test_python_dash_m_oracle_is_the_same_command() -> None:
     proc = subprocess.run([sys.executable, "-m", "pyimago.oracle", "--version"],
                           capture_output=True, text=True, timeout=60, check=True)
     assert proc.stdout == f"pyimago {pyimago.__version__}\n"
+
+
+USER_FILE = '''
+import pyimago
+from pyimago.fast import open_image as fast_open
+from pyimago.reference import MemoryStorage, create_image, open_image
+
+version: str = pyimago.__version__
+storage = MemoryStorage()
+create_image(storage, 1 << 20, format="qcow2")
+with open_image(storage) as img:
+    data: bytes = img.read(0, 512)
+with fast_open(storage) as fimg:
+    more: bytes = fimg.read(0, 512)
+'''
+
+
+def test_mypy_sees_the_package_in_this_environment(tmp_path: Path) -> None:
+    # The README's environment (.venv, an editable install): a user's mypy must find pyimago
+    # and its types (scripts/bootstrap's link tree; the wheel is checked by smoke-wheel).
+    pytest.importorskip("mypy")
+    (tmp_path / "user.py").write_text(USER_FILE)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--cache-dir", str(tmp_path / "cache"),
+         "user.py"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -88,6 +88,10 @@ def test_a_failing_driver_fails_its_test_with_the_log(inner: pytest.Pytester) ->
     assert "pyimago oracle log (target forgetful)" in out
     assert "replay file:" in out and "pyimago conformance of forgetful" in out
     assert list((inner.path / ".pyimago-failures").iterdir())
+    # Once each, and no frames of the oracle's above them.
+    assert out.count("pyimago oracle log (target forgetful)") == 1
+    assert out.count("(run it again: pyimago replay") == 1
+    assert "pyimago/oracle/" not in out and "oracle/machines.py" not in out
 
 
 def test_marker_needs_one_target(inner: pytest.Pytester) -> None:

@@ -32,6 +32,7 @@ from pyimago.reference import (
     create_image,
     open_image,
 )
+from pyimago.reference.qcow2.l2cache import L2Cache
 from pyimago.reference.qcow2.tables import ClusterType, L2Entry, l2_index
 
 # -- the mutants ----------------------------------------------------------------------------
@@ -78,13 +79,21 @@ class RegrowKeepsOldTail(Qcow2Driver):
         return True
 
 
+class _LossyL2Cache(L2Cache):
+    def _evict(self) -> None:
+        for offset in [o for o in list(self._tables)[:-1] if o not in self._pinned]:
+            if len(self._tables) <= self._capacity:
+                return
+            self._dirty.discard(offset)
+            del self._tables[offset]
+
+
 class LoseDirtyL2OnEviction(Qcow2Driver):
     """A dirty L2 table evicted from the cache is dropped instead of written back."""
 
-    def _evict_l2(self) -> None:
-        while len(self._l2_cache) > self._l2_cache_tables:
-            offset, _ = self._l2_cache.popitem(last=False)
-            self._dirty_l2.discard(offset)
+    def _load_l2(self, l2_offset: int) -> list[int]:
+        self._l2.__class__ = _LossyL2Cache
+        return super()._load_l2(l2_offset)
 
 
 class L2BoundaryOffByOne(Qcow2Driver):
@@ -100,8 +109,11 @@ class L2BoundaryOffByOne(Qcow2Driver):
     def _get_l2_entry(self, guest_offset: int) -> L2Entry:
         return super()._get_l2_entry(self._shift(guest_offset))
 
-    def _set_l2_entry(self, guest_offset: int, entry: L2Entry, *, write_through: bool) -> None:
-        super()._set_l2_entry(self._shift(guest_offset), entry, write_through=write_through)
+    def _set_l2_entry(
+        self, guest_offset: int, entry: L2Entry, *, write_through: bool, pinned: bool = False
+    ) -> None:
+        super()._set_l2_entry(self._shift(guest_offset), entry, write_through=write_through,
+                              pinned=pinned)
 
 
 MUTANTS: dict[str, type[Qcow2Driver]] = {
