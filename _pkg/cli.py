@@ -56,6 +56,8 @@ COMMANDS: Final[tuple[Command, ...]] = (
     Command("info", "pyimago.tools._cli:info_main", "show an image's format and chain"),
     Command("map", "pyimago.tools._cli:map_main", "print an image's mappings"),
     Command("compare", "pyimago.tools._cli:compare_main", "compare two images' contents"),
+    Command("check", "pyimago.tools._cli:check_main",
+            "check (and repair) an image; exit 0/1/2/3 as qemu-img; --junit for CI"),
     Command("convert", "pyimago.tools._cli:convert_main", "copy an image to a new format"),
     Command("create", "pyimago.tools._cli:create_main", "create an image"),
     Command("resize", "pyimago.tools._cli:resize_main", "grow or shrink an image"),

@@ -7,12 +7,14 @@ and exit status 2 (never a traceback).  Exit statuses otherwise follow qemu-img'
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from pyimago.reference import PyimagoError
 
+from ._check import render_check, timed_check, write_junit
 from ._common import IMPLEMENTATIONS, ToolError, parse_options, parse_size, require_file
 from ._compare import compare
 from ._convert import ConvertOptions, convert
@@ -23,6 +25,7 @@ from ._measure import measure, render_measure
 
 __all__ = [
     "COMMANDS",
+    "check_main",
     "compare_main",
     "convert_main",
     "create_main",
@@ -323,6 +326,41 @@ def resize_main(argv: Sequence[str]) -> int:
     return _run("resize", body)
 
 
+# -- check ---------------------------------------------------------------------------------------
+
+
+def check_main(argv: Sequence[str]) -> int:
+    """``pyimago check [-f FMT] [-r leaks|all] [--output human|json] [--junit FILE] [-q]
+    IMAGE``: exit 0 clean, 1 the check failed, 2 corruptions, 3 leaks only."""
+    parser = _parser("check", "Check (and repair) an image as qemu-img check does.")
+    _reader_args(parser, "human")
+    parser.add_argument("-r", dest="repair", choices=("leaks", "all"),
+                        help="repair leaks only, or everything that can be")
+    parser.add_argument("--junit", help="also write the verdict as a JUnit XML file")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing")
+    parser.add_argument("image")
+    args = _parse(parser, argv)
+    if isinstance(args, int):
+        return args
+
+    def body() -> int:
+        if args.junit is not None:
+            folder = os.path.dirname(os.path.abspath(args.junit))
+            if not os.path.isdir(folder) or os.path.isdir(args.junit):
+                raise ToolError(f"--junit {args.junit!r}: not a file in an existing folder")
+        result, seconds = timed_check(args.image, repair=args.repair, impl=args.impl,
+                                      fmt=args.fmt)
+        if not args.quiet:
+            for problem in result.problems:
+                print(problem, file=sys.stderr)
+            sys.stdout.write(render_check(result, output=args.output))
+        if args.junit is not None:
+            write_junit(args.junit, result, seconds)
+        return result.exit_code
+
+    return _run("check", body)
+
+
 #: Subcommand name -> "module:function" for the ``pyimago`` dispatcher.
 COMMANDS = {
     "info": "pyimago.tools._cli:info_main",
@@ -330,6 +368,7 @@ COMMANDS = {
     "measure": "pyimago.tools._cli:measure_main",
     "compare": "pyimago.tools._cli:compare_main",
     "convert": "pyimago.tools._cli:convert_main",
+    "check": "pyimago.tools._cli:check_main",
     "create": "pyimago.tools._cli:create_main",
     "resize": "pyimago.tools._cli:resize_main",
 }

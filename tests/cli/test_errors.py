@@ -148,6 +148,9 @@ CALLS: list[tuple[list[str], str]] = [
     (["create", "-f", "qcow2", "-o", "cluster_size=1000", "new.qcow2", "1M"], "1000"),
     (["create", "-f", "qcow2", "-b", "afile", "new.qcow2"], "afile"),
     (["resize", "missing.img", "1M"], "missing.img"),
+    (["check", "missing.img"], "missing.img"),
+    (["check", "-r", "some", "afile"], "'some'"),
+    (["check", "--junit", "nodir/out.xml", "afile"], "nodir/out.xml"),
     (["resize", "afile", "+lots"], "lots"),
     (["measure", "-O", "qcow2", "-o", "cluster_size=3k", "--size", "1M"], "3072"),
 ]
