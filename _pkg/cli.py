@@ -62,6 +62,9 @@ COMMANDS: Final[tuple[Command, ...]] = (
     Command("create", "pyimago.tools._cli:create_main", "create an image"),
     Command("resize", "pyimago.tools._cli:resize_main", "grow or shrink an image"),
     Command("measure", "pyimago.tools._cli:measure_main", "the size a conversion needs"),
+    Command("commit", "pyimago.tools._cli:commit_main", "write an overlay into its backing"),
+    Command("rebase", "pyimago.tools._cli:rebase_main", "give an overlay a new backing file"),
+    Command("snapshot", "pyimago.tools._cli:snapshot_main", "list internal snapshots (-l)"),
 )
 
 #: The modules each extra brings (the import names of its requirements in pyproject.toml;

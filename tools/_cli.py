@@ -14,25 +14,37 @@ from typing import NoReturn
 
 from pyimago.reference import PyimagoError
 
+from ._chain import commit, rebase
 from ._check import render_check, timed_check, write_junit
-from ._common import IMPLEMENTATIONS, ToolError, parse_options, parse_size, require_file
+from ._common import (
+    IMPLEMENTATIONS,
+    ToolError,
+    backing_path,
+    open_chain,
+    parse_options,
+    parse_size,
+    require_file,
+)
 from ._compare import compare
 from ._convert import ConvertOptions, convert
 from ._create import create, resize
-from ._info import image_info, render_info
+from ._info import image_info, render_info, render_snapshots
 from ._map import map_image, render_map
 from ._measure import measure, render_measure
 
 __all__ = [
     "COMMANDS",
     "check_main",
+    "commit_main",
     "compare_main",
     "convert_main",
     "create_main",
     "info_main",
     "map_main",
     "measure_main",
+    "rebase_main",
     "resize_main",
+    "snapshot_main",
 ]
 
 _ERROR_EXIT = 2
@@ -361,6 +373,100 @@ def check_main(argv: Sequence[str]) -> int:
     return _run("check", body)
 
 
+# -- commit, rebase, snapshot --------------------------------------------------------------------
+
+
+def commit_main(argv: Sequence[str]) -> int:
+    """``pyimago commit [-f FMT] [-d] [-p] [-q] IMAGE``: the overlay's data into its backing."""
+    parser = _parser("commit", "Write an overlay's data into its backing file "
+                               "(qemu-img commit).")
+    parser.add_argument("-f", dest="fmt", choices=("qcow2", "raw"), help="image format")
+    parser.add_argument("-d", dest="keep", action="store_true",
+                        help="keep the overlay's data (do not empty it)")
+    parser.add_argument("-b", dest="base", help="the backing file to commit into (only the "
+                                                "overlay's own backing file is supported)")
+    parser.add_argument("-p", dest="progress", action="store_true",
+                        help="show a progress bar (on a terminal only)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing")
+    parser.add_argument("image")
+    args = _parse(parser, argv)
+    if isinstance(args, int):
+        return args
+
+    def body() -> int:
+        if args.base is not None:
+            with open_chain(args.image, impl=args.impl, fmt=args.fmt) as image:
+                named = image.info().backing_file
+            if named is None or os.path.realpath(backing_path(args.image, named)) != \
+                    os.path.realpath(args.base):
+                raise ToolError(f"-b {args.base!r}: committing past the image's own backing "
+                                "file is not supported yet")
+        commit(args.image, fmt=args.fmt, keep=args.keep, impl=args.impl,
+               show_progress=args.progress and not args.quiet)
+        if not args.quiet:
+            print("Image committed.")
+        return 0
+
+    return _run("commit", body)
+
+
+def rebase_main(argv: Sequence[str]) -> int:
+    """``pyimago rebase [-f FMT] [-u] -b BACKING [-F FMT] [-q] IMAGE`` (``-b ''``: none)."""
+    parser = _parser("rebase", "Give an overlay a new backing file (qemu-img rebase).")
+    parser.add_argument("-f", dest="fmt", choices=("qcow2", "raw"), help="image format")
+    parser.add_argument("-b", dest="backing", required=True,
+                        help="the new backing file ('' for none)")
+    parser.add_argument("-F", dest="backing_fmt", choices=("qcow2", "raw"),
+                        help="format of the new backing file")
+    parser.add_argument("-u", dest="unsafe", action="store_true",
+                        help="only change the name: the contents are not compared")
+    parser.add_argument("-p", dest="progress", action="store_true",
+                        help="accepted for qemu-img compatibility")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing")
+    parser.add_argument("image")
+    args = _parse(parser, argv)
+    if isinstance(args, int):
+        return args
+
+    def body() -> int:
+        rebase(args.image, args.backing, new_fmt=args.backing_fmt, unsafe=args.unsafe,
+               fmt=args.fmt, impl=args.impl)
+        return 0
+
+    return _run("rebase", body)
+
+
+def snapshot_main(argv: Sequence[str]) -> int:
+    """``pyimago snapshot -l IMAGE`` lists internal snapshots; -c, -a and -d are not
+    supported yet (no implementation writes snapshots)."""
+    parser = _parser("snapshot", "List an image's internal snapshots (qemu-img snapshot).")
+    parser.add_argument("-f", dest="fmt", choices=("qcow2", "raw"), help="image format")
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("-l", dest="list", action="store_true", help="list the snapshots")
+    action.add_argument("-c", dest="create", metavar="NAME", help="(not supported yet)")
+    action.add_argument("-a", dest="apply", metavar="NAME", help="(not supported yet)")
+    action.add_argument("-d", dest="delete", metavar="NAME", help="(not supported yet)")
+    parser.add_argument("-U", "--force-share", action="store_true",
+                        help="accepted for qemu-img compatibility (pyimago takes no locks)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing")
+    parser.add_argument("image")
+    args = _parse(parser, argv)
+    if isinstance(args, int):
+        return args
+
+    def body() -> int:
+        if not args.list:
+            flag = "-c" if args.create else "-a" if args.apply else "-d"
+            raise ToolError(f"snapshot {flag} is not supported yet: no pyimago implementation "
+                            "writes internal snapshots (only -l works)")
+        records = image_info(args.image, impl=args.impl, fmt=args.fmt)
+        if not args.quiet:
+            sys.stdout.write(render_snapshots(records[0]))
+        return 0
+
+    return _run("snapshot", body)
+
+
 #: Subcommand name -> "module:function" for the ``pyimago`` dispatcher.
 COMMANDS = {
     "info": "pyimago.tools._cli:info_main",
@@ -369,6 +475,9 @@ COMMANDS = {
     "compare": "pyimago.tools._cli:compare_main",
     "convert": "pyimago.tools._cli:convert_main",
     "check": "pyimago.tools._cli:check_main",
+    "commit": "pyimago.tools._cli:commit_main",
+    "rebase": "pyimago.tools._cli:rebase_main",
+    "snapshot": "pyimago.tools._cli:snapshot_main",
     "create": "pyimago.tools._cli:create_main",
     "resize": "pyimago.tools._cli:resize_main",
 }

@@ -10,7 +10,7 @@ from pyimago.reference import ImageInfo, SnapshotInfo
 
 from ._common import Impl, allocated_size, backing_path, open_chain, size_to_str
 
-__all__ = ["image_info", "info_record", "render_info"]
+__all__ = ["image_info", "info_record", "render_info", "render_snapshots"]
 
 
 def _snapshot_record(sn: SnapshotInfo) -> dict[str, Any]:
@@ -104,6 +104,19 @@ def _snapshot_line(sn: dict[str, Any]) -> str:
             f"{date:>20}{clock:>13}{icount:>11}")
 
 
+def _snapshot_table(snapshots: list[dict[str, Any]]) -> list[str]:
+    header = (f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}"
+              f"{'ICOUNT':>11}")
+    return [header, *(_snapshot_line(sn) for sn in snapshots)]
+
+
+def render_snapshots(record: dict[str, Any]) -> str:
+    """``qemu-img snapshot -l``: the snapshot table (nothing when there is none)."""
+    if not record.get("snapshots"):
+        return ""
+    return "\n".join(["Snapshot list:", *_snapshot_table(record["snapshots"])]) + "\n"
+
+
 def _human_one(rec: dict[str, Any]) -> str:
     lines = [
         f"image: {rec['filename']}",
@@ -124,9 +137,7 @@ def _human_one(rec: dict[str, Any]) -> str:
         lines.append(f"backing file format: {rec['backing-filename-format']}")
     if rec.get("snapshots"):
         lines.append("Snapshot list:")
-        lines.append(f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}"
-                     f"{'ICOUNT':>11}")
-        lines.extend(_snapshot_line(sn) for sn in rec["snapshots"])
+        lines.extend(_snapshot_table(rec["snapshots"]))
     if "format-specific" in rec:
         lines.append("Format specific information:")
         for key, value in rec["format-specific"]["data"].items():
