@@ -86,8 +86,14 @@ def _run(prog: str, body: Callable[[], int]) -> int:
         return 130
 
 
-def _parse(parser: _Parser, argv: Sequence[str]) -> argparse.Namespace | int:
-    """Parsed arguments, or the exit status when parsing ended the command."""
+def _parse(parser: _Parser, argv: Sequence[str], *positionals: str, quiet: bool = False
+           ) -> argparse.Namespace | int:
+    """Add ``-q`` (with ``quiet``) and the positional arguments, then parse: the arguments,
+    or the exit status when parsing ended the command."""
+    if quiet:
+        parser.add_argument("-q", "--quiet", action="store_true", help="print nothing")
+    for name in positionals:
+        parser.add_argument(name)
     try:
         return parser.parse_args(list(argv))
     except _Usage as exc:
@@ -95,6 +101,11 @@ def _parse(parser: _Parser, argv: Sequence[str]) -> argparse.Namespace | int:
         return _ERROR_EXIT
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0
+
+
+def _progress_arg(parser: _Parser) -> None:
+    parser.add_argument("-p", dest="progress", action="store_true",
+                        help="show a progress bar (on a terminal only)")
 
 
 def _reader_args(parser: _Parser, output: str | None) -> None:
@@ -124,8 +135,7 @@ def info_main(argv: Sequence[str]) -> int:
     _reader_args(parser, "human")
     parser.add_argument("--backing-chain", action="store_true",
                         help="also show every image of the backing chain")
-    parser.add_argument("image")
-    args = _parse(parser, argv)
+    args = _parse(parser, argv, "image")
     if isinstance(args, int):
         return args
 
@@ -150,8 +160,7 @@ def map_main(argv: Sequence[str]) -> int:
                         help="first guest offset to map")
     parser.add_argument("-l", "--max-length", type=_size, default=None,
                         help="map at most this many bytes")
-    parser.add_argument("image")
-    args = _parse(parser, argv)
+    args = _parse(parser, argv, "image")
     if isinstance(args, int):
         return args
 
@@ -213,9 +222,7 @@ def compare_main(argv: Sequence[str]) -> int:
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing")
     parser.add_argument("-U", "--force-share", action="store_true",
                         help="accepted for qemu-img compatibility (pyimago takes no locks)")
-    parser.add_argument("image1")
-    parser.add_argument("image2")
-    args = _parse(parser, argv)
+    args = _parse(parser, argv, "image1", "image2")
     if isinstance(args, int):
         return args
 
@@ -248,8 +255,7 @@ def convert_main(argv: Sequence[str]) -> int:
                         help="the output exists: do not create it")
     parser.add_argument("-c", dest="compress", action="store_true",
                         help="compress the output (not supported yet)")
-    parser.add_argument("-p", dest="progress", action="store_true",
-                        help="show a progress bar (on a terminal only)")
+    _progress_arg(parser)
     parser.add_argument("-S", dest="sparse_size", type=_size, default=4096,
                         help="zero runs this long become holes (default 4k; 0: never)")
     parser.add_argument("-m", dest="workers", type=int, default=4,
@@ -257,10 +263,7 @@ def convert_main(argv: Sequence[str]) -> int:
     parser.add_argument("-l", dest="snapshot", help="snapshot to convert (not supported yet)")
     parser.add_argument("-U", "--force-share", action="store_true",
                         help="accepted for qemu-img compatibility (pyimago takes no locks)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing")
-    parser.add_argument("source")
-    parser.add_argument("output")
-    args = _parse(parser, argv)
+    args = _parse(parser, argv, "source", "output", quiet=True)
     if isinstance(args, int):
         return args
 
@@ -349,9 +352,7 @@ def check_main(argv: Sequence[str]) -> int:
     parser.add_argument("-r", dest="repair", choices=("leaks", "all"),
                         help="repair leaks only, or everything that can be")
     parser.add_argument("--junit", help="also write the verdict as a JUnit XML file")
-    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing")
-    parser.add_argument("image")
-    args = _parse(parser, argv)
+    args = _parse(parser, argv, "image", quiet=True)
     if isinstance(args, int):
         return args
 
@@ -385,11 +386,8 @@ def commit_main(argv: Sequence[str]) -> int:
                         help="keep the overlay's data (do not empty it)")
     parser.add_argument("-b", dest="base", help="the backing file to commit into (only the "
                                                 "overlay's own backing file is supported)")
-    parser.add_argument("-p", dest="progress", action="store_true",
-                        help="show a progress bar (on a terminal only)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing")
-    parser.add_argument("image")
-    args = _parse(parser, argv)
+    _progress_arg(parser)
+    args = _parse(parser, argv, "image", quiet=True)
     if isinstance(args, int):
         return args
 
@@ -422,9 +420,7 @@ def rebase_main(argv: Sequence[str]) -> int:
                         help="only change the name: the contents are not compared")
     parser.add_argument("-p", dest="progress", action="store_true",
                         help="accepted for qemu-img compatibility")
-    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing")
-    parser.add_argument("image")
-    args = _parse(parser, argv)
+    args = _parse(parser, argv, "image", quiet=True)
     if isinstance(args, int):
         return args
 
@@ -448,9 +444,7 @@ def snapshot_main(argv: Sequence[str]) -> int:
     action.add_argument("-d", dest="delete", metavar="NAME", help="(not supported yet)")
     parser.add_argument("-U", "--force-share", action="store_true",
                         help="accepted for qemu-img compatibility (pyimago takes no locks)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing")
-    parser.add_argument("image")
-    args = _parse(parser, argv)
+    args = _parse(parser, argv, "image", quiet=True)
     if isinstance(args, int):
         return args
 
