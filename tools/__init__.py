@@ -8,6 +8,8 @@ public ``FormatAccess`` API of that implementation.  Their JSON uses qemu-img's 
 
 from __future__ import annotations
 
+from ._chain import commit, rebase
+from ._check import check_json, render_check, run_check, write_junit
 from ._common import ToolError, implementation
 from ._compare import CompareResult, compare
 from ._convert import ConvertOptions, convert
@@ -21,6 +23,8 @@ __all__ = [
     "ConvertOptions",
     "MapEntry",
     "ToolError",
+    "check_json",
+    "commit",
     "compare",
     "convert",
     "create",
@@ -28,8 +32,12 @@ __all__ = [
     "implementation",
     "map_image",
     "measure",
+    "rebase",
+    "render_check",
     "render_info",
     "render_map",
     "render_measure",
     "resize",
+    "run_check",
+    "write_junit",
 ]
