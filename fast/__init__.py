@@ -30,6 +30,7 @@ from pyimago.reference._errors import (
     UnsupportedError,
     UnsupportedFeatureError,
 )
+from pyimago.reference._info import ImageInfo, Qcow2Info, SnapshotInfo
 from pyimago.reference._mapping import (
     EofMapping,
     IndirectMapping,
@@ -41,6 +42,7 @@ from pyimago.reference._mapping import (
 )
 from pyimago.reference._prealloc import PreallocateMode
 from pyimago.reference._storage import Buffer, MemoryStorage, Storage, WritableBuffer
+from pyimago.reference._stream import ImageStream
 from pyimago.reference.backing import (
     DenyImplicitOpenGate,
     FolderImplicitOpenGate,
@@ -77,7 +79,9 @@ __all__ = [
     "GateDeniedError",
     "ImageAccessError",
     "ImageInUseError",
+    "ImageInfo",
     "ImageNotFoundError",
+    "ImageStream",
     "ImplicitOpenGate",
     "IndirectMapping",
     "InvalidRequestError",
@@ -88,10 +92,12 @@ __all__ = [
     "ProbedRawWriteError",
     "ProblemKind",
     "PyimagoError",
+    "Qcow2Info",
     "RawMapping",
     "ReadOnlyError",
     "RepairMode",
     "ShallowMapping",
+    "SnapshotInfo",
     "SpecialMapping",
     "Storage",
     "UnsupportedError",

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeAlias
 
 from pyimago.reference._errors import DriverError, InvalidRequestError, ReadOnlyError
+from pyimago.reference._info import ImageInfo
 from pyimago.reference._mapping import (
     EofMapping,
     IndirectMapping,
@@ -26,6 +27,7 @@ from pyimago.reference._mapping import (
 )
 from pyimago.reference._prealloc import PreallocateMode
 from pyimago.reference._storage import Buffer, Storage, WritableBuffer
+from pyimago.reference._stream import ImageStream
 
 from ._layer import Clear
 from ._qcow2 import Qcow2Layer
@@ -190,6 +192,31 @@ class FormatAccess:
             # the indirection that reached it.
             return RawMapping(below.storage, below.offset, False), m
         return below, m
+
+    def iter_mapping(
+        self, start: int = 0, length: int | None = None
+    ) -> Iterator[tuple[int, int, Mapping]]:
+        """Yield ``(offset, length, mapping)`` for the consecutive ranges of
+        ``[start, start + length)`` (``length=None``: up to the disk end), cut at the disk end,
+        each resolved through the backing chain as ``get_mapping`` resolves it."""
+        start, length = _request(start, self.size if length is None else length,
+                                 "iter_mapping")
+        stop = min(start + length, self._layer.size)
+        while start < stop:
+            found, n = self.get_mapping(start, stop - start)
+            if isinstance(found, EofMapping):
+                return
+            yield start, n, found
+            start += n
+
+    def stream(self) -> ImageStream:
+        """The guest disk as a seekable file object (``io.RawIOBase``), writable when the
+        image is; closing it leaves the image open."""
+        return ImageStream(self)
+
+    def info(self) -> ImageInfo:
+        """This image's own format facts (its backing chain's are not included)."""
+        return self._layer.info()
 
     def ensure_data_mapping(
         self, offset: int, length: int, overwrite: bool

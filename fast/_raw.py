@@ -6,6 +6,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from pyimago.reference._info import ImageInfo
 from pyimago.reference._mapping import EofMapping, RawMapping, ShallowMapping
 from pyimago.reference._prealloc import PreallocateMode
 from pyimago.reference._storage import Buffer, Storage
@@ -82,6 +83,10 @@ class RawLayer(LayerBase):
     @property
     def size(self) -> int:
         return self.storage.size()
+
+    def info(self) -> ImageInfo:
+        """A raw image is its size and nothing else."""
+        return ImageInfo(format="raw", virtual_size=self.storage.size())
 
     def map_run(self, offset: int, max_len: int) -> tuple[int, int, int]:
         left = self.storage.size() - offset

@@ -21,6 +21,7 @@ from ._errors import (
     UnsupportedError,
     UnsupportedFeatureError,
 )
+from ._info import ImageInfo, Qcow2Info, SnapshotInfo
 from ._mapping import (
     EofMapping,
     IndirectMapping,
@@ -33,6 +34,7 @@ from ._mapping import (
 from ._open import AUTO, create_image, open_image, probe_format
 from ._prealloc import PreallocateMode
 from ._storage import Buffer, FileStorage, MemoryStorage, Storage, WritableBuffer
+from ._stream import ImageStream
 from .access import MAX_REQUEST_BYTES, FormatAccess
 from .backing import (
     DenyImplicitOpenGate,
@@ -61,7 +63,9 @@ __all__ = [
     "GateDeniedError",
     "ImageAccessError",
     "ImageInUseError",
+    "ImageInfo",
     "ImageNotFoundError",
+    "ImageStream",
     "ImplicitOpenGate",
     "IndirectMapping",
     "InvalidRequestError",
@@ -73,11 +77,13 @@ __all__ = [
     "ProblemKind",
     "PyimagoError",
     "Qcow2Driver",
+    "Qcow2Info",
     "RawDriver",
     "RawMapping",
     "ReadOnlyError",
     "RepairMode",
     "ShallowMapping",
+    "SnapshotInfo",
     "SpecialMapping",
     "Storage",
     "UnsupportedError",

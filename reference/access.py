@@ -7,12 +7,13 @@ This module follows imago's ``access.rs``; the clause IDs in comments name the r
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 
 from ._driver import FormatDriver
-from ._errors import DriverError, InvalidRequestError, ReadOnlyError
+from ._errors import DriverError, InvalidRequestError, ReadOnlyError, UnsupportedError
+from ._info import ImageInfo
 from ._mapping import (
     EofMapping,
     IndirectMapping,
@@ -24,6 +25,7 @@ from ._mapping import (
 )
 from ._prealloc import PreallocateMode
 from ._storage import Buffer, Storage, WritableBuffer
+from ._stream import ImageStream
 
 __all__ = ["MAX_OFFSET", "MAX_REQUEST_BYTES", "FormatAccess", "check_range"]
 
@@ -182,6 +184,38 @@ class FormatAccess:
             if isinstance(mapping, SpecialMapping):
                 return mapping, length
             raise DriverError(f"{self._driver}: unknown mapping {mapping!r}")
+
+    def iter_mapping(
+        self, start: int = 0, length: int | None = None
+    ) -> Iterator[tuple[int, int, Mapping]]:
+        """Yield ``(offset, length, mapping)`` for consecutive ranges from ``start``.
+
+        Covers ``[start, start + length)`` cut at the disk end (``length=None``: to the disk
+        end), each range as ``get_mapping`` resolves it through the backing chain.
+        """
+        start, length = check_range(start, self.size if length is None else length,
+                                    "iter_mapping")
+        end = min(start + length, self.size)
+        offset = start
+        while offset < end:
+            mapping, n = self.get_mapping(offset, end - offset)
+            if isinstance(mapping, EofMapping):
+                return
+            yield offset, n, mapping
+            offset += n
+
+    def stream(self) -> ImageStream:
+        """The guest disk as a seekable file object (``io.RawIOBase``), writable when the
+        image is; closing it leaves the image open."""
+        return ImageStream(self)
+
+    def info(self) -> ImageInfo:
+        """This image's own format facts (not its backing chain's), as qemu-img info says."""
+        # Not part of the FormatDriver protocol: drivers outside pyimago may lack it.
+        info: Callable[[], ImageInfo] | None = getattr(self._driver, "info", None)
+        if info is None:
+            raise UnsupportedError(f"{self._driver}: the driver reports no image info")
+        return info()
 
     def ensure_data_mapping(
         self, offset: int, length: int, overwrite: bool

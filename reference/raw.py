@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ._errors import ReadOnlyError, UnsupportedError
+from ._info import ImageInfo
 from ._mapping import EofMapping, RawMapping, ShallowMapping
 from ._prealloc import PreallocateMode
 from ._storage import Storage, WritableBuffer
@@ -54,6 +55,10 @@ class RawDriver:
 
     def storage_dependencies(self) -> list[Storage]:
         return [self._storage]
+
+    def info(self) -> ImageInfo:
+        """A raw image has no metadata: its format and size are all there is."""
+        return ImageInfo(format="raw", virtual_size=self.size)
 
     def get_mapping(self, offset: int, max_length: int) -> tuple[ShallowMapping, int]:
         size = self.size

@@ -17,6 +17,7 @@ from .._errors import (
     ReadOnlyError,
     UnsupportedError,
 )
+from .._info import ImageInfo, Qcow2Info, parse_snapshot_table
 from .._mapping import (
     EofMapping,
     IndirectMapping,
@@ -30,7 +31,12 @@ from .._storage import Storage, WritableBuffer
 from .allocation import ClusterAllocator
 from .compression import decompress_cluster
 from .constants import (
+    COMPRESSION_TYPES,
     L1E_OFFSET_MASK,
+    QCOW2_COMPAT_LAZY_REFCOUNTS,
+    QCOW2_INCOMPAT_CORRUPT,
+    QCOW2_INCOMPAT_DIRTY,
+    QCOW2_INCOMPAT_EXTL2,
     QCOW_OFLAG_COPIED,
     V2_HEADER_LENGTH,
 )
@@ -223,6 +229,31 @@ class Qcow2Driver(MetadataGuard):
 
     def __str__(self) -> str:
         return f"qcow2:{self._storage}"
+
+    def info(self) -> ImageInfo:
+        """This layer's header facts, as ``qemu-img info`` reports them."""
+        h = self.header
+        incompat = h.incompatible_features
+        snapshots = parse_snapshot_table(
+            self._storage.read, h.snapshots_offset, h.nb_snapshots, self._storage.size()
+        )
+        return ImageInfo(
+            format="qcow2",
+            virtual_size=self._size,
+            cluster_size=self._cluster_size,
+            backing_file=self.backing_file,
+            backing_format=self.backing_format,
+            dirty=bool(incompat & QCOW2_INCOMPAT_DIRTY),
+            qcow2=Qcow2Info(
+                compat="1.1" if h.version >= 3 else "0.10",
+                refcount_bits=h.refcount_bits,
+                lazy_refcounts=bool(h.compatible_features & QCOW2_COMPAT_LAZY_REFCOUNTS),
+                corrupt=bool(incompat & QCOW2_INCOMPAT_CORRUPT),
+                extended_l2=bool(incompat & QCOW2_INCOMPAT_EXTL2),
+                compression_type=COMPRESSION_TYPES.get(h.compression_type, "zlib"),
+            ),
+            snapshots=snapshots,
+        )
 
     # -- header updates -----------------------------------------------------------------------
 
