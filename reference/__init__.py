@@ -29,6 +29,7 @@ from ._mapping import (
 )
 from ._open import AUTO, create_image, open_image, probe_format
 from ._prealloc import PreallocateMode
+from ._snapshot import SnapshotInfo
 from ._storage import Buffer, FileStorage, MemoryStorage, Storage, WritableBuffer
 from .access import FormatAccess
 from .backing import (
@@ -70,6 +71,7 @@ __all__ = [
     "ReadOnlyError",
     "RepairMode",
     "ShallowMapping",
+    "SnapshotInfo",
     "SpecialMapping",
     "Storage",
     "UnsupportedError",
