@@ -36,12 +36,15 @@ from pyimago.reference._mapping import (
     ZeroMapping,
 )
 from pyimago.reference._prealloc import PreallocateMode
+from pyimago.reference._snapshot import SnapshotInfo
 from pyimago.reference._storage import Storage, WritableBuffer
 
 from ._cache import TableCache
 from ._codec import decode_u64_table, encode_u64_table
+from ._features import map_run_general
 from ._header import (
     EXT_BACKING_FORMAT,
+    EXT_DATA_FILE,
     MAGIC,
     MAX_L1_ENTRIES,
     Extension,
@@ -55,6 +58,7 @@ from ._inflate import inflate_cluster
 from ._layer import Clear, LayerBase
 from ._refcounts import Refcounts
 from ._runs import K_COMP, K_DATA, K_DATA_RO, K_EOF, K_UNALLOC, K_ZERO
+from ._snapshots import Snapshot, pick, read_table
 from ._storage import fill_zero
 
 __all__ = ["COPIED", "DEFAULT_CACHE_BYTES", "Qcow2Layer", "backing_readers"]
@@ -95,7 +99,11 @@ class Qcow2Layer(LayerBase):
         writable: bool = False,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         l2_cache_tables: int | None = None,
+        snapshot: str | None = None,
     ) -> None:
+        """``snapshot`` (an ID or name) opens that internal snapshot, read-only."""
+        if snapshot is not None and writable:
+            raise InvalidRequestError(f"qcow2: snapshot {snapshot!r} can only be opened read-only")
         super().__init__(storage, writable)
         # Tables are decoded once, so they are read with pread, not through the data map:
         # mapped pages would count in the process's RSS long after the table was decoded.
@@ -123,13 +131,34 @@ class Qcow2Layer(LayerBase):
              if e.kind == EXT_BACKING_FORMAT),
             None,
         )
+        #: The external data file's name from its header extension (None: not named).
+        self.data_file: str | None = None
+        if hdr.has_data_file:
+            name_ext = next((e.data for e in self.extensions if e.kind == EXT_DATA_FILE), b"")
+            if b"\0" in name_ext:
+                raise CorruptImageError(f"qcow2: data file name {name_ext!r} holds a NUL byte")
+            self.data_file = name_ext.decode("utf-8", "surrogateescape") or None
+        # Guest data lives in self.data (LayerBase: the image's storage) unless an external
+        # data file is attached; until then an image that needs one cannot be read.
+        self.data_attached = not hdr.has_data_file
+        self._owns_data = False
+        self._snapshots: list[Snapshot] | None = None
+        self.snapshot: SnapshotInfo | None = None
+        if snapshot is not None:
+            self.snapshot = pick(self._snapshot_table(), snapshot).info
+            self._switch_to_snapshot()
+        # Images with extended L2 entries or an external data file map through the general
+        # (per-unit) path of _features; the plain path below handles everything else.
+        self._general = hdr.extended_l2 or hdr.has_data_file
 
         cbits = hdr.cluster_bits
         self._cbits = cbits
         self._cs = cs = 1 << cbits
         self._cmask = cs - 1
-        self._l2bits = cbits - 3
-        self._l2n = cs // 8
+        # Extended L2 entries take two words (entry, subcluster bitmap): half as many a table.
+        self._ext = 1 if hdr.extended_l2 else 0
+        self._l2bits = cbits - 3 - self._ext
+        self._l2n = cs // (8 << self._ext)
         self._l2mask = self._l2n - 1
         self.size = hdr.size
         # Compressed descriptors: x = 62 - (cluster_bits - 8) bits of host offset, then the
@@ -176,6 +205,51 @@ class Qcow2Layer(LayerBase):
             if 9 <= bits <= 21:
                 return self.storage.read(0, 1 << bits)
         return head
+
+    def _snapshot_table(self) -> list[Snapshot]:
+        if self._snapshots is None:
+            snaps = self.hdr.snapshots
+            self._snapshots = (
+                read_table(self._meta_read, snaps.at, snaps.n, self._file_end, self.hdr.size)
+                if snaps.n else []
+            )
+        return self._snapshots
+
+    @property
+    def snapshots(self) -> tuple[SnapshotInfo, ...]:
+        """The image's internal snapshots, in table order."""
+        return tuple(s.info for s in self._snapshot_table())
+
+    def _switch_to_snapshot(self) -> None:
+        """Read through the chosen snapshot's L1 table (at the image's size: what
+        ``qemu-img convert -l`` reads)."""
+        assert self.snapshot is not None
+        snap = pick(self._snapshot_table(), self.snapshot.id)
+        cs = self.hdr.cluster_size
+        if snap.l1_n and (snap.l1_at % cs or snap.l1_at < cs or snap.l1_at >= self._file_end):
+            raise CorruptImageError(
+                f"qcow2: snapshot {snap.info.id!r} has its L1 table at 0x{snap.l1_at:x}, "
+                "not a cluster of the file past the header"
+            )
+        self.hdr = self.hdr.moved(l1=Span(snap.l1_at, snap.l1_n))
+
+    def set_data_file(self, storage: Storage, *, owned: bool = False) -> None:
+        """Attach the external data file."""
+        self.data = storage
+        self.data_attached = True
+        self._owns_data = owned
+
+    def close_data_file(self) -> None:
+        """Close the external data file if this layer opened it."""
+        if self._owns_data:
+            self._owns_data = False
+            self.data.close()
+
+    def storage_dependencies(self) -> list[Storage]:
+        found = super().storage_dependencies()
+        if self.data is not self.storage:
+            found.insert(1, self.data)
+        return found
 
     def _read_l1(self) -> array[int]:
         n = self.hdr.l1.n
@@ -342,7 +416,7 @@ class Qcow2Layer(LayerBase):
     def _entry(self, c: int) -> int:
         """The raw L2 entry of guest cluster ``c`` (0 where there is no table)."""
         tbl = self._l2_table(c >> self._l2bits)
-        return tbl[c & self._l2mask] if tbl is not None else 0
+        return tbl[(c & self._l2mask) << self._ext] if tbl is not None else 0
 
     def _writable_l2(self, l1i: int, old: array[int] | None) -> tuple[int, array[int]]:
         """The L2 table of ``l1i`` (``old``, as just looked up), allocated (or copied, if
@@ -399,6 +473,8 @@ class Qcow2Layer(LayerBase):
         entries (unallocated ones across tables too); a compressed run is one cluster.
         ``host`` is meaningful for the data kinds.
         """
+        if self._general:
+            return map_run_general(self, offset, max_len)
         size = self.size
         if offset >= size:
             return K_EOF, 0, 0
@@ -463,7 +539,7 @@ class Qcow2Layer(LayerBase):
         if kind == K_DATA:
             return RawMapping(self.storage, host, self.writable)
         if kind == K_DATA_RO:
-            return RawMapping(self.storage, host, False)
+            return RawMapping(self.data, host, False)
         if kind == K_ZERO:
             return ZeroMapping(True)
         if kind == K_COMP:
@@ -526,7 +602,7 @@ class Qcow2Layer(LayerBase):
                 return
             part = view if ln == n else view[done : done + ln]
             if kind <= K_DATA_RO:
-                self.storage.readinto(part, host)
+                self.data.readinto(part, host)
             elif kind == K_COMP:
                 if jobs is None:
                     self.read_compressed(part, at)
@@ -1037,6 +1113,9 @@ class Qcow2Layer(LayerBase):
             self._file_end = self.storage.size()
             self.hdr = parse_header(self._first_cluster(), self._file_end)
             self.size = self.hdr.size
+            self._snapshots = None
+            if self.snapshot is not None:
+                self._switch_to_snapshot()
             self._l1 = self._read_l1()
             self._l1_dirty = False
             self.refs.span = self.hdr.reftable
@@ -1062,8 +1141,11 @@ class Qcow2Layer(LayerBase):
         try:
             self.storage.close()
         finally:
-            if self.backing is not None and self._owns_backing:
-                self.backing.close()
+            try:
+                self.close_data_file()
+            finally:
+                if self.backing is not None and self._owns_backing:
+                    self.backing.close()
 
 
 def backing_readers(backing: object) -> tuple[Reader | None, Planner | None]:

@@ -41,12 +41,14 @@ __all__ = [
 
 
 def l1_index(offset: int, cluster_bits: int, entry_bytes: int = 8) -> int:
-    """Index into the L1 table of the L2 table that maps guest ``offset``.
+    """Index into the L1 table of the L2 table that maps guest ``offset`` (L2 entries of
+    ``entry_bytes``: 16 with extended L2 entries).
 
     pre: 9 <= cluster_bits <= 21
+    pre: entry_bytes in (8, 16)
     pre: 0 <= offset < 2 ** 64
-    post: __return__ * ((1 << cluster_bits) // 8 << cluster_bits) <= offset
-    post: offset < (__return__ + 1) * ((1 << cluster_bits) // 8 << cluster_bits)
+    post: __return__ * ((1 << cluster_bits) // entry_bytes << cluster_bits) <= offset
+    post: offset < (__return__ + 1) * ((1 << cluster_bits) // entry_bytes << cluster_bits)
     """
     return (offset >> cluster_bits) // ((1 << cluster_bits) // entry_bytes)
 
@@ -55,9 +57,10 @@ def l2_index(offset: int, cluster_bits: int, entry_bytes: int = 8) -> int:
     """Index into that L2 table of the entry that maps guest ``offset``.
 
     pre: 9 <= cluster_bits <= 21
+    pre: entry_bytes in (8, 16)
     pre: 0 <= offset < 2 ** 64
-    post: 0 <= __return__ < (1 << cluster_bits) // 8
-    post: ((offset >> cluster_bits) - __return__) % ((1 << cluster_bits) // 8) == 0
+    post: 0 <= __return__ < (1 << cluster_bits) // entry_bytes
+    post: ((offset >> cluster_bits) - __return__) % ((1 << cluster_bits) // entry_bytes) == 0
     """
     return (offset >> cluster_bits) % ((1 << cluster_bits) // entry_bytes)
 
