@@ -122,6 +122,42 @@ def test_extended_l2_reads_and_maps_as_qemu(
         assert_deep_map_like_qemu(img, qmap, formats, path.name)
 
 
+@pytest.mark.clause("qcow2.extended-l2.subclusters", "qcow2.extended-l2.bitmap",
+                    "qcow2.data-file.offsets", "qcow2.snapshots.open", "interop.qemu-read",
+                    "interop.qemu-map")
+@pytest.mark.parametrize("kind", ["compressed", "data-file", "snapshot"])
+def test_extended_l2_combined(
+    open_image: Opener, qemu: QemuTools, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    kind: str,
+) -> None:
+    """Extended L2 entries with compressed clusters, with an external data file, and in an
+    internal snapshot."""
+    monkeypatch.chdir(tmp_path)
+    src = _extl2_image(qemu, tmp_path, cluster=32 * KiB, backing=False)
+    path = tmp_path / f"{kind}.qcow2"
+    convert_args: tuple[str, ...] = ()
+    if kind == "compressed":
+        qemu.img("convert", "-c", "-O", "qcow2", "-o", "extended_l2=on,cluster_size=32k",
+                 src, path)
+        qemu.io(path, ["write -P 0x77 3k 1k", "write -z 40k 2k"])  # a subcluster over data
+    elif kind == "data-file":
+        qemu.img("create", "-q", "-f", "qcow2", "-o",
+                 "extended_l2=on,cluster_size=32k,data_file=x.data", path, "4M")
+        qemu.io(path, ["write -P 0x78 0 3k", "write -P 0x79 33k 2k", "write -z 70k 1k",
+                       "write -P 0x7a 1M 100k"])
+    else:
+        shutil.copy(src, path)
+        qemu.img("snapshot", "-q", "-c", "s", path)
+        qemu.io(path, ["write -P 0x7b 0 64k", "discard 256k 64k"])
+        convert_args = ("-l", "s")
+    with open_image(path, snapshot="s" if convert_args else None) as img:
+        _assert_reads_like_qemu(img, qemu, path, kind, *convert_args)
+        if not convert_args:
+            qmap = qemu.map(path)
+            assert_shallow_map_like_qemu(img, qmap, ["qcow2"], kind)
+            assert_deep_map_like_qemu(img, qmap, ["qcow2"], kind)
+
+
 def _patch_l2_bitmap(path: Path, cluster_index: int, bitmap: int, entry: int | None = None) -> None:
     """Rewrite the extended L2 entry of guest cluster ``cluster_index`` (first L2 table)."""
     with path.open("r+b") as f:
