@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pyimago import fast, reference
 from pyimago.reference import (
     CorruptImageError,
@@ -172,6 +174,51 @@ def _patch_l2_bitmap(path: Path, cluster_index: int, bitmap: int, entry: int | N
         else:
             f.seek(8, os.SEEK_CUR)
         f.write(struct.pack(">Q", bitmap))
+
+
+@pytest.fixture(scope="module")
+def extl2_base(qemu: QemuTools, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 64 KiB-cluster image with extended L2 entries over a backing file; clusters 0-3 and
+    8 have host clusters."""
+    folder = tmp_path_factory.mktemp("extl2-base")
+    path = _extl2_image(qemu, folder, cluster=64 * KiB, backing=True)
+    qemu.io(path, [f"write -P {0x90 + i} {i * 64 * KiB + 1000} 60000" for i in range(4)])
+    return path
+
+
+_BITMAPS = st.lists(
+    st.tuples(st.integers(0, 0xFFFFFFFF), st.integers(0, 0xFFFFFFFF)), min_size=12, max_size=12
+)
+
+
+@pytest.mark.slow
+@pytest.mark.clause("qcow2.extended-l2.bitmap", "interop.qemu-read", "interop.qemu-map")
+@settings(max_examples=15, deadline=None)
+@given(bitmaps=_BITMAPS)
+def test_random_subcluster_bitmaps_read_as_qemu(
+    extl2_base: Path, qemu: QemuTools, bitmaps: list[tuple[int, int]]
+) -> None:
+    """Random valid bitmaps on the first 12 clusters: both implementations read and map as
+    qemu-img does (allocated and zero bits never overlap; clusters without a host cluster
+    get zero bits only)."""
+    path = extl2_base.with_name("random.qcow2")  # next to the backing file it names
+    shutil.copy(extl2_base, path)
+    with path.open("r+b") as f:
+        l1_offset = struct.unpack(">Q", (f.seek(40), f.read(8))[1])[0]
+        l2_offset = struct.unpack(">Q", (f.seek(l1_offset), f.read(8))[1])[0] & 0x00FFFFFFFFFFFE00
+        for i, (alloc, zero) in enumerate(bitmaps):
+            f.seek(l2_offset + 16 * i)
+            entry = struct.unpack(">Q", f.read(8))[0]
+            if not entry & 0x00FFFFFFFFFFFE00:
+                alloc = 0  # no host cluster: nothing may be allocated
+            f.write(struct.pack(">Q", (zero & ~alloc) << 32 | alloc))
+    qmap = qemu.map(path)
+    formats = [layer["format"] for layer in qemu.info(path)]
+    for opener in (reference.open_image, fast.open_image):
+        with opener(path) as img:
+            _assert_reads_like_qemu(img, qemu, path, f"{opener.__module__}")
+            assert_shallow_map_like_qemu(img, qmap, formats, opener.__module__)
+            assert_deep_map_like_qemu(img, qmap, formats, opener.__module__)
 
 
 @pytest.mark.clause("qcow2.extended-l2.bitmap")
