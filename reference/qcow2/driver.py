@@ -376,9 +376,7 @@ class Qcow2Driver:
     def _get_unit(self, guest_offset: int) -> L2Entry:
         """The entry of the allocation unit at ``guest_offset``: its cluster's entry, or
         with extended L2 entries what its subcluster is (qcow2.extended-l2.bitmap)."""
-        raw, bitmap = self._raw_l2_entry(guest_offset)
-        entry = decode_l2_entry(raw, self._cluster_bits, extended=self._extended,
-                                data_file=self.header.has_data_file)
+        entry = self._get_l2_entry(guest_offset)
         if entry.type is ClusterType.COMPRESSED and self.header.has_data_file:
             # qcow2.data-file.no-compressed: "neither compressed clusters nor internal
             # snapshots are supported".
@@ -388,6 +386,7 @@ class Qcow2Driver:
             )
         if not self._extended:
             return entry
+        _, bitmap = self._raw_l2_entry(guest_offset)
         sc = (guest_offset >> self._unit_bits) & 31
         return subcluster_entry(entry, bitmap, sc, 1 << self._unit_bits,
                                 where=f"for guest offset {guest_offset}")
