@@ -4,15 +4,27 @@ Same public API and contract as :mod:`pyimago.reference` (``open_image``, ``crea
 ``FormatAccess``; the error, mapping and preallocation types are the reference's), with its
 own qcow2 and raw code: metadata caches of decoded arrays, coalesced mapping runs,
 contiguous allocation, mmap-backed file reads and thread-pool parallel requests.
+
+It exports every name of :mod:`pyimago.reference` but the reference's two drivers
+(``Qcow2Driver``, ``RawDriver``) and its checker (``check``): the contract types, gates and
+``AUTO`` are the reference's very objects; ``FileStorage`` is :class:`FastFileStorage`;
+``open_image``, ``create_image`` and ``probe_format`` take the reference's parameters under
+the same names (and a few more).
 """
 
 from __future__ import annotations
 
+from pyimago.reference._check import CheckProblem, CheckResult, ProblemKind, RepairMode
+from pyimago.reference._driver import FormatDriver
 from pyimago.reference._errors import (
     CorruptImageError,
     DriverError,
     GateDeniedError,
+    ImageAccessError,
+    ImageInUseError,
+    ImageNotFoundError,
     InvalidRequestError,
+    ProbedRawWriteError,
     PyimagoError,
     ReadOnlyError,
     UnsupportedError,
@@ -28,36 +40,64 @@ from pyimago.reference._mapping import (
     ZeroMapping,
 )
 from pyimago.reference._prealloc import PreallocateMode
-from pyimago.reference._storage import MemoryStorage, Storage
+from pyimago.reference._storage import Buffer, MemoryStorage, Storage, WritableBuffer
+from pyimago.reference.backing import (
+    DenyImplicitOpenGate,
+    FolderImplicitOpenGate,
+    ImplicitOpenGate,
+    PermissiveImplicitOpenGate,
+)
 
-from ._access import FormatAccess
+from ._access import MAX_REQUEST_BYTES, FormatAccess
 from ._create import create_image
-from ._open import open_image
+from ._open import AUTO, open_image, probe_format
 from ._qcow2 import DEFAULT_CACHE_BYTES
 from ._storage import FastFileStorage
 
+#: Files as pyimago.fast opens them (the name pyimago.reference gives its own).
+FileStorage = FastFileStorage
+
 __all__ = [
+    "AUTO",
     "DEFAULT_CACHE_BYTES",
+    "MAX_REQUEST_BYTES",
+    "Buffer",
+    "CheckProblem",
+    "CheckResult",
     "CorruptImageError",
+    "DenyImplicitOpenGate",
     "DriverError",
     "EofMapping",
     "FastFileStorage",
+    "FileStorage",
+    "FolderImplicitOpenGate",
     "FormatAccess",
+    "FormatDriver",
     "GateDeniedError",
+    "ImageAccessError",
+    "ImageInUseError",
+    "ImageNotFoundError",
+    "ImplicitOpenGate",
     "IndirectMapping",
     "InvalidRequestError",
     "Mapping",
     "MemoryStorage",
+    "PermissiveImplicitOpenGate",
     "PreallocateMode",
+    "ProbedRawWriteError",
+    "ProblemKind",
     "PyimagoError",
     "RawMapping",
     "ReadOnlyError",
+    "RepairMode",
     "ShallowMapping",
     "SpecialMapping",
     "Storage",
     "UnsupportedError",
     "UnsupportedFeatureError",
+    "WritableBuffer",
     "ZeroMapping",
     "create_image",
     "open_image",
+    "probe_format",
 ]

@@ -4,7 +4,10 @@ refcount blocks), least recently used first out.
 ``tables`` is the plain ordered dict (host offset -> decoded array) so that the layer's
 hottest path can look a table up without a method call.  Writing a table back goes through
 ``store`` (which encodes and writes it) after ``before_store`` (the layer passes "write the
-refcounts first" for L2 tables: a cluster is counted on disk before any entry uses it).
+refcounts and the pending guest data first" for L2 tables: a cluster is counted on disk, and
+holds its data, before any entry uses it) and before ``after_store`` (the layer passes
+"release what the table's old entries held": a refcount drops only once no table on
+storage refers to the cluster).
 """
 
 from __future__ import annotations
@@ -24,12 +27,14 @@ class TableCache:
         limit: int,
         store: Callable[[int, array[int]], None],
         before_store: Callable[[], None] | None = None,
+        after_store: Callable[[int], None] | None = None,
     ) -> None:
         self.tables: OrderedDict[int, array[int]] = OrderedDict()
         self.dirty: set[int] = set()
         self.limit = max(1, limit)
         self._store = store
         self._before_store = before_store
+        self._after_store = after_store
 
     def __len__(self) -> int:
         return len(self.tables)
@@ -66,12 +71,8 @@ class TableCache:
             self._before_store()
         self._store(ofs, tbl)
         self.dirty.discard(ofs)
-
-    def write_now(self, ofs: int) -> None:
-        """Write one table back now (it stays cached, clean)."""
-        tbl = self.tables.get(ofs)
-        if tbl is not None:
-            self._write(ofs, tbl)
+        if self._after_store is not None:
+            self._after_store(ofs)
 
     def write_back(self) -> None:
         """Write every dirty table, in offset order."""
@@ -83,7 +84,10 @@ class TableCache:
             tbl = self.tables.get(ofs)
             if tbl is not None:
                 self._store(ofs, tbl)
-        self.dirty.clear()
+        stored, self.dirty = self.dirty, set()
+        if self._after_store is not None:
+            for ofs in sorted(stored):
+                self._after_store(ofs)
 
     def forget(self, ofs: int) -> None:
         """Drop one table without writing it (its cluster is being freed)."""

@@ -174,6 +174,11 @@ class Header:
     def cleared_autoclear(self) -> Header:
         return replace(self, features=replace(self.features, autoclear=0))
 
+    def with_incompatible(self, bits: int) -> Header:
+        """A copy with incompatible feature ``bits`` set as well (v3)."""
+        feats = self.features
+        return replace(self, features=replace(feats, incompatible=feats.incompatible | bits))
+
 
 def _bad(msg: str) -> CorruptImageError:
     return CorruptImageError(f"qcow2 header: {msg}")
@@ -245,7 +250,8 @@ def parse_header(data: bytes | bytearray | memoryview, file_size: int | None = N
     snaps = Span(f["snapshots.at"], f["snapshots.n"])
     if snaps.n > _MAX_SNAPSHOTS:
         raise _bad(f"nb_snapshots {snaps.n} > {_MAX_SNAPSHOTS}")
-    if snaps.n and snaps.at % cs:
+    # QEMU validates the offset whatever the count (qcow2_validate_table).
+    if snaps.at % cs:
         raise _bad(f"snapshots_offset 0x{snaps.at:x} is not cluster-aligned")
     name = Span(f["backing.at"], f["backing.n"] if f["backing.at"] else 0)
     if name.at:
@@ -352,15 +358,23 @@ def decode_extensions(
     found: list[Extension] = []
     seen: dict[int, bytes] = {}
     pos = start
-    while pos + 8 <= stop:
+    while pos < stop:
+        # As QEMU's qcow2_read_extensions: an extension (its 8-byte head included, even the
+        # end marker's) that crosses the end of the area (the backing file name, or the
+        # cluster end) is refused, not cut short.
+        if pos + 8 > stop:
+            raise CorruptImageError(
+                f"qcow2: header extension at byte {pos} crosses byte {stop} (the backing file "
+                "name or the header cluster end)"
+            )
         kind, n = _number(area, pos, 4), _number(area, pos + 4, 4)
-        if kind == 0:
-            break
         body = pos + 8
         if body + n > stop:
             raise CorruptImageError(
                 f"qcow2: header extension 0x{kind:08x} ({n} bytes at {body}) overruns byte {stop}"
             )
+        if kind == 0:
+            break
         data = bytes(area[body : body + n])
         if kind in _SINGLETONS and seen.setdefault(kind, data) != data:
             raise CorruptImageError(

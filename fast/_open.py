@@ -11,26 +11,26 @@ from pyimago.reference._errors import (
     InvalidRequestError,
     UnsupportedFeatureError,
 )
+from pyimago.reference._open import AUTO as REFERENCE_AUTO
 from pyimago.reference._storage import Storage
 
 from ._access import FormatAccess
 from ._header import MAGIC
+from ._lock import validate
+from ._probe import SECTOR, claimed_by
 from ._qcow2 import DEFAULT_CACHE_BYTES, Qcow2Layer
 from ._raw import RawLayer
 from ._storage import FastFileStorage
 
-__all__ = ["AUTO", "MAX_CHAIN_DEPTH", "Gate", "open_image"]
+__all__ = ["AUTO", "MAX_CHAIN_DEPTH", "Gate", "open_image", "probe_format"]
 
 #: Deeper chains are refused (a loop of backing names would otherwise never end).
 MAX_CHAIN_DEPTH = 64
 
 
-class _Auto:
-    def __repr__(self) -> str:
-        return "<auto>"
-
-
-AUTO: Any = _Auto()
+#: "Open the backing file the image names": the reference's sentinel itself, so that a
+#: caller passing ``pyimago.reference.AUTO`` to either implementation means the same.
+AUTO: Any = REFERENCE_AUTO
 
 
 class Gate(Protocol):
@@ -46,12 +46,25 @@ def _resolve(name: str, overlay: str | None) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(overlay)), name)
 
 
-def _probe(storage: Storage) -> str:
-    return "qcow2" if storage.read(0, 4) == MAGIC else "raw"
+def probe_format(storage: Storage) -> str:
+    """``"qcow2"`` when the storage starts with the qcow2 magic, else ``"raw"``; a first sector
+    QEMU would probe as another format raises :class:`UnsupportedFeatureError`."""
+    head = storage.read(0, SECTOR)
+    if head[:4] == MAGIC:
+        return "qcow2"
+    # raw.probe.other-formats: what QEMU would open as vmdk, vdi, ... is not raw to us either.
+    other = claimed_by(head)
+    if other is not None:
+        raise UnsupportedFeatureError(
+            f"{storage}: its first sector is a {other} header (QEMU's probing); pyimago does "
+            "not read that format (format='raw' opens the bytes as raw)",
+            feature=f"format {other}",
+        )
+    return "raw"
 
 
 def open_image(
-    path_or_storage: str | os.PathLike[str] | Storage,
+    target: str | os.PathLike[str] | Storage,
     *,
     writable: bool = False,
     format: str | None = None,
@@ -62,6 +75,8 @@ def open_image(
     use_mmap: bool = True,
     snapshot: str | None = None,
     data_file: Any = AUTO,
+    locking: str = "auto",
+    force_share: bool = False,
 ) -> FormatAccess:
     """Open an image (qcow2 or raw, probed unless ``format`` says) and its backing chain.
 
@@ -79,18 +94,24 @@ def open_image(
     image with an external data file finds it as it finds a backing file (its header's
     name, relative to the image, asking ``gate``), unless ``data_file`` (a path or Storage)
     gives it.
+
+    A raw image opened writable without ``format=`` keeps block 0 from becoming another
+    format's header (as QEMU).  Files are locked as QEMU locks them (``locking`` "auto",
+    "on" or "off"; ``force_share=True`` for read-only opens is qemu-img's ``-U``); a
+    conflicting holder makes the open fail with ImageInUseError.
     """
+    validate(locking, force_share, writable)
     if snapshot is not None and type(snapshot) is not str:
         raise InvalidRequestError(f"snapshot must be a str (an ID or name), not {snapshot!r}")
     if l2_cache_tables is not None and (type(l2_cache_tables) is not int or l2_cache_tables < 1):
         raise InvalidRequestError(f"l2_cache_tables must be >= 1, not {l2_cache_tables!r}")
     return _open(
-        path_or_storage,
+        target,
         writable,
         format,
         gate,
         backing,
-        (cache_bytes, l2_cache_tables, use_mmap),
+        (cache_bytes, l2_cache_tables, use_mmap, locking, force_share),
         set(),
         snapshot,
         data_file,
@@ -103,7 +124,7 @@ def _open(
     fmt: str | None,
     gate: Gate | None,
     backing: Any,
-    cache: tuple[int, int | None, bool],
+    cache: tuple[int, int | None, bool, str, bool],
     seen: set[str],
     snapshot: str | None = None,
     data_file: Any = AUTO,
@@ -115,7 +136,9 @@ def _open(
     path: str | None
     if isinstance(target, (str, os.PathLike)):
         path = os.fspath(target)
-        storage: Storage = FastFileStorage(path, writable=writable, use_mmap=cache[2])
+        storage: Storage = FastFileStorage(
+            path, writable=writable, use_mmap=cache[2], locking=cache[3], force_share=cache[4]
+        )
         owned = True
     elif not hasattr(target, "readinto") or not hasattr(target, "size"):
         raise InvalidRequestError(f"open_image: not a path or Storage: {target!r}")
@@ -124,17 +147,17 @@ def _open(
         path = getattr(target, "path", None)
         owned = False
     try:
-        kind = fmt or _probe(storage)
+        kind = fmt or probe_format(storage)
         if kind == "raw":
             if snapshot is not None or data_file is not AUTO:
                 raise InvalidRequestError("snapshot= and data_file= apply to qcow2 images only")
-            return FormatAccess(RawLayer(storage, writable=writable))
+            return FormatAccess(RawLayer(storage, writable=writable, probed=fmt is None))
         layer = Qcow2Layer(
             storage, writable=writable, cache_bytes=cache[0], l2_cache_tables=cache[1],
             snapshot=snapshot,
         )
         try:
-            _data_file(layer, path, gate, data_file, cache[2])
+            _data_file(layer, path, gate, data_file, cache)
             if backing is not AUTO:
                 if backing is not None and not hasattr(backing, "readinto"):
                     raise InvalidRequestError(
@@ -159,7 +182,11 @@ def _open(
 
 
 def _data_file(
-    layer: Qcow2Layer, image: str | None, gate: Gate | None, given: Any, use_mmap: bool
+    layer: Qcow2Layer,
+    image: str | None,
+    gate: Gate | None,
+    given: Any,
+    cache: tuple[int, int | None, bool, str, bool],
 ) -> None:
     """Attach the external data file an image needs: ``given``, or the one it names."""
     if not layer.hdr.has_data_file:
@@ -189,7 +216,9 @@ def _data_file(
             gate.check(dpath, format="raw", writable=layer.writable, referrer=str(layer))
     try:
         layer.set_data_file(
-            FastFileStorage(dpath, writable=layer.writable, use_mmap=use_mmap), owned=True
+            FastFileStorage(dpath, writable=layer.writable, use_mmap=cache[2],
+                            locking=cache[3], force_share=cache[4]),
+            owned=True,
         )
     except FileNotFoundError as exc:
         raise ImageNotFoundError(
@@ -201,7 +230,7 @@ def _open_backing(
     layer: Qcow2Layer,
     overlay: str | None,
     gate: Gate | None,
-    cache: tuple[int, int | None, bool],
+    cache: tuple[int, int | None, bool, str, bool],
     seen: set[str],
 ) -> FormatAccess:
     name = layer.backing_file
@@ -226,6 +255,11 @@ def _open_backing(
     if gate is not None:
         gate.check(bpath, format=bfmt, writable=False, referrer=str(layer))
     try:
+        # Backing files: read-only opens, locked as such (storage.lock.backing).
         return _open(bpath, False, bfmt, gate, AUTO, cache, seen)
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(exc.errno, f"backing file of {overlay} not found", bpath) from exc
+    except ImageNotFoundError as exc:
+        if exc.filename != bpath:
+            raise
+        raise ImageNotFoundError(
+            f"{overlay}: its backing file {bpath} does not exist", filename=bpath
+        ) from exc

@@ -2,15 +2,19 @@
 
 L2 tables live decoded in a bounded :class:`TableCache`; the L1 table is kept whole (QEMU
 bounds it to 32 MiB); refcounts and allocation are :class:`Refcounts`.  Write-back order
-keeps the image consistent at every moment a crash could hit it:
+keeps the image consistent at every moment a power cut could hit it (specs/crash.toml):
 
-* a refcount reaches storage before any L2/L1 entry that uses the cluster it counts (the L2
-  cache writes the refcounts out before any table), and
-* an L2 entry stops pointing at a cluster on storage before that cluster's refcount drops
-  (a table whose change frees clusters is written through before the frees).
+* guest data reaches storage before the L2 entry that maps it: the L2 cache writes any data
+  still pending (parallel writes) before a table (``_before_l2_store``);
+* a refcount reaches storage before any entry that uses the cluster it counts: the L2 cache
+  writes the refcounts before any table, and the L1 table is written only after every L2
+  table (``_store_l1``);
+* a refcount drops only once no table on storage refers to the cluster: what an entry held
+  is released after the table holding its new value is written (``_release_after``);
+* a grow writes the new size last, once the new area is on storage.
 
-A crash in between leaks clusters at worst; it never leaves a cluster in use with a refcount
-that allows reuse.
+A cut in between leaks clusters at worst; it never leaves a cluster in use with a refcount
+that allows reuse, nor an entry pointing at data that is not there yet.
 
 Zeroing and discarding happen here, natively: whole clusters change through their L2
 entries, a table at a time; a partial cluster at the head or tail of the range becomes a
@@ -42,6 +46,7 @@ from pyimago.reference._storage import Storage, WritableBuffer
 from ._cache import TableCache
 from ._codec import decode_u64_table, encode_u64_table
 from ._features import map_run_general
+from ._guard import MetadataGuard
 from ._header import (
     EXT_BACKING_FORMAT,
     EXT_DATA_FILE,
@@ -58,7 +63,7 @@ from ._inflate import inflate_cluster
 from ._layer import Clear, LayerBase
 from ._refcounts import Refcounts
 from ._runs import K_COMP, K_DATA, K_DATA_RO, K_EOF, K_UNALLOC, K_ZERO
-from ._snapshots import Snapshot, pick, read_table
+from ._snapshots import Snapshot, pick, read_snapshot_table
 from ._storage import fill_zero
 
 __all__ = ["COPIED", "DEFAULT_CACHE_BYTES", "Qcow2Layer", "backing_readers"]
@@ -85,9 +90,11 @@ DEFAULT_CACHE_BYTES = 40 << 20
 _COW_IN_ONE = 4 << 20
 #: ``_rewrite``'s target for write_zeroes: zero flag, any host cluster kept.
 _ZERO_KEEPING = -1
+#: ``_release_after``'s key for "once the L1 table is on storage".
+_AFTER_L1 = -1
 
 
-class Qcow2Layer(LayerBase):
+class Qcow2Layer(MetadataGuard, LayerBase):
     """One qcow2 image (v2 or v3) in a storage, optionally over a backing image."""
 
     format_name = "qcow2"
@@ -125,6 +132,10 @@ class Qcow2Layer(LayerBase):
         self.backing_file: str | None = None
         if hdr.backing.at:
             name = cluster0[hdr.backing.at : hdr.backing.at + hdr.backing.n]
+            if b"\0" in name:
+                raise CorruptImageError(
+                    f"qcow2: the backing file name at byte {hdr.backing.at} holds a NUL byte"
+                )
             self.backing_file = bytes(name).decode("utf-8", "surrogateescape")
         self.backing_format: str | None = next(
             (e.data.decode("utf-8", "surrogateescape") for e in self.extensions
@@ -185,11 +196,20 @@ class Qcow2Layer(LayerBase):
             cache_bytes=budget // 5,
             moved=self._reftable_moved,
             vet_block=self._vet_block,
+            vet_alloc=self._vet_alloc,
+            placed_block=self._meta_add_block,
         )
         l2_limit = l2_cache_tables if l2_cache_tables is not None else (budget - budget // 5) // cs
-        self._l2 = TableCache(l2_limit, self._store_l2, self.refs.write_back)
-        self._meta_clusters: set[int] | None = None
-        self._meta_gen = 0
+        self._l2 = TableCache(l2_limit, self._store_l2, self._before_l2_store,
+                              self._release_pending)
+        #: Clusters (first, count) to release once the table at a key (an L2 table's offset,
+        #: or _AFTER_L1) is on storage.
+        self._pending_frees: dict[int, list[tuple[int, int]]] = {}
+        #: New L2 tables the L1 table on storage does not point at yet.
+        self._unlinked: set[int] = set()
+        #: Data writes a parallel write has promised but not done yet (host, bytes).
+        self._unsettled: list[tuple[int, memoryview]] | None = None
+        self._init_guard()
         self._last_inflated: tuple[int, bytes] | None = None
         if writable and hdr.version >= 3 and hdr.features.autoclear:
             # Unknown (or unmaintained: bitmaps) auto-clear bits go before the first write.
@@ -210,7 +230,7 @@ class Qcow2Layer(LayerBase):
         if self._snapshots is None:
             snaps = self.hdr.snapshots
             self._snapshots = (
-                read_table(self._meta_read, snaps.at, snaps.n, self._file_end, self.hdr.size)
+                read_snapshot_table(self._meta_read, snaps, self._file_end, self.hdr.size)[0]
                 if snaps.n else []
             )
         return self._snapshots
@@ -226,12 +246,18 @@ class Qcow2Layer(LayerBase):
         assert self.snapshot is not None
         snap = pick(self._snapshot_table(), self.snapshot.id)
         cs = self.hdr.cluster_size
-        if snap.l1_n and (snap.l1_at % cs or snap.l1_at < cs or snap.l1_at >= self._file_end):
+        at, n = snap.l1.at, snap.l1.n
+        if n and (at % cs or at < cs or at >= self._file_end):
             raise CorruptImageError(
-                f"qcow2: snapshot {snap.info.id!r} has its L1 table at 0x{snap.l1_at:x}, "
-                "not a cluster of the file past the header"
+                f"qcow2: snapshot {snap.id!r} has its L1 table at 0x{at:x}, not a cluster of "
+                "the file past the header"
             )
-        self.hdr = self.hdr.moved(l1=Span(snap.l1_at, snap.l1_n))
+        if n > MAX_L1_ENTRIES:
+            raise CorruptImageError(
+                f"qcow2: snapshot {snap.id!r} has an L1 table of {n} entries (more than "
+                f"{MAX_L1_ENTRIES})"
+            )
+        self.hdr = self.hdr.moved(l1=snap.l1)
 
     def set_data_file(self, storage: Storage, *, owned: bool = False) -> None:
         """Attach the external data file."""
@@ -267,88 +293,6 @@ class Qcow2Layer(LayerBase):
 
     # -- metadata placement ---------------------------------------------------------------
 
-    def _file_size_now(self) -> int:
-        self._file_end = max(self._file_end, self.storage.size(), self.refs.end)
-        return self._file_end
-
-    def _vet_table(self, what: str, ofs: int) -> None:
-        """An L2 table or refcount block must be a whole cluster of its own in the file."""
-        cs = self._cs
-        if ofs & self._cmask:
-            raise CorruptImageError(f"qcow2: {what} offset 0x{ofs:x} is not cluster-aligned")
-        if ofs < cs:
-            raise CorruptImageError(f"qcow2: {what} at 0x{ofs:x} overlaps the header")
-        if ofs >= self._file_end and ofs >= self._file_size_now():
-            raise CorruptImageError(
-                f"qcow2: {what} at 0x{ofs:x} lies wholly outside the image file "
-                f"({self._file_end} bytes)"
-            )
-        hdr = self.hdr
-        for name, at, n in (
-            ("L1 table", hdr.l1.at, hdr.l1.n * 8),
-            ("refcount table", hdr.reftable.at, hdr.reftable.n * cs),
-        ):
-            if n and at < ofs + cs and ofs < at + n:
-                raise CorruptImageError(f"qcow2: {what} at 0x{ofs:x} overlaps the {name}")
-
-    def _vet_block(self, ofs: int) -> None:
-        self._vet_table("refcount block", ofs)
-
-    def _metadata(self) -> set[int]:
-        """Host cluster numbers holding metadata: header, L1 and refcount tables, every L2
-        table the L1 table points at and every refcount block."""
-        found = self._meta_clusters
-        if found is None or self._meta_gen != self.refs.generation:
-            cb = self._cbits
-            hdr = self.hdr
-            found = {0}
-            for at, n in ((hdr.l1.at, hdr.l1.n * 8), (hdr.reftable.at, hdr.reftable.n * self._cs)):
-                if n:
-                    found.update(range(at >> cb, ((at + n - 1) >> cb) + 1))
-            found.update((e & HOST_MASK) >> cb for e in self._l1 if e & HOST_MASK)
-            found.update(ofs >> cb for ofs in self.refs.block_offsets())
-            self._meta_clusters = found
-            self._meta_gen = self.refs.generation
-        return found
-
-    def _vet_in_place(self, host: int, n: int) -> None:
-        """A data range about to be written where it lies must be in the file and clear of
-        every metadata cluster."""
-        if host >= self._file_end and host >= self._file_size_now():
-            raise CorruptImageError(
-                f"qcow2: data cluster 0x{host:x} lies wholly outside the image file: "
-                "refusing to write it"
-            )
-        cb = self._cbits
-        first, last = host >> cb, (host + n - 1) >> cb
-        meta = self._meta_clusters
-        if meta is None or self._meta_gen != self.refs.generation:
-            meta = self._metadata()
-        if first in meta or (last > first and not meta.isdisjoint(range(first + 1, last + 1))):
-            clash = next(c for c in range(first, last + 1) if c in meta)
-            raise CorruptImageError(
-                f"qcow2: data cluster 0x{clash << cb:x} is also metadata: refusing to write it"
-            )
-
-    def _vet_releases(self, entries: Sequence[int]) -> None:
-        """Entries about to be dropped: every host cluster they hold must be a data cluster
-        with a reference to give back (checked before anything changes)."""
-        if not entries:
-            return
-        meta = self._metadata()
-        for e in entries:
-            for cluster in self._held(e):
-                if cluster in meta:
-                    raise CorruptImageError(
-                        f"qcow2: an L2 entry points at metadata cluster "
-                        f"0x{cluster << self._cbits:x}: refusing to free it"
-                    )
-                if self.refs.count(cluster) == 0:
-                    raise CorruptImageError(
-                        f"qcow2: an L2 entry points at host cluster "
-                        f"0x{cluster << self._cbits:x}, whose refcount is 0"
-                    )
-
     def _held(self, e: int) -> range:
         """Host cluster numbers an L2 entry holds a reference to."""
         cb = self._cbits
@@ -373,7 +317,7 @@ class Qcow2Layer(LayerBase):
     def _reftable_moved(self, span: Span) -> None:
         self.hdr = self.hdr.moved(reftable=span)
         self._write_header()
-        self._meta_clusters = None
+        self._meta_moved()
 
     # -- L2 tables ------------------------------------------------------------------------
 
@@ -442,27 +386,72 @@ class Qcow2Layer(LayerBase):
         c, _ = self.refs.allocate(1, exact=True)
         nofs = c << self._cbits
         self._l2.add(nofs, new, dirty=True)
-        if self._meta_clusters is not None:
-            self._meta_clusters.add(c)
+        self._unlinked.add(nofs)
+        self._meta_add_table(c)
         self._l1[l1i] = nofs | COPIED
-        if old is None:
-            self._l1_dirty = True
-        else:
-            # The copy and the L1 entry reach storage before the old table loses a reference.
-            self._l2.write_now(nofs)
-            self._write_l1()
-            if self._meta_clusters is not None:
-                self._meta_clusters.discard(ofs >> self._cbits)
-            self.refs.free(ofs >> self._cbits)
+        self._l1_dirty = True
+        if old is not None:
+            # crash.order.unref-after-entry: "the entry's new value is on storage before
+            # the cluster's refcount drops": the old table loses its reference once the L1
+            # table (written after the copy) points at the copy.
+            if ofs not in self._l2.dirty:
+                self._l2.forget(ofs)
+            self._meta_drop_table(ofs >> self._cbits)
+            self._release_after(_AFTER_L1, [(ofs >> self._cbits, 1)])
         return nofs, new
 
-    def _write_l1(self) -> None:
+    # -- write-back order -----------------------------------------------------------------
+
+    def _settle(self) -> None:
+        """Do the data writes a parallel write promised (before any table maps them)."""
+        pending = self._unsettled
+        if pending:
+            for host, view in pending:
+                self.storage.write(view, host)
+            pending.clear()
+
+    def _before_l2_store(self) -> None:
+        # crash.order.data-before-entry: "An L2 entry that maps a guest cluster to a newly
+        # allocated (or newly reused) host cluster is written to storage only after every
+        # byte the guest will read through it [...] has been written there."
+        self._settle()
+        # crash.order.refcount-before-reference: "The refcount that counts a cluster is on
+        # storage before any L1 or L2 entry [...] that refers to the cluster is written."
+        self.refs.write_back()
+
+    def _release_after(self, key: int, clusters: list[tuple[int, int]]) -> None:
+        """Drop one reference to each run of ``clusters`` once the table ``key`` (an L2
+        table's offset, or _AFTER_L1) is on storage."""
+        if clusters:
+            self._pending_frees.setdefault(key, []).extend(clusters)
+
+    def _release_pending(self, key: int) -> None:
+        """The table ``key`` is on storage: what its old entries held may go now."""
+        runs = self._pending_frees.pop(key, None)
+        if runs:
+            for first, n in runs:
+                self.refs.free(first, n)
+
+    def _store_l1(self) -> None:
+        """Write the L1 table (and, first, every L2 table it may point at)."""
+        # crash.order.new-structure-before-pointer: "A new L1 table, L2 table [...] is
+        # written completely, and its clusters are counted in refcounts that are on storage,
+        # before the header, L1 entry or refcount-table entry pointing at it is written."
+        self._l2.write_back()
+        self.refs.write_back()
         if self.hdr.l1.n:
             self.storage.write(encode_u64_table(self._l1[: self.hdr.l1.n]), self.hdr.l1.at)
         self._l1_dirty = False
+        self._unlinked.clear()
+        self._release_pending(_AFTER_L1)
 
-    def _write_header(self) -> None:
-        self.storage.write(self.hdr.to_bytes(), 0)
+    def _commit(self) -> None:
+        """Put every cached change on storage, in an order a cut anywhere survives."""
+        self._l2.write_back()
+        if self._l1_dirty or _AFTER_L1 in self._pending_frees:
+            self._store_l1()
+        # Refcounts last: the releases the table writes allowed.
+        self.refs.write_back()
 
     # -- mapping runs ---------------------------------------------------------------------
 
@@ -785,34 +774,42 @@ class Qcow2Layer(LayerBase):
         self._l2.touch(tofs, tbl)
 
     def _drop_refs(self, tofs: int, entries: list[int]) -> None:
-        """Free what ``entries`` (no longer in table ``tofs``) held, the table on disk first."""
+        """Free what ``entries`` (no longer in table ``tofs``) held, once the table is on
+        storage (crash.order.unref-after-entry)."""
         if entries:
-            self._l2.write_now(tofs)
-            for e in entries:
-                r = self._held(e)
-                self.refs.free(r.start, len(r))
+            held = [(r.start, len(r)) for r in map(self._held, entries)]
+            # A copy of a shared table replaces the old one only once the L1 table points
+            # at it: until then the old table's references stand.
+            self._release_after(_AFTER_L1 if tofs in self._unlinked else tofs, held)
 
     def write(
         self, view: memoryview, offset: int, jobs: list[tuple[int, memoryview]] | None
     ) -> None:
         """Write ``view`` at guest ``offset``; with ``jobs``, data writes are deferred there."""
+        self.refuse_corrupt("write")
         n = len(view)
         pos = 0
         storage = self.storage
-        while pos < n:
-            host, ln, written = self.prepare(offset + pos, n - pos, True, view[pos:])
-            if not written:
-                sub = view if ln == n else view[pos : pos + ln]
-                if jobs is None:
-                    storage.write(sub, host)
-                else:
-                    jobs.append((host, sub))
-            pos += ln
+        # Deferred data writes are done before any table that maps them is written.
+        self._unsettled = jobs
+        try:
+            while pos < n:
+                host, ln, written = self.prepare(offset + pos, n - pos, True, view[pos:])
+                if not written:
+                    sub = view if ln == n else view[pos : pos + ln]
+                    if jobs is None:
+                        storage.write(sub, host)
+                    else:
+                        jobs.append((host, sub))
+                pos += ln
+        finally:
+            self._unsettled = None
 
     def ensure_data_mapping(
         self, offset: int, length: int, overwrite: bool
     ) -> tuple[Storage, int, int]:
         self.refuse_read_only("ensure_data_mapping")
+        self.refuse_corrupt("ensure_data_mapping")
         if offset >= self.size:
             raise InvalidRequestError(f"{self}: offset {offset} is past the disk end")
         host, n, _ = self.prepare(offset, min(length, self.size - offset), overwrite)
@@ -828,6 +825,7 @@ class Qcow2Layer(LayerBase):
         handles the partial clusters at the head and tail.
         """
         self.refuse_read_only(how.value)
+        self.refuse_corrupt(how.value)
         if not length:
             return
         cb = self._cbits
@@ -980,15 +978,20 @@ class Qcow2Layer(LayerBase):
         first, _ = self.refs.allocate(clusters, exact=True)
         bigger = array(self._l1.typecode, self._l1)
         bigger.extend(array(self._l1.typecode, bytes(clusters * cs - 8 * len(bigger))))
-        # Refcounts, then the L2 tables, then the L1 table that points at them.
+        # crash.order.new-structure-before-pointer: the L2 tables the new L1 points at and
+        # the refcounts counting them and the new L1 itself, then the new L1, then the
+        # header; the old L1 is freed last.
         self._l2.write_back()
+        self.refs.write_back()
         self.storage.write(encode_u64_table(bigger), first << self._cbits)
         old = self.hdr.l1
         self.hdr = self.hdr.moved(l1=Span(first << self._cbits, entries))
         self._write_header()
         self._l1 = bigger[:entries]
         self._l1_dirty = False
-        self._meta_clusters = None
+        self._unlinked.clear()
+        self._meta_moved()
+        self._release_pending(_AFTER_L1)
         if old.n:
             self.refs.free(old.at >> self._cbits, -(-old.n * 8 // cs))
 
@@ -1006,12 +1009,22 @@ class Qcow2Layer(LayerBase):
             if new_size <= old:
                 return
             self.refuse_read_only("resize_grow")
+            self.refuse_corrupt("resize_grow")
             tables = self._tables_for(new_size)
             if tables > self.hdr.l1.n:
                 self._grow_l1(tables)
+            # crash.order.grow-size-last: "Growing prepares the whole new area first [...]
+            # and writes the new size into the header last": the size is new in memory only
+            # (the header written meanwhile keeps the old one) until the area is on storage.
+            self.size = new_size
+            try:
+                if prealloc is not PreallocateMode.NONE:
+                    self._prepare_new_area(old, prealloc)
+                self._commit()
+            except BaseException:
+                self.size = old
+                raise
             self._set_size(new_size)
-            if prealloc is not PreallocateMode.NONE:
-                self._prepare_new_area(old, prealloc)
 
     def _prepare_new_area(self, old: int, prealloc: PreallocateMode) -> None:
         """Make ``[old, size)`` read zero; all modes but ZERO also map it to host clusters."""
@@ -1071,26 +1084,26 @@ class Qcow2Layer(LayerBase):
 
     def resize_shrink(self, new_size: int) -> None:
         self.refuse_read_only("resize_shrink")
+        self.refuse_corrupt("resize_shrink")
         self._check_new_size(new_size)
         if new_size >= self.size:
             return
         with self._lock:
             cb = self._cbits
             self._rewrite(-(-new_size >> cb), -(-self.size >> cb), 0)
-            # L2 tables wholly past the new end are unhooked and freed, as QEMU does.
-            freed: list[int] = []
+            # L2 tables wholly past the new end are unhooked and freed, as QEMU does: they
+            # and what their old entries held go once the L1 table no longer points at them.
             for l1i in range(self._tables_for(new_size), self.hdr.l1.n):
                 ofs = self._l1[l1i] & HOST_MASK
                 if ofs:
                     self._l1[l1i] = 0
+                    self._l1_dirty = True
                     self._l2.forget(ofs)
-                    freed.append(ofs)
-            if freed:
-                self.refs.write_back()
-                self._write_l1()
-                self._meta_clusters = None
-                for ofs in freed:
-                    self.refs.free(ofs >> cb)
+                    held = self._pending_frees.pop(ofs, [])
+                    self._release_after(_AFTER_L1, [*held, (ofs >> cb, 1)])
+                    self._meta_drop_table(ofs >> cb)
+            if self._l1_dirty:
+                self._store_l1()
             self._set_size(new_size)
 
     # -- caches and lifetime --------------------------------------------------------------
@@ -1098,17 +1111,16 @@ class Qcow2Layer(LayerBase):
     def flush(self) -> None:
         if self.writable and not self.closed:
             with self._lock:
-                self.refs.write_back()
-                self._l2.write_back()
-                if self._l1_dirty:
-                    self._write_l1()
+                self._commit()
         self.storage.flush()
 
     def invalidate_cache(self) -> None:
         with self._lock:
             self._l2.clear()
+            self._pending_frees.clear()
+            self._unlinked.clear()
             self._last_inflated = None
-            self._meta_clusters = None
+            self._meta_moved()
             self.storage.invalidate_cache()
             self._file_end = self.storage.size()
             self.hdr = parse_header(self._first_cluster(), self._file_end)
@@ -1120,13 +1132,16 @@ class Qcow2Layer(LayerBase):
             self._l1_dirty = False
             self.refs.span = self.hdr.reftable
             self.refs.reload()
+            self._meta_moved()
 
     def _drop_caches(self) -> None:
         # The layer and its caches refer to each other (write-back callbacks): emptying them
         # frees the tables now rather than at the next garbage collection.
         self._l2.clear()
+        self._pending_frees.clear()
+        self._unlinked.clear()
         self.refs.blocks.clear()
-        self._meta_clusters = None
+        self._meta_moved()
         self._last_inflated = None
 
     def detach(self) -> None:

@@ -45,6 +45,8 @@ class Refcounts:
         cache_bytes: int,
         moved: Callable[[Span], None],
         vet_block: Callable[[int], None],
+        vet_alloc: Callable[[int, int], None] | None = None,
+        placed_block: Callable[[int], None] | None = None,
     ) -> None:
         self._storage = storage
         self._read = read_meta
@@ -60,6 +62,8 @@ class Refcounts:
         self._one = array(self._code, [1])
         self._moved = moved
         self._vet_block = vet_block
+        self._vet_alloc = vet_alloc
+        self._placed_block = placed_block
         block_bytes = per * self._blank.itemsize
         self.blocks = TableCache(max(2, cache_bytes // block_bytes), self._store_block)
         self.span = table
@@ -186,6 +190,9 @@ class Refcounts:
             return c, got
 
     def _claim(self, c: int, n: int) -> None:
+        if self._vet_alloc is not None:
+            # qcow2.corrupt.overlap-check: a free refcount may lie about metadata.
+            self._vet_alloc(c, n)
         mask = self._per_block - 1
         while n:
             blk = self._block(c >> self._shift)
@@ -204,6 +211,8 @@ class Refcounts:
             if self.table[i] & REFTABLE_OFFSET_MASK:
                 return
         home = self._first_free(self._hint)
+        if self._vet_alloc is not None:
+            self._vet_alloc(home, 1)
         blk = array(self._code, self._blank)
         mask = self._per_block - 1
         if home >> self._shift == i:
@@ -221,6 +230,8 @@ class Refcounts:
         self.table[i] = ofs
         self._table_dirty = True
         self.blocks.add(ofs, blk, dirty=True)
+        if self._placed_block is not None:
+            self._placed_block(home)
         self.end = max(self.end, ofs + self._cs)
         self.generation += 1
 

@@ -1,100 +1,102 @@
-"""Internal snapshots for pyimago.fast: the snapshot table, read once, and lookups in it.
+"""The qcow2 snapshot table, as far as pyimago.fast needs it: where each internal snapshot's
+L1 table lies (for overlap checks, check() and opening a snapshot), what ``qemu-img snapshot
+-l`` lists of it, and how long the table is.
 
-Each table entry is a 40-byte head (L1 offset and size, ID and name lengths, date, guest
-clock, 32-bit VM state size, extra data length), the extra data (64-bit VM state size, disk
-size, icount), the ID, the name, and padding to 8 bytes.
+Entry layout (qcow2.txt, "Snapshots"): l1_table_offset (8), l1_size (4), id_str_size (2),
+name_size (2), date_sec (4), date_nsec (4), vm_clock_nsec (8), vm_state_size (4),
+extra_data_size (4), extra data (vm_state_size 64-bit, disk size, icount), id string, name,
+padding to a multiple of 8.
 """
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from pyimago.reference._errors import CorruptImageError, InvalidRequestError
 from pyimago.reference._snapshot import SnapshotInfo
 
-__all__ = ["Snapshot", "pick", "read_table"]
+from ._header import Span
 
-#: QEMU's caps: extra data per entry, and the whole table.
+__all__ = ["SNAPSHOT_HEADER", "Snapshot", "pick", "read_snapshot_table"]
+
+#: The fixed part of an entry, up to and including extra_data_size.
+SNAPSHOT_HEADER = struct.Struct(">QIHHIIQII")
+#: QEMU's bounds (QCOW_MAX_SNAPSHOT_EXTRA_DATA, QCOW_MAX_SNAPSHOTS_SIZE).
 _MAX_EXTRA = 1024
-_MAX_TABLE = 64 << 20
-_MAX_L1_ENTRIES = (32 << 20) // 8
+_MAX_TABLE_BYTES = 64 << 20
 
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """A snapshot and where its L1 table lies (``l1_at``, ``l1_n`` entries)."""
+    """One snapshot table entry: its L1 table (offset, entries), its names, and the rest of
+    what is listed."""
 
+    l1: Span
+    id: str
+    name: str
     info: SnapshotInfo
-    l1_at: int
-    l1_n: int
 
 
 def _u(buf: bytes, at: int, width: int) -> int:
     return int.from_bytes(buf[at : at + width], "big")
 
 
-def read_table(
-    pread: Callable[[int, int], bytes], at: int, count: int, file_size: int, disk_size: int
-) -> list[Snapshot]:
-    """Decode ``count`` entries from ``at``; ``pread(offset, n)`` reads the file.
-
-    The table is fetched in doubling windows, never past the file or QEMU's 64 MiB cap.
-    """
-    buf = b""
-    out: list[Snapshot] = []
-    pos = 0
-
-    def need(n: int) -> None:
-        nonlocal buf
-        while len(buf) < n:
-            room = min(file_size - at, _MAX_TABLE) - len(buf)
-            if room <= 0:
-                raise CorruptImageError(
-                    f"qcow2: snapshot table entry {len(out)} runs past the end of the "
-                    f"{'file' if file_size - at <= _MAX_TABLE else '64 MiB table cap'}"
-                )
-            buf += pread(at + len(buf), min(room, max(n - len(buf), len(buf), 4096)))
-
-    for _ in range(count):
-        need(pos + 40)
-        extra_n = _u(buf, pos + 36, 4)
-        if extra_n > _MAX_EXTRA:
+def read_snapshot_table(
+    read: Callable[[int, int], bytes], table: Span, file_size: int, disk_size: int = 0
+) -> tuple[list[Snapshot], int]:
+    """The ``table.n`` entries from ``table.at`` and the table's length in bytes;
+    ``disk_size`` is the size of entries without that field (the image's)."""
+    found: list[Snapshot] = []
+    pos = table.at
+    for i in range(table.n):
+        raw = read(pos, SNAPSHOT_HEADER.size)
+        if len(raw) < SNAPSHOT_HEADER.size or pos + SNAPSHOT_HEADER.size > file_size:
             raise CorruptImageError(
-                f"qcow2: snapshot entry {len(out)} has {extra_n} bytes of extra data "
-                f"(at most {_MAX_EXTRA})"
+                f"qcow2: snapshot table entry {i} at 0x{pos:x} runs past the file end"
             )
-        id_n, name_n = _u(buf, pos + 12, 2), _u(buf, pos + 14, 2)
-        stop = pos + 40 + extra_n + id_n + name_n
-        need(stop)
-        x = pos + 40
-        vm_state = _u(buf, x, 8) if extra_n >= 8 else _u(buf, pos + 32, 4)
-        size = _u(buf, x + 8, 8) if extra_n >= 16 else disk_size
+        l1_at, l1_n, id_n, name_n, sec, nsec, clock, vm32, extra = SNAPSHOT_HEADER.unpack(raw)
+        if extra > _MAX_EXTRA:
+            raise CorruptImageError(
+                f"qcow2: snapshot table entry {i} at 0x{pos:x} has {extra} bytes of extra data "
+                f"(more than {_MAX_EXTRA})"
+            )
+        body = pos + SNAPSHOT_HEADER.size + extra
+        more = read(pos + SNAPSHOT_HEADER.size, extra) if extra else b""
+        names = read(body, id_n + name_n)
+        end = body + id_n + name_n
+        if len(names) < id_n + name_n or end > file_size:
+            raise CorruptImageError(
+                f"qcow2: snapshot table entry {i} at 0x{pos:x} runs past the file end"
+            )
+        sid = names[:id_n].decode("utf-8", "replace")
+        name = names[id_n:].decode("utf-8", "replace")
         icount: int | None = None
-        if extra_n >= 24:
-            raw = int.from_bytes(buf[x + 16 : x + 24], "big", signed=True)
-            icount = None if raw == -1 else raw  # -1: icount was disabled
-        sid = buf[x + extra_n : x + extra_n + id_n].decode("utf-8", "replace")
-        name = buf[x + extra_n + id_n : stop].decode("utf-8", "replace")
-        l1_n = _u(buf, pos + 8, 4)
-        if l1_n > _MAX_L1_ENTRIES:
-            raise CorruptImageError(f"qcow2: snapshot {sid!r} has an L1 table of {l1_n} entries")
+        if extra >= 24:
+            icount = int.from_bytes(more[16:24], "big", signed=True)
+            icount = None if icount == -1 else icount  # -1: icount was disabled
         info = SnapshotInfo(
-            sid, name, vm_state, _u(buf, pos + 16, 4), _u(buf, pos + 20, 4),
-            _u(buf, pos + 24, 8), size, icount,
+            sid, name, _u(more, 0, 8) if extra >= 8 else vm32, sec, nsec, clock,
+            _u(more, 8, 8) if extra >= 16 else disk_size, icount,
         )
-        out.append(Snapshot(info, _u(buf, pos, 8), l1_n))
-        pos = (stop + 7) & ~7
-    return out
+        found.append(Snapshot(Span(l1_at, l1_n), sid, name, info))
+        pos = end + (-end % 8)
+        if pos - table.at > _MAX_TABLE_BYTES:
+            raise CorruptImageError(
+                f"qcow2: the snapshot table at 0x{table.at:x} is larger than "
+                f"{_MAX_TABLE_BYTES >> 20} MiB"
+            )
+    return found, pos - table.at
 
 
 def pick(snapshots: list[Snapshot], key: str) -> Snapshot:
     """By ID first, then by name (the first that matches), as qemu-img does."""
-    by_id = {s.info.id: s for s in reversed(snapshots)}
-    if key in by_id:
-        return by_id[key]
     for s in snapshots:
-        if s.info.name == key:
+        if s.id == key:
             return s
-    known = ", ".join(f"{s.info.id}:{s.info.name}" for s in snapshots) or "none"
+    for s in snapshots:
+        if s.name == key:
+            return s
+    known = ", ".join(f"{s.id}:{s.name}" for s in snapshots) or "none"
     raise InvalidRequestError(f"qcow2: no snapshot with ID or name {key!r} (snapshots: {known})")

@@ -1,4 +1,7 @@
-"""``pyimago``: run the oracle's machines, and replay recorded failures.
+"""``pyimago run`` and ``pyimago replay``: the oracle's machines, and recorded failures.
+
+The ``pyimago`` command itself is :mod:`pyimago.cli` (a table of subcommands); these are two
+of its rows.  Arguments are checked before any work starts (one-line errors, exit 2).
 
 ``pyimago run``
     Runs the state machines against an implementation (the reference by default) for a
@@ -8,97 +11,101 @@
     shrunk operation log is printed and its replay file written.
 ``pyimago replay FILE``
     Runs a replay file's sequence again (against the target it names, or ``--target``),
-    prints the operation log and exits 1 if it still fails.
-``pyimago fuzz module:target``
-    Fuzzes a third party's format driver (a ``DriverTarget``) against the oracle; see
-    :mod:`pyimago.oracle.fuzz`.
+    prints the operation log and exits 1 if it still fails.  ``pyimago replay --database
+    URL`` lists the failures saved in a campaign's example database and reruns them.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import time
-import traceback
 from collections.abc import Sequence
 
 from hypothesis import seed as hypothesis_seed
 from hypothesis import settings
 from hypothesis.stateful import run_state_machine_as_test
+from pyimago._args import CliParser, existing_dir, existing_file, fail, output_dir, positive_int
 
+from ._cli_support import add_import_paths, budget_note, format_failure, target_error
 from .machines import make_machine
 from .profiles import PROFILES, load_profile_from_env, oracle_settings, register_profiles
-from .replay import DEFAULT_FAILURES_DIR, load_replay, run_replay
+from .replay import DEFAULT_FAILURES_DIR, ReplayFileError, load_replay, run_replay
 from .session import RunStats
 from .strategies import chain_specs
-from .targets import resolve_target
+from .targets import ImplementationTarget, resolve_target
 
-__all__ = ["main"]
+__all__ = ["main", "replay_main", "run_main"]
 
 _STORAGES = {"memory": ("memory",), "file": ("file",), "mixed": ("memory", "memory", "file")}
 
 
-_DELEGATED_HELP = {
-    "conformance": "per-clause conformance report of an implementation "
-                   "(see 'pyimago conformance --help')",
-    "fuzz": "fuzz a format driver (module:target) against the oracle "
-            "(see 'pyimago fuzz --help')",
-}
+def _target(prog: str, option: str, spec: str) -> ImplementationTarget:
+    """The target ``spec`` names, or a one-line usage error naming it."""
+    try:
+        return resolve_target(spec)
+    except Exception as exc:
+        fail(prog, f"{option} {spec}: {target_error(exc)}")
 
 
-def _delegated(name: str, rest: list[str]) -> int:
-    if name == "conformance":
-        from .report import conformance_main
-
-        return conformance_main(rest)
-    if name == "fuzz":
-        from .fuzz._cli import fuzz_main
-
-        return fuzz_main(rest)
-    raise AssertionError(name)
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pyimago",
-        description="pyimago's test oracle: model-checked state machines over disk images.",
+def _run_parser() -> CliParser:
+    run = CliParser(
+        prog="pyimago run",
+        description="Run the oracle's state machines against an implementation for a budget "
+                    "of examples and print a summary (operations per second, bytes "
+                    "compared).  Exit status 1 when a failure was found: its shrunk "
+                    "operation log is printed and its replay file written.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    run = sub.add_parser("run", help="run the state machines for a budget of examples")
     run.add_argument("--target", default="reference",
                      help="implementation: 'reference', a module, or module:attribute")
     run.add_argument("--profile", choices=PROFILES, default=None,
                      help="Hypothesis profile (default: $HYPOTHESIS_PROFILE, ci on CI, else dev)")
-    run.add_argument("--examples", type=int, default=None, help="examples to run")
-    run.add_argument("--steps", type=int, default=None, help="operations per example (at most)")
+    run.add_argument("--examples", type=positive_int, default=None, help="examples to run")
+    run.add_argument("--steps", type=positive_int, default=None,
+                     help="operations per example (at most)")
     run.add_argument("--seed", type=int, default=None, help="random seed (reproducible runs)")
     run.add_argument("--storage", choices=sorted(_STORAGES), default="mixed",
                      help="where chains live (default: mostly memory, some files)")
-    run.add_argument("--failures-dir", default=DEFAULT_FAILURES_DIR,
+    run.add_argument("--failures-dir", type=output_dir, default=DEFAULT_FAILURES_DIR,
                      help=f"where replay files go (default {DEFAULT_FAILURES_DIR})")
+    run.add_argument("--path", action="append", default=[], metavar="DIR", type=existing_dir,
+                     help="also import the target from DIR (the current folder always is)")
     run.add_argument("--no-qemu", action="store_true", help="skip the qemu-img teardown checks")
     run.add_argument("--no-progress", action="store_true", help="no progress display")
+    run.add_argument("--database", metavar="URL", default=None,
+                     help="example database shared by every run: a directory or "
+                          "redis://host:port/N; its failures are replayed first")
+    return run
 
-    # Subcommands with their own argument parsers; main() hands them the rest of argv.
-    for name, help_text in _DELEGATED_HELP.items():
-        sub.add_parser(name, help=help_text, add_help=False)
 
-    replay = sub.add_parser("replay", help="re-run a replay file")
-    replay.add_argument("file", help="a replay file written by a failing run")
+def _replay_parser() -> CliParser:
+    replay = CliParser(
+        prog="pyimago replay",
+        description="Run a replay file's sequence again (against the target it names, or "
+                    "--target), print the operation log; exit status 1 if it still fails.",
+    )
+    replay.add_argument("file", nargs="?", default=None, type=existing_file,
+                        help="a replay file written by a failing run")
+    replay.add_argument("--database", metavar="URL", default=None,
+                        help="instead of a file: list and rerun the failures saved in this "
+                             "example database (a directory or redis://host:port/N)")
+    replay.add_argument("--list", action="store_true",
+                        help="with --database: only list the saved failures")
     replay.add_argument("--target", default=None,
                         help="implementation to run it against (default: the file's)")
+    replay.add_argument("--path", action="append", default=[], metavar="DIR", type=existing_dir,
+                        help="also import the target from DIR (the current folder always is)")
     replay.add_argument("--no-qemu", action="store_true", help="skip the qemu-img checks")
     replay.add_argument("--quiet", action="store_true", help="print only the verdict")
-    return parser
+    return replay
 
 
 def _rate(steps: int, seconds: float) -> str:
     return f"{steps / seconds:,.0f} ops/s" if seconds > 0 else "n/a"
 
 
-def _summary(stats: RunStats, target: str, profile: str, wall: float, failed: bool) -> None:
+def _summary(
+    stats: RunStats, target: str, profile: str, wall: float, failed: bool, budget: int
+) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -107,10 +114,12 @@ def _summary(stats: RunStats, target: str, profile: str, wall: float, failed: bo
     table.add_column(style="bold")
     table.add_column()
     table.add_row("profile", profile)
-    table.add_row("examples", f"{stats.examples:,}")
+    table.add_row("examples", budget_note(stats.examples, budget, failed=failed))
     table.add_row("steps", f"{stats.steps:,}")
     table.add_row("wall time", f"{wall:.1f} s")
     table.add_row("throughput (all)", _rate(stats.steps, wall))
+    seconds = sum(stats.storage_seconds.values())
+    table.add_row("checked ops/s", _rate(stats.steps, seconds) + "  (in sessions)")
     for storage in sorted(stats.storage_steps):
         table.add_row(
             f"throughput ({storage})",
@@ -121,15 +130,24 @@ def _summary(stats: RunStats, target: str, profile: str, wall: float, failed: bo
     table.add_row("bytes compared", f"{stats.bytes_compared:,}")
     depths = ", ".join(f"{d}: {n}" for d, n in sorted(stats.chain_depths.items()))
     table.add_row("chain depths", depths)
-    ops = ", ".join(f"{k} {v}" for k, v in stats.ops.most_common())
-    table.add_row("operations", ops)
+    table.add_row("crash states checked",
+                  f"{stats.crash_states:,} in {stats.crash_checks:,} checks "
+                  f"({stats.crash_judged:,} judged, {stats.crash_leaks:,} leaked clusters)")
+    for label, value in stats.path_rows():
+        table.add_row(label, value)
+    for what in stats.coverage_warnings():
+        table.add_row("[yellow]warning[/yellow]", f"zero hits: {what}")
     table.add_row("failures", "[red]yes[/red]" if failed else "[green]none[/green]")
     for path in stats.replay_files:
         table.add_row("replay file", path)
     console.print(table)
 
 
-def _run(args: argparse.Namespace) -> int:
+def run_main(argv: Sequence[str]) -> int:
+    """``pyimago run``; returns the exit status."""
+    args = _run_parser().parse_args(list(argv))
+    add_import_paths(args.path)
+    target = _target("pyimago run", "--target", args.target)
     register_profiles()
     profile = args.profile or load_profile_from_env()
     base = settings.get_profile(profile)
@@ -138,8 +156,15 @@ def _run(args: argparse.Namespace) -> int:
         overrides["max_examples"] = args.examples
     if args.steps is not None:
         overrides["stateful_step_count"] = args.steps
+    database = None
+    if args.database is not None:
+        from .database import DatabaseError, open_database
+
+        try:
+            overrides["database"] = database = open_database(args.database)
+        except DatabaseError as exc:
+            fail("pyimago run", str(exc))
     run_settings = oracle_settings(base, **overrides)
-    target = resolve_target(args.target)
     stats = RunStats()
     machine = make_machine(
         target,
@@ -159,23 +184,9 @@ def _run(args: argparse.Namespace) -> int:
         except Exception as exc:
             error = exc
     else:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            SpinnerColumn,
-            TextColumn,
-            TimeElapsedColumn,
-        )
+        from ._progress import progress_bar
 
-        with Progress(
-            SpinnerColumn(),
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("{task.fields[detail]}"),
-        ) as progress:
+        with progress_bar() as progress:
             task = progress.add_task(
                 f"oracle vs {target.name}", total=run_settings.max_examples, detail=""
             )
@@ -197,18 +208,35 @@ def _run(args: argparse.Namespace) -> int:
             except Exception as exc:
                 error = exc
     wall = time.monotonic() - start
+    if error is not None and database is not None:
+        from .database import save_replay_files
+
+        save_replay_files(database, stats.replay_files)
     if error is not None:
-        print("".join(traceback.format_exception(error)), file=sys.stderr)
-    _summary(stats, target.name, profile, wall, error is not None)
+        print(format_failure(error), file=sys.stderr)
+    _summary(stats, target.name, profile, wall, error is not None, run_settings.max_examples)
     return 1 if error is not None else 0
 
 
-def _replay(args: argparse.Namespace) -> int:
-    replay = load_replay(args.file)
-    if os.getcwd() not in sys.path:
-        # A target named module:attribute (a driver under test) may live in the current folder.
-        sys.path.insert(0, os.getcwd())
-    target = resolve_target(args.target or replay.target or "reference")
+def replay_main(argv: Sequence[str]) -> int:
+    """``pyimago replay``; returns the exit status."""
+    prog = "pyimago replay"
+    args = _replay_parser().parse_args(list(argv))
+    if (args.file is None) == (args.database is None):
+        fail(prog, "name a replay file or --database URL (one of them)")
+    if args.database is not None:
+        from .replay_db import replay_database
+
+        add_import_paths(args.path)
+        return replay_database(args.database, target=args.target, list_only=args.list,
+                               qemu_img=None if args.no_qemu else "auto", quiet=args.quiet)
+    try:
+        replay = load_replay(args.file)
+    except ReplayFileError as exc:
+        fail(prog, str(exc))
+    add_import_paths(args.path)
+    spec = args.target or replay.target or "reference"
+    target = _target(prog, "--target" if args.target else f"{args.file}: target", spec)
     result = run_replay(replay, target, qemu_img=None if args.no_qemu else "auto")
     if not args.quiet:
         print(result.log)
@@ -220,14 +248,10 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``pyimago`` command."""
-    words = list(sys.argv[1:] if argv is None else argv)
-    if words and words[0] in _DELEGATED_HELP:
-        return _delegated(words[0], words[1:])
-    args = _parser().parse_args(words)
-    if args.command == "run":
-        return _run(args)
-    return _replay(args)
+    """The ``pyimago`` command (:func:`pyimago.cli.main`), for ``python -m pyimago.oracle``."""
+    from pyimago.cli import main as dispatch
+
+    return dispatch(argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

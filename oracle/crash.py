@@ -14,15 +14,32 @@ forwards every call, and logs each mutation; :meth:`RecordingStorage.state_after
 
 from __future__ import annotations
 
+import json
+import os
 import random
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pyimago.reference import InvalidRequestError, PreallocateMode
+from pyimago.reference import InvalidRequestError, MemoryStorage, PreallocateMode, PyimagoError
 from pyimago.reference._storage import Buffer, Storage, WritableBuffer
 
-__all__ = ["Mutation", "RecordingStorage", "apply_mutation"]
+__all__ = [
+    "CrashTimeline",
+    "CutJudge",
+    "CutVerdict",
+    "Mutation",
+    "RecordingStorage",
+    "TimelinePoint",
+    "apply_mutation",
+    "check_cut",
+    "crash_clauses",
+    "qemu_judge",
+    "reference_judge",
+    "unknown_ranges",
+]
 
 MutationKind = Literal["write", "write_zeroes", "discard", "resize"]
 
@@ -191,6 +208,12 @@ class RecordingStorage:
             at = k
             yield k, buf
 
+    def describe_mutation(self, k: int) -> str:
+        """What mutation ``k`` was (while it is still in the log)."""
+        if self._base_index < k <= self.mutations:
+            return self.log[k - 1 - self._base_index].describe()
+        return f"mutation {k}"
+
     def sample_cuts(self, since: int, limit: int, rng: random.Random) -> list[int]:
         """Up to ``limit`` cut points in ``[since, mutations]``: all of them when they fit,
         else the first and last and a random sample between."""
@@ -291,7 +314,9 @@ class CrashTimeline:
                     f"{sorted(sizes)} (operations {window[0].label!r}..{window[-1].label!r})"]
         if any(p.content == content for p in window if p.size == size):
             return []
-        loose = [r for p in window[1:] for r in p.unspecified]
+        # The durable point's own unspecified ranges count too: a point built from a model
+        # (the machines) has no actual bytes there to compare with.
+        loose = [r for p in window for r in p.unspecified]
         problems: list[str] = []
         for at in range(0, size, SECTOR):
             actual = content[at : at + SECTOR]
@@ -308,3 +333,151 @@ class CrashTimeline:
             if len(problems) >= limit:
                 break
         return problems
+
+
+def unknown_ranges(known: bytes) -> tuple[tuple[int, int], ...]:
+    """The ranges where a model's ``known`` mask is 0, widened to whole sectors (the crash
+    rule judges sectors, and a sector partly unspecified may read anything)."""
+    out: list[tuple[int, int]] = []
+    # find() runs at memchr speed; the masks are mostly ones with a few runs of zeroes.
+    pos = known.find(0)
+    while pos >= 0:
+        stop = known.find(1, pos)
+        stop = len(known) if stop < 0 else stop
+        start = pos - pos % SECTOR
+        end = -(-stop // SECTOR) * SECTOR
+        if out and out[-1][0] + out[-1][1] >= start:
+            start = out.pop()[0]
+        out.append((start, end - start))
+        pos = known.find(0, stop)
+    return tuple(out)
+
+
+# -- judging one cut state --------------------------------------------------------------------
+
+#: Judges one cut state (the image file's bytes): ``(corruptions, leaks, messages)``.
+CutJudge = Callable[[bytes], tuple[int, int, list[str]]]
+
+_TMP = "/dev/shm" if os.path.isdir("/dev/shm") else None
+
+
+def qemu_judge(qemu_img: str) -> CutJudge:
+    """``qemu-img check --output=json`` on a copy of the bytes (in /dev/shm when there)."""
+
+    def judge(image: bytes) -> tuple[int, int, list[str]]:
+        with tempfile.NamedTemporaryFile(suffix=".qcow2", dir=_TMP) as f:
+            f.write(image)
+            f.flush()
+            # The backing is not needed to check one file's metadata: json: with backing null.
+            spec = json.dumps({"driver": "qcow2", "backing": None,
+                               "file": {"driver": "file", "filename": f.name}})
+            proc = subprocess.run(
+                [qemu_img, "check", "--output=json", f"json:{spec}"],
+                capture_output=True, text=True, check=False,
+            )
+        try:
+            out = json.loads(proc.stdout)
+        except json.JSONDecodeError:
+            return 1, 0, [f"qemu-img check failed (exit {proc.returncode}): "
+                          f"{proc.stderr.strip()[:300]}"]
+        corrupt = int(out.get("corruptions", 0)) + int(out.get("check-errors", 0))
+        msgs = [proc.stderr.strip()[:600]] if corrupt else []
+        return corrupt, int(out.get("leaks", 0)), msgs
+
+    return judge
+
+
+def reference_judge() -> CutJudge | None:
+    """``pyimago.reference.check`` as the judge, where it exists (None until then)."""
+    import pyimago.reference as reference
+
+    check = getattr(reference, "check", None)
+    if check is None:
+        return None
+
+    def judge(image: bytes) -> tuple[int, int, list[str]]:
+        result = check(MemoryStorage(image, name="cut"))
+        msgs = [str(p) for p in result.problems if p.kind.value != "leak"][:5]
+        return result.corruptions + result.check_errors, result.leaks, msgs
+
+    return judge
+
+
+@dataclass(slots=True)
+class CutVerdict:
+    """What checking one cut state found (``problems`` empty: the cut is fine)."""
+
+    cut: int
+    judged: bool = False
+    corruptions: int = 0
+    leaks: int = 0
+    open_error: bool = False
+    readonly_write: bool = False
+    wrong: bool = False
+    problems: list[str] = field(default_factory=list)
+
+
+def check_cut(
+    cut: int,
+    image: bytes,
+    timeline: CrashTimeline,
+    open_cut: Callable[[MemoryStorage], Any],
+    judge: CutJudge | None = None,
+) -> CutVerdict:
+    """Check the image a cut after mutation ``cut`` leaves (``image``: the top layer's bytes).
+
+    ``crash.power-cut``: ``judge`` (when given) finds no corruption (leaks are counted); the
+    image opens read-only (``open_cut(storage)`` returns an open FormatAccess) with no error
+    that is not a pyimago error; the open changes no byte (``crash.readonly-open``); every
+    sector reads what :meth:`CrashTimeline.violations` allows.
+    """
+    verdict = CutVerdict(cut)
+    if judge is not None:
+        verdict.judged = True
+        corrupt, leaks, msgs = judge(image)
+        verdict.corruptions, verdict.leaks = corrupt, leaks
+        if corrupt:
+            verdict.problems += [f"cut after mutation {cut}: check finds {corrupt} "
+                                 "corruption(s)", *msgs]
+    copy = MemoryStorage(image, name="cut")
+    try:
+        with open_cut(copy) as img:
+            size = img.size
+            content = bytes(img.read(0, size))
+    except PyimagoError as exc:
+        verdict.open_error = True
+        if not verdict.problems:
+            verdict.problems.append(f"cut after mutation {cut}: does not open: {exc}")
+        return verdict
+    except Exception as exc:
+        verdict.open_error = True
+        verdict.problems.append(f"cut after mutation {cut}: opening raises "
+                                f"{type(exc).__name__}: {exc}")
+        return verdict
+    if copy.snapshot() != image:
+        verdict.readonly_write = True
+        verdict.problems.append(f"cut after mutation {cut}: a read-only open changed the image")
+    wrong = timeline.violations(cut, size, content)
+    if wrong:
+        verdict.wrong = True
+        verdict.problems += wrong
+    return verdict
+
+
+def crash_clauses(exc: BaseException) -> tuple[str, ...]:
+    """The ``crash.*`` spec clauses a failure names (looking inside exception groups and
+    causes): how a test tells a broken power-cut promise from any other failure."""
+    found: list[str] = []
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        found += [c for c in getattr(e, "clauses", ()) if str(c).startswith("crash.")]
+        if isinstance(e, BaseExceptionGroup):
+            todo += list(e.exceptions)
+        if e.__cause__ is not None:
+            todo.append(e.__cause__)
+    return tuple(dict.fromkeys(found))

@@ -20,7 +20,6 @@ prints a summary; tests run a few sequences.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import shutil
@@ -32,15 +31,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyimago.reference import (
-    MemoryStorage,
-    PreallocateMode,
-    PyimagoError,
-)
+from pyimago.reference import MemoryStorage, PreallocateMode
 from pyimago.reference import create_image as ref_create
 from pyimago.reference import open_image as ref_open
 
-from .crash import CrashTimeline, RecordingStorage, TimelinePoint
+from .crash import (
+    CrashTimeline,
+    CutJudge,
+    RecordingStorage,
+    TimelinePoint,
+    check_cut,
+    qemu_judge,
+    reference_judge,
+)
 from .targets import ImplementationTarget, resolve_target
 
 __all__ = ["CampaignStats", "CutJudge", "qemu_judge", "run_campaign", "run_sequence"]
@@ -77,52 +80,6 @@ class CampaignStats:
             f"open, {self.readonly_writes} changed by a read-only open; {self.cuts_with_leaks} "
             f"with leaks ({self.leaked_clusters} leaked clusters in all)"
         )
-
-
-#: Judges one cut state (the image file's bytes): ``(corruptions, leaks, messages)``.
-CutJudge = Callable[[bytes], tuple[int, int, list[str]]]
-
-
-def qemu_judge(qemu_img: str) -> CutJudge:
-    """``qemu-img check --output=json`` on a copy of the bytes (in /dev/shm when there)."""
-
-    def judge(image: bytes) -> tuple[int, int, list[str]]:
-        with tempfile.NamedTemporaryFile(suffix=".qcow2", dir=_TMP) as f:
-            f.write(image)
-            f.flush()
-            # The backing is not needed to check one file's metadata: json: with backing null.
-            spec = json.dumps({"driver": "qcow2", "backing": None,
-                               "file": {"driver": "file", "filename": f.name}})
-            proc = subprocess.run(
-                [qemu_img, "check", "--output=json", f"json:{spec}"],
-                capture_output=True, text=True, check=False,
-            )
-        try:
-            out = json.loads(proc.stdout)
-        except json.JSONDecodeError:
-            return 1, 0, [f"qemu-img check failed (exit {proc.returncode}): "
-                          f"{proc.stderr.strip()[:300]}"]
-        corrupt = int(out.get("corruptions", 0)) + int(out.get("check-errors", 0))
-        msgs = [proc.stderr.strip()[:600]] if corrupt else []
-        return corrupt, int(out.get("leaks", 0)), msgs
-
-    return judge
-
-
-def reference_judge() -> CutJudge | None:
-    """``pyimago.reference.check`` as the judge, where it exists."""
-    import pyimago.reference as reference
-
-    check = getattr(reference, "check", None)
-    if check is None:
-        return None
-
-    def judge(image: bytes) -> tuple[int, int, list[str]]:
-        result = check(MemoryStorage(image, name="cut"))
-        msgs = [str(p) for p in result.problems if p.kind.value != "leak"][:5]
-        return result.corruptions + result.check_errors, result.leaks, msgs
-
-    return judge
 
 
 # -- building a chain ----------------------------------------------------------------------------
@@ -322,42 +279,21 @@ def run_sequence(
     stats.mutations += rec.mutations
     failures: list[str] = []
     cuts = rec.sample_cuts(0, max_cuts, rng)
+    def open_cut(storage: MemoryStorage) -> Any:
+        return target.open(storage, writable=False, format="qcow2", explicit_backing=True,
+                           backing=chain.backing)
+
     for k, state in rec.cut_states(cuts):
-        image = bytes(state)
         stats.cuts += 1
-        problems: list[str] = []
-        if judge is not None:
-            corrupt, leaks, msgs = judge(image)
-            stats.leaked_clusters += leaks
-            stats.cuts_with_leaks += bool(leaks)
-            if corrupt:
-                stats.corruptions += 1
-                problems += [f"cut after mutation {k}: check finds {corrupt} corruption(s)",
-                             *msgs]
-        copy = MemoryStorage(image, name="cut")
-        try:
-            with target.open(copy, writable=False, format="qcow2", explicit_backing=True,
-                             backing=chain.backing) as cut_img:
-                size = cut_img.size
-                content = _guest(cut_img)
-        except PyimagoError as exc:
-            if not problems:
-                problems.append(f"cut after mutation {k}: does not open: {exc}")
-            stats.open_errors += 1
-        except Exception as exc:
-            problems.append(f"cut after mutation {k}: opening raises {type(exc).__name__}: "
-                            f"{exc}")
-            stats.open_errors += 1
-        else:
-            if copy.snapshot() != image:
-                stats.readonly_writes += 1
-                problems.append(f"cut after mutation {k}: a read-only open changed the image")
-            wrong = timeline.violations(k, size, content)
-            if wrong:
-                stats.lost_or_wrong += 1
-                problems += wrong
-        if problems:
-            failures.append("\n  ".join(problems))
+        verdict = check_cut(k, bytes(state), timeline, open_cut, judge)
+        stats.leaked_clusters += verdict.leaks
+        stats.cuts_with_leaks += bool(verdict.leaks)
+        stats.corruptions += bool(verdict.corruptions)
+        stats.open_errors += verdict.open_error
+        stats.readonly_writes += verdict.readonly_write
+        stats.lost_or_wrong += verdict.wrong
+        if verdict.problems:
+            failures.append("\n  ".join(verdict.problems))
             if len(failures) >= 3:
                 break
     if failures:

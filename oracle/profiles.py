@@ -9,6 +9,9 @@
 ``deep``
     Long campaigns: many examples and long programs, the example database kept.
 
+The example database of ``dev`` and ``deep`` lives in ``.pyimago-failures/hypothesis`` (next
+to the replay files), not in a ``.hypothesis`` folder of whatever folder a user runs from.
+
 ``load_profile_from_env`` picks ``$HYPOTHESIS_PROFILE``, else ``ci`` when ``$CI`` is true,
 else ``dev``.
 """
@@ -19,10 +22,12 @@ import os
 from typing import Any
 
 from hypothesis import HealthCheck, Phase, settings
+from hypothesis.database import DirectoryBasedExampleDatabase
 
 __all__ = [
     "CI_MAX_EXAMPLES",
     "CI_STEP_COUNT",
+    "EXAMPLE_DATABASE_DIR",
     "PROFILES",
     "load_profile_from_env",
     "oracle_settings",
@@ -34,6 +39,10 @@ CI_MAX_EXAMPLES = 100
 CI_STEP_COUNT = 30
 
 PROFILES = ("ci", "dev", "deep")
+
+#: Where the dev and deep profiles keep Hypothesis's example database (relative to the
+#: folder the run starts in, like the replay files' .pyimago-failures).
+EXAMPLE_DATABASE_DIR = os.path.join(".pyimago-failures", "hypothesis")
 
 # The machines build images in @initialize and check the whole disk after every step: that
 # is slow by Hypothesis's standards and large by its data standards, on purpose.  Only the
@@ -64,12 +73,14 @@ def register_profiles() -> None:
         stateful_step_count=40,
         deadline=None,
         phases=_NO_EXPLAIN,
+        database=DirectoryBasedExampleDatabase(EXAMPLE_DATABASE_DIR),
     )
     settings.register_profile(
         "deep",
         max_examples=5000,
         stateful_step_count=100,
         deadline=None,
+        database=DirectoryBasedExampleDatabase(EXAMPLE_DATABASE_DIR),
     )
 
 

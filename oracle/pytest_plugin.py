@@ -14,9 +14,11 @@ Installed with pyimago (a ``pytest11`` entry point), so nothing needs enabling::
         pass
 
 Options: ``--pyimago-profile {ci,dev,deep}`` (default: ``$HYPOTHESIS_PROFILE``, ``ci`` on CI,
-else ``dev``) and ``--pyimago-examples N``; given on the command line, they win over what the
-test passes.  What each run exercised is printed in the test's output and in a
-"pyimago conformance" section of the terminal summary.
+else ``dev``), ``--pyimago-examples N`` and ``--pyimago-database URL`` (an example database
+shared by every run: a directory or ``redis://host:port/N``; its saved failures are replayed
+first, new ones saved there); given on the command line, they win over what the test passes.
+What each run exercised is printed in the test's output and in a "pyimago conformance"
+section of the terminal summary.
 
 The plugin is loaded by every pytest run in an environment where pyimago is installed, so it
 imports nothing of the oracle (nor Hypothesis) until a test asks for a run, and does nothing
@@ -61,6 +63,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="N",
         help="examples (chains) per pyimago conformance run",
     )
+    group.addoption(
+        "--pyimago-database",
+        default=None,
+        metavar="URL",
+        help="example database shared by pyimago conformance runs: a directory or "
+             "redis://host:port/N (the 'campaign' extra)",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -85,6 +94,9 @@ def _run(item: pytest.Item, target: TargetLike, options: dict[str, Any]) -> Conf
         options.pop("settings", None)
     if examples is not None:
         options["max_examples"] = examples
+    database = config.getoption("pyimago_database", None)
+    if database is not None:
+        options["database"] = database
     options.setdefault("failures_dir", str(config.rootpath / DEFAULT_FAILURES_DIR))
     stats = run_driver_conformance(target, **options)
     summary = stats.summary()
@@ -110,7 +122,18 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> None:
         return
     if len(marker.args) != 1:
         raise pytest.UsageError(f"@pytest.mark.{MARKER} takes one target, got {marker.args!r}")
-    _run(pyfuncitem, marker.args[0], dict(marker.kwargs))
+    failure = None
+    try:
+        _run(pyfuncitem, marker.args[0], dict(marker.kwargs))
+    except Exception as exc:
+        from ._cli_support import format_failure
+
+        failure = format_failure(exc)
+    if failure is not None:
+        # The failure as the oracle reports it (Hypothesis's shrunk program, the oracle's log,
+        # the replay file: the exception's notes), once, without the oracle's own frames;
+        # raised outside the except block so that no "during handling" chain repeats it.
+        pytest.fail(failure, pytrace=False)
     # Returning None lets pytest call the test body as usual.
 
 

@@ -7,6 +7,7 @@ decide the data each write puts down) are not stored: they follow from the order
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -14,14 +15,18 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .ops import ChainSpec, Op
+from ._sched import serial_jobs
+from .ops import ChainSpec, Op, OpKind
 from .session import OracleFailure, RunStats, Session
 from .targets import ImplementationTarget
 
 __all__ = [
     "DEFAULT_FAILURES_DIR",
     "REPLAY_FORMAT",
+    "REPLAY_MAX_BYTES",
+    "REPLAY_MAX_OPS",
     "Replay",
+    "ReplayFileError",
     "ReplayResult",
     "load_replay",
     "replay_record",
@@ -30,8 +35,19 @@ __all__ = [
 ]
 
 DEFAULT_FAILURES_DIR = ".pyimago-failures"
+
+#: Largest disk, offset or length a replay file may name.  The machines make disks of a few
+#: MiB; a file asking for more is damaged or hostile, and the flat model holds the whole
+#: disk in memory.
+REPLAY_MAX_BYTES = 1 << 30
+#: Most operations (per layer build, and on the top layer) a replay file may list.
+REPLAY_MAX_OPS = 100_000
 REPLAY_FORMAT = "pyimago-replay"
 _VERSION = 1
+
+
+class ReplayFileError(ValueError):
+    """A file that is not a readable pyimago replay file; the message names the file."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,9 +118,55 @@ def write_replay(replay: Replay, directory: str = DEFAULT_FAILURES_DIR) -> str:
 
 
 def load_replay(path: str) -> Replay:
-    """Read a replay file."""
-    with open(path, encoding="utf-8") as f:
-        return Replay.from_json(json.load(f))
+    """Read a replay file; :class:`ReplayFileError` (naming ``path``) if it cannot be used."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except IsADirectoryError:
+        raise ReplayFileError(f"{path}: is a folder, not a replay file") from None
+    except FileNotFoundError:
+        raise ReplayFileError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ReplayFileError(f"{path}: cannot read: {exc}") from None
+    try:
+        obj = json.loads(text)
+    except ValueError as exc:
+        raise ReplayFileError(f"{path}: not a pyimago replay file (not JSON: {exc})") from None
+    if not isinstance(obj, dict) or obj.get("format") != REPLAY_FORMAT:
+        raise ReplayFileError(
+            f"{path}: not a pyimago replay file (no \"format\": \"{REPLAY_FORMAT}\")"
+        )
+    try:
+        replay = Replay.from_json(obj)
+        problem = _out_of_bounds(replay)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        problem = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
+    if problem:
+        raise ReplayFileError(f"{path}: broken pyimago replay file ({problem})")
+    return replay
+
+
+def _out_of_bounds(replay: Replay) -> str | None:
+    """What makes a parsed replay unusable (sizes no machine makes), or None."""
+    if replay.chain.storage not in ("memory", "file"):
+        return f"storage {replay.chain.storage!r} is neither 'memory' nor 'file'"
+    if not replay.chain.layers:
+        return "the chain has no layers"
+    batches = [*(layer.build for layer in replay.chain.layers), replay.ops]
+    if any(len(ops) > REPLAY_MAX_OPS for ops in batches):
+        return f"more than {REPLAY_MAX_OPS:,} operations"
+    for layer in replay.chain.layers:
+        if not 0 < layer.size <= REPLAY_MAX_BYTES:
+            return f"layer size {layer.size} outside 1..{REPLAY_MAX_BYTES}"
+        if not 0 < layer.cluster_size <= 2 << 20:
+            return f"cluster size {layer.cluster_size} outside 1..{2 << 20}"
+    for ops in batches:
+        for op in ops:
+            for name in ("offset", "length", "value"):
+                value = getattr(op, name)
+                if not 0 <= value <= REPLAY_MAX_BYTES:
+                    return f"{op.kind.value} {name} {value} outside 0..{REPLAY_MAX_BYTES}"
+    return None
 
 
 def run_replay(
@@ -113,22 +175,36 @@ def run_replay(
     *,
     stats: RunStats | None = None,
     qemu_img: str | None = "auto",
+    serial: bool | None = None,
 ) -> ReplayResult:
-    """Run a replay against ``target``; failures come back in the result, not raised."""
+    """Run a replay against ``target``; failures come back in the result, not raised.
+
+    A sequence that sets parallelization above 1 runs under :func:`serial_jobs` unless
+    ``serial`` says otherwise: its jobs run in submission order, so it fails (or passes)
+    the same way every time.
+    """
+    if serial is None:
+        serial = any(op.kind in (OpKind.READ_PARALLEL, OpKind.WRITE_PARALLEL) and op.value > 1
+                     for op in replay.ops)
     session = Session(target, replay.chain, stats=stats, qemu_img=qemu_img, build=False)
+    session.full_checks = True  # the exact check after every step: the earliest report
     error: BaseException | None = None
-    try:
-        session.build()
-        for op in replay.ops:
-            session.apply(op)
-    except Exception as exc:
-        error = exc
-    try:
-        session.close(verify=error is None)
-    except Exception as exc:
-        if error is None:
+    with serial_jobs() if serial else contextlib.nullcontext():
+        try:
+            session.build()
+            for op in replay.ops:
+                session.apply(op)
+        except Exception as exc:
             error = exc
-    return ReplayResult(session.format_log(failed=error), error)
+        try:
+            session.close(verify=error is None)
+        except Exception as exc:
+            if error is None:
+                error = exc
+    log = session.format_log(failed=error)
+    if serial:
+        log += "\n(jobs run serially, in submission order: a deterministic schedule)"
+    return ReplayResult(log, error)
 
 
 def is_oracle_failure(error: BaseException | None) -> bool:

@@ -49,6 +49,13 @@ class ImplementationTarget:
     differential: bool = False
     """Also check each chain against ``pyimago.reference``: the same sequence on a shadow
     chain, and the implementation's images read back by the reference (qcow2 targets)."""
+    crash_safe: bool = True
+    """The implementation promises ``crash.power-cut`` (pyimago's own do): sessions record
+    the top layer's storage and check the states a power cut can leave."""
+    file_storage: Callable[..., Any] | None = None
+    """``file_storage(path, writable=...)``: the implementation's own file Storage, used when
+    a session opens a file chain's top layer through a recording storage (default: the
+    reference's ``FileStorage``)."""
 
     def open(
         self,
@@ -90,6 +97,7 @@ def module_target(module: ModuleType | str, *, name: str | None = None) -> Imple
         create_image=create_image,
         module=mod.__name__,
         l2_cache_option=_takes(open_image, "l2_cache_tables"),
+        file_storage=getattr(mod, "FastFileStorage", None) or getattr(mod, "FileStorage", None),
     )
 
 
@@ -119,6 +127,8 @@ def resolve_target(spec: str) -> ImplementationTarget:
                 obj = dataclasses.replace(obj, module=spec)  # type: ignore[type-var]
             obj = obj.implementation()
         if not isinstance(obj, ImplementationTarget):
-            raise TypeError(f"{spec} is not an ImplementationTarget")
+            raise TypeError(
+                f"{spec} is {type(obj).__name__}, not an ImplementationTarget or DriverTarget"
+            )
         return obj
     return module_target(spec)

@@ -11,8 +11,11 @@ from ._errors import (
     CorruptImageError,
     DriverError,
     GateDeniedError,
+    ImageAccessError,
+    ImageInUseError,
     ImageNotFoundError,
     InvalidRequestError,
+    ProbedRawWriteError,
     PyimagoError,
     ReadOnlyError,
     UnsupportedError,
@@ -31,18 +34,20 @@ from ._open import AUTO, create_image, open_image, probe_format
 from ._prealloc import PreallocateMode
 from ._snapshot import SnapshotInfo
 from ._storage import Buffer, FileStorage, MemoryStorage, Storage, WritableBuffer
-from .access import FormatAccess
+from .access import MAX_REQUEST_BYTES, FormatAccess
 from .backing import (
     DenyImplicitOpenGate,
     FolderImplicitOpenGate,
     ImplicitOpenGate,
     PermissiveImplicitOpenGate,
 )
+from .qcow2.check import check
 from .qcow2.driver import Qcow2Driver
 from .raw import RawDriver
 
 __all__ = [
     "AUTO",
+    "MAX_REQUEST_BYTES",
     "Buffer",
     "CheckProblem",
     "CheckResult",
@@ -55,6 +60,8 @@ __all__ = [
     "FormatAccess",
     "FormatDriver",
     "GateDeniedError",
+    "ImageAccessError",
+    "ImageInUseError",
     "ImageNotFoundError",
     "ImplicitOpenGate",
     "IndirectMapping",
@@ -63,6 +70,7 @@ __all__ = [
     "MemoryStorage",
     "PermissiveImplicitOpenGate",
     "PreallocateMode",
+    "ProbedRawWriteError",
     "ProblemKind",
     "PyimagoError",
     "Qcow2Driver",
@@ -78,6 +86,7 @@ __all__ = [
     "UnsupportedFeatureError",
     "WritableBuffer",
     "ZeroMapping",
+    "check",
     "create_image",
     "open_image",
     "probe_format",

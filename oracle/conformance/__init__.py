@@ -20,13 +20,25 @@ not-applicable rather than skipped.
 
 from __future__ import annotations
 
-from ._impl import CAPABILITIES, IMPL_ENV, Capabilities, Impl, ImplError, impl_from_env, load_impl
+from ._impl import (
+    CAPABILITIES,
+    IMPL_ENV,
+    LOAD_ERROR_ENV,
+    PROGRESS_ENV,
+    Capabilities,
+    Impl,
+    ImplError,
+    impl_from_env,
+    load_impl,
+)
 from ._support import NOT_APPLICABLE
 
 __all__ = [
     "CAPABILITIES",
     "IMPL_ENV",
+    "LOAD_ERROR_ENV",
     "NOT_APPLICABLE",
+    "PROGRESS_ENV",
     "Capabilities",
     "Impl",
     "ImplError",

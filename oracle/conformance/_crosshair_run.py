@@ -11,7 +11,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["CONTRACT_MODULES", "HARNESS_MODULE", "CrossHairResult", "run_crosshair"]
+__all__ = [
+    "CONTRACT_MODULES",
+    "CROSSHAIR_MISSING",
+    "HARNESS_MODULE",
+    "CrossHairResult",
+    "run_crosshair",
+]
+
+#: The skip reason of a CrossHair check on a machine without crosshair-tool.
+CROSSHAIR_MISSING = "CrossHair not installed (pip install crosshair-tool): check not run"
 
 #: Modules whose PEP 316 contracts CrossHair checks, with the clauses they cover.
 CONTRACT_MODULES: dict[str, tuple[str, ...]] = {

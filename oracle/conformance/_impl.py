@@ -28,6 +28,8 @@ from pyimago.reference import MemoryStorage, UnsupportedError
 __all__ = [
     "CAPABILITIES",
     "IMPL_ENV",
+    "LOAD_ERROR_ENV",
+    "PROGRESS_ENV",
     "Capabilities",
     "Impl",
     "ImplError",
@@ -37,6 +39,12 @@ __all__ = [
 
 #: The environment variable naming the implementation under test.
 IMPL_ENV: Final = "PYIMAGO_CONFORMANCE_IMPL"
+
+#: Where the suite writes why it could not load the implementation (set by the runner).
+LOAD_ERROR_ENV: Final = "PYIMAGO_CONFORMANCE_LOAD_ERROR"
+
+#: A file the results plugin keeps "<tests done> <tests collected>" in (set by the runner).
+PROGRESS_ENV: Final = "PYIMAGO_CONFORMANCE_PROGRESS"
 
 #: Short names of the implementations that ship with pyimago.
 _BUILTIN: Final = {"reference": "pyimago.reference", "fast": "pyimago.fast"}
@@ -152,8 +160,13 @@ def load_impl(spec: str) -> Impl:
     spec = spec.strip() or "reference"
     try:
         name, obj = _load_object(spec)
-    except (ImportError, AttributeError) as exc:
-        raise ImplError(f"cannot load implementation {spec!r}: {exc}") from exc
+    except Exception as exc:
+        # Whatever importing a third party's module raises (a SyntaxError, a failing
+        # factory): the implementation cannot be loaded, and that is one error.
+        why = " ".join(str(exc).split()) or type(exc).__name__
+        if not isinstance(exc, ImportError | AttributeError):
+            why = f"{type(exc).__name__}: {why}"
+        raise ImplError(f"cannot load implementation {spec!r}: {why}") from exc
     open_image = getattr(obj, "open_image", None)
     create_image = getattr(obj, "create_image", None)
     if not callable(open_image) or not callable(create_image):

@@ -55,19 +55,25 @@ def not_applicable(reason: str) -> NoReturn:
     pytest.skip(NOT_APPLICABLE + reason)
 
 
-def expect_error(exc_type: type[BaseException], what: str, call: Callable[[], object]
-                 ) -> BaseException:
+def expect_error(
+    exc_type: type[BaseException] | tuple[type[BaseException], ...],
+    what: str,
+    call: Callable[[], object],
+) -> BaseException:
     """Call ``call`` and return the ``exc_type`` it raises; otherwise fail the test with
-    "<what>: expected <exc_type>, got <what happened>" (the report splits it there)."""
+    "<what>: expected <exc_type>, got <what happened>" (the report splits it there, so a
+    reader sees "expected InvalidRequestError", not "expected no exception")."""
+    types = exc_type if isinstance(exc_type, tuple) else (exc_type,)
+    names = " or ".join(t.__name__ for t in types)
     try:
         call()
-    except exc_type as exc:
+    except types as exc:
         return exc
     except Exception as exc:
         raise AssertionError(
-            f"{what}: expected {exc_type.__name__}, got {type(exc).__name__}: {exc}"
+            f"{what}: expected {names}, got {type(exc).__name__}: {exc}"
         ) from exc
-    raise AssertionError(f"{what}: expected {exc_type.__name__}, got no error")
+    raise AssertionError(f"{what}: expected {names}, got no error")
 
 
 def require_qemu() -> str:

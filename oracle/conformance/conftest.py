@@ -8,10 +8,18 @@ implementation whose capabilities lack one of these.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
-from pyimago.oracle.conformance._impl import CAPABILITIES, IMPL_ENV, Impl, impl_from_env
+from pyimago.oracle.conformance._impl import (
+    CAPABILITIES,
+    IMPL_ENV,
+    LOAD_ERROR_ENV,
+    Impl,
+    ImplError,
+    impl_from_env,
+)
 from pyimago.oracle.conformance._support import ImageKit, not_applicable
 
 
@@ -21,6 +29,19 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", f"needs(*capabilities): implementation capabilities ({', '.join(CAPABILITIES)})"
     )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # An implementation that does not load is one error, not a failure of every test: say
+    # why (in the file the caller named) and stop before anything runs.  (Collection is the
+    # first hook this conftest sees when the suite is named with --pyargs.)
+    try:
+        impl_from_env()
+    except ImplError as exc:
+        where = os.environ.get(LOAD_ERROR_ENV)
+        if where:
+            Path(where).write_text(str(exc), encoding="utf-8")
+        pytest.exit(f"pyimago conformance: {exc}", returncode=pytest.ExitCode.USAGE_ERROR)
 
 
 def pytest_report_header(config: pytest.Config) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable
 from typing import Any
@@ -544,9 +545,10 @@ def test_discard_to_backing_without_backing_reads_zero(img: ImageKit) -> None:
 def test_unsupported_options_raise_unsupported_error(img: ImageKit) -> None:
     for option, value in [("data_file", "x.raw"), ("extended_l2", True), ("encryption", True)]:
         store = MemoryStorage()
-        with pytest.raises(UnsupportedError) as info:
-            img.create(store, 64 * KiB, "qcow2", **{option: value})
-        assert isinstance(info.value, OSError), "UnsupportedError is not io.UnsupportedOperation"
+        options = {option: value}
+        error = expect_error(UnsupportedError, f"create with {option}={value}",
+                             functools.partial(img.create, store, 64 * KiB, "qcow2", **options))
+        assert isinstance(error, OSError), "UnsupportedError is not io.UnsupportedOperation"
         assert store.size() == 0, f"{option}: the refused create wrote {store.size()} bytes"
 
 
@@ -563,7 +565,8 @@ def test_flush_writes_back_without_fsync(img: ImageKit, monkeypatch: pytest.Monk
         disk.flush()
         assert not calls, f"flush called {calls}"
         monkeypatch.undo()
-        with img.open(path, writable=False) as other:
+        # A second open while the first holds the image writable must share (qemu-img -U).
+        with img.open(path, writable=False, force_share=True) as other:
             assert other.read(100 * KiB, 300 * KiB) == pattern(26, 300 * KiB), (
                 "a fresh open after flush does not see the data"
             )

@@ -41,8 +41,9 @@ def test_unknown_options_and_values_are_refused(img: ImageKit) -> None:
     assert "sometimes" in message, f"the error does not name the value: {message}"
     _refused(img, format="raw", cluster_size=4096)
     path = img.tmp / "never.qcow2"
-    with pytest.raises(InvalidRequestError):
-        img.impl.create_image(str(path), 64 * KiB, format="qcow2", frobnicate=1)
+    expect_error(InvalidRequestError, "create with frobnicate=1",
+                 lambda: img.impl.create_image(str(path), 64 * KiB, format="qcow2",
+                                               frobnicate=1))
     assert not path.exists(), "a refused create_image created the file"
     for opts in ({"size": -512}, {"size": "1M"}, {"size": 1.5}):
         _refused(img, **opts)
@@ -165,5 +166,5 @@ def test_created_images_are_consistent(img: ImageKit, opts: dict[str, Any]) -> N
 @pytest.mark.clause("errors.hierarchy")
 def test_create_errors_are_pyimago_errors(img: ImageKit) -> None:
     store = MemoryStorage()
-    with pytest.raises(PyimagoError):
-        img.impl.create_image(store, 1000, format="qcow2")
+    expect_error(PyimagoError, "create a 1000-byte qcow2 image",
+                 lambda: img.impl.create_image(store, 1000, format="qcow2"))

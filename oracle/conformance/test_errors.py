@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytest
 from pyimago.oracle.conformance._impl import Impl
 from pyimago.oracle.conformance._qcow2 import Qcow2Bytes
-from pyimago.oracle.conformance._support import ImageKit, KiB, pattern
+from pyimago.oracle.conformance._support import ImageKit, KiB, expect_error, pattern
 from pyimago.reference import (
     CorruptImageError,
     DriverError,
@@ -63,11 +63,12 @@ def test_bad_arguments_give_invalid_request_errors(img: ImageKit) -> None:
                 ) from exc
             else:
                 raise AssertionError(f"{what}: no error")
-    with pytest.raises(InvalidRequestError):
-        img.impl.open_image(12345)
-    with pytest.raises((InvalidRequestError, UnsupportedFeatureError)) as info:
-        img.impl.open_image(MemoryStorage(bytes(4096)), format="vmdk")
-    assert "vmdk" in str(info.value)
+    expect_error(InvalidRequestError, "open_image(12345)", lambda: img.impl.open_image(12345))
+    error = expect_error(
+        (InvalidRequestError, UnsupportedFeatureError), "open with format='vmdk'",
+        lambda: img.impl.open_image(MemoryStorage(bytes(4096)), format="vmdk"),
+    )
+    assert "vmdk" in str(error)
 
 
 def _corruptions(base: Qcow2Bytes) -> dict[str, Qcow2Bytes]:

@@ -6,7 +6,7 @@ import struct
 
 import pytest
 from pyimago.oracle.conformance._qcow2 import EXT_FEATURE_NAMES, Qcow2Bytes
-from pyimago.oracle.conformance._support import ImageKit, KiB, MiB, pattern
+from pyimago.oracle.conformance._support import ImageKit, KiB, MiB, expect_error, pattern
 from pyimago.reference import (
     CorruptImageError,
     InvalidRequestError,
@@ -100,14 +100,14 @@ def test_unknown_additional_fields_are_preserved(img: ImageKit) -> None:
 @pytest.mark.clause("qcow2.header.size-512")
 def test_qcow2_sizes_are_multiples_of_512(img: ImageKit) -> None:
     store = MemoryStorage()
-    with pytest.raises(InvalidRequestError):
-        img.impl.create_image(store, 1000, format="qcow2")
+    expect_error(InvalidRequestError, "create a 1000-byte qcow2 image",
+                 lambda: img.impl.create_image(store, 1000, format="qcow2"))
     assert store.size() == 0, "a refused create wrote data"
     disk_store = img.mem(64 * KiB, "qcow2")
     before = disk_store.snapshot()
     with img.open(disk_store) as disk:
-        with pytest.raises(InvalidRequestError):
-            disk.resize(64 * KiB + 100)
+        expect_error(InvalidRequestError, "resize to 64 KiB + 100",
+                     lambda: disk.resize(64 * KiB + 100))
         assert disk.size == 64 * KiB
     assert disk_store.snapshot() == before, "a refused resize changed the image"
 

@@ -9,17 +9,19 @@ writes the verdict as JUnit XML for CI.
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import time
 import traceback
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 
+from pyimago._args import CliParser, existing_dir, fail, output_dir, output_file, positive_int
+
+from .._cli_support import add_import_paths, budget_note, format_failure, target_error
 from ..profiles import PROFILES
 from ..replay import DEFAULT_FAILURES_DIR
 from ..session import RunStats
+from ._campaign_cli import add_campaign_options, campaign_main, check_database
 from ._run import conformance_settings, run_driver_conformance
 from ._stats import ConformanceStats
 from ._target import load_target
@@ -27,31 +29,32 @@ from ._target import load_target
 __all__ = ["fuzz_main", "write_junit"]
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def _parser() -> CliParser:
+    parser = CliParser(
         prog="pyimago fuzz",
         description="Fuzz a format driver against pyimago's oracle (stops at the first failure).",
     )
     parser.add_argument("target", help="module:attribute naming a DriverTarget (or a function "
                                        "returning one), e.g. chunkmap:target")
-    parser.add_argument("--examples", type=int, default=None,
+    parser.add_argument("--examples", type=positive_int, default=None,
                         help="examples (chains) to run (default: the profile's)")
-    parser.add_argument("--steps", type=int, default=None,
+    parser.add_argument("--steps", type=positive_int, default=None,
                         help="operations per example, at most (default: the profile's)")
     parser.add_argument("--seed", type=int, default=None,
                         help="random seed: a random run that can be repeated")
     parser.add_argument("--profile", choices=PROFILES, default=None,
                         help="Hypothesis profile (default: $HYPOTHESIS_PROFILE, ci on CI, "
                              "else dev); deep is for long campaigns")
-    parser.add_argument("--junit", metavar="FILE", default=None,
+    parser.add_argument("--junit", metavar="FILE", default=None, type=output_file,
                         help="write the verdict as JUnit XML to FILE")
-    parser.add_argument("--failures-dir", default=DEFAULT_FAILURES_DIR,
+    parser.add_argument("--failures-dir", default=DEFAULT_FAILURES_DIR, type=output_dir,
                         help=f"where the replay file goes (default {DEFAULT_FAILURES_DIR})")
-    parser.add_argument("--path", action="append", default=[], metavar="DIR",
+    parser.add_argument("--path", action="append", default=[], metavar="DIR", type=existing_dir,
                         help="also import from DIR (the current folder always is)")
     parser.add_argument("--no-qemu", action="store_true",
                         help="skip the qemu-img checks at teardown of file chains")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_campaign_options(parser)
     return parser
 
 
@@ -87,7 +90,7 @@ def write_junit(
     ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
 
 
-def _print_stats(stats: ConformanceStats, failed: bool) -> None:
+def _print_stats(stats: ConformanceStats, failed: bool, budget: int) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -97,6 +100,8 @@ def _print_stats(stats: ConformanceStats, failed: bool) -> None:
     for label, value in stats.rows():
         if label == "failures":
             value = "[red]yes[/red]" if failed else "[green]none[/green]"
+        elif label == "examples":
+            value = budget_note(stats.examples, budget, failed=failed)
         table.add_row(label, value)
     Console().print(table)
 
@@ -104,16 +109,16 @@ def _print_stats(stats: ConformanceStats, failed: bool) -> None:
 def fuzz_main(argv: Sequence[str]) -> int:
     """``pyimago fuzz``; returns the exit status."""
     args = _parser().parse_args(list(argv))
-    for folder in [*reversed(args.path), os.getcwd()]:
-        if folder not in sys.path:
-            # As ``python -m`` would: a driver next to the user is importable by name.
-            sys.path.insert(0, folder)
+    if args.workers is not None:
+        return campaign_main(args)
+    if args.tx or args.duration is not None or args.campaign_dir or args.json:
+        fail("pyimago fuzz", "--tx, --duration, --campaign-dir and --json need --workers N")
+    check_database(args.database)
+    add_import_paths(args.path)
     try:
         target = load_target(args.target)
     except Exception as exc:
-        print(f"pyimago fuzz: cannot load {args.target}: {type(exc).__name__}: {exc}",
-              file=sys.stderr)
-        return 2
+        fail("pyimago fuzz", f"cannot load {args.target}: {target_error(exc)}")
     settings = conformance_settings(profile=args.profile, max_examples=args.examples,
                                     steps=args.steps, seed=args.seed)
     name = target.name
@@ -134,29 +139,16 @@ def fuzz_main(argv: Sequence[str]) -> int:
             failures_dir=args.failures_dir,
             qemu_img=None if args.no_qemu else "auto",
             progress=tick,
+            database=args.database,
         )
 
     try:
         if args.no_progress:
             run()
         else:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                SpinnerColumn,
-                TextColumn,
-                TimeElapsedColumn,
-            )
+            from .._progress import progress_bar
 
-            with Progress(
-                SpinnerColumn(),
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TextColumn("{task.fields[detail]}"),
-            ) as bar:
+            with progress_bar() as bar:
                 task = bar.add_task(f"fuzzing {name}", total=settings.max_examples, detail="")
 
                 def show(stats: ConformanceStats) -> None:
@@ -175,14 +167,14 @@ def fuzz_main(argv: Sequence[str]) -> int:
         name, RunStats(), time.monotonic() - start
     )
     if error is not None:
-        print("".join(traceback.format_exception(error)), file=sys.stderr)
+        # Hypothesis's shrunk program, the oracle's log and the replay file are its notes.
+        print(format_failure(error), file=sys.stderr)
         print(f"pyimago fuzz: {name} FAILED", file=sys.stderr)
-        for path in stats.replay_files:
-            print(f"replay file: {path}  (run it again: pyimago replay {path})", file=sys.stderr)
-    _print_stats(stats, error is not None)
+    _print_stats(stats, error is not None, settings.max_examples)
     if args.junit:
         write_junit(args.junit, stats, error)
     if error is None:
-        print(f"pyimago fuzz: {name} conforms ({stats.examples} examples, {stats.steps} steps)")
+        runs = budget_note(stats.examples, settings.max_examples, failed=False)
+        print(f"pyimago fuzz: {name} conforms (examples: {runs}; {stats.steps:,} steps)")
     return 1 if error is not None else 0
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from hypothesis import seed as hypothesis_seed
 from hypothesis import settings as Settings
+from hypothesis.database import ExampleDatabase
 from hypothesis.errors import InvalidArgument
 from hypothesis.stateful import run_state_machine_as_test
 from pyimago.reference import MemoryStorage
@@ -82,6 +83,7 @@ def conformance_settings(
     max_examples: int | None = None,
     steps: int | None = None,
     seed: int | None = None,
+    database: str | ExampleDatabase | None = None,
 ) -> Settings:
     """The Hypothesis settings a conformance run uses.
 
@@ -90,6 +92,8 @@ def conformance_settings(
     ``ci`` on CI, else ``dev``).  Always: no deadline (a step builds disk images), the health
     checks a disk-image machine trips by design off, and the run stops at the first failure.
     ``seed`` makes a run random but reproducible (it turns derandomisation off).
+    ``database``: an example database, or the ``--database`` URL of one (see
+    :func:`~pyimago.oracle.database.open_database`), used whatever the profile says.
     """
     register_profiles()
     if settings is not None:
@@ -114,7 +118,17 @@ def conformance_settings(
         overrides["stateful_step_count"] = steps
     if seed is not None:
         overrides["derandomize"] = False
+    if database is not None:
+        overrides["database"] = _database(database)
     return oracle_settings(base, **overrides)
+
+
+def _database(database: str | ExampleDatabase) -> ExampleDatabase:
+    if isinstance(database, str):
+        from ..database import open_database
+
+        return open_database(database)
+    return database
 
 
 def _expect_unsupported(what: str, call: Callable[[], object]) -> None:
@@ -182,6 +196,8 @@ def run_driver_conformance(
     qemu_img: str | None = "auto",
     echo_failures: bool = False,
     progress: Callable[[ConformanceStats], None] | None = None,
+    database: str | ExampleDatabase | None = None,
+    worker: str | None = None,
 ) -> ConformanceStats:
     """Run the oracle's state machine against a driver; return what it exercised.
 
@@ -197,6 +213,10 @@ def run_driver_conformance(
     Hypothesis's shrunk program, the oracle's fsx-style log and the replay file (written into
     ``failures_dir``, None for none; ``pyimago replay FILE`` runs it again) attached as notes.
     ``progress`` is called with the counters so far after each example, and once at the end.
+    ``database``: an example database or its ``--database`` URL, shared by every run of a
+    campaign: its saved failures are replayed first, and a failure found here is saved there,
+    as Hypothesis's entry and as a replay record (``pyimago replay --database URL``) naming
+    ``worker``.
     """
     resolved = resolve_driver_target(target)
     impl = resolved.implementation() if isinstance(resolved, DriverTarget) else resolved
@@ -204,6 +224,13 @@ def run_driver_conformance(
     run_settings = conformance_settings(
         settings, profile=profile, max_examples=max_examples, steps=steps, seed=seed
     )
+    shared = None if database is None else _database(database)
+    if shared is not None:
+        run_settings = Settings(run_settings, database=shared)
+    scratch = None
+    if shared is not None and failures_dir is None:
+        # The replay record goes to the database by way of a replay file.
+        failures_dir = scratch = tempfile.mkdtemp(prefix="pyimago-failures-")
     stats = RunStats()
     start = time.monotonic()
     preflight = 0
@@ -234,9 +261,17 @@ def run_driver_conformance(
         run_state_machine_as_test(machine, settings=run_settings)
     except BaseException as exc:
         if isinstance(exc, Exception):
+            if shared is not None:
+                from ..database import save_replay_files
+
+                save_replay_files(shared, stats.replay_files, worker=worker)
             exc.add_note(snapshot().summary())
         raise
     finally:
+        if scratch is not None:
+            stats.replay_files.clear()
+            shutil.rmtree(scratch, ignore_errors=True)
         if progress is not None:
             progress(snapshot())
     return snapshot()
+

@@ -238,6 +238,10 @@ class DriverTarget:
     differential: bool | None = None
     """Also run each sequence on the reference and let the reference read the driver's
     images (default: qcow2 targets)."""
+    crash_safe: bool = False
+    """The driver promises ``crash.power-cut``: a cut after any storage write leaves an
+    image that opens, keeps what ``flush()`` + ``sync()`` made durable and shows every
+    other sector old or new.  Opting in makes every session check cut states."""
     module: str | None = None
 
     def __post_init__(self) -> None:
@@ -332,6 +336,7 @@ class DriverTarget:
             l2_cache_option=True,
             capabilities=caps,
             differential=self.is_differential,
+            crash_safe=self.crash_safe,
         )
 
 

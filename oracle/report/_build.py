@@ -157,7 +157,13 @@ def build_report(
     environment: Mapping[str, str],
     errors: tuple[str, ...] = (),
 ) -> Report:
-    """The report: every registry clause with the evidence citing it, grouped by area."""
+    """The report: every registry clause with the evidence citing it, grouped by area.
+
+    A suite that could not load the implementation is one error; its clauses are untested.
+    """
+    load_error = suite.load_error if suite is not None else None
+    if load_error is not None:
+        suite = None
     evidence: dict[str, list[Evidence]] = {cid: [] for cid in clauses}
     if suite is not None:
         for record in suite.tests.values():
@@ -204,6 +210,8 @@ def build_report(
             )
         )
     all_errors = tuple(errors) + (suite.errors if suite is not None else ())
+    if load_error is not None:
+        all_errors = (*errors, load_error)
     return Report(
         impl=impl,
         impl_name=impl_name,
@@ -214,4 +222,5 @@ def build_report(
         machines=machines,
         errors=all_errors,
         suite_duration=suite.duration if suite is not None else 0.0,
+        load_error=load_error,
     )

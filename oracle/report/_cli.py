@@ -16,7 +16,18 @@ from importlib import metadata
 from pathlib import Path
 from typing import Final
 
+from pyimago._args import (
+    CliParser,
+    existing_dir,
+    fail,
+    output_dir,
+    output_file,
+    positive_float,
+    positive_int,
+)
+from pyimago.oracle._cli_support import add_import_paths
 from pyimago.oracle.conformance import IMPL_ENV, ImplError, load_impl
+from pyimago.oracle.conformance._crosshair_run import CROSSHAIR_MISSING
 from pyimago.specs import ClauseRegistryError, load_areas, load_clauses
 
 from ._build import build_report
@@ -62,6 +73,10 @@ exit status:
 """
 
 
+def _s(n: int) -> str:
+    return "" if n == 1 else "s"
+
+
 def _version(dist: str) -> str:
     try:
         return metadata.version(dist)
@@ -100,6 +115,7 @@ def run_conformance(
     failures_dir: str = ".pyimago-failures",
     suite_timeout: float | None = None,
     progress: Callable[[str], None] | None = None,
+    import_paths: tuple[str, ...] = (),
 ) -> Report:
     """Run the suite (and, with ``machines``, the oracle's machines) against ``impl``."""
     say = progress or (lambda _msg: None)
@@ -114,12 +130,20 @@ def run_conformance(
         errors.append(f"spec clause registry: {exc}")
     say(f"conformance suite: running against {loaded.name} ...")
     with tempfile.TemporaryDirectory(prefix="pyimago-conformance-") as tmp:
-        suite = run_suite(impl, Path(tmp), timeout=suite_timeout)
-    counts: dict[str, int] = {}
-    for record in suite.tests.values():
-        counts[record.outcome] = counts.get(record.outcome, 0) + 1
-    shown = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
-    say(f"conformance suite: {len(suite.tests)} tests in {suite.duration:.1f} s ({shown})")
+        suite = run_suite(impl, Path(tmp), timeout=suite_timeout, import_paths=import_paths,
+                          progress=progress)
+    if suite.load_error is not None:
+        machines = False  # nothing to check them against: the report says why, once
+    else:
+        counts: dict[str, int] = {}
+        for record in suite.tests.values():
+            counts[record.outcome] = counts.get(record.outcome, 0) + 1
+        shown = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+        say(f"conformance suite: {len(suite.tests)} tests in {suite.duration:.1f} s ({shown})")
+    env = environment()
+    not_run = sum(1 for r in suite.tests.values() if CROSSHAIR_MISSING in r.message)
+    if not_run:
+        env["crosshair"] = f"not installed: {not_run} check{_s(not_run)} not run"
     machine_run: MachineRun | None = None
     if machines:
         say(f"machines: profile {profile}, running ...")
@@ -136,13 +160,20 @@ def run_conformance(
         machines=machine_run,
         generated=generated,
         duration=time.monotonic() - started,
-        environment=environment(),
+        environment=env,
         errors=tuple(errors),
     )
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def _also_file(text: str) -> str:
+    if Path(text).suffix.lower() not in _SUFFIX_FORMAT:
+        raise argparse.ArgumentTypeError(
+            f"{text}: suffix must be one of {', '.join(sorted(_SUFFIX_FORMAT))}")
+    return output_file(text)
+
+
+def _parser() -> CliParser:
+    parser = CliParser(
         prog="pyimago conformance",
         description=(
             "Check which clauses of pyimago's contract (specs/) an implementation meets: run "
@@ -156,20 +187,24 @@ def _parser() -> argparse.ArgumentParser:
                         help="the implementation to check (default: reference; see below)")
     parser.add_argument("--format", choices=FORMATS, default=None,
                         help="report format (default: from -o's suffix, else md)")
-    parser.add_argument("-o", "--output", metavar="FILE", default=None,
+    parser.add_argument("-o", "--output", metavar="FILE", default=None, type=output_file,
                         help="write the report to FILE ('-' for standard output)")
-    parser.add_argument("--also", action="append", default=[], metavar="FILE",
+    parser.add_argument("--also", action="append", default=[], metavar="FILE", type=_also_file,
                         help="also write the same report to FILE, in the format its suffix "
                              "names (.md, .html, .json, .xml); repeatable")
-    parser.add_argument("--examples", type=int, default=None, metavar="N",
+    parser.add_argument("--examples", type=positive_int, default=None, metavar="N",
                         help="examples the machines run (default: the profile's)")
     parser.add_argument("--profile", choices=("ci", "dev", "deep"), default="ci",
                         help="Hypothesis profile of the machines (default: ci)")
     parser.add_argument("--no-machines", action="store_true",
                         help="run only the conformance suite, not the oracle's machines")
     parser.add_argument("--failures-dir", default=".pyimago-failures", metavar="DIR",
+                        type=output_dir,
                         help="where failing machine runs write replay files")
-    parser.add_argument("--suite-timeout", type=float, default=None, metavar="SECONDS",
+    parser.add_argument("--path", action="append", default=[], metavar="DIR", type=existing_dir,
+                        help="also import the implementation from DIR (the current folder "
+                             "always is); the suite's subprocess gets the same folders")
+    parser.add_argument("--suite-timeout", type=positive_float, default=None, metavar="SECONDS",
                         help="stop the conformance suite after this long (default: no limit)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     return parser
@@ -177,21 +212,22 @@ def _parser() -> argparse.ArgumentParser:
 
 def conformance_main(argv: list[str] | None = None) -> int:
     """The ``pyimago conformance`` command; returns the exit status."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if args.examples is not None and args.examples < 1:
-        parser.error("--examples must be at least 1")
+    prog = "pyimago conformance"
+    args = _parser().parse_args(argv)
     fmt: str = args.format or _SUFFIX_FORMAT.get(Path(args.output or "").suffix.lower(), "md")
     output: str | None = args.output
     if output is None and fmt == "html":
         output = DEFAULT_HTML
-    for extra in args.also:
-        if Path(extra).suffix.lower() not in _SUFFIX_FORMAT:
-            parser.error(f"--also {extra}: suffix must be one of {sorted(_SUFFIX_FORMAT)}")
+    if output is not None and output != "-":
+        try:
+            output = output_file(output)  # the HTML default: checked like -o
+        except argparse.ArgumentTypeError as exc:
+            fail(prog, str(exc))
+    import_paths = add_import_paths(args.path)
     try:
         load_impl(args.impl)
     except ImplError as exc:
-        parser.error(str(exc))
+        fail(prog, f"--impl {exc}")
 
     def progress(message: str) -> None:
         if not args.quiet:
@@ -205,6 +241,7 @@ def conformance_main(argv: list[str] | None = None) -> int:
         failures_dir=args.failures_dir,
         suite_timeout=args.suite_timeout,
         progress=progress,
+        import_paths=tuple(import_paths),
     )
     text = RENDERERS[fmt](report)
     if output is None or output == "-":
@@ -218,5 +255,9 @@ def conformance_main(argv: list[str] | None = None) -> int:
             RENDERERS[_SUFFIX_FORMAT[Path(extra).suffix.lower()]](report), encoding="utf-8"
         )
         progress(f"report: {extra}")
-    progress(report.summary_line())
+    if report.load_error is not None:
+        # Nothing was tested: one line, exit 2 (the report says so too).
+        print(f"{prog}: {report.load_error}", file=sys.stderr)
+    else:
+        progress(report.summary_line())
     return report.exit_code

@@ -102,7 +102,8 @@ def _clause(c: ClauseResult) -> str:
     rows = [f"<dt>Requirement</dt><dd>{_e(c.requirement)}</dd>",
             f"<dt>Source</dt><dd><blockquote>{_e(c.quote)}</blockquote>{_e(c.source)}"
             + (f' (<a href="{_e(c.url)}">{_e(c.url)}</a>)' if c.url.startswith("https://")
-               else f" ({_e(c.url)})")
+               else f" (pyimago issue #{_e(c.url.removeprefix('issue:'))})"
+               if c.url.startswith("issue:") else f" ({_e(c.url)})")
             + "</dd>"]
     if c.divergence:
         rows.append(f"<dt>Divergence</dt><dd>{_e(c.divergence)}</dd>")

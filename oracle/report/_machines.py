@@ -55,6 +55,50 @@ def _clauses_of(error: BaseException) -> tuple[str, ...]:
     return ()
 
 
+def _run_driver(
+    target: Any,
+    profile: str,
+    budget: int,
+    failures_dir: str,
+    progress: Callable[[str], None] | None,
+) -> MachineRun:
+    # A DriverTarget: the driver machines (pyimago fuzz), which build the chains it claims
+    # to handle, rather than the generic ones it may not.
+    from pyimago.oracle.fuzz import ConformanceStats, run_driver_conformance
+
+    started = time.monotonic()
+    last: list[ConformanceStats] = []
+    shown = [started]
+
+    def tick(stats: ConformanceStats) -> None:
+        last[:] = [stats]
+        now = time.monotonic()
+        if progress is not None and now - shown[0] >= _PROGRESS_EVERY:
+            shown[0] = now
+            progress(f"machines: {stats.examples} runs, {stats.steps} steps so far")
+
+    try:
+        stats = run_driver_conformance(target, profile=profile, max_examples=budget,
+                                       failures_dir=failures_dir, progress=tick)
+    except Exception as exc:
+        got = last[0] if last else None
+        return MachineRun(
+            "failed",
+            profile,
+            budget,
+            runs=got.examples if got else 0,
+            steps=got.steps if got else 0,
+            duration=time.monotonic() - started,
+            message=f"{type(exc).__name__}: {exc}".strip(),
+            details="\n".join(getattr(exc, "__notes__", ())),
+            replay_files=got.replay_files if got else (),
+            clauses=_clauses_of(exc),
+            ops=dict(got.ops) if got else {},
+        )
+    return MachineRun("passed", profile, budget, runs=stats.examples, steps=stats.steps,
+                      duration=time.monotonic() - started, ops=dict(stats.ops))
+
+
 def run_machines(
     impl: str,
     *,
@@ -79,7 +123,12 @@ def run_machines(
     register_profiles()
     base = settings.get_profile(profile)
     budget = examples if examples is not None else base.max_examples
-    caps = load_impl(impl).capabilities
+    loaded = load_impl(impl)
+    from pyimago.oracle.fuzz import DriverTarget
+
+    if isinstance(loaded.obj, DriverTarget):
+        return _run_driver(loaded.obj, profile, budget, failures_dir, progress)
+    caps = loaded.capabilities
     if not (caps.qcow2 and caps.raw and caps.backing):
         return MachineRun(
             "not-applicable",

@@ -228,6 +228,8 @@ class Report:
     errors: tuple[str, ...] = ()
     """Problems of the run itself (collection errors, a crashed suite, bad citations)."""
     suite_duration: float = 0.0
+    load_error: str | None = None
+    """Why the suite could not load the implementation (then every clause is untested)."""
 
     @property
     def clauses(self) -> tuple[ClauseResult, ...]:
@@ -252,7 +254,10 @@ class Report:
 
     @property
     def exit_code(self) -> int:
-        """0 when no ``must`` clause failed and the run itself worked, else 1."""
+        """0 when no ``must`` clause failed and the run itself worked, else 1; 2 when the
+        implementation could not be loaded (nothing was tested)."""
+        if self.load_error is not None:
+            return 2
         return 1 if self.failed_must or self.errors else 0
 
     def summary_line(self) -> str:
@@ -281,6 +286,7 @@ class Report:
                 "failed_must": [c.id for c in self.failed_must],
             },
             "errors": list(self.errors),
+            "load_error": self.load_error,
             "machines": self.machines.to_json() if self.machines is not None else None,
             "areas": [a.to_json() for a in self.areas],
         }

@@ -15,16 +15,21 @@ plugin's ``--clause-report`` with what the report shows for failures and skips.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Final
 
 import pytest
-from pyimago.oracle.conformance import NOT_APPLICABLE
+from pyimago.oracle.conformance import NOT_APPLICABLE, PROGRESS_ENV
 
-__all__ = ["NOT_APPLICABLE", "RESULTS_VERSION", "pytest_addoption", "pytest_configure"]
+__all__ = [
+    "NOT_APPLICABLE",
+    "RESULTS_VERSION",
+    "pytest_addoption",
+    "pytest_configure",
+]
 
 RESULTS_VERSION: Final = 1
-
 
 #: Longest traceback text kept per test.
 _DETAILS_LIMIT: Final = 8000
@@ -82,6 +87,7 @@ class _Recorder:
         self._target = target
         self._tests: dict[str, dict[str, Any]] = {}
         self._collect_errors: list[dict[str, str]] = []
+        self._done = 0
 
     def _entry(self, nodeid: str) -> dict[str, Any]:
         return self._tests.setdefault(
@@ -137,6 +143,20 @@ class _Recorder:
                     entry["message"] = reason
         elif report.when == "call" and previous == "not-run":
             entry["outcome"] = "passed"
+
+    def _progress(self, running: str) -> None:
+        # How far the run is, for the runner's progress lines (run_suite reads the file).
+        where = os.environ.get(PROGRESS_ENV)
+        if where:
+            Path(where).write_text(f"{self._done} {len(self._tests)} {running}\n",
+                                   encoding="utf-8")
+
+    def pytest_runtest_logstart(self, nodeid: str) -> None:
+        self._progress(nodeid)
+
+    def pytest_runtest_logfinish(self, nodeid: str) -> None:
+        self._done += 1
+        self._progress("")
 
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         if hasattr(self._config, "workerinput"):

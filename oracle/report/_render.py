@@ -31,17 +31,28 @@ STATUS_LABEL: Final[dict[Status, str]] = {
 _XML_INVALID: Final = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 
 
+def _n(count: int, singular: str, plural: str | None = None) -> str:
+    """``1 clause``, ``2 clauses``."""
+    return f"{count} {singular if count == 1 else plural or singular + 's'}"
+
+
 def verdict(report: Report) -> str:
     """One sentence: did the implementation meet every ``must`` clause?"""
+    if report.load_error is not None:
+        return f"NOT RUN: {report.load_error}; no clause was tested."
     if report.errors:
-        return f"ERROR: the run itself had {len(report.errors)} problem(s); see Errors."
+        return f"ERROR: the run itself had {_n(len(report.errors), 'problem')}; see Errors."
     failed = report.failed_must
     if failed:
-        return f"FAIL: {len(failed)} must clause(s) failed: {', '.join(c.id for c in failed)}."
+        return (f"FAIL: {_n(len(failed), 'must clause')} failed: "
+                f"{', '.join(c.id for c in failed)}.")
+    crosshair = report.environment.get("crosshair", "")
+    caveat = f"; CrossHair {crosshair}" if crosshair.startswith("not installed") else ""
     others = [c for c in report.clauses if c.status == "fail"]
     if others:
-        return f"PASS: no must clause failed ({len(others)} should/may clause(s) failed)."
-    return "PASS: no clause failed."
+        return (f"PASS: no must clause failed ({_n(len(others), 'should/may clause')} "
+                f"failed{caveat}).")
+    return f"PASS: no clause failed{f' ({caveat[2:]})' if caveat else ''}."
 
 
 # -- JSON ----------------------------------------------------------------------------------------
@@ -77,11 +88,22 @@ def _counts(counts: dict[Status, int]) -> str:
     return ", ".join(f"{n} {STATUS_LABEL[s]}" for s, n in counts.items() if n) or "none"
 
 
+def source_link(clause: ClauseResult) -> str:
+    """Where the clause comes from, as a reader can open it: the source and its link (an
+    ``issue:N`` source is a decision recorded on pyimago's tracker)."""
+    if clause.url.startswith("https://"):
+        return f"{clause.source} (<{clause.url}>)"
+    if clause.url.startswith("issue:"):
+        return f"{clause.source} (pyimago issue #{clause.url.removeprefix('issue:')})"
+    return clause.source
+
+
 def _markdown_failure(clause: ClauseResult) -> list[str]:
     lines = [
         f"#### {STATUS_MARK['fail']} `{clause.id}` ({clause.strength}): {clause.title}",
         "",
         f"- **Requirement:** {clause.requirement}",
+        f"- **Source:** {source_link(clause)}",
     ]
     for ev in clause.failures:
         lines.append(f"- **Check:** `{ev.id}`")
@@ -115,6 +137,9 @@ def render_markdown(report: Report) -> str:
     totals = report.totals()
     out.append("| **total** | " + " | ".join(f"**{totals[s]}**" for s in STATUSES) + " |")
     out += ["", _run_line(report), ""]
+    crosshair = report.environment.get("crosshair", "")
+    if crosshair.startswith("not installed"):
+        out += [f"**CrossHair {crosshair}**: their clauses are not counted as passed.", ""]
     if report.errors:
         out += ["## Errors", ""]
         for error in report.errors:
@@ -133,7 +158,7 @@ def render_markdown(report: Report) -> str:
             if c.status == "untested":
                 note = "no check cites this clause"
             if c.status == "fail":
-                note = f"{len(c.failures)} failing check(s), below"
+                note = f"{_n(len(c.failures), 'failing check')}, below"
             out.append(
                 f"| {STATUS_MARK[c.status]} {STATUS_LABEL[c.status]} | `{c.id}` | {c.strength} | "
                 f"{_cell(c.title)} | {_cell(note)} |"

@@ -14,13 +14,15 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Final
 
-from pyimago.oracle.conformance import IMPL_ENV
+from pyimago.oracle.conformance import IMPL_ENV, LOAD_ERROR_ENV, PROGRESS_ENV
 
 __all__ = ["SUITE_PACKAGE", "SuiteResult", "TestRecord", "replay_command", "run_suite"]
 
@@ -28,6 +30,10 @@ SUITE_PACKAGE: Final = "pyimago.oracle.conformance"
 
 #: Output of pytest kept for the report when the run itself broke.
 _TAIL: Final = 4000
+
+#: Seconds between progress lines while the suite runs (while one test runs long: _QUIET_EVERY).
+_PROGRESS_EVERY: Final = 5.0
+_QUIET_EVERY: Final = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +61,8 @@ class SuiteResult:
     """Collection errors, bad citations, or why the run produced no results."""
     exitstatus: int
     duration: float
+    load_error: str | None = None
+    """Why the suite's process could not load the implementation (nothing ran then)."""
 
 
 def suite_folder() -> Path:
@@ -68,6 +76,73 @@ def replay_command(impl: str, record: TestRecord) -> str:
     return f"{IMPL_ENV}={shlex.quote(impl)} python -m pytest -p no:cacheprovider " + shlex.quote(
         target
     )
+
+
+def _run_with_progress(
+    cmd: list[str],
+    cwd: Path,
+    env: dict[str, str],
+    timeout: float | None,
+    progress: Callable[[str], None] | None,
+    progress_file: Path,
+) -> tuple[int | None, str]:
+    """Run pytest; return its exit status (None: killed at ``timeout``) and its output.
+
+    Every :data:`_PROGRESS_EVERY` seconds ``progress`` hears how many tests are done (the
+    results plugin keeps the count in ``progress_file``): a long suite is not a silent one.
+    """
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, errors="replace")
+    lines: list[str] = []
+
+    def read() -> None:
+        assert proc.stdout is not None
+        lines.extend(proc.stdout)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    started = last = time.monotonic()
+    said = ""
+    status: int | None = None
+    try:
+        while True:
+            try:
+                status = proc.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            now = time.monotonic()
+            if timeout is not None and now - started > timeout:
+                proc.kill()
+                proc.wait()
+                break
+            if progress is None or now - last < _PROGRESS_EVERY:
+                continue
+            try:
+                text = progress_file.read_text(encoding="utf-8").strip()
+                done, total, *running = text.split(maxsplit=2)
+                so_far = f"{done} of {total} tests done"
+                if running:
+                    so_far += f", running {running[0].rsplit('/', 1)[-1]}"
+            except (OSError, ValueError):
+                so_far = "collecting the tests"
+            # A line when something moved; while one test runs long, one every _QUIET_EVERY s.
+            if so_far != said or now - last >= _QUIET_EVERY:
+                said, last = so_far, now
+                progress(f"conformance suite: {so_far} ({now - started:.0f} s)")
+    finally:
+        if proc.poll() is None:  # interrupted: leave no pytest behind
+            proc.kill()
+            proc.wait()
+
+    reader.join(timeout=10)
+    return status, "".join(lines)
+
+
+def _python_path(first: tuple[str, ...], current: str) -> str:
+    entries = [os.path.abspath(p) for p in first]
+    entries += [os.path.abspath(p) for p in current.split(os.pathsep) if p]
+    return os.pathsep.join(dict.fromkeys(entries))
 
 
 def _load(path: Path) -> dict[str, Any] | None:
@@ -84,8 +159,16 @@ def run_suite(
     *,
     timeout: float | None = None,
     extra_args: tuple[str, ...] = (),
+    import_paths: tuple[str, ...] = (),
+    progress: Callable[[str], None] | None = None,
 ) -> SuiteResult:
-    """Run the suite against ``impl`` (the ``$PYIMAGO_CONFORMANCE_IMPL`` value) in ``workdir``."""
+    """Run the suite against ``impl`` (the ``$PYIMAGO_CONFORMANCE_IMPL`` value) in ``workdir``.
+
+    ``import_paths``: folders the caller imported ``impl`` from (``--path``, its current
+    folder); the subprocess gets them, and ``$PYTHONPATH`` made absolute, first on its path,
+    so it resolves the module the caller resolved although it runs in ``workdir``.
+    ``progress`` gets a line every few seconds while the suite runs (how far pytest is).
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     ini = workdir / "pytest.ini"
     ini.write_text("[pytest]\n", encoding="utf-8")
@@ -123,26 +206,24 @@ def run_suite(
     env = dict(os.environ)
     env[IMPL_ENV] = impl
     env.pop("PYTEST_ADDOPTS", None)
+    env["PYTHONPATH"] = _python_path(import_paths, env.get("PYTHONPATH", ""))
+    load_error_file = workdir / "load-error.txt"
+    env[LOAD_ERROR_ENV] = str(load_error_file)
     started = time.monotonic()
     errors: list[str] = []
-    try:
-        proc = subprocess.run(
-            cmd,
-            cwd=workdir,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        exitstatus = proc.returncode
-        output = proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as exc:
+    progress_file = workdir / "progress.txt"
+    env[PROGRESS_ENV] = str(progress_file)
+    exitstatus, output = _run_with_progress(cmd, workdir, env, timeout, progress, progress_file)
+    if exitstatus is None:
         exitstatus = -1
-        out = exc.stdout or b""
-        output = out.decode(errors="replace") if isinstance(out, bytes) else out
         errors.append(f"the conformance suite did not finish within {timeout} s")
     duration = time.monotonic() - started
+    try:
+        load_error: str | None = load_error_file.read_text(encoding="utf-8").strip()
+    except OSError:
+        load_error = None
+    if load_error:
+        return SuiteResult({}, {}, (), exitstatus, duration, load_error=load_error)
 
     clause_doc = _load(clause_json)
     results_doc = _load(results_json)

@@ -9,6 +9,8 @@ allocation is in progress without ever handing out the same cluster twice.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from .._errors import CorruptImageError
 from .._storage import Storage
 from .refcounts import RefcountTable
@@ -30,6 +32,10 @@ class ClusterAllocator:
         self._end = -(-storage.size() // cs)
         self._free_hint = 0
         self.refcounts: RefcountTable | None = None
+        #: Called with ``(offset, length, what)`` before clusters are handed out; raises if
+        #: they overlap metadata (qcow2.corrupt.overlap-check: "QEMU checks every
+        #: allocation [...] against all metadata").
+        self.overlap_check: Callable[[int, int, str], None] | None = None
 
     def attach(self, refcounts: RefcountTable) -> None:
         """Connect the refcount table (which itself bumps clusters from this allocator)."""
@@ -64,6 +70,10 @@ class ClusterAllocator:
         first = self._find_free_cluster() if n == 1 else None
         if first is None:
             first = self.bump(n)
+        if self.overlap_check is not None:
+            # A refcount of 0 may lie (a damaged image): never hand out metadata.
+            self.overlap_check(first << self._cluster_bits, n << self._cluster_bits,
+                               "allocation")
         for index in range(first, first + n):
             self._rc.set(index, 1)
         return first << self._cluster_bits

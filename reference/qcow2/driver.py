@@ -8,7 +8,6 @@ eviction is a real code path).  Comments cite the clause IDs of specs/.
 from __future__ import annotations
 
 import struct
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
@@ -33,15 +32,23 @@ from .allocation import ClusterAllocator
 from .compression import decompress_cluster
 from .constants import (
     L1E_OFFSET_MASK,
+    QCOW_MAX_L1_SIZE,
     QCOW_OFLAG_COPIED,
     V2_HEADER_LENGTH,
 )
 from .data_file import data_file_name
 from .extensions import HeaderExtension, backing_format, feature_names, parse_extensions
 from .features import check_features
-from .header import FIELD_OFFSETS, QCowHeader, l2_entries, parse_header, required_l1_size
+from .guard import MetadataGuard
+from .header import QCowHeader, l2_entries, parse_header, required_l1_size
+from .l2cache import L2Cache
+from .overlap import (
+    MetadataRegion,
+    first_overlap,
+    snapshot_regions,
+)
 from .refcounts import RefcountTable
-from .snapshots import SnapshotEntry, find_snapshot, parse_snapshot_table
+from .snapshots import SnapshotEntry, find_snapshot, read_snapshot_table
 from .subclusters import subcluster_entry
 from .tables import (
     ClusterType,
@@ -67,7 +74,7 @@ _ZERO_PLAIN = L2Entry(ClusterType.ZERO_PLAIN)
 _UNALLOCATED = L2Entry(ClusterType.UNALLOCATED)
 
 
-class Qcow2Driver:
+class Qcow2Driver(MetadataGuard):
     """A qcow2 image (v2 or v3) on a storage, optionally over a backing ``FormatAccess``."""
 
     def __init__(
@@ -117,6 +124,13 @@ class Qcow2Driver:
             raw = cluster[
                 header.backing_file_offset : header.backing_file_offset + header.backing_file_size
             ]
+            if b"\0" in raw:
+                # QEMU reads the name as a C string and would open a different file; a name
+                # no path can hold is corruption, not a ValueError from os.path later.
+                raise CorruptImageError(
+                    f"qcow2 backing file name {raw!r} (at offset "
+                    f"{header.backing_file_offset}) holds a NUL byte"
+                )
             self.backing_file = raw.decode("utf-8", "surrogateescape")
         self.backing_format: str | None = backing_format(self.extensions)
         #: The external data file's name from the header extension (None: the caller must
@@ -144,6 +158,11 @@ class Qcow2Driver:
             # only); guest clusters past the snapshot's L1 table are unallocated.
             entry = find_snapshot(self._snapshots(), snapshot)
             self.snapshot = entry.info
+            if entry.l1_size * 8 > QCOW_MAX_L1_SIZE:
+                raise CorruptImageError(
+                    f"qcow2 snapshot {entry.id_str!r}: its L1 table of {entry.l1_size} entries "
+                    "exceeds QEMU's limit (32 MiB)"
+                )
             self._l1_offset, self._l1_size = entry.l1_table_offset, entry.l1_size
         self._check_metadata_range(
             "L1 table", self._l1_offset, self._l1_size * 8, check_overlap=False
@@ -156,8 +175,22 @@ class Qcow2Driver:
         )
         self._l1 = self._load_l1()
         self._check_snapshot_table()
-        self._l2_cache: OrderedDict[int, list[int]] = OrderedDict()
-        self._dirty_l2: set[int] = set()
+        #: qcow2.corrupt.mark: set once a write would have landed on metadata.
+        self._corrupt = False
+        # The snapshots' metadata never changes here (we make no snapshots): read it once,
+        # for the overlap checks of a writable image.
+        self._snapshot_metadata: list[MetadataRegion] = []
+        if writable:
+            snapshots, table_length = read_snapshot_table(
+                storage, header.snapshots_offset, header.nb_snapshots
+            )
+            self._snapshot_metadata = list(snapshot_regions(
+                storage, cs, header.snapshots_offset, table_length, snapshots
+            ))
+        self._l2 = L2Cache(storage, cs, l2_cache_tables)
+        # Host clusters to unreference once the pinned L2 tables (whose new entries replace
+        # the references) are on storage (crash.order.unref-after-entry).
+        self._pending_frees: list[int] = []
 
         self._allocator = ClusterAllocator(storage, self._cluster_bits)
         self._refcounts = RefcountTable(
@@ -172,52 +205,25 @@ class Qcow2Driver:
         )
         if writable:
             self._allocator.attach(self._refcounts)
+            self._allocator.overlap_check = self._overlap_check
             if header.version >= 3 and header.autoclear_features:
                 # qcow2.features.autoclear-clear: "An implementation may only write to an image
                 # with unknown auto-clear features if it clears the respective bits from this
                 # field first."  We maintain no bitmaps either, so bit 0 goes too.
                 self._write_field("autoclear_features", ">Q", 0)
 
-    # -- opening helpers ----------------------------------------------------------------------
-
-    def _check_metadata_range(
-        self, what: str, offset: int, length: int, *, check_overlap: bool = True
-    ) -> None:
-        """qcow2.metadata.*: metadata must be cluster-aligned, inside the file, not overlap."""
-        if length == 0:
-            return
-        if offset % self._cluster_size:
-            raise CorruptImageError(f"qcow2 {what} offset 0x{offset:x} is not cluster-aligned")
-        if offset >= self._storage.size():
-            raise CorruptImageError(
-                f"qcow2 {what} at offset 0x{offset:x} lies wholly outside the image file "
-                f"({self._storage.size()} bytes)"
-            )
-        if offset < self._cluster_size:
-            raise CorruptImageError(f"qcow2 {what} at offset 0x{offset:x} overlaps the header")
-        if check_overlap:
-            for name, start, size in self._fixed_metadata():
-                if start < offset + length and offset < start + size:
-                    raise CorruptImageError(
-                        f"qcow2 {what} at offset 0x{offset:x} overlaps the {name} "
-                        f"(0x{start:x}+{size})"
-                    )
-
-    def _check_snapshot_table(self) -> None:
-        # qcow2.snapshots.table: only the active L1 table is read, but a snapshot table that
-        # lies outside the file is corruption all the same.
-        h = self.header
-        if h.nb_snapshots:
-            self._check_metadata_range("snapshot table", h.snapshots_offset, 1,
-                                       check_overlap=False)
-
     def _snapshots(self) -> list[SnapshotEntry]:
         if self._snapshot_entries is None:
             h = self.header
-            self._snapshot_entries = (
-                parse_snapshot_table(self._storage, h.snapshots_offset, h.nb_snapshots, h.size)
-                if h.nb_snapshots else []
+            entries, length = read_snapshot_table(
+                self._storage, h.snapshots_offset, h.nb_snapshots, image_size=h.size
             )
+            if h.nb_snapshots and h.snapshots_offset + length > self._storage.size():
+                raise CorruptImageError(
+                    f"qcow2 snapshot table at 0x{h.snapshots_offset:x} ({length} bytes) runs "
+                    f"past the end of the file ({self._storage.size()} bytes)"
+                )
+            self._snapshot_entries = entries
         return self._snapshot_entries
 
     @property
@@ -244,27 +250,6 @@ class Qcow2Driver:
         if self.header.has_data_file:
             raise InvalidRequestError(f"{self}: the external data file is not attached")
         return self._storage
-
-    def _l2_table_offsets(self) -> set[int]:
-        return {e & L1E_OFFSET_MASK for e in self._l1} - {0}
-
-    def _fixed_metadata_at(self, host: int) -> str | None:
-        """The fixed metadata structure the cluster at ``host`` overlaps, if any."""
-        for name, start, size in self._fixed_metadata():
-            if start < host + self._cluster_size and host < start + size:
-                return name
-        return None
-
-    def _fixed_metadata(self) -> list[tuple[str, int, int]]:
-        return [
-            ("header", 0, self._cluster_size),
-            ("L1 table", self._l1_offset, self._l1_size * 8),
-            (
-                "refcount table",
-                self._refcounts.table_offset,
-                self._refcounts.table_clusters * self._cluster_size,
-            ),
-        ]
 
     def _load_l1(self) -> list[int]:
         raw = self._storage.read(self._l1_offset, self._l1_size * 8) if self._l1_size else b""
@@ -317,9 +302,6 @@ class Qcow2Driver:
 
     # -- header updates -----------------------------------------------------------------------
 
-    def _write_field(self, name: str, fmt: str, *values: int) -> None:
-        self._storage.write(struct.pack(fmt, *values), FIELD_OFFSETS[name])
-
     def _write_refcount_table_pointer(self, offset: int, clusters: int) -> None:
         # Offset and cluster count are adjacent (bytes 48-59): one write switches both.
         self._write_field("refcount_table_offset", ">QI", offset, clusters)
@@ -329,29 +311,30 @@ class Qcow2Driver:
     def _l2_table_offset(self, l1_idx: int) -> int:
         entry = decode_l1_entry(self._l1[l1_idx], self._cluster_size)
         if entry.l2_offset:
-            self._check_metadata_range("L2 table", entry.l2_offset, self._cluster_size)
+            self._check_l2_table(entry.l2_offset)
         return entry.l2_offset
 
     def _load_l2(self, l2_offset: int) -> list[int]:
-        table = self._l2_cache.get(l2_offset)
-        if table is not None:
-            self._l2_cache.move_to_end(l2_offset)
-            return table
-        raw = self._storage.read(l2_offset, self._cluster_size)
-        table = [v for (v,) in struct.iter_unpack(">Q", raw)]
-        self._l2_cache[l2_offset] = table
-        self._evict_l2()
-        return table
+        return self._l2.load(l2_offset)
 
-    def _evict_l2(self) -> None:
-        while len(self._l2_cache) > self._l2_cache_tables:
-            offset, table = self._l2_cache.popitem(last=False)
-            if offset in self._dirty_l2:
-                self._write_l2(offset, table)
+    def _settle(self) -> None:
+        """Called on entry to every driver operation but ``ensure_data_mapping``: by then the
+        caller has written its data through every mapping it was given, so the entries that
+        map it may reach storage, and after them the refcount drops they wait for.
 
-    def _write_l2(self, offset: int, table: list[int]) -> None:
-        self._storage.write(struct.pack(f">{len(table)}Q", *table), offset)
-        self._dirty_l2.discard(offset)
+        crash.order.data-before-entry: "An L2 entry that maps a guest cluster to a newly
+        allocated (or newly reused) host cluster is written to storage only after every byte
+        the guest will read through it [...] has been written there."
+        crash.order.unref-after-entry: "the entry's new value is on storage before the
+        cluster's refcount drops".
+        """
+        if self._pending_frees:
+            self._l2.write_pinned()
+            frees, self._pending_frees = self._pending_frees, []
+            for host in frees:
+                self._allocator.free(host)
+        if self._l2.pinned:
+            self._l2.unpin()
 
     def _raw_l2_entry(self, guest_offset: int) -> tuple[int, int]:
         """The raw L2 entry mapping ``guest_offset`` and its subcluster bitmap (0 without
@@ -396,42 +379,44 @@ class Qcow2Driver:
         l1_idx = l1_index(guest_offset, self._cluster_bits)
         entry = decode_l1_entry(self._l1[l1_idx], self._cluster_size)
         if entry.l2_offset and entry.copied:
-            self._check_metadata_range("L2 table", entry.l2_offset, self._cluster_size)
+            self._check_l2_table(entry.l2_offset)
             return entry.l2_offset, self._load_l2(entry.l2_offset)
         if entry.l2_offset:
             # qcow2.l2.cow-shared: an L2 table with refcount > 1 (COPIED clear) is shared with a
             # snapshot and must be copied before it is changed.
-            self._check_metadata_range("L2 table", entry.l2_offset, self._cluster_size)
+            self._check_l2_table(entry.l2_offset)
             table = list(self._load_l2(entry.l2_offset))
         else:
             table = [0] * self._l2_entries
         new_offset = self._allocator.allocate(1)
-        # The new table reaches storage before the L1 entry that points to it.
-        self._write_l2(new_offset, table)
-        self._l2_cache[new_offset] = table
-        self._evict_l2()
+        # crash.order.new-structure-before-pointer: "A new L1 table, L2 table, refcount table
+        # or refcount block is written completely, and its clusters are counted in refcounts
+        # that are on storage, before the header, L1 entry or refcount-table entry pointing at
+        # it is written [...] The old structure is freed last."
+        new_table = self._l2.write_new(new_offset, table)
         self._set_l1_entry(l1_idx, new_offset | QCOW_OFLAG_COPIED)
         if entry.l2_offset:
-            self._l2_cache.pop(entry.l2_offset, None)
-            self._dirty_l2.discard(entry.l2_offset)
+            self._l2.drop(entry.l2_offset)
             self._allocator.free(entry.l2_offset)
-        return new_offset, self._load_l2(new_offset)
+        return new_offset, new_table
 
     def _set_l1_entry(self, l1_idx: int, raw: int) -> None:
         self._l1[l1_idx] = raw
         self._storage.write(struct.pack(">Q", raw), self._l1_offset + 8 * l1_idx)
 
-    def _set_l2_entry(self, guest_offset: int, entry: L2Entry, *, write_through: bool) -> None:
+    def _set_l2_entry(
+        self, guest_offset: int, entry: L2Entry, *, write_through: bool, pinned: bool = False
+    ) -> None:
         """Change one L2 entry; ``write_through`` when a refcount drop follows, so that the
         entry no longer points at a cluster by the time it may be reused
-        (qcow2.refcount.order-of-updates)."""
+        (qcow2.refcount.order-of-updates); ``pinned`` while the data it maps is unwritten."""
         l2_offset, table = self._writable_l2(guest_offset)
         table[l2_index(guest_offset, self._cluster_bits)] = encode_l2_entry(
             entry, self._cluster_bits
         )
-        self._dirty_l2.add(l2_offset)
+        self._l2.mark_dirty(l2_offset, pinned=pinned)
         if write_through:
-            self._write_l2(l2_offset, table)
+            self._l2.write(l2_offset)
 
     def _held_clusters(self, entry: L2Entry) -> range:
         """Host cluster offsets whose refcount counts this entry."""
@@ -444,7 +429,14 @@ class Qcow2Driver:
             return range(first, entry.host_offset + entry.compressed_length, cs)
         return range(0)
 
-    def _replace_entry(self, guest_offset: int, new: L2Entry) -> None:
+    def _replace_entry(self, guest_offset: int, new: L2Entry, *, data_pending: bool = False
+                       ) -> None:
+        """Point the entry of ``guest_offset`` at ``new``, releasing what the old one held.
+
+        With ``data_pending`` the caller has yet to write the data ``new`` maps: the entry
+        stays in the cache (pinned) and the old clusters' refcounts drop only once it is on
+        storage (see ``_settle``).
+        """
         old = self._get_l2_entry(guest_offset)
         held = self._held_clusters(old)
         releases = bool(held) and not (new.host_offset and new.host_offset == old.host_offset)
@@ -452,12 +444,17 @@ class Qcow2Driver:
             # Validate before anything changes: a hostile entry must not make us free the
             # image's own metadata, or a cluster nobody holds.
             for host in held:
-                self._check_data_cluster(host, what="freeing", in_file=False)
+                self._check_data_cluster(host, what="freeing of", in_file=False)
                 if self._allocator.refcount(host) == 0:
                     raise CorruptImageError(
                         f"qcow2 L2 entry for guest offset {guest_offset} refers to host cluster "
                         f"0x{host:x} whose refcount is 0"
                     )
+        if data_pending:
+            self._set_l2_entry(guest_offset, new, write_through=False, pinned=True)
+            if releases:
+                self._pending_frees.extend(held)
+            return
         self._set_l2_entry(guest_offset, new, write_through=releases)
         if releases:
             for host in held:
@@ -466,6 +463,7 @@ class Qcow2Driver:
     # -- mappings -----------------------------------------------------------------------------
 
     def get_mapping(self, offset: int, max_length: int) -> tuple[ShallowMapping, int]:
+        self._settle()
         if offset >= self._size:
             return EofMapping(), 0
         # The unit is a cluster, or a subcluster with extended L2 entries.
@@ -507,9 +505,11 @@ class Qcow2Driver:
                 return RawMapping(self.data_storage, entry.host_offset + in_cluster, False)
             writable = (
                 self._writable
+                and not self._corrupt
                 and entry.copied
                 and entry.host_offset < self._storage.size()
-                and self._fixed_metadata_at(entry.host_offset) is None
+                and first_overlap(self._metadata_regions(), entry.host_offset,
+                                  self._cluster_size) is None
             )
             return RawMapping(self._storage, entry.host_offset + in_cluster, writable)
         if t in (ClusterType.ZERO_PLAIN, ClusterType.ZERO_ALLOC):
@@ -526,6 +526,7 @@ class Qcow2Driver:
         return decompress_cluster(data, self._cluster_size, self.header.compression_type)
 
     def readv_special(self, buffers: Sequence[WritableBuffer], offset: int) -> None:
+        self._settle()
         entry = self._get_l2_entry(offset)
         if entry.type is not ClusterType.COMPRESSED:
             raise UnsupportedError(f"{self}: no special data at guest offset {offset}")
@@ -540,9 +541,10 @@ class Qcow2Driver:
             view[:] = cluster[pos : pos + len(view)]
             pos += len(view)
 
-    def _require_writable(self, op: str) -> None:
-        if not self._writable:
-            raise ReadOnlyError(f"{op}: {self} is read-only")
+    def _begin(self, op: str) -> None:
+        """Start a modifying operation other than ensure_data_mapping."""
+        self._require_writable(op)
+        self._settle()
 
     def _cluster_content(self, guest_cluster: int, entry: L2Entry) -> bytes:
         """What the guest currently sees in a whole cluster (the source of copy-on-write)."""
@@ -584,30 +586,9 @@ class Qcow2Driver:
             host = self._allocator.allocate(1)
             for a, b in keep:
                 self._storage.write(content[a:b], host + a)
-        self._replace_entry(guest_cluster, L2Entry(ClusterType.NORMAL, host, True))
+        self._replace_entry(guest_cluster, L2Entry(ClusterType.NORMAL, host, True),
+                            data_pending=True)
         return self._storage, host + in_cluster, chunk
-
-    def _check_data_cluster(
-        self, host: int, *, what: str = "writing", in_file: bool = True
-    ) -> None:
-        """qcow2.metadata.overlap / outside-file: a data cluster we are about to write (or
-        free) must lie in the image file and must not overlap the header, L1 or refcount
-        table."""
-        if in_file and host >= self._storage.size():
-            raise CorruptImageError(
-                f"qcow2 data cluster 0x{host:x} lies wholly outside the image file "
-                f"({self._storage.size()} bytes): refusing {what} it"
-            )
-        name = self._fixed_metadata_at(host)
-        if name is not None:
-            raise CorruptImageError(
-                f"qcow2 data cluster 0x{host:x} overlaps the {name}: refusing {what} it"
-            )
-        if host in self._l2_table_offsets() or host in self._refcounts.block_offsets():
-            raise CorruptImageError(
-                f"qcow2 data cluster 0x{host:x} is also an L2 table or refcount block: "
-                f"refusing {what} it"
-            )
 
     # -- zeroing and discarding ---------------------------------------------------------------
 
@@ -618,7 +599,7 @@ class Qcow2Driver:
     def _apply(
         self, offset: int, length: int, new_entry_for: Callable[[L2Entry], L2Entry | None]
     ) -> tuple[int, int]:
-        self._require_writable("discard/zero")
+        self._begin("discard/zero")
         clusters = self._whole_clusters(offset, length)
         if not clusters:
             return offset, 0
@@ -632,7 +613,7 @@ class Qcow2Driver:
 
     def ensure_zero_mapping(self, offset: int, length: int) -> tuple[int, int]:
         """access.write-zeroes.no-free: v3 keeps host clusters, flagging them zero."""
-        self._require_writable("write_zeroes")
+        self._begin("write_zeroes")
         if self.header.version < 3:
             return self._v2_unallocated_run(offset, length)
 
@@ -664,7 +645,7 @@ class Qcow2Driver:
         return start, end - start
 
     def discard_to_zero(self, offset: int, length: int) -> tuple[int, int]:
-        self._require_writable("discard_to_zero")
+        self._begin("discard_to_zero")
         if self.header.version < 3:
             if self._backing is not None:
                 return offset, 0
@@ -672,11 +653,11 @@ class Qcow2Driver:
         return self._apply(offset, length, lambda old: _ZERO_PLAIN)
 
     def discard_to_any(self, offset: int, length: int) -> tuple[int, int]:
-        self._require_writable("discard_to_any")
+        self._begin("discard_to_any")
         return self._apply(offset, length, lambda old: _UNALLOCATED)
 
     def discard_to_backing(self, offset: int, length: int) -> tuple[int, int]:
-        self._require_writable("discard_to_backing")
+        self._begin("discard_to_backing")
         return self._apply(offset, length, lambda old: _UNALLOCATED)
 
     # -- resize -------------------------------------------------------------------------------
@@ -711,7 +692,7 @@ class Qcow2Driver:
         self._size = new_size
 
     def resize_grow(self, new_size: int, prealloc: PreallocateMode) -> None:
-        self._require_writable("resize_grow")
+        self._begin("resize_grow")
         self._check_new_size(new_size)
         old_size = self._size
         if new_size <= old_size:
@@ -719,7 +700,21 @@ class Qcow2Driver:
         needed = required_l1_size(new_size, self._cluster_bits)
         if needed > self._l1_size:
             self._grow_l1(needed)
+        # crash.order.grow-size-last: "Growing prepares the whole new area first [...] and
+        # writes the new size into the header last".  The new size holds in memory only, so
+        # that the preparation may map clusters past the old end.
+        self._size = new_size
+        try:
+            self._prepare_grown_area(old_size, new_size, prealloc)
+            self._settle()
+            self._l2.flush()
+        except BaseException:
+            self._size = old_size
+            raise
         self._set_size(new_size)
+
+    def _prepare_grown_area(self, old_size: int, new_size: int,
+                            prealloc: PreallocateMode) -> None:
         if prealloc is PreallocateMode.NONE:
             return
         # access.resize.grow-zero: the partial cluster at the old end may hold stale data from
@@ -773,7 +768,7 @@ class Qcow2Driver:
             self._replace_entry(guest, L2Entry(ClusterType.NORMAL, first_host + i * cs, True))
 
     def resize_shrink(self, new_size: int) -> None:
-        self._require_writable("resize_shrink")
+        self._begin("resize_shrink")
         self._check_new_size(new_size)
         if new_size >= self._size:
             return
@@ -789,8 +784,7 @@ class Qcow2Driver:
             l2_offset = self._l1[l1_idx] & L1E_OFFSET_MASK
             if l2_offset:
                 self._set_l1_entry(l1_idx, 0)
-                self._l2_cache.pop(l2_offset, None)
-                self._dirty_l2.discard(l2_offset)
+                self._l2.drop(l2_offset)
                 self._allocator.free(l2_offset)
         self._set_size(new_size)
 
@@ -808,21 +802,19 @@ class Qcow2Driver:
 
     # -- caches and lifetime ------------------------------------------------------------------
 
-    def _flush_l2(self) -> None:
-        for offset in sorted(self._dirty_l2):
-            self._write_l2(offset, self._l2_cache[offset])
-
     def flush(self) -> None:
-        if self._writable:
-            self._flush_l2()
+        if self._writable and not self._corrupt:
+            self._settle()
+            self._l2.flush()
         self._storage.flush()
 
     def sync(self) -> None:
         self._storage.sync()
 
     def invalidate_cache(self) -> None:
-        self._l2_cache.clear()
-        self._dirty_l2.clear()
+        self._l2.clear()
+        # Refcount drops that waited for entries now lost: the clusters leak, never corrupt.
+        self._pending_frees.clear()
         self._refcounts.invalidate_cache()
         self._l1 = self._load_l1()
         self._storage.invalidate_cache()

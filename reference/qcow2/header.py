@@ -203,7 +203,10 @@ def _validate(h: QCowHeader) -> None:
         )
     if h.nb_snapshots > QCOW_MAX_SNAPSHOTS:
         raise CorruptImageError(f"qcow2 nb_snapshots {h.nb_snapshots} > {QCOW_MAX_SNAPSHOTS}")
-    if h.nb_snapshots and h.snapshots_offset % cs:
+    # qcow2.snapshots.table: "Offset into the image file at which the snapshot table
+    # starts. Must be aligned to a cluster boundary."  QEMU validates it
+    # even when nb_snapshots is 0 (qcow2_validate_table: "Snapshot table offset invalid").
+    if h.snapshots_offset % cs:
         raise CorruptImageError(
             f"qcow2 snapshots_offset 0x{h.snapshots_offset:x} is not cluster-aligned"
         )

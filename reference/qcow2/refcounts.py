@@ -230,12 +230,19 @@ class RefcountTable:
                 return offset
         index = self._bump(1)
         offset = index << self._cluster_bits
-        self._storage.write(bytes(self._cluster_size), offset)
-        self._blocks[offset] = bytearray(self._cluster_size)
+        block = bytearray(self._cluster_size)
+        # crash.order.new-structure-before-pointer: "a new refcount block that covers itself
+        # holds its own refcount before it is linked into the refcount table."  A block that
+        # does not cover itself is counted first (in the block that does, created by this
+        # recursion if need be).
+        if index // self._entries == table_index:
+            set_block_entry(block, index % self._entries, self._order, 1)
+        else:
+            self.set(index, 1)
+        self._storage.write(block, offset)
+        self._blocks[offset] = block
         self._table[table_index] = offset
         self._storage.write(struct.pack(">Q", offset), self._table_offset + 8 * table_index)
-        # The new block may cover itself; if not, this recursion creates the block that does.
-        self.set(index, 1)
         return offset
 
     def _grow_table(self, needed_index: int) -> None:
@@ -288,12 +295,16 @@ class RefcountTable:
         self._storage.write(
             b"".join(struct.pack(">Q", e) for e in table), new_offset
         )
+        # crash.order.refcount-before-reference: "The refcount that counts a cluster is on
+        # storage before any [...] header field that refers to the cluster is written."  New
+        # clusters that existing blocks cover are counted there (through the old table, which
+        # shares those blocks) before the header switches.
+        for c in new_range:
+            if c // self._entries not in new_blocks:
+                self.add(c, 1)
         self._write_header(new_offset, new_table_clusters)
         old_offset, old_clusters = self._table_offset, self._table_clusters
         self._table = table
         self._table_offset, self._table_clusters = new_offset, new_table_clusters
-        for c in new_range:
-            if c // self._entries not in new_blocks:
-                self.add(c, 1)
         for c in range(old_clusters):
             self.add((old_offset >> self._cluster_bits) + c, -1)

@@ -1,9 +1,21 @@
-"""The qcow2 snapshot table (qcow2.txt, "Snapshots").
+"""The snapshot table (qcow2.txt, "Snapshots").
 
-"Each snapshot is described by a header in the snapshot table ... The snapshot table
-consists of entries of the following structure":  a 40-byte fixed part, extra data, the
-unique ID string, the name, and padding to a multiple of 8.  pyimago reads the table; it
-never rewrites it, so extra data it does not know is kept as it is on disk.
+The reference implementation writes only through the active L1 table
+(qcow2.snapshots.read-active), but the snapshots' tables are metadata all the same: writes
+must never land on them (qcow2.corrupt.overlap-check) and check() counts their references.
+Snapshots are listed (qcow2.snapshots.list) and opened read-only (qcow2.snapshots.open).
+
+"Snapshot table entry:
+    Byte 0 -  7:    Offset into the image file at which the L1 table for the snapshot starts.
+                    Must be aligned to a cluster boundary.
+         8 - 11:    Number of entries in the L1 table of the snapshots
+        12 - 13:    Length of the unique ID string describing the snapshot
+        14 - 15:    Length of the name of the snapshot
+        [...]
+        36 - 39:    Size of extra data in the table entry [...]
+        variable:   Extra data [...] Unique ID string [...] Name of the snapshot
+        variable:   Padding to round up the snapshot table entry size to the next multiple
+                    of 8."
 """
 
 from __future__ import annotations
@@ -14,123 +26,99 @@ from dataclasses import dataclass
 from .._errors import CorruptImageError, InvalidRequestError
 from .._snapshot import SnapshotInfo
 from .._storage import Storage
-from .constants import QCOW_MAX_L1_SIZE
+from .constants import QCOW_MAX_SNAPSHOTS
 
 __all__ = [
     "QCOW_MAX_SNAPSHOTS_SIZE",
     "QCOW_MAX_SNAPSHOT_EXTRA_DATA",
     "SnapshotEntry",
     "find_snapshot",
-    "parse_snapshot_table",
+    "read_snapshot_table",
 ]
 
-#: QEMU's limits (block/qcow2.h): they keep a hostile table from making us allocate without
-#: bound.
+#: QEMU's limits (block/qcow2.h): extra data per entry, and the whole table.
 QCOW_MAX_SNAPSHOT_EXTRA_DATA = 1024
-QCOW_MAX_SNAPSHOTS_SIZE = 64 << 20
+QCOW_MAX_SNAPSHOTS_SIZE = 1024 * QCOW_MAX_SNAPSHOTS
 
-_FIXED = struct.Struct(">QIHHIIQII")
-_EXTRA_VM_STATE = struct.Struct(">Q")  # extra bytes 0-7 (entry bytes 40-47)
-_EXTRA_DISK_SIZE = struct.Struct(">Q")  # extra bytes 8-15 (entry bytes 48-55)
-_EXTRA_ICOUNT = struct.Struct(">q")  # extra bytes 16-23 (entry bytes 56-63)
+_ENTRY = struct.Struct(">QIHHIIQII")
+_EXTRA = struct.Struct(">QQq")  # entry bytes 40-47, 48-55, 56-63
 
 
 @dataclass(frozen=True, slots=True)
 class SnapshotEntry:
-    """A decoded snapshot table entry: the public info and where its L1 table is."""
+    """What the driver and check() need of one snapshot: its name, its L1 table, and what
+    ``qemu-img snapshot -l`` lists."""
 
-    info: SnapshotInfo
+    id_str: str
+    name: str
     l1_table_offset: int
     l1_size: int
+    info: SnapshotInfo
 
 
-def _pad8(n: int) -> int:
-    return -(-n // 8) * 8
+def _info(sid: str, name: str, fixed: tuple[int, ...], extra: bytes, image_size: int
+          ) -> SnapshotInfo:
+    """The listed fields: "Byte 40 - 47: Size of the VM state in bytes. [...] If this field
+    is present, the 32-bit value in bytes 32-35 is ignored."; "Byte 48 - 55: Virtual disk
+    size of the snapshot in bytes" (older entries: the image's, as QEMU takes it); bytes
+    56-63 the icount, -1 when it was disabled."""
+    date_sec, date_nsec, vm_clock, vm_state = fixed
+    padded = extra[: _EXTRA.size].ljust(_EXTRA.size, b"\0")
+    vm_state64, disk_size, icount = _EXTRA.unpack(padded)
+    return SnapshotInfo(
+        sid,
+        name,
+        vm_state64 if len(extra) >= 8 else vm_state,
+        date_sec,
+        date_nsec,
+        vm_clock,
+        disk_size if len(extra) >= 16 else image_size,
+        icount if len(extra) >= 24 and icount != -1 else None,
+    )
 
 
-class _NeedMore(Exception):
-    """The entry runs past the bytes read so far."""
-
-
-def _decode_entry(
-    raw: bytes, pos: int, index: int, image_size: int
-) -> tuple[SnapshotEntry, int]:
-    """The entry at ``raw[pos:]`` and the offset of the next one."""
-    if pos + _FIXED.size > len(raw):
-        raise _NeedMore
-    (l1_offset, l1_size, id_len, name_len, date_sec, date_nsec, vm_clock,
-     vm_state_32, extra_len) = _FIXED.unpack_from(raw, pos)
-    if extra_len > QCOW_MAX_SNAPSHOT_EXTRA_DATA:
-        raise CorruptImageError(
-            f"qcow2 snapshot {index}: extra data size {extra_len} > "
-            f"{QCOW_MAX_SNAPSHOT_EXTRA_DATA}"
-        )
-    extra_at = pos + _FIXED.size
-    strings_at = extra_at + extra_len
-    end = strings_at + id_len + name_len
-    if end > len(raw):
-        raise _NeedMore
-    extra = raw[extra_at:strings_at]
-    # "Byte 40 - 47: Size of the VM state in bytes. ... If this field is present, the 32-bit
-    # value in bytes 32-35 is ignored."
-    vm_state = (_EXTRA_VM_STATE.unpack_from(extra, 0)[0] if extra_len >= 8 else vm_state_32)
-    # "Byte 48 - 55: Virtual disk size of the snapshot in bytes"; older entries take the
-    # image's size, as QEMU does.
-    disk_size = _EXTRA_DISK_SIZE.unpack_from(extra, 8)[0] if extra_len >= 16 else image_size
-    # "Byte 56 - 63: icount value ... Set to -1 if icount was disabled"
-    icount: int | None = None
-    if extra_len >= 24:
-        value = _EXTRA_ICOUNT.unpack_from(extra, 16)[0]
-        icount = None if value == -1 else value
-    sid = raw[strings_at : strings_at + id_len].decode("utf-8", "replace")
-    name = raw[strings_at + id_len : end].decode("utf-8", "replace")
-    if l1_size * 8 > QCOW_MAX_L1_SIZE:
-        raise CorruptImageError(f"qcow2 snapshot {sid!r}: L1 table size {l1_size} too large")
-    info = SnapshotInfo(sid, name, vm_state, date_sec, date_nsec, vm_clock, disk_size, icount)
-    return SnapshotEntry(info, l1_offset, l1_size), pos + _pad8(end - pos)
-
-
-def parse_snapshot_table(
-    storage: Storage, offset: int, count: int, image_size: int
-) -> list[SnapshotEntry]:
-    """Read the ``count`` entries of the snapshot table at ``offset``.
-
-    The table is read in growing pieces, so a hostile ``count`` costs no more memory than
-    the file holds (and QEMU's 64 MiB cap on the table).
-    """
+def read_snapshot_table(
+    storage: Storage, offset: int, count: int, *, image_size: int = 0
+) -> tuple[list[SnapshotEntry], int]:
+    """The ``count`` entries of the table at ``offset``, and the table's length in bytes."""
+    if not count:
+        return [], 0
     entries: list[SnapshotEntry] = []
-    raw = b""
-    pos = 0
-    file_size = storage.size()
-    for index in range(count):
-        while True:
-            try:
-                entry, nxt = _decode_entry(raw, pos, index, image_size)
-                break
-            except _NeedMore:
-                grow = max(4096, len(raw))
-                if len(raw) >= QCOW_MAX_SNAPSHOTS_SIZE or offset + len(raw) >= file_size:
-                    raise CorruptImageError(
-                        f"qcow2 snapshot table entry {index} runs past the end of the "
-                        f"{'file' if len(raw) < QCOW_MAX_SNAPSHOTS_SIZE else 'table (64 MiB)'}"
-                    ) from None
-                raw += storage.read(
-                    offset + len(raw),
-                    min(grow, QCOW_MAX_SNAPSHOTS_SIZE - len(raw), file_size - offset - len(raw)),
-                )
-        entries.append(entry)
-        pos = nxt
-    return entries
+    pos = offset
+    for i in range(count):
+        head = storage.read(pos, _ENTRY.size)
+        (l1_offset, l1_size, id_len, name_len, date_sec, date_nsec, vm_clock, vm_state,
+         extra) = _ENTRY.unpack(head)
+        if extra > QCOW_MAX_SNAPSHOT_EXTRA_DATA:
+            raise CorruptImageError(
+                f"qcow2 snapshot {i} has {extra} bytes of extra data, more than QEMU's "
+                f"limit of {QCOW_MAX_SNAPSHOT_EXTRA_DATA}"
+            )
+        extra_data = storage.read(pos + _ENTRY.size, extra)
+        strings = storage.read(pos + _ENTRY.size + extra, id_len + name_len)
+        pos += _ENTRY.size + extra + id_len + name_len
+        pos += -(pos - offset) % 8
+        if pos - offset > QCOW_MAX_SNAPSHOTS_SIZE:
+            raise CorruptImageError(
+                f"qcow2 snapshot table at 0x{offset:x} is longer than QEMU's limit of "
+                f"{QCOW_MAX_SNAPSHOTS_SIZE} bytes"
+            )
+        sid = strings[:id_len].decode("utf-8", "replace")
+        name = strings[id_len:].decode("utf-8", "replace")
+        info = _info(sid, name, (date_sec, date_nsec, vm_clock, vm_state), extra_data,
+                     image_size)
+        entries.append(SnapshotEntry(sid, name, l1_offset, l1_size, info))
+    return entries, pos - offset
 
 
 def find_snapshot(entries: list[SnapshotEntry], key: str) -> SnapshotEntry:
     """The snapshot whose ID is ``key``, else the first whose name is (QEMU's order for
     ``qemu-img convert -l``)."""
     for entry in entries:
-        if entry.info.id == key:
+        if entry.id_str == key:
             return entry
     for entry in entries:
-        if entry.info.name == key:
+        if entry.name == key:
             return entry
-    names = ", ".join(f"{e.info.id}:{e.info.name}" for e in entries) or "none"
+    names = ", ".join(f"{e.id_str}:{e.name}" for e in entries) or "none"
     raise InvalidRequestError(f"no snapshot with ID or name {key!r} (snapshots: {names})")

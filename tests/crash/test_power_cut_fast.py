@@ -7,6 +7,6 @@ import pytest
 from .conftest import campaign
 
 
-@pytest.mark.xfail(strict=False, reason="known write-ordering bugs (issue 10), being fixed")
+@pytest.mark.clause("crash.power-cut")
 def test_power_cut_campaign() -> None:
     campaign("pyimago.fast", seed=2000)

@@ -118,7 +118,7 @@ def test_failures_carry_expected_happened_and_replay(report: Report) -> None:
 def test_markdown(report: Report) -> None:
     md = render_markdown(report)
     assert md.startswith("# pyimago conformance report: synthetic\n")
-    assert "**FAIL: 2 must clause(s) failed: access.fails, oracle.machines.**" in md
+    assert "**FAIL: 2 must clauses failed: access.fails, oracle.machines.**" in md
     assert f"Summary: {report.summary_line()}" in md
     assert "| must | 1 | 2 | 1 | 1 | 1 |" in md
     assert "| should | 0 | 1 | 0 | 0 | 0 |" in md

@@ -54,7 +54,7 @@ def test_html_report_renders_in_chromium(report: Report, tmp_path: Path) -> None
     # The summary: the table and the line, as the browser parsed them.
     assert 'id="summary"' in dom and 'id="summary-line"' in dom
     assert report.summary_line() in dom
-    assert "FAIL: 2 must clause(s) failed" in dom
+    assert "FAIL: 2 must clauses failed" in dom
     # A failed clause's details, expanded.
     start = dom.index('id="clause-access.fails"')
     tag_start = dom.rindex("<details", 0, start)

@@ -26,6 +26,7 @@ from pyimago.reference import (
 )
 from pyimago.reference.access import check_range
 from pyimago.reference.qcow2.allocation import ClusterAllocator
+from pyimago.reference.qcow2.l2cache import L2Cache
 from pyimago.reference.qcow2.tables import (
     ClusterType,
     L2Entry,
@@ -111,17 +112,28 @@ class L2BoundaryOffByOne(Qcow2Driver):
     def _get_l2_entry(self, guest_offset: int) -> L2Entry:
         return super()._get_l2_entry(self._shift(guest_offset))
 
-    def _set_l2_entry(self, guest_offset: int, entry: L2Entry, *, write_through: bool) -> None:
-        super()._set_l2_entry(self._shift(guest_offset), entry, write_through=write_through)
+    def _set_l2_entry(
+        self, guest_offset: int, entry: L2Entry, *, write_through: bool, pinned: bool = False
+    ) -> None:
+        super()._set_l2_entry(self._shift(guest_offset), entry, write_through=write_through,
+                              pinned=pinned)
+
+
+class _LossyL2Cache(L2Cache):
+    def _evict(self) -> None:
+        for offset in [o for o in list(self._tables)[:-1] if o not in self._pinned]:
+            if len(self._tables) <= self._capacity:
+                return
+            self._dirty.discard(offset)
+            del self._tables[offset]
 
 
 class LoseDirtyL2OnEviction(Qcow2Driver):
     """A dirty L2 table evicted from the cache is dropped instead of written back."""
 
-    def _evict_l2(self) -> None:
-        while len(self._l2_cache) > self._l2_cache_tables:
-            offset, _ = self._l2_cache.popitem(last=False)
-            self._dirty_l2.discard(offset)
+    def _load_l2(self, l2_offset: int) -> list[int]:
+        self._l2.__class__ = _LossyL2Cache
+        return super()._load_l2(l2_offset)
 
 
 class NoRefcountAllocator(ClusterAllocator):
@@ -147,10 +159,11 @@ class CopiedFlagWrong(Qcow2Driver):
     """Data clusters are mapped without the COPIED flag although their refcount is 1 (only
     ``qemu-img check`` sees it: reads are right, writes just copy needlessly)."""
 
-    def _replace_entry(self, guest_offset: int, new: L2Entry) -> None:
+    def _replace_entry(self, guest_offset: int, new: L2Entry, *, data_pending: bool = False
+                       ) -> None:
         if new.type is ClusterType.NORMAL and new.copied:
             new = L2Entry(ClusterType.NORMAL, new.host_offset, False)
-        super()._replace_entry(guest_offset, new)
+        super()._replace_entry(guest_offset, new, data_pending=data_pending)
 
 
 class CompressedReadWrongOffset(Qcow2Driver):
@@ -171,8 +184,8 @@ class ResizeIgnoresPrealloc(Qcow2Driver):
 class FlushDropsL2(Qcow2Driver):
     """flush does not write the cached L2 tables back (only eviction does)."""
 
-    def _flush_l2(self) -> None:
-        pass
+    def flush(self) -> None:
+        self._storage.flush()
 
 
 class ZeroFlagInReservedBit(Qcow2Driver):
@@ -182,15 +195,18 @@ class ZeroFlagInReservedBit(Qcow2Driver):
 
     _WRONG_ZERO = 1 << 1
 
-    def _set_l2_entry(self, guest_offset: int, entry: L2Entry, *, write_through: bool) -> None:
+    def _set_l2_entry(
+        self, guest_offset: int, entry: L2Entry, *, write_through: bool, pinned: bool = False
+    ) -> None:
         if entry.type is not ClusterType.ZERO_PLAIN:
-            super()._set_l2_entry(guest_offset, entry, write_through=write_through)
+            super()._set_l2_entry(guest_offset, entry, write_through=write_through,
+                                  pinned=pinned)
             return
         l2_offset, table = self._writable_l2(guest_offset)
         table[l2_index(guest_offset, self._cluster_bits)] = self._WRONG_ZERO
-        self._dirty_l2.add(l2_offset)
+        self._l2.mark_dirty(l2_offset, pinned=pinned)
         if write_through:
-            self._write_l2(l2_offset, table)
+            self._l2.write(l2_offset)
 
     def _get_l2_entry(self, guest_offset: int) -> L2Entry:
         l1_idx = l1_index(guest_offset, self._cluster_bits)

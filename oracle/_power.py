@@ -1,0 +1,159 @@
+"""Power cuts inside the machines: the top layer's storage recorded, cut states judged.
+
+A :class:`PowerCuts` belongs to one :class:`~pyimago.oracle.session.Session` whose target
+promises crash safety (``crash_safe``).  The session opens its top layer through
+:meth:`PowerCuts.recorder` (a :class:`~pyimago.oracle.crash.RecordingStorage` kept across
+reopens), adds a :class:`~pyimago.oracle.crash.TimelinePoint` after every operation
+(:meth:`PowerCuts.point`, built from the flat model: no extra read of the image), and at
+chosen steps and at teardown calls :meth:`PowerCuts.check`, which rebuilds the states a cut
+after each mutation since the last check would leave (a sample when there are many) and
+holds each to ``crash.power-cut``.  The lower layers are fingerprinted when the chain is
+built: ``crash.readonly-open`` says no read-only open may change a byte of them.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pyimago.reference import MemoryStorage
+
+from .crash import (
+    SECTOR,
+    CrashTimeline,
+    CutJudge,
+    RecordingStorage,
+    TimelinePoint,
+    check_cut,
+    unknown_ranges,
+)
+from .model import FlatModel
+
+__all__ = ["PowerCutFailure", "PowerCutStats", "PowerCuts"]
+
+#: Cut states rebuilt per check (all of them when there are no more mutations than this).
+MAX_CUTS = 12
+#: Of those, how many the judge (``qemu-img check``, or the reference's ``check()``) sees:
+#: a qemu-img run costs tens of milliseconds, the content rule well under one.
+MAX_JUDGED = 2
+
+
+class PowerCutFailure(Exception):
+    """A cut state broke the crash rule; ``clauses`` names the clause it breaks."""
+
+    def __init__(self, message: str, clauses: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.clauses = clauses
+
+
+@dataclass(slots=True)
+class PowerCutStats:
+    """What the power-cut checks did in one session."""
+
+    checks: int = 0
+    states: int = 0
+    judged: int = 0
+    leaks: int = 0
+
+
+class PowerCuts:
+    """Records a session's top layer and checks what a power cut can leave of it."""
+
+    def __init__(self, judge: CutJudge | None, *, max_cuts: int = MAX_CUTS,
+                 max_judged: int = MAX_JUDGED) -> None:
+        self.judge = judge
+        self.max_cuts = max_cuts
+        self.max_judged = max_judged
+        self.stats = PowerCutStats()
+        self.rec: RecordingStorage | None = None
+        self.timeline: CrashTimeline | None = None
+        self._checked = 0
+        self._lower: list[tuple[str, Callable[[], bytes], bytes]] = []
+
+    # -- recording ----------------------------------------------------------------------------
+
+    def watch_lower(self, name: str, read: Callable[[], bytes]) -> None:
+        """Fingerprint a lower (read-only) layer now; :meth:`check` compares it again."""
+        self._lower.append((name, read, bytes(read())))
+
+    def recorder(self, inner: Any, model: FlatModel) -> RecordingStorage:
+        """The recorded top storage: a new one over ``inner`` the first time, else the same
+        log continued over ``inner`` (a reopened file); ``model`` gives the initial point."""
+        if self.rec is None:
+            self.rec = RecordingStorage(inner)
+            self.timeline = CrashTimeline(self._point(model, durable=True, label="open"))
+        else:
+            self.rec.inner = inner
+        return self.rec
+
+    def _point(self, model: FlatModel, *, durable: bool, label: str,
+               extra: tuple[tuple[int, int], ...] = ()) -> TimelinePoint:
+        assert self.rec is not None
+        content, known = model.read(0, model.size)
+        # Sector-widened: the rule judges whole sectors.
+        wide = tuple((a - a % SECTOR, -(-(a + n) // SECTOR) * SECTOR - (a - a % SECTOR))
+                     for a, n in extra)
+        return TimelinePoint(self.rec.mutations, content, durable,
+                             unknown_ranges(known) + wide, label)
+
+    def point(self, model: FlatModel, label: str, *, durable: bool = False,
+              unspecified: tuple[tuple[int, int], ...] = ()) -> None:
+        """The image after one operation, as the model says it is."""
+        if self.timeline is None:
+            return
+        self.timeline.add(self._point(model, durable=durable, label=label, extra=unspecified))
+
+    # -- checking -----------------------------------------------------------------------------
+
+    def check(self, open_cut: Callable[[MemoryStorage], Any], *, step: int,
+              final: bool = False) -> int:
+        """Check the cut states since the last check; return how many were checked.
+
+        Raises :class:`PowerCutFailure` on the first broken one.  The sample (when there are
+        more than ``max_cuts``) depends only on ``step`` and the mutation count, so a replay
+        checks the same cuts.
+        """
+        if final:
+            self._check_lower()
+        rec, timeline = self.rec, self.timeline
+        if rec is None or timeline is None:
+            return 0
+        self.stats.checks += 1
+        rng = random.Random(step * 1_000_003 + rec.mutations)
+        cuts = rec.sample_cuts(self._checked, self.max_cuts, rng)
+        # The judge is the costly part: at teardown ``max_judged`` cuts, else one.
+        budget = self.max_judged if final else min(self.max_judged, 1)
+        stride = max(1, -(-len(cuts) // budget)) if budget else 0
+        judged = set(cuts[::-1][::stride][:budget]) if stride else set()
+        for k, state in rec.cut_states(cuts):
+            judge = self.judge if k in judged else None
+            verdict = check_cut(k, bytes(state), timeline, open_cut, judge)
+            self.stats.states += 1
+            self.stats.judged += verdict.judged
+            self.stats.leaks += verdict.leaks
+            if verdict.problems:
+                clause = "crash.readonly-open" if verdict.readonly_write else "crash.power-cut"
+                raise PowerCutFailure(
+                    f"power cut after storage mutation {k} ({rec.describe_mutation(k)}; "
+                    f"{rec.synced} synced): "
+                    + "\n  ".join(verdict.problems),
+                    (clause,),
+                )
+        # Later cuts lie after this point: forget the log, and the timeline before the last
+        # durable point (every later window starts there or later).
+        rec.checkpoint()
+        self._checked = rec.mutations
+        points = timeline.points
+        last = max(i for i, p in enumerate(points) if p.durable or i == 0)
+        del points[:last]
+        return len(cuts)
+
+    def _check_lower(self) -> None:
+        for name, read, before in self._lower:  # a memcmp: cheaper than any hash
+            if read() != before:
+                raise PowerCutFailure(
+                    f"{name}, only ever opened read-only, changed", ("crash.readonly-open",)
+                )
+

@@ -1,0 +1,85 @@
+"""ConformanceStats as JSON, and many runs' stats merged into one.
+
+Both work field by field from the dataclass's own fields, so a counter added to
+:class:`ConformanceStats` is carried and summed without touching this module: integers add
+up, ``(key, count)`` tables add up by key, lists of names concatenate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from ._stats import ConformanceStats
+
+__all__ = ["merge_stats", "stats_from_json", "stats_to_json"]
+
+
+def stats_to_json(stats: ConformanceStats) -> dict[str, Any]:
+    """``stats`` as a JSON object (tables as lists of ``[key, count]``)."""
+    return {f.name: _plain(getattr(stats, f.name)) for f in dataclasses.fields(stats)}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _frozen(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
+def stats_from_json(obj: dict[str, Any]) -> ConformanceStats:
+    """The inverse of :func:`stats_to_json` (fields it does not know are ignored)."""
+    names = {f.name for f in dataclasses.fields(ConformanceStats)}
+    return ConformanceStats(**{k: _frozen(v) for k, v in obj.items() if k in names})
+
+
+def _is_table(values: Sequence[Any]) -> bool:
+    return all(
+        isinstance(v, tuple) and all(isinstance(p, tuple) and len(p) == 2 for p in v)
+        for v in values
+    ) and any(values)
+
+
+def _merge_table(name: str, values: Iterable[tuple[tuple[Any, int], ...]]) -> tuple[Any, ...]:
+    total: Counter[Any] = Counter()
+    for table in values:
+        for key, count in table:
+            total[key] += count
+    if name == "ops":
+        # As a single run lists them: most frequent first.
+        return tuple(total.most_common())
+    return tuple(sorted(total.items()))
+
+
+def merge_stats(runs: Sequence[ConformanceStats], *, parallel: bool) -> ConformanceStats:
+    """One :class:`ConformanceStats` for ``runs`` of the same target.
+
+    Counters add up; ``seconds`` is the longest run's when the runs ran side by side
+    (``parallel``: campaign workers), their sum when they ran one after another (a worker's
+    rounds), so that steps per second stays the campaign's throughput.
+    """
+    if not runs:
+        raise ValueError("merge_stats needs at least one run")
+    merged: dict[str, Any] = {}
+    for field in dataclasses.fields(ConformanceStats):
+        values = [getattr(run, field.name) for run in runs]
+        if field.name == "seconds":
+            merged[field.name] = max(values) if parallel else sum(values)
+        elif isinstance(values[0], bool):
+            merged[field.name] = any(values)
+        elif isinstance(values[0], (int, float)):
+            merged[field.name] = sum(values)
+        elif isinstance(values[0], tuple) and _is_table(values):
+            merged[field.name] = _merge_table(field.name, values)
+        elif isinstance(values[0], tuple):
+            merged[field.name] = tuple(item for value in values for item in value)
+        else:
+            merged[field.name] = values[0]
+    return ConformanceStats(**merged)

@@ -1,0 +1,236 @@
+"""check() against ``qemu-img check [-r leaks|all] --output=json``, image by image.
+
+Each implementation's ``check`` must count what qemu-img counts (corruptions, leaks, check
+errors, image end offset, cluster statistics) on the QEMU-made corpus, on QEMU's damaged-image
+cases (iotests 060/080, ``tests/fixtures/damaged.py``), on power-cut states, and on the peer
+images; and ``repair=`` must leave the image as ``qemu-img check -r`` does.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib
+import importlib.util
+import json
+import random
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+from pyimago.oracle.crash import RecordingStorage
+from pyimago.reference import MemoryStorage, create_image, open_image
+
+from .conftest import QEMU_TIMEOUT, require_qemu
+
+pytestmark = pytest.mark.qemu
+
+IMPLEMENTATIONS = ["pyimago.reference", "pyimago.fast"]
+
+#: qemu-img's JSON fields check() must agree on (absent means 0, as qemu-img leaves zeros out).
+FIELDS = (
+    "corruptions", "leaks", "check-errors", "corruptions-fixed", "leaks-fixed",
+    "image-end-offset", "total-clusters", "allocated-clusters", "fragmented-clusters",
+    "compressed-clusters",
+)
+
+PEER_IMAGES = Path("/work/shared/peer-images")
+
+#: Images pyimago refuses to open on purpose where QEMU opens them: check() says it cannot
+#: check them (exit 1) where qemu-img checks them.  Recorded in specs/ (the clause named).
+REFUSED_ON_PURPOSE = {
+    "backing-name-nul": "qcow2.header.backing-name: a NUL byte in the backing name is corrupt",
+    "invalid-qcow-large-json.img": "qcow2.snapshots.table: a snapshot table over the header",
+    "invalid-qcow-large-size.img": "qcow2.header.limits: a disk size past QEMU's limits",
+    "data-file.qcow2": "qcow2.features: external data files are not supported",
+}
+
+
+def _damaged() -> ModuleType:
+    name = "pyimago_tests_damaged"
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parent.parent / "fixtures" / "damaged.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+damaged = _damaged()
+
+
+@pytest.fixture(params=IMPLEMENTATIONS)
+def check(request: pytest.FixtureRequest) -> Callable[..., Any]:
+    module = importlib.import_module(request.param)
+    fn = getattr(module, "check", None)
+    if fn is None:
+        pytest.skip(f"{request.param} has no check() yet")
+    return fn  # type: ignore[no-any-return]
+
+
+def qemu_check(path: Path, repair: str | None = None) -> tuple[dict[str, Any] | None, int]:
+    """qemu-img check's JSON report (None when it gives none) and exit status; the image's
+    backing file is never opened."""
+    spec = json.dumps({"driver": "qcow2", "backing": None,
+                       "file": {"driver": "file", "filename": str(path)}})
+    args = ["qemu-img", "check", "--output=json"]
+    if repair:
+        args += ["-r", repair]
+    proc = subprocess.run([*args, f"json:{spec}"], capture_output=True, text=True,
+                          timeout=QEMU_TIMEOUT, check=False)
+    try:
+        return json.loads(proc.stdout), proc.returncode
+    except json.JSONDecodeError:
+        return None, proc.returncode
+
+
+def assert_agrees(check: Callable[..., Any], path: Path, repair: str | None = None) -> None:
+    """check(path, repair=repair) on a copy agrees with qemu-img on another copy, and both
+    copies end up byte for byte alike after a repair that QEMU could finish."""
+    ours_path = path.with_name(path.name + ".ours")
+    qemu_path = path.with_name(path.name + ".qemu")
+    shutil.copyfile(path, ours_path)
+    shutil.copyfile(path, qemu_path)
+    theirs, status = qemu_check(qemu_path, repair)
+    result = check(ours_path, repair=repair)
+    why = "\n".join(str(p) for p in result.problems[:12])
+    refused = REFUSED_ON_PURPOSE.get(path.parent.name) or REFUSED_ON_PURPOSE.get(path.name)
+    if refused:
+        assert result.exit_code == 1 and result.check_errors == 1, (refused, result)
+        return
+    if theirs is None:
+        # qemu-img could not check the image at all (exit 1, "Check failed").
+        assert result.exit_code == status == 1, (result, status, why)
+        return
+    ours = result.to_json()
+    diff = {f: (ours.get(f, 0), theirs.get(f, 0)) for f in FIELDS
+            if ours.get(f, 0) != theirs.get(f, 0)}
+    assert not diff, f"{path.name} repair={repair}: (ours, qemu) {diff}\n{why}"
+    assert result.exit_code == status, (result.exit_code, status)
+    if repair:
+        # The repaired images are now checked alike.
+        again, _ = qemu_check(ours_path)
+        assert again is not None
+        assert (again.get("corruptions", 0), again.get("leaks", 0)) == (
+            result.corruptions, result.leaks)
+
+
+# -- the QEMU-made corpus ------------------------------------------------------------------------
+
+
+@pytest.mark.clause("qcow2.corrupt.check", "interop.qemu-check")
+def test_corpus_image_checks_as_qemu_does(
+    check: Callable[..., Any], corpus_image: Any, tmp_path: Path
+) -> None:
+    if corpus_image.fmt != "qcow2":
+        pytest.skip("qemu-img checks qcow2 images only")
+    path = tmp_path / "image.qcow2"
+    shutil.copyfile(corpus_image.path, path)
+    assert_agrees(check, path)
+
+
+# -- QEMU's damaged-image cases ------------------------------------------------------------------
+
+
+@pytest.mark.clause("qcow2.corrupt.check", "qcow2.corrupt.repair")
+@pytest.mark.parametrize("repair", [None, "leaks", "all"])
+@pytest.mark.parametrize("name", damaged.case_names())
+def test_damaged_image_checks_and_repairs_as_qemu_does(
+    check: Callable[..., Any], tmp_path: Path, name: str, repair: str | None
+) -> None:
+    require_qemu()
+    path = damaged.build_case(name, tmp_path / name)
+    assert_agrees(check, path, repair)
+
+
+@pytest.mark.clause("qcow2.corrupt.check", "qcow2.corrupt.mark")
+def test_write_refused_on_metadata_leaves_what_qemu_finds(
+    check: Callable[..., Any], tmp_path: Path
+) -> None:
+    # After the refused write the image carries the corrupt bit; check() still agrees, and
+    # repair="all" of a repairable case clears the bit as qemu-img check -r all does.
+    require_qemu()
+    path = damaged.build_case("060-data-into-refblock", tmp_path)
+    with open_image(path, writable=True, backing=None) as img, pytest.raises(ValueError):
+        img.write(b"\x2a" * 512, 0)
+    assert_agrees(check, path)
+    assert_agrees(check, path, "all")
+
+
+# -- power-cut states ----------------------------------------------------------------------------
+
+
+def _cut_states(tmp_path: Path, seed: int) -> list[bytes]:
+    """Images a power cut leaves in the middle of random writes, discards and a grow."""
+    rng = random.Random(seed)
+    cs = rng.choice([512, 4096])
+    top = MemoryStorage(name="top")
+    if rng.random() < 0.3:
+        create_image(top, 64 * cs, cluster_size=cs, compat="0.10")
+    else:
+        create_image(top, 64 * cs, cluster_size=cs, refcount_bits=rng.choice([1, 16, 64]))
+    rec = RecordingStorage(top)
+    with open_image(rec, writable=True, backing=None) as img:
+        for step in range(12):
+            at = rng.randrange(0, img.size - 4 * cs)
+            if rng.random() < 0.7:
+                img.write(bytes([step + 1]) * rng.randint(1, 3 * cs), at)
+            else:
+                img.discard_to_any(at, rng.randint(1, 4 * cs))
+        img.resize(img.size + 20 * cs)
+        img.write(b"\xee" * cs, img.size - cs)
+    cuts = sorted(rng.sample(range(1, rec.mutations), min(12, rec.mutations - 1)))
+    return [bytes(rec.state_after(k)) for k in cuts]
+
+
+@pytest.mark.clause("qcow2.corrupt.check", "crash.power-cut")
+@pytest.mark.parametrize("seed", range(4))
+def test_cut_states_check_and_repair_as_qemu_does(
+    check: Callable[..., Any], tmp_path: Path, seed: int
+) -> None:
+    require_qemu()
+    for i, state in enumerate(_cut_states(tmp_path, seed)):
+        path = tmp_path / f"cut{i}.qcow2"
+        path.write_bytes(state)
+        assert_agrees(check, path, "leaks" if i % 3 == 2 else None)
+
+
+# -- peer images ---------------------------------------------------------------------------------
+
+
+def _peer_images() -> list[Path]:
+    if not PEER_IMAGES.is_dir():
+        return []
+    found = []
+    for p in sorted(PEER_IMAGES.rglob("*")):
+        name = p.name.removesuffix(".gz")
+        if p.is_file() and (name.endswith((".qcow2", ".img"))):
+            found.append(p)
+    return found
+
+
+@pytest.mark.clause("qcow2.corrupt.check", "interop.qemu-check")
+@pytest.mark.parametrize(
+    "peer", _peer_images() or [pytest.param(None, marks=pytest.mark.skip(
+        reason=f"no peer images at {PEER_IMAGES}"))],
+    ids=lambda p: str(p.relative_to(PEER_IMAGES)) if p else "none",
+)
+def test_peer_image_checks_as_qemu_does(
+    check: Callable[..., Any], tmp_path: Path, peer: Path
+) -> None:
+    require_qemu()
+    path = tmp_path / peer.name.removesuffix(".gz")
+    if peer.name.endswith(".gz"):
+        with gzip.open(peer, "rb") as src, path.open("wb") as dst:
+            shutil.copyfileobj(src, dst)
+    else:
+        shutil.copyfile(peer, path)
+    if path.read_bytes()[:4] != b"QFI\xfb":
+        pytest.skip(f"{peer.name} is not a qcow2 image")
+    assert_agrees(check, path)

@@ -1,0 +1,218 @@
+"""Write ordering of pyimago.reference's qcow2 driver: a cut after any storage write.
+
+Each test is a shrunk reproduction of a power-cut campaign failure (issue 10): it records
+every storage mutation of a short scenario, then judges the image after a cut at *every*
+mutation with ``qemu-img check`` (no corruption allowed; leaks are) and by what the guest
+reads.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pyimago.oracle.crash import RecordingStorage
+from pyimago.reference import (
+    FormatAccess,
+    MemoryStorage,
+    PreallocateMode,
+    check,
+    create_image,
+    open_image,
+)
+from pyimago_tests_reference_helpers import KiB, header_of, qemu_img, require_qemu
+
+pytestmark = pytest.mark.qemu
+
+
+def qemu_corruptions(image: bytes) -> tuple[int, str]:
+    """``qemu-img check``'s corruptions + check errors for an image file's bytes (its
+    backing, if any, is not opened)."""
+    with tempfile.NamedTemporaryFile(suffix=".qcow2") as f:
+        f.write(image)
+        f.flush()
+        spec = json.dumps({"driver": "qcow2", "backing": None,
+                           "file": {"driver": "file", "filename": f.name}})
+        proc = subprocess.run(["qemu-img", "check", "--output=json", f"json:{spec}"],
+                              capture_output=True, text=True, check=False)
+    out = json.loads(proc.stdout) if proc.stdout.strip() else {"check-errors": 1}
+    return int(out.get("corruptions", 0)) + int(out.get("check-errors", 0)), proc.stderr
+
+
+def every_cut(rec: RecordingStorage, since: int = 0) -> Iterator[tuple[int, bytes]]:
+    """Every cut state after mutation ``since``, each judged clean by qemu-img check."""
+    assert rec.mutations > since, "the scenario wrote nothing"
+    for k, state in rec.cut_states(since=since):
+        image = bytes(state)
+        corrupt, why = qemu_corruptions(image)
+        assert not corrupt, f"cut after mutation {k} of {rec.mutations}: {why}"
+        yield k, image
+
+
+def recorded(image: bytes) -> RecordingStorage:
+    return RecordingStorage(MemoryStorage(image, name="top"))
+
+
+def reads(image: bytes, backing: FormatAccess | None = None) -> tuple[int, bytes]:
+    with open_image(MemoryStorage(image, name="cut"), backing=backing) as img:
+        return img.size, img.read(0, img.size)
+
+
+def qemu_made(tmp_path: Path, data: bytes, cs: int, *, how: str) -> bytes:
+    """An image qemu-img made from ``data``: compressed (``convert -c``) or with every
+    cluster shared with an internal snapshot."""
+    raw = tmp_path / "src.raw"
+    raw.write_bytes(data)
+    out = tmp_path / "t.qcow2"
+    opts = f"cluster_size={cs}"
+    if how == "compressed":
+        qemu_img("convert", "-q", "-c", "-f", "raw", "-O", "qcow2", "-o", opts, raw, out)
+    else:
+        qemu_img("convert", "-q", "-f", "raw", "-O", "qcow2", "-o", opts, raw, out)
+        qemu_img("snapshot", "-q", "-c", "s1", out)
+    return out.read_bytes()
+
+
+@pytest.mark.clause("crash.order.grow-size-last", "crash.power-cut")
+@pytest.mark.parametrize("prealloc", [m for m in PreallocateMode if m is not PreallocateMode.NONE])
+@pytest.mark.parametrize("compat", ["0.10", "1.1"])
+def test_grow_writes_the_new_size_last(prealloc: PreallocateMode, compat: str) -> None:
+    # Campaign seed 14: v2 over a raw backing, grow +2048 ZERO; a cut after the size write
+    # showed the backing through the grown area.
+    require_qemu()
+    base = MemoryStorage(name="base")
+    create_image(base, 8 * KiB, format="raw")
+    with open_image(base, writable=True) as b:
+        b.write(b"\xaa" * 8 * KiB, 0)
+    top = MemoryStorage(name="top")
+    create_image(top, 4 * KiB, cluster_size=512, compat=compat, backing_file="base",
+                 backing_fmt="raw")
+    rec = recorded(top.snapshot())
+    with open_image(base) as backing:
+        with open_image(rec, writable=True, backing=backing) as img:
+            img.resize(8 * KiB, prealloc)
+        for k, image in every_cut(rec):
+            size, content = reads(image, backing)
+            assert size in (4 * KiB, 8 * KiB), k
+            assert content[:4 * KiB] == b"\xaa" * 4 * KiB, k
+            assert content[4 * KiB:] == bytes(size - 4 * KiB), f"cut after mutation {k}"
+
+
+@pytest.mark.clause("crash.order.data-before-entry", "crash.order.unref-after-entry")
+@pytest.mark.parametrize("how", ["compressed", "snapshot"])
+@pytest.mark.parametrize("parallel", [1, 2])
+def test_first_write_into_compressed_or_shared_cluster(
+    tmp_path: Path, how: str, parallel: int
+) -> None:
+    # Campaign seeds 6, 27, 28: the new L2 entry reached storage before the guest data did,
+    # so a cut in between read zeroes where the old (durable) data had been.
+    require_qemu()
+    cs = 4096
+    old = bytes(range(256)) * (6 * cs // 256)
+    rec = recorded(qemu_made(tmp_path, old, cs, how=how))
+    new = b"\x5a" * (3 * cs)
+    with open_image(rec, writable=True, backing=None, l2_cache_tables=1) as img:
+        img.set_write_parallelization(parallel)
+        img.write(new, cs + 100)
+    expected_after = old[: cs + 100] + new + old[4 * cs + 100 :]
+    for k, image in every_cut(rec):
+        _, content = reads(image)
+        for sector in range(0, len(old), 512):
+            got = content[sector : sector + 512]
+            assert got in (old[sector : sector + 512], expected_after[sector : sector + 512]), (
+                f"cut after mutation {k}: sector {sector} lost"
+            )
+    assert reads(bytes(rec.state_after(rec.mutations)))[1] == expected_after
+
+
+@pytest.mark.clause("crash.order.new-structure-before-pointer", "crash.power-cut")
+@pytest.mark.parametrize("refcount_bits", [1, 16, 64])
+def test_new_refcount_block_counts_itself_before_it_is_linked(refcount_bits: int) -> None:
+    # A new refcount block was linked into the refcount table while its own refcount was 0.
+    require_qemu()
+    cs = 512
+    top = MemoryStorage(name="top")
+    size = 4 * 1024 * KiB
+    create_image(top, size, cluster_size=cs, refcount_bits=refcount_bits)
+    entries = cs * 8 // refcount_bits
+    # Clusters written far apart (one L2 table each, so two host clusters per write) until
+    # the first refcount block is nearly full; then a cut after every write of the next few.
+    at = [(i * 67 * cs) % size for i in range(entries // 2 + 8)]
+    with open_image(top, writable=True, backing=None) as img:
+        for offset in at[: entries // 2 - 4]:
+            img.write(b"\x01" * 8, offset)
+    rec = recorded(top.snapshot())
+    with open_image(rec, writable=True, backing=None) as img:
+        for offset in at[entries // 2 - 4 :]:
+            img.write(b"\x01" * 8, offset)
+            img.flush()
+    for _ in every_cut(rec):
+        pass
+
+
+@pytest.mark.clause("crash.order.refcount-before-reference", "crash.power-cut")
+def test_grown_refcount_table_is_counted_before_the_header_switches() -> None:
+    # Clusters of a new refcount table covered by an existing block were counted only after
+    # the header pointed at the table.
+    require_qemu()
+    cs = 512
+    top = MemoryStorage(name="top")
+    create_image(top, 4 * 1024 * KiB, cluster_size=cs, refcount_bits=64)
+    with open_image(top, writable=True, backing=None) as img:
+        img.write(b"\x02" * (1900 * KiB), 0)
+    table_at = header_of(top.snapshot()).refcount_table_offset
+    rec = recorded(top.snapshot())
+    # Cluster by cluster, until the refcount table has moved (and a little more).
+    with open_image(rec, writable=True, backing=None) as img:
+        offset, after = 1900 * KiB, 0
+        while after < 3:
+            img.write(b"\x03" * cs, offset)
+            img.flush()
+            offset += cs
+            after += header_of(rec.read(0, cs)).refcount_table_offset != table_at
+            assert offset < 2400 * KiB, "the refcount table never grew"
+    first = max(0, rec.mutations - 60)
+    for _ in every_cut(rec, since=first):
+        pass
+
+
+
+
+@pytest.mark.clause("qcow2.corrupt.repair", "crash.power-cut")
+@pytest.mark.parametrize("repair", ["leaks", "all"])
+def test_repair_cut_anywhere_leaves_no_corruption(repair: str) -> None:
+    # A power cut in the middle of check(repair=...) on an image with leaks (a cut state of
+    # writes, discards and a refcount-block creation) leaves leaks at most.
+    require_qemu()
+    top = MemoryStorage(name="top")
+    create_image(top, 512 * KiB, cluster_size=512, refcount_bits=4)
+    rec = recorded(top.snapshot())
+    with open_image(rec, writable=True, backing=None) as img:
+        for i in range(40):
+            img.write(bytes([i + 1]) * 700, (i * 7919) % (500 * KiB))
+            if i % 3 == 0:
+                img.discard_to_any((i * 3571) % (500 * KiB), 2048)
+    # The first cut state with leaks to repair.
+    leaky = next(bytes(s) for k, s in rec.cut_states(range(rec.mutations, 0, -1))
+                 if qemu_leaks(bytes(s)))
+    repaired = recorded(leaky)
+    result = check(repaired, repair=repair)
+    assert result.leaks_fixed and not result.corruptions, result
+    assert qemu_leaks(bytes(repaired.state_after(repaired.mutations))) == 0
+    cuts = 0
+    for _ in every_cut(repaired):
+        cuts += 1
+    assert cuts == repaired.mutations + 1
+
+
+def qemu_leaks(image: bytes) -> int:
+    with tempfile.NamedTemporaryFile(suffix=".qcow2") as f:
+        f.write(image)
+        f.flush()
+        proc = subprocess.run(["qemu-img", "check", "--output=json", f.name],
+                              capture_output=True, text=True, check=False)
+    return int(json.loads(proc.stdout).get("leaks", 0))
