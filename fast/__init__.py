@@ -40,6 +40,7 @@ from pyimago.reference._mapping import (
     ZeroMapping,
 )
 from pyimago.reference._prealloc import PreallocateMode
+from pyimago.reference._snapshot import SnapshotInfo
 from pyimago.reference._storage import Buffer, MemoryStorage, Storage, WritableBuffer
 from pyimago.reference.backing import (
     DenyImplicitOpenGate,
@@ -91,6 +92,7 @@ __all__ = [
     "ReadOnlyError",
     "RepairMode",
     "ShallowMapping",
+    "SnapshotInfo",
     "SpecialMapping",
     "Storage",
     "UnsupportedError",
