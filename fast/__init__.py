@@ -30,7 +30,7 @@ from pyimago.reference._errors import (
     UnsupportedError,
     UnsupportedFeatureError,
 )
-from pyimago.reference._info import ImageInfo, Qcow2Info, SnapshotInfo
+from pyimago.reference._info import ImageInfo, Qcow2Info
 from pyimago.reference._mapping import (
     EofMapping,
     IndirectMapping,
@@ -41,6 +41,7 @@ from pyimago.reference._mapping import (
     ZeroMapping,
 )
 from pyimago.reference._prealloc import PreallocateMode
+from pyimago.reference._snapshot import SnapshotInfo
 from pyimago.reference._storage import Buffer, MemoryStorage, Storage, WritableBuffer
 from pyimago.reference._stream import ImageStream
 from pyimago.reference.backing import (

@@ -292,7 +292,7 @@ class FormatAccess:
             kind, host, n = self._layer.map_run(offset, length)
             if n == length and kind <= K_DATA_RO:
                 # One stored run: a single copy straight out of the storage.
-                return self._layer.storage.read(host, length)
+                return self._layer.data.read(host, length)
         out = bytearray(length)
         self.readinto(out, offset)
         return bytes(out)

@@ -61,8 +61,8 @@ class MetadataGuard:
 
     # -- where the metadata is ------------------------------------------------------------
 
-    def snapshots(self) -> list[Snapshot]:
-        """The internal snapshots' table entries."""
+    def snapshot_entries(self) -> list[Snapshot]:
+        """The internal snapshots' table entries (``snapshots`` lists what qemu-img lists)."""
         table = self.hdr.snapshots
         if not table.n:
             return []

@@ -18,6 +18,7 @@ from pyimago.reference._errors import CorruptImageError, UnsupportedFeatureError
 
 __all__ = [
     "EXT_BACKING_FORMAT",
+    "EXT_DATA_FILE",
     "EXT_FEATURE_TABLE",
     "LAYOUT",
     "MAGIC",
@@ -77,9 +78,9 @@ class Incompat(enum.IntFlag):
 
 EXT_BACKING_FORMAT = 0xE2792ACA
 EXT_FEATURE_TABLE = 0x6803F857
-_EXT_DATA_FILE = 0x44415441
+EXT_DATA_FILE = 0x44415441
 #: Extension types an image may hold once only (two that disagree leave no way to choose).
-_SINGLETONS = frozenset({EXT_BACKING_FORMAT, _EXT_DATA_FILE})
+_SINGLETONS = frozenset({EXT_BACKING_FORMAT, EXT_DATA_FILE})
 
 #: QEMU's bounds (QCOW_MAX_L1_SIZE 32 MiB, QCOW_MAX_REFTABLE_SIZE 8 MiB, 65536 snapshots):
 #: they cap what a hostile header can make us read or allocate.
@@ -133,6 +134,16 @@ class Header:
     def l1_size(self) -> int:
         """Entries in the L1 table (the field's name in qcow2.txt)."""
         return self.l1.n
+
+    @property
+    def extended_l2(self) -> bool:
+        """L2 entries carry a subcluster bitmap (incompatible bit 4)."""
+        return bool(self.features.incompatible & Incompat.EXTL2)
+
+    @property
+    def has_data_file(self) -> bool:
+        """Guest data lives in an external data file (incompatible bit 2)."""
+        return bool(self.features.incompatible & Incompat.DATA_FILE)
 
     def _value(self, name: str) -> int:
         obj: object = self
@@ -223,7 +234,9 @@ def parse_header(data: bytes | bytearray | memoryview, file_size: int | None = N
     rt = Span(f["reftable.at"], f["reftable.n"])
     if l1.n > MAX_L1_ENTRIES:
         raise _bad(f"l1_size {l1.n} exceeds the limit of {MAX_L1_ENTRIES} entries")
-    per_table = cs * (cs // 8)
+    # Extended L2 entries (incompatible bit 4) are 16 bytes: half as many per table.
+    entry_bytes = 16 if f.get("features.incompatible", 0) & Incompat.EXTL2 else 8
+    per_table = cs * (cs // entry_bytes)
     if l1.n * per_table < size:
         raise _bad(f"l1_size {l1.n} cannot map a disk of {size} bytes")
     if l1.n and (l1.at == 0 or l1.at % cs):
@@ -270,11 +283,15 @@ def _place_tables(cs: int, file_size: int, l1: Span, rt: Span, snaps: Span) -> N
         raise _bad(f"the L1 table (0x{l1.at:x}) and the refcount table (0x{rt.at:x}) overlap")
 
 
-#: Known bits whose feature we do not implement, with the name errors give the feature.
-_UNHONOURED = ((Incompat.DATA_FILE, "external data file"), (Incompat.EXTL2, "extended L2 entries"))
+#: Known bits whose images are read but not written yet, with the name errors give them.
+_NOT_WRITTEN_YET = (
+    (Incompat.EXTL2, "extended L2 entries"),
+    (Incompat.DATA_FILE, "external data file"),
+)
 #: Bits that allow reading only, with what the user can do about them.
 _READ_ONLY = (
-    (Incompat.CORRUPT, "corrupt bit", "it may only be opened read-only"),
+    (Incompat.CORRUPT, "corrupt bit",
+     "it may only be opened read-only, or repaired with 'qemu-img check -r all'"),
     (Incompat.DIRTY, "dirty bit", "open it read-only, or repair its refcounts first"),
 )
 _KNOWN = sum(Incompat)
@@ -298,9 +315,18 @@ def check_features(hdr: Header, names: dict[tuple[int, int], str], *, writable: 
         raise _refuse(what, f"the image needs features this implementation lacks: {what}")
     if hdr.crypt_method:
         raise _refuse("encryption", f"encryption (crypt_method {hdr.crypt_method}) is unsupported")
-    for flag, what in _UNHONOURED:
+    for flag, what in _NOT_WRITTEN_YET if writable else ():
         if bits & flag:
-            raise _refuse(what, f"{what} (incompatible bit {flag.bit_length() - 1}) is unsupported")
+            raise _refuse(
+                what,
+                f"writing images with {what} (incompatible bit {flag.bit_length() - 1}) is not "
+                "supported yet: open it read-only",
+            )
+    if bits & Incompat.EXTL2 and hdr.cluster_bits < 14:
+        # 32 subclusters per cluster, none smaller than a 512-byte sector (QEMU's limit).
+        raise CorruptImageError(
+            f"qcow2: extended L2 entries need clusters of 16 KiB or more, not {hdr.cluster_size}"
+        )
     ctype = hdr.compression_type
     if ctype > 1:
         raise _refuse(f"compression type {ctype}", f"compression type {ctype} is unknown")

@@ -46,6 +46,8 @@ class LayerBase:
                 "so the image cannot be opened writable"
             )
         self.storage = storage
+        #: Where stored guest data is read (a qcow2 image's external data file may differ).
+        self.data = storage
         self.writable = writable
         self.backing: FormatAccess | None = None
         self.closed = False

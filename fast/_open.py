@@ -73,6 +73,8 @@ def open_image(
     cache_bytes: int = DEFAULT_CACHE_BYTES,
     l2_cache_tables: int | None = None,
     use_mmap: bool = True,
+    snapshot: str | None = None,
+    data_file: Any = AUTO,
     locking: str = "auto",
     force_share: bool = False,
 ) -> FormatAccess:
@@ -88,12 +90,19 @@ def open_image(
     ``preadv`` only: a mapped file that another process truncates raises SIGBUS on access,
     which no Python code can catch.
 
+    ``snapshot`` (an internal snapshot's ID or name) opens that snapshot read-only.  An
+    image with an external data file finds it as it finds a backing file (its header's
+    name, relative to the image, asking ``gate``), unless ``data_file`` (a path or Storage)
+    gives it.
+
     A raw image opened writable without ``format=`` keeps block 0 from becoming another
     format's header (as QEMU).  Files are locked as QEMU locks them (``locking`` "auto",
     "on" or "off"; ``force_share=True`` for read-only opens is qemu-img's ``-U``); a
     conflicting holder makes the open fail with ImageInUseError.
     """
     validate(locking, force_share, writable)
+    if snapshot is not None and type(snapshot) is not str:
+        raise InvalidRequestError(f"snapshot must be a str (an ID or name), not {snapshot!r}")
     if l2_cache_tables is not None and (type(l2_cache_tables) is not int or l2_cache_tables < 1):
         raise InvalidRequestError(f"l2_cache_tables must be >= 1, not {l2_cache_tables!r}")
     return _open(
@@ -104,6 +113,8 @@ def open_image(
         backing,
         (cache_bytes, l2_cache_tables, use_mmap, locking, force_share),
         set(),
+        snapshot,
+        data_file,
     )
 
 
@@ -115,6 +126,8 @@ def _open(
     backing: Any,
     cache: tuple[int, int | None, bool, str, bool],
     seen: set[str],
+    snapshot: str | None = None,
+    data_file: Any = AUTO,
 ) -> FormatAccess:
     if fmt is not None and fmt not in ("qcow2", "raw"):
         raise UnsupportedFeatureError(f"unsupported image format {fmt!r}", feature=f"format {fmt}")
@@ -136,11 +149,15 @@ def _open(
     try:
         kind = fmt or probe_format(storage)
         if kind == "raw":
+            if snapshot is not None or data_file is not AUTO:
+                raise InvalidRequestError("snapshot= and data_file= apply to qcow2 images only")
             return FormatAccess(RawLayer(storage, writable=writable, probed=fmt is None))
         layer = Qcow2Layer(
-            storage, writable=writable, cache_bytes=cache[0], l2_cache_tables=cache[1]
+            storage, writable=writable, cache_bytes=cache[0], l2_cache_tables=cache[1],
+            snapshot=snapshot,
         )
         try:
+            _data_file(layer, path, gate, data_file, cache)
             if backing is not AUTO:
                 if backing is not None and not hasattr(backing, "readinto"):
                     raise InvalidRequestError(
@@ -153,6 +170,7 @@ def _open(
             if not owned:
                 # The caller keeps its storage: do not close it under them.
                 layer.backing = None
+                layer.close_data_file()
             else:
                 layer.close()
             raise
@@ -161,6 +179,51 @@ def _open(
         if owned:
             storage.close()
         raise
+
+
+def _data_file(
+    layer: Qcow2Layer,
+    image: str | None,
+    gate: Gate | None,
+    given: Any,
+    cache: tuple[int, int | None, bool, str, bool],
+) -> None:
+    """Attach the external data file an image needs: ``given``, or the one it names."""
+    if not layer.hdr.has_data_file:
+        if given is not AUTO:
+            raise InvalidRequestError(
+                f"{layer} has no external data file (incompatible bit 2): data_file= is wrong"
+            )
+        return
+    if given is not AUTO and not isinstance(given, (str, os.PathLike)):
+        if not hasattr(given, "readinto") or not hasattr(given, "size"):
+            raise InvalidRequestError(f"data_file must be a path or Storage, not {given!r}")
+        layer.set_data_file(given)
+        return
+    if given is not AUTO:
+        dpath = os.fspath(given)
+    else:
+        name = layer.data_file
+        if name is None:
+            raise InvalidRequestError(f"{layer} needs an external data file it does not name: "
+                                      "pass data_file=")
+        if image is None and not os.path.isabs(name):
+            raise InvalidRequestError(
+                f"{layer} names data file {name!r}: pass data_file= for an image in memory"
+            )
+        dpath = _resolve(name, image)
+        if gate is not None:
+            gate.check(dpath, format="raw", writable=layer.writable, referrer=str(layer))
+    try:
+        layer.set_data_file(
+            FastFileStorage(dpath, writable=layer.writable, use_mmap=cache[2],
+                            locking=cache[3], force_share=cache[4]),
+            owned=True,
+        )
+    except FileNotFoundError as exc:
+        raise ImageNotFoundError(
+            f"qcow2: data file {dpath!r} of {image or layer} does not exist", filename=dpath
+        ) from exc
 
 
 def _open_backing(

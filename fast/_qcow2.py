@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias
 
 from pyimago.reference._errors import CorruptImageError, InvalidRequestError, UnsupportedError
-from pyimago.reference._info import ImageInfo, Qcow2Info, parse_snapshot_table
+from pyimago.reference._info import ImageInfo, Qcow2Info
 from pyimago.reference._mapping import (
     EofMapping,
     IndirectMapping,
@@ -41,14 +41,17 @@ from pyimago.reference._mapping import (
     ZeroMapping,
 )
 from pyimago.reference._prealloc import PreallocateMode
+from pyimago.reference._snapshot import SnapshotInfo
 from pyimago.reference._storage import Storage, WritableBuffer
 
 from ._cache import TableCache
 from ._codec import decode_u64_table, encode_u64_table
 from ._entries import COMPRESSED, COPIED, HOST_MASK, L1_RESERVED, L2_RESERVED, ZERO_FLAG
+from ._features import map_run_general
 from ._guard import MetadataGuard
 from ._header import (
     EXT_BACKING_FORMAT,
+    EXT_DATA_FILE,
     MAGIC,
     MAX_L1_ENTRIES,
     Extension,
@@ -63,6 +66,7 @@ from ._inflate import inflate_cluster
 from ._layer import Clear, LayerBase
 from ._refcounts import Refcounts
 from ._runs import K_COMP, K_DATA, K_DATA_RO, K_EOF, K_UNALLOC, K_ZERO
+from ._snapshots import Snapshot, pick, read_snapshot_table
 from ._storage import fill_zero
 
 __all__ = ["COPIED", "DEFAULT_CACHE_BYTES", "Qcow2Layer", "backing_readers"]
@@ -98,7 +102,11 @@ class Qcow2Layer(MetadataGuard, LayerBase):
         writable: bool = False,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         l2_cache_tables: int | None = None,
+        snapshot: str | None = None,
     ) -> None:
+        """``snapshot`` (an ID or name) opens that internal snapshot, read-only."""
+        if snapshot is not None and writable:
+            raise InvalidRequestError(f"qcow2: snapshot {snapshot!r} can only be opened read-only")
         super().__init__(storage, writable)
         # Tables are decoded once, so they are read with pread, not through the data map:
         # mapped pages would count in the process's RSS long after the table was decoded.
@@ -130,13 +138,34 @@ class Qcow2Layer(MetadataGuard, LayerBase):
              if e.kind == EXT_BACKING_FORMAT),
             None,
         )
+        #: The external data file's name from its header extension (None: not named).
+        self.data_file: str | None = None
+        if hdr.has_data_file:
+            name_ext = next((e.data for e in self.extensions if e.kind == EXT_DATA_FILE), b"")
+            if b"\0" in name_ext:
+                raise CorruptImageError(f"qcow2: data file name {name_ext!r} holds a NUL byte")
+            self.data_file = name_ext.decode("utf-8", "surrogateescape") or None
+        # Guest data lives in self.data (LayerBase: the image's storage) unless an external
+        # data file is attached; until then an image that needs one cannot be read.
+        self.data_attached = not hdr.has_data_file
+        self._owns_data = False
+        self._snapshots: list[Snapshot] | None = None
+        self.snapshot: SnapshotInfo | None = None
+        if snapshot is not None:
+            self.snapshot = pick(self._snapshot_table(), snapshot).info
+            self._switch_to_snapshot()
+        # Images with extended L2 entries or an external data file map through the general
+        # (per-unit) path of _features; the plain path below handles everything else.
+        self._general = hdr.extended_l2 or hdr.has_data_file
 
         cbits = hdr.cluster_bits
         self._cbits = cbits
         self._cs = cs = 1 << cbits
         self._cmask = cs - 1
-        self._l2bits = cbits - 3
-        self._l2n = cs // 8
+        # Extended L2 entries take two words (entry, subcluster bitmap): half as many a table.
+        self._ext = 1 if hdr.extended_l2 else 0
+        self._l2bits = cbits - 3 - self._ext
+        self._l2n = cs // (8 << self._ext)
         self._l2mask = self._l2n - 1
         self.size = hdr.size
         # Compressed descriptors: x = 62 - (cluster_bits - 8) bits of host offset, then the
@@ -193,6 +222,57 @@ class Qcow2Layer(MetadataGuard, LayerBase):
                 return self.storage.read(0, 1 << bits)
         return head
 
+    def _snapshot_table(self) -> list[Snapshot]:
+        if self._snapshots is None:
+            snaps = self.hdr.snapshots
+            self._snapshots = (
+                read_snapshot_table(self._meta_read, snaps, self._file_end, self.hdr.size)[0]
+                if snaps.n else []
+            )
+        return self._snapshots
+
+    @property
+    def snapshots(self) -> tuple[SnapshotInfo, ...]:
+        """The image's internal snapshots, in table order."""
+        return tuple(s.info for s in self._snapshot_table())
+
+    def _switch_to_snapshot(self) -> None:
+        """Read through the chosen snapshot's L1 table (at the image's size: what
+        ``qemu-img convert -l`` reads)."""
+        assert self.snapshot is not None
+        snap = pick(self._snapshot_table(), self.snapshot.id)
+        cs = self.hdr.cluster_size
+        at, n = snap.l1.at, snap.l1.n
+        if n and (at % cs or at < cs or at >= self._file_end):
+            raise CorruptImageError(
+                f"qcow2: snapshot {snap.id!r} has its L1 table at 0x{at:x}, not a cluster of "
+                "the file past the header"
+            )
+        if n > MAX_L1_ENTRIES:
+            raise CorruptImageError(
+                f"qcow2: snapshot {snap.id!r} has an L1 table of {n} entries (more than "
+                f"{MAX_L1_ENTRIES})"
+            )
+        self.hdr = self.hdr.moved(l1=snap.l1)
+
+    def set_data_file(self, storage: Storage, *, owned: bool = False) -> None:
+        """Attach the external data file."""
+        self.data = storage
+        self.data_attached = True
+        self._owns_data = owned
+
+    def close_data_file(self) -> None:
+        """Close the external data file if this layer opened it."""
+        if self._owns_data:
+            self._owns_data = False
+            self.data.close()
+
+    def storage_dependencies(self) -> list[Storage]:
+        found = super().storage_dependencies()
+        if self.data is not self.storage:
+            found.insert(1, self.data)
+        return found
+
     def _read_l1(self) -> array[int]:
         n = self.hdr.l1.n
         return decode_u64_table(self._meta_read(self.hdr.l1.at, n * 8) if n else b"")
@@ -226,9 +306,7 @@ class Qcow2Layer(MetadataGuard, LayerBase):
                 extended_l2=bool(bits & Incompat.EXTL2),
                 compression_type="zstd" if hdr.compression_type == 1 else "zlib",
             ),
-            snapshots=parse_snapshot_table(
-                self._meta_read, hdr.snapshots.at, hdr.snapshots.n, self.storage.size()
-            ),
+            snapshots=self.snapshots,
         )
 
     # -- metadata placement ---------------------------------------------------------------
@@ -300,7 +378,7 @@ class Qcow2Layer(MetadataGuard, LayerBase):
     def _entry(self, c: int) -> int:
         """The raw L2 entry of guest cluster ``c`` (0 where there is no table)."""
         tbl = self._l2_table(c >> self._l2bits)
-        return tbl[c & self._l2mask] if tbl is not None else 0
+        return tbl[(c & self._l2mask) << self._ext] if tbl is not None else 0
 
     def _writable_l2(self, l1i: int, old: array[int] | None) -> tuple[int, array[int]]:
         """The L2 table of ``l1i`` (``old``, as just looked up), allocated (or copied, if
@@ -411,6 +489,8 @@ class Qcow2Layer(MetadataGuard, LayerBase):
         entries (unallocated ones across tables too); a compressed run is one cluster.
         ``host`` is meaningful for the data kinds.
         """
+        if self._general:
+            return map_run_general(self, offset, max_len)
         size = self.size
         if offset >= size:
             return K_EOF, 0, 0
@@ -475,7 +555,7 @@ class Qcow2Layer(MetadataGuard, LayerBase):
         if kind == K_DATA:
             return RawMapping(self.storage, host, self.writable)
         if kind == K_DATA_RO:
-            return RawMapping(self.storage, host, False)
+            return RawMapping(self.data, host, False)
         if kind == K_ZERO:
             return ZeroMapping(True)
         if kind == K_COMP:
@@ -538,7 +618,7 @@ class Qcow2Layer(MetadataGuard, LayerBase):
                 return
             part = view if ln == n else view[done : done + ln]
             if kind <= K_DATA_RO:
-                self.storage.readinto(part, host)
+                self.data.readinto(part, host)
             elif kind == K_COMP:
                 if jobs is None:
                     self.read_compressed(part, at)
@@ -1074,6 +1154,9 @@ class Qcow2Layer(MetadataGuard, LayerBase):
             self._file_end = self.storage.size()
             self.hdr = parse_header(self._first_cluster(), self._file_end)
             self.size = self.hdr.size
+            self._snapshots = None
+            if self.snapshot is not None:
+                self._switch_to_snapshot()
             self._l1 = self._read_l1()
             self._l1_dirty = False
             self.refs.span = self.hdr.reftable
@@ -1103,8 +1186,11 @@ class Qcow2Layer(MetadataGuard, LayerBase):
         try:
             self.storage.close()
         finally:
-            if self.backing is not None and self._owns_backing:
-                self.backing.close()
+            try:
+                self.close_data_file()
+            finally:
+                if self.backing is not None and self._owns_backing:
+                    self.backing.close()
 
 
 def backing_readers(backing: object) -> tuple[Reader | None, Planner | None]:

@@ -21,7 +21,7 @@ from ._errors import (
     UnsupportedError,
     UnsupportedFeatureError,
 )
-from ._info import ImageInfo, Qcow2Info, SnapshotInfo
+from ._info import ImageInfo, Qcow2Info
 from ._mapping import (
     EofMapping,
     IndirectMapping,
@@ -33,6 +33,7 @@ from ._mapping import (
 )
 from ._open import AUTO, create_image, open_image, probe_format
 from ._prealloc import PreallocateMode
+from ._snapshot import SnapshotInfo
 from ._storage import Buffer, FileStorage, MemoryStorage, Storage, WritableBuffer
 from ._stream import ImageStream
 from .access import MAX_REQUEST_BYTES, FormatAccess

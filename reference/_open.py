@@ -86,6 +86,8 @@ def open_image(
     gate: ImplicitOpenGate | None = None,
     backing: FormatAccess | _Auto | None = AUTO,
     l2_cache_tables: int = DEFAULT_L2_CACHE_TABLES,
+    snapshot: str | None = None,
+    data_file: PathOrStorage | _Auto = AUTO,
     locking: str = "auto",
     force_share: bool = False,
 ) -> FormatAccess:
@@ -98,15 +100,21 @@ def open_image(
     honoured), after ``gate`` allows it.  For a Storage object that names a backing file,
     pass ``backing=`` (a FormatAccess, or None for no backing) explicitly.
 
+    ``snapshot`` (a qcow2 internal snapshot's ID or name) opens that snapshot read-only.
+    A qcow2 image with an external data file finds it as it finds a backing file (the name
+    in its header, through ``gate``), unless ``data_file=`` gives it (a path or Storage).
+
     Image files (and backing files) are locked as QEMU locks them: ``locking="auto"`` (lock
     where the OS can), ``"on"`` or ``"off"``; ``force_share=True`` (read-only opens only,
     qemu-img's ``-U``) opens an image another process holds writable.  A conflicting open
     raises :class:`ImageInUseError`.
     """
     check_locking_options(locking, force_share, writable)
+    if snapshot is not None and not isinstance(snapshot, str):
+        raise InvalidRequestError(f"snapshot must be a str (an ID or name), not {snapshot!r}")
     return _open(target, writable=writable, format=format, gate=gate, backing=backing,
                  l2_cache_tables=l2_cache_tables, chain=(),
-                 lock=(locking, force_share))
+                 lock=(locking, force_share), snapshot=snapshot, data_file=data_file)
 
 
 def _open(
@@ -119,6 +127,8 @@ def _open(
     l2_cache_tables: int,
     chain: tuple[str, ...],
     lock: tuple[str, bool],
+    snapshot: str | None = None,
+    data_file: PathOrStorage | _Auto = AUTO,
 ) -> FormatAccess:
     if format is not None:
         _check_format(format, "format")
@@ -132,12 +142,20 @@ def _open(
         storage = target
     else:
         raise InvalidRequestError(f"open_image: not a path or Storage: {target!r}")
+    opened: Qcow2Driver | None = None
     try:
         fmt = format or probe_format(storage)
         if fmt == "raw":
+            if snapshot is not None or not isinstance(data_file, _Auto):
+                raise InvalidRequestError(
+                    "snapshot= and data_file= only apply to qcow2 images, not raw"
+                )
             # raw.probed.block0: only a probed format restricts block 0.
             return FormatAccess(RawDriver(storage, writable=writable, probed=format is None))
-        driver = Qcow2Driver(storage, writable=writable, l2_cache_tables=l2_cache_tables)
+        driver = Qcow2Driver(storage, writable=writable, l2_cache_tables=l2_cache_tables,
+                             snapshot=snapshot)
+        opened = driver
+        _attach_data_file(driver, path, gate, data_file, lock)
         if not isinstance(backing, _Auto):
             driver.set_backing(backing, owned=False)
         elif driver.backing_file:
@@ -146,9 +164,57 @@ def _open(
             )
         return FormatAccess(driver)
     except BaseException:
+        if opened is not None:
+            opened.close_data_file()
         if path is not None and isinstance(target, (str, os.PathLike)):
             storage.close()
         raise
+
+
+def _attach_data_file(
+    driver: Qcow2Driver,
+    image_path: str | None,
+    gate: ImplicitOpenGate | None,
+    given: PathOrStorage | _Auto,
+    lock: tuple[str, bool],
+) -> None:
+    """qcow2.data-file.open: find the external data file like a backing file."""
+    if not driver.header.has_data_file:
+        if not isinstance(given, _Auto):
+            raise InvalidRequestError(
+                f"{driver} has no external data file (incompatible bit 2 clear): data_file= "
+                "does not apply"
+            )
+        return
+    if isinstance(given, Storage):
+        driver.set_data_file(given, owned=False)
+        return
+    if isinstance(given, (str, os.PathLike)):
+        # Named by the caller: no gate, as for the image itself.
+        path = os.fspath(given)
+    else:
+        name = driver.data_file
+        if name is None:
+            raise InvalidRequestError(
+                f"{driver} uses an external data file but does not name it: pass data_file="
+            )
+        if image_path is None and not os.path.isabs(name):
+            raise InvalidRequestError(
+                f"{driver} names data file {name!r} but was opened from a storage object: "
+                "pass data_file= (a path or Storage) to open_image"
+            )
+        path = resolve_backing_path(name, image_path)
+        (gate or PermissiveImplicitOpenGate()).check(
+            path, format="raw", writable=driver.writable, referrer=str(driver)
+        )
+    try:
+        storage = FileStorage(path, writable=driver.writable, locking=lock[0],
+                              force_share=lock[1])
+    except FileNotFoundError as exc:
+        raise ImageNotFoundError(
+            f"data file {path!r} of {image_path or driver} not found", filename=path
+        ) from exc
+    driver.set_data_file(storage, owned=True)
 
 
 def _open_backing(

@@ -17,7 +17,7 @@ from .._errors import (
     ReadOnlyError,
     UnsupportedError,
 )
-from .._info import ImageInfo, Qcow2Info, parse_snapshot_table
+from .._info import ImageInfo, Qcow2Info
 from .._mapping import (
     EofMapping,
     IndirectMapping,
@@ -27,6 +27,7 @@ from .._mapping import (
     ZeroMapping,
 )
 from .._prealloc import PreallocateMode
+from .._snapshot import SnapshotInfo
 from .._storage import Storage, WritableBuffer
 from .allocation import ClusterAllocator
 from .compression import decompress_cluster
@@ -37,9 +38,11 @@ from .constants import (
     QCOW2_INCOMPAT_CORRUPT,
     QCOW2_INCOMPAT_DIRTY,
     QCOW2_INCOMPAT_EXTL2,
+    QCOW_MAX_L1_SIZE,
     QCOW_OFLAG_COPIED,
     V2_HEADER_LENGTH,
 )
+from .data_file import data_file_name
 from .extensions import HeaderExtension, backing_format, feature_names, parse_extensions
 from .features import check_features
 from .guard import MetadataGuard
@@ -51,7 +54,8 @@ from .overlap import (
     snapshot_regions,
 )
 from .refcounts import RefcountTable
-from .snapshots import read_snapshot_table
+from .snapshots import SnapshotEntry, find_snapshot, read_snapshot_table
+from .subclusters import subcluster_entry
 from .tables import (
     ClusterType,
     L2Entry,
@@ -85,7 +89,12 @@ class Qcow2Driver(MetadataGuard):
         *,
         writable: bool = False,
         l2_cache_tables: int = DEFAULT_L2_CACHE_TABLES,
+        snapshot: str | None = None,
     ) -> None:
+        """Open the qcow2 image in ``storage``; ``snapshot`` (an ID or name) opens that
+        internal snapshot instead of the active disk, read-only."""
+        if snapshot is not None and writable:
+            raise InvalidRequestError(f"snapshot {snapshot!r} can only be opened read-only")
         if writable and not storage.writable:
             raise ReadOnlyError(f"cannot open {storage} writable: the storage is read-only")
         if l2_cache_tables < 1:
@@ -95,6 +104,8 @@ class Qcow2Driver(MetadataGuard):
         self._l2_cache_tables = l2_cache_tables
         self._backing: FormatAccess | None = None
         self._own_backing = False
+        self._data_storage: Storage | None = None
+        self._own_data = False
 
         head = storage.read(0, V2_HEADER_LENGTH + 40)
         header = parse_header(head)
@@ -128,13 +139,37 @@ class Qcow2Driver(MetadataGuard):
                 )
             self.backing_file = raw.decode("utf-8", "surrogateescape")
         self.backing_format: str | None = backing_format(self.extensions)
+        #: The external data file's name from the header extension (None: the caller must
+        #: name it); only meaningful when ``header.has_data_file``.
+        self.data_file: str | None = (
+            data_file_name(self.extensions) if header.has_data_file else None
+        )
 
         self._cluster_bits = header.cluster_bits
         self._cluster_size = cs
-        self._l2_entries = l2_entries(header.cluster_bits)
+        self._extended = header.extended_l2
+        self._entry_bytes = header.l2_entry_bytes
+        # qcow2.extended-l2.subclusters: the allocation unit is the subcluster (1/32 of a
+        # cluster) with extended L2 entries, the cluster otherwise.
+        self._unit_bits = header.cluster_bits - (5 if self._extended else 0)
+        self._l2_entries = l2_entries(header.cluster_bits, self._entry_bytes)
         self._size = header.size
         self._l1_offset = header.l1_table_offset
         self._l1_size = header.l1_size
+        self._snapshot_entries: list[SnapshotEntry] | None = None
+        self.snapshot: SnapshotInfo | None = None
+        if snapshot is not None:
+            # qcow2.snapshots.open: a snapshot reads through its own L1 table, at the image's
+            # size, as qemu-img convert -l does (qcow2_snapshot_load_tmp switches the L1 table
+            # only); guest clusters past the snapshot's L1 table are unallocated.
+            entry = find_snapshot(self._snapshots(), snapshot)
+            self.snapshot = entry.info
+            if entry.l1_size * 8 > QCOW_MAX_L1_SIZE:
+                raise CorruptImageError(
+                    f"qcow2 snapshot {entry.id_str!r}: its L1 table of {entry.l1_size} entries "
+                    "exceeds QEMU's limit (32 MiB)"
+                )
+            self._l1_offset, self._l1_size = entry.l1_table_offset, entry.l1_size
         self._check_metadata_range(
             "L1 table", self._l1_offset, self._l1_size * 8, check_overlap=False
         )
@@ -183,6 +218,45 @@ class Qcow2Driver(MetadataGuard):
                 # field first."  We maintain no bitmaps either, so bit 0 goes too.
                 self._write_field("autoclear_features", ">Q", 0)
 
+    def _snapshots(self) -> list[SnapshotEntry]:
+        if self._snapshot_entries is None:
+            h = self.header
+            entries, length = read_snapshot_table(
+                self._storage, h.snapshots_offset, h.nb_snapshots, image_size=h.size
+            )
+            if h.nb_snapshots and h.snapshots_offset + length > self._storage.size():
+                raise CorruptImageError(
+                    f"qcow2 snapshot table at 0x{h.snapshots_offset:x} ({length} bytes) runs "
+                    f"past the end of the file ({self._storage.size()} bytes)"
+                )
+            self._snapshot_entries = entries
+        return self._snapshot_entries
+
+    @property
+    def snapshots(self) -> tuple[SnapshotInfo, ...]:
+        """qcow2.snapshots.list: the image's internal snapshots, in table order."""
+        return tuple(e.info for e in self._snapshots())
+
+    def set_data_file(self, storage: Storage, *, owned: bool = False) -> None:
+        """Attach the external data file (opened by ``open_image`` or given by the caller)."""
+        self._data_storage = storage
+        self._own_data = owned
+
+    def close_data_file(self) -> None:
+        """Close the external data file if this driver opened it."""
+        if self._data_storage is not None and self._own_data:
+            self._own_data = False
+            self._data_storage.close()
+
+    @property
+    def data_storage(self) -> Storage:
+        """Where guest data lives: the external data file, or the image file itself."""
+        if self._data_storage is not None:
+            return self._data_storage
+        if self.header.has_data_file:
+            raise InvalidRequestError(f"{self}: the external data file is not attached")
+        return self._storage
+
     def _load_l1(self) -> list[int]:
         raw = self._storage.read(self._l1_offset, self._l1_size * 8) if self._l1_size else b""
         return [v for (v,) in struct.iter_unpack(">Q", raw)]
@@ -213,7 +287,7 @@ class Qcow2Driver(MetadataGuard):
     @property
     def zero_granularity(self) -> int | None:
         if self.header.version >= 3:
-            return self._cluster_size
+            return 1 << self._unit_bits
         # v2 has no zero flag: only "unallocated without a backing file" reads as zero.
         return None if self._backing is not None else self._cluster_size
 
@@ -223,6 +297,8 @@ class Qcow2Driver(MetadataGuard):
 
     def storage_dependencies(self) -> list[Storage]:
         deps = [self._storage]
+        if self._data_storage is not None:
+            deps.append(self._data_storage)
         if self._backing is not None:
             deps += self._backing.driver.storage_dependencies()
         return deps
@@ -234,9 +310,6 @@ class Qcow2Driver(MetadataGuard):
         """This layer's header facts, as ``qemu-img info`` reports them."""
         h = self.header
         incompat = h.incompatible_features
-        snapshots = parse_snapshot_table(
-            self._storage.read, h.snapshots_offset, h.nb_snapshots, self._storage.size()
-        )
         return ImageInfo(
             format="qcow2",
             virtual_size=self._size,
@@ -252,7 +325,7 @@ class Qcow2Driver(MetadataGuard):
                 extended_l2=bool(incompat & QCOW2_INCOMPAT_EXTL2),
                 compression_type=COMPRESSION_TYPES.get(h.compression_type, "zlib"),
             ),
-            snapshots=snapshots,
+            snapshots=self.snapshots,
         )
 
     # -- header updates -----------------------------------------------------------------------
@@ -291,16 +364,43 @@ class Qcow2Driver(MetadataGuard):
         if self._l2.pinned:
             self._l2.unpin()
 
-    def _get_l2_entry(self, guest_offset: int) -> L2Entry:
-        l1_idx = l1_index(guest_offset, self._cluster_bits)
+    def _raw_l2_entry(self, guest_offset: int) -> tuple[int, int]:
+        """The raw L2 entry mapping ``guest_offset`` and its subcluster bitmap (0 without
+        extended L2 entries); ``(0, 0)`` where no L2 table maps it."""
+        l1_idx = l1_index(guest_offset, self._cluster_bits, self._entry_bytes)
         if l1_idx >= self._l1_size:
-            return _UNALLOCATED
+            return 0, 0
         l2_offset = self._l2_table_offset(l1_idx)
         if not l2_offset:
-            return _UNALLOCATED
+            return 0, 0
         table = self._load_l2(l2_offset)
-        raw = table[l2_index(guest_offset, self._cluster_bits)]
-        return decode_l2_entry(raw, self._cluster_bits)
+        i = l2_index(guest_offset, self._cluster_bits, self._entry_bytes) * (
+            self._entry_bytes // 8
+        )
+        return table[i], table[i + 1] if self._extended else 0
+
+    def _get_l2_entry(self, guest_offset: int) -> L2Entry:
+        raw, _ = self._raw_l2_entry(guest_offset)
+        return decode_l2_entry(raw, self._cluster_bits, extended=self._extended,
+                               data_file=self.header.has_data_file)
+
+    def _get_unit(self, guest_offset: int) -> L2Entry:
+        """The entry of the allocation unit at ``guest_offset``: its cluster's entry, or
+        with extended L2 entries what its subcluster is (qcow2.extended-l2.bitmap)."""
+        entry = self._get_l2_entry(guest_offset)
+        if entry.type is ClusterType.COMPRESSED and self.header.has_data_file:
+            # qcow2.data-file.no-compressed: "neither compressed clusters nor internal
+            # snapshots are supported".
+            raise CorruptImageError(
+                f"qcow2 compressed cluster at guest offset {guest_offset} in an image with an "
+                "external data file"
+            )
+        if not self._extended:
+            return entry
+        _, bitmap = self._raw_l2_entry(guest_offset)
+        sc = (guest_offset >> self._unit_bits) & 31
+        return subcluster_entry(entry, bitmap, sc, 1 << self._unit_bits,
+                                where=f"for guest offset {guest_offset}")
 
     def _writable_l2(self, guest_offset: int) -> tuple[int, list[int]]:
         """The L2 table for ``guest_offset``, allocated or copied so that we may change it."""
@@ -394,19 +494,20 @@ class Qcow2Driver(MetadataGuard):
         self._settle()
         if offset >= self._size:
             return EofMapping(), 0
-        cs = self._cluster_size
-        in_cluster = offset_in_cluster(offset, self._cluster_bits)
+        # The unit is a cluster, or a subcluster with extended L2 entries.
+        unit = 1 << self._unit_bits
+        in_unit = offset_in_cluster(offset, self._unit_bits)
         limit = min(max_length, self._size - offset)
-        entry = self._get_l2_entry(offset)
-        length = min(cs - in_cluster, limit)
-        # Following clusters that continue the same mapping extend it (compressed clusters
+        entry = self._get_unit(offset)
+        length = min(unit - in_unit, limit)
+        # Following units that continue the same mapping extend it (compressed clusters
         # never do: each one is decoded on its own).
         while length < limit and entry.type is not ClusterType.COMPRESSED:
-            following = self._get_l2_entry(offset + length)
-            if not self._continues(entry, following, (offset + length - in_cluster) - offset):
+            following = self._get_unit(offset + length)
+            if not self._continues(entry, following, (offset + length - in_unit) - offset):
                 break
-            length = min(length + cs, limit)
-        return self._mapping_for(entry, offset, in_cluster), length
+            length = min(length + unit, limit)
+        return self._mapping_for(entry, offset, in_unit), length
 
     def _continues(self, first: L2Entry, later: L2Entry, distance: int) -> bool:
         """Whether ``later`` (``distance`` bytes of guest clusters after ``first``) maps as
@@ -427,6 +528,9 @@ class Qcow2Driver(MetadataGuard):
         if t is ClusterType.NORMAL:
             # A cluster outside the file or over the header/L1/refcount table reads as it
             # is, but is never handed out as writable (qcow2.metadata.outside-file, overlap).
+            if self.header.has_data_file:
+                # qcow2.data-file.offsets: the host offset is an offset into the data file.
+                return RawMapping(self.data_storage, entry.host_offset + in_cluster, False)
             writable = (
                 self._writable
                 and not self._corrupt
@@ -747,5 +851,8 @@ class Qcow2Driver(MetadataGuard):
         try:
             self._storage.close()
         finally:
-            if self._backing is not None and self._own_backing:
-                self._backing.close()
+            try:
+                self.close_data_file()
+            finally:
+                if self._backing is not None and self._own_backing:
+                    self._backing.close()

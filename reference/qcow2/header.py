@@ -16,6 +16,8 @@ from .constants import (
     COMPRESSION_TYPES,
     MAX_CLUSTER_BITS,
     MIN_CLUSTER_BITS,
+    QCOW2_INCOMPAT_DATA_FILE,
+    QCOW2_INCOMPAT_EXTL2,
     QCOW_MAGIC,
     QCOW_MAX_L1_SIZE,
     QCOW_MAX_REFTABLE_SIZE,
@@ -80,15 +82,30 @@ class QCowHeader:
     def refcount_bits(self) -> int:
         return 1 << self.refcount_order
 
+    @property
+    def extended_l2(self) -> bool:
+        """Incompatible bit 4: L2 entries carry a subcluster bitmap."""
+        return bool(self.incompatible_features & QCOW2_INCOMPAT_EXTL2)
 
-def l2_entries(cluster_bits: int) -> int:
-    """Entries per L2 table: one cluster of 8-byte entries."""
-    return (1 << cluster_bits) // 8
+    @property
+    def has_data_file(self) -> bool:
+        """Incompatible bit 2: guest data lives in an external data file."""
+        return bool(self.incompatible_features & QCOW2_INCOMPAT_DATA_FILE)
+
+    @property
+    def l2_entry_bytes(self) -> int:
+        """qcow2.txt: "An extended L2 entry has 128 bits"; a standard one 64."""
+        return 16 if self.extended_l2 else 8
 
 
-def required_l1_size(size: int, cluster_bits: int) -> int:
+def l2_entries(cluster_bits: int, entry_bytes: int = 8) -> int:
+    """Entries per L2 table: one cluster of 8-byte entries (16 with extended L2 entries)."""
+    return (1 << cluster_bits) // entry_bytes
+
+
+def required_l1_size(size: int, cluster_bits: int, entry_bytes: int = 8) -> int:
     """L1 entries needed to map a disk of ``size`` bytes."""
-    bytes_per_l2 = l2_entries(cluster_bits) << cluster_bits
+    bytes_per_l2 = l2_entries(cluster_bits, entry_bytes) << cluster_bits
     return -(-size // bytes_per_l2)
 
 
@@ -168,7 +185,7 @@ def _validate(h: QCowHeader) -> None:
             )
     if h.l1_size * 8 > QCOW_MAX_L1_SIZE:
         raise CorruptImageError(f"qcow2 l1_size {h.l1_size} exceeds QEMU's limit (32 MiB)")
-    if h.l1_size < required_l1_size(h.size, h.cluster_bits):
+    if h.l1_size < required_l1_size(h.size, h.cluster_bits, h.l2_entry_bytes):
         raise CorruptImageError(
             f"qcow2 l1_size {h.l1_size} too small for disk size {h.size}"
         )

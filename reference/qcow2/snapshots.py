@@ -1,8 +1,9 @@
 """The snapshot table (qcow2.txt, "Snapshots").
 
-The reference implementation reads and writes only the active L1 table
+The reference implementation writes only through the active L1 table
 (qcow2.snapshots.read-active), but the snapshots' tables are metadata all the same: writes
 must never land on them (qcow2.corrupt.overlap-check) and check() counts their references.
+Snapshots are listed (qcow2.snapshots.list) and opened read-only (qcow2.snapshots.open).
 
 "Snapshot table entry:
     Byte 0 -  7:    Offset into the image file at which the L1 table for the snapshot starts.
@@ -22,7 +23,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from .._errors import CorruptImageError
+from .._errors import CorruptImageError, InvalidRequestError
+from .._snapshot import SnapshotInfo
 from .._storage import Storage
 from .constants import QCOW_MAX_SNAPSHOTS
 
@@ -30,6 +32,7 @@ __all__ = [
     "QCOW_MAX_SNAPSHOTS_SIZE",
     "QCOW_MAX_SNAPSHOT_EXTRA_DATA",
     "SnapshotEntry",
+    "find_snapshot",
     "read_snapshot_table",
 ]
 
@@ -38,20 +41,44 @@ QCOW_MAX_SNAPSHOT_EXTRA_DATA = 1024
 QCOW_MAX_SNAPSHOTS_SIZE = 1024 * QCOW_MAX_SNAPSHOTS
 
 _ENTRY = struct.Struct(">QIHHIIQII")
+_EXTRA = struct.Struct(">QQq")  # entry bytes 40-47, 48-55, 56-63
 
 
 @dataclass(frozen=True, slots=True)
 class SnapshotEntry:
-    """What the driver and check() need of one snapshot: its name and its L1 table."""
+    """What the driver and check() need of one snapshot: its name, its L1 table, and what
+    ``qemu-img snapshot -l`` lists."""
 
     id_str: str
     name: str
     l1_table_offset: int
     l1_size: int
+    info: SnapshotInfo
+
+
+def _info(sid: str, name: str, fixed: tuple[int, ...], extra: bytes, image_size: int
+          ) -> SnapshotInfo:
+    """The listed fields: "Byte 40 - 47: Size of the VM state in bytes. [...] If this field
+    is present, the 32-bit value in bytes 32-35 is ignored."; "Byte 48 - 55: Virtual disk
+    size of the snapshot in bytes" (older entries: the image's, as QEMU takes it); bytes
+    56-63 the icount, -1 when it was disabled."""
+    date_sec, date_nsec, vm_clock, vm_state = fixed
+    padded = extra[: _EXTRA.size].ljust(_EXTRA.size, b"\0")
+    vm_state64, disk_size, icount = _EXTRA.unpack(padded)
+    return SnapshotInfo(
+        sid,
+        name,
+        vm_state64 if len(extra) >= 8 else vm_state,
+        date_sec,
+        date_nsec,
+        vm_clock,
+        disk_size if len(extra) >= 16 else image_size,
+        icount if len(extra) >= 24 and icount != -1 else None,
+    )
 
 
 def read_snapshot_table(
-    storage: Storage, offset: int, count: int
+    storage: Storage, offset: int, count: int, *, image_size: int = 0
 ) -> tuple[list[SnapshotEntry], int]:
     """The ``count`` entries of the table at ``offset``, and the table's length in bytes."""
     if not count:
@@ -60,12 +87,14 @@ def read_snapshot_table(
     pos = offset
     for i in range(count):
         head = storage.read(pos, _ENTRY.size)
-        l1_offset, l1_size, id_len, name_len, _, _, _, _, extra = _ENTRY.unpack(head)
+        (l1_offset, l1_size, id_len, name_len, date_sec, date_nsec, vm_clock, vm_state,
+         extra) = _ENTRY.unpack(head)
         if extra > QCOW_MAX_SNAPSHOT_EXTRA_DATA:
             raise CorruptImageError(
                 f"qcow2 snapshot {i} has {extra} bytes of extra data, more than QEMU's "
                 f"limit of {QCOW_MAX_SNAPSHOT_EXTRA_DATA}"
             )
+        extra_data = storage.read(pos + _ENTRY.size, extra)
         strings = storage.read(pos + _ENTRY.size + extra, id_len + name_len)
         pos += _ENTRY.size + extra + id_len + name_len
         pos += -(pos - offset) % 8
@@ -74,10 +103,22 @@ def read_snapshot_table(
                 f"qcow2 snapshot table at 0x{offset:x} is longer than QEMU's limit of "
                 f"{QCOW_MAX_SNAPSHOTS_SIZE} bytes"
             )
-        entries.append(SnapshotEntry(
-            strings[:id_len].decode("utf-8", "replace"),
-            strings[id_len:].decode("utf-8", "replace"),
-            l1_offset,
-            l1_size,
-        ))
+        sid = strings[:id_len].decode("utf-8", "replace")
+        name = strings[id_len:].decode("utf-8", "replace")
+        info = _info(sid, name, (date_sec, date_nsec, vm_clock, vm_state), extra_data,
+                     image_size)
+        entries.append(SnapshotEntry(sid, name, l1_offset, l1_size, info))
     return entries, pos - offset
+
+
+def find_snapshot(entries: list[SnapshotEntry], key: str) -> SnapshotEntry:
+    """The snapshot whose ID is ``key``, else the first whose name is (QEMU's order for
+    ``qemu-img convert -l``)."""
+    for entry in entries:
+        if entry.id_str == key:
+            return entry
+    for entry in entries:
+        if entry.name == key:
+            return entry
+    names = ", ".join(f"{e.id_str}:{e.name}" for e in entries) or "none"
+    raise InvalidRequestError(f"no snapshot with ID or name {key!r} (snapshots: {names})")

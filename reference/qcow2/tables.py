@@ -40,26 +40,29 @@ __all__ = [
 ]
 
 
-def l1_index(offset: int, cluster_bits: int) -> int:
-    """Index into the L1 table of the L2 table that maps guest ``offset``.
+def l1_index(offset: int, cluster_bits: int, entry_bytes: int = 8) -> int:
+    """Index into the L1 table of the L2 table that maps guest ``offset`` (L2 entries of
+    ``entry_bytes``: 16 with extended L2 entries).
 
     pre: 9 <= cluster_bits <= 21
+    pre: entry_bytes in (8, 16)
     pre: 0 <= offset < 2 ** 64
-    post: __return__ * ((1 << cluster_bits) // 8 << cluster_bits) <= offset
-    post: offset < (__return__ + 1) * ((1 << cluster_bits) // 8 << cluster_bits)
+    post: __return__ * ((1 << cluster_bits) // entry_bytes << cluster_bits) <= offset
+    post: offset < (__return__ + 1) * ((1 << cluster_bits) // entry_bytes << cluster_bits)
     """
-    return (offset >> cluster_bits) // ((1 << cluster_bits) // 8)
+    return (offset >> cluster_bits) // ((1 << cluster_bits) // entry_bytes)
 
 
-def l2_index(offset: int, cluster_bits: int) -> int:
+def l2_index(offset: int, cluster_bits: int, entry_bytes: int = 8) -> int:
     """Index into that L2 table of the entry that maps guest ``offset``.
 
     pre: 9 <= cluster_bits <= 21
+    pre: entry_bytes in (8, 16)
     pre: 0 <= offset < 2 ** 64
-    post: 0 <= __return__ < (1 << cluster_bits) // 8
-    post: ((offset >> cluster_bits) - __return__) % ((1 << cluster_bits) // 8) == 0
+    post: 0 <= __return__ < (1 << cluster_bits) // entry_bytes
+    post: ((offset >> cluster_bits) - __return__) % ((1 << cluster_bits) // entry_bytes) == 0
     """
-    return (offset >> cluster_bits) % ((1 << cluster_bits) // 8)
+    return (offset >> cluster_bits) % ((1 << cluster_bits) // entry_bytes)
 
 
 def offset_in_cluster(offset: int, cluster_bits: int) -> int:
@@ -159,8 +162,17 @@ def _compressed_shift(cluster_bits: int) -> int:
     return 62 - (cluster_bits - 8)
 
 
-def decode_l2_entry(raw: int, cluster_bits: int) -> L2Entry:
-    """Decode an L2 entry; a standard cluster's misaligned host offset is corruption."""
+def decode_l2_entry(
+    raw: int, cluster_bits: int, *, extended: bool = False, data_file: bool = False
+) -> L2Entry:
+    """Decode an L2 entry; a standard cluster's misaligned host offset is corruption.
+
+    ``extended``: the image has extended L2 entries, whose bit 0 is not a zero flag ("With
+    version 2 or with extended L2 entries ... this is always 0"; QEMU ignores it).
+    ``data_file``: the image has an external data file, where host offset 0 is a real
+    cluster when COPIED is set (QEMU: "all clusters in external data files always have
+    refcount 1, so we can rely on QCOW_OFLAG_COPIED to disambiguate").
+    """
     if raw & QCOW_OFLAG_COMPRESSED:
         shift = _compressed_shift(cluster_bits)
         body = raw & L2E_COMPRESSED_OFFSET_SIZE_MASK
@@ -178,11 +190,11 @@ def decode_l2_entry(raw: int, cluster_bits: int) -> L2Entry:
         raise CorruptImageError(
             f"qcow2 data cluster offset 0x{host:x} is not aligned to the cluster size"
         )
-    if raw & QCOW_OFLAG_ZERO:
+    if raw & QCOW_OFLAG_ZERO and not extended:
         if host:
             return L2Entry(ClusterType.ZERO_ALLOC, host, copied)
         return L2Entry(ClusterType.ZERO_PLAIN)
-    if host:
+    if host or (data_file and copied):
         return L2Entry(ClusterType.NORMAL, host, copied)
     return UNALLOCATED
 

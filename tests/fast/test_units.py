@@ -134,8 +134,6 @@ def _header_bytes(**patch: tuple[int, str, int]) -> bytearray:
         ({"cluster_bits": (20, ">I", 30)}, CorruptImageError, "cluster_bits 30"),
         ({"crypt": (32, ">I", 1)}, UnsupportedFeatureError, "encryption"),
         ({"incompat": (72, ">Q", 1 << 40)}, UnsupportedFeatureError, "40"),
-        ({"extl2": (72, ">Q", 1 << 4)}, UnsupportedFeatureError, "extended L2"),
-        ({"datafile": (72, ">Q", 1 << 2)}, UnsupportedFeatureError, "external data file"),
         ({"l1": (36, ">I", 0)}, CorruptImageError, "l1_size 0"),
         ({"rtc": (56, ">I", 1 << 30)}, CorruptImageError, "refcount_table_clusters"),
         ({"order": (96, ">I", 7)}, CorruptImageError, "refcount_order 7"),

@@ -70,6 +70,16 @@ def corpus_module() -> ModuleType:
 
 _corpus = corpus_module()
 
+_MAPCHECK = "pyimago_tests_interop_mapcheck"
+if _MAPCHECK not in sys.modules:
+    _spec = importlib.util.spec_from_file_location(
+        _MAPCHECK, Path(__file__).with_name("_mapcheck.py")
+    )
+    assert _spec is not None and _spec.loader is not None
+    _module = importlib.util.module_from_spec(_spec)
+    sys.modules[_MAPCHECK] = _module
+    _spec.loader.exec_module(_module)
+
 
 # -- availability --------------------------------------------------------------------------------
 

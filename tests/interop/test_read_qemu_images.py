@@ -19,13 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from pyimago.reference import (
-    EofMapping,
-    FormatAccess,
-    IndirectMapping,
-    RawMapping,
-    SpecialMapping,
-    ZeroMapping,
     open_image,
+)
+from pyimago_tests_interop_mapcheck import (
+    assert_deep_map_like_qemu,
+    assert_same_bytes,
+    assert_shallow_map_like_qemu,
 )
 
 if TYPE_CHECKING:
@@ -37,21 +36,6 @@ MiB = 1 << 20
 
 #: Above this virtual size an image is compared in windows, not byte for byte in one go.
 BIG = 64 * MiB
-
-
-def assert_same_bytes(ours: bytes | bytearray, qemu: bytes, base: int, what: str) -> None:
-    """Compare without pytest's diff of megabyte-long byte strings; name the first mismatch."""
-    if ours == qemu:
-        return
-    if len(ours) != len(qemu):
-        pytest.fail(f"{what}: we read {len(ours)} bytes at 0x{base:x}, qemu has {len(qemu)}")
-    first = next(i for i in range(len(ours)) if ours[i] != qemu[i])
-    last = next(i for i in range(len(ours) - 1, -1, -1) if ours[i] != qemu[i])
-    pytest.fail(
-        f"{what}: content differs at guest 0x{base + first:x}..0x{base + last:x} "
-        f"(first bytes: ours {bytes(ours[first:first + 8]).hex()} "
-        f"qemu {qemu[first:first + 8].hex()})"
-    )
 
 
 def _windows(size: int, qmap: list[dict[str, Any]]) -> list[tuple[int, int]]:
@@ -154,41 +138,6 @@ def test_odd_chunked_reads_match_qemu(
 # -- allocation ------------------------------------------------------------------------------------
 
 
-def walk_shallow(img: FormatAccess, offset: int, max_length: int) -> tuple[int, Any, int]:
-    """Follow ``get_shallow_mapping`` down the chain: ``(depth, mapping, length)``.
-
-    ``depth`` counts the ``IndirectMapping`` hops to the layer that decides the range.  Where
-    a lower layer ends (``EofMapping`` below the top), the rest of the range is unallocated
-    and QEMU attributes it to the layer above, whose backing is too short: so do we.
-    """
-    depth = 0
-    layer: Any = img
-    off = offset
-    length = max_length
-    while True:
-        mapping, n = layer.get_shallow_mapping(off, length)
-        if isinstance(mapping, EofMapping):
-            if depth == 0:
-                return 0, mapping, 0
-            return depth - 1, mapping, length
-        assert 0 < n <= length, f"get_shallow_mapping({off}, {length}) -> {mapping}, {n}"
-        length = n
-        if isinstance(mapping, IndirectMapping):
-            layer = mapping.layer
-            off = mapping.offset
-            depth += 1
-            continue
-        return depth, mapping, length
-
-
-def _check_tiling(spec: Any, qmap: list[dict[str, Any]], size: int) -> None:
-    pos = 0
-    for e in qmap:
-        assert e["start"] == pos, f"{spec.name}: qemu map has a gap at 0x{pos:x}"
-        pos += e["length"]
-    assert pos == size, f"{spec.name}: qemu map ends at 0x{pos:x}, disk at 0x{size:x}"
-
-
 # QEMU's tolerances, and why:
 # * ``zero`` is ignored wherever ``data`` is true: QEMU also asks the host file, so a data
 #   cluster over a hole of a sparse file (preallocation=metadata) is ``data: true, zero: true``.
@@ -208,37 +157,7 @@ def test_shallow_mapping_matches_qemu_map(corpus_image: Any, qemu: QemuTools) ->
     qmap = qemu.map(spec.path, spec.fmt)
     formats = [layer["format"] for layer in qemu.info(spec.path, spec.fmt)]
     with open_image(spec.path) as img:
-        _check_tiling(spec, qmap, img.size)
-        for e in qmap:
-            start, end = e["start"], e["start"] + e["length"]
-            pos = start
-            while pos < end:
-                depth, m, n = walk_shallow(img, pos, end - pos)
-                where = (
-                    f"{spec.name}: guest 0x{pos:x}+0x{n:x}: ours {m!r} at depth {depth}; "
-                    f"qemu {e}"
-                )
-                assert n > 0, where
-                assert depth == e["depth"], where
-                if e["data"]:
-                    if "offset" in e:
-                        assert isinstance(m, RawMapping), where
-                        assert m.offset == e["offset"] + (pos - start), where
-                    else:
-                        assert isinstance(m, SpecialMapping), where
-                elif e["present"]:
-                    if formats[depth] == "raw":
-                        assert isinstance(m, RawMapping | ZeroMapping), where
-                        if isinstance(m, RawMapping) and "offset" in e:
-                            assert m.offset == e["offset"] + (pos - start), where
-                    else:
-                        # a zero cluster, with or without a preallocated host cluster
-                        assert isinstance(m, ZeroMapping) and m.explicit, where
-                else:
-                    assert isinstance(m, EofMapping) or (
-                        isinstance(m, ZeroMapping) and not m.explicit
-                    ), where
-                pos += n
+        assert_shallow_map_like_qemu(img, qmap, formats, spec.name)
 
 
 @pytest.mark.clause(
@@ -250,26 +169,4 @@ def test_deep_mapping_matches_qemu_map(corpus_image: Any, qemu: QemuTools) -> No
     qmap = qemu.map(spec.path, spec.fmt)
     formats = [layer["format"] for layer in qemu.info(spec.path, spec.fmt)]
     with open_image(spec.path) as img:
-        _check_tiling(spec, qmap, img.size)
-        for e in qmap:
-            start, end = e["start"], e["start"] + e["length"]
-            pos = start
-            while pos < end:
-                m, n = img.get_mapping(pos, end - pos)
-                where = f"{spec.name}: guest 0x{pos:x}+0x{n:x}: ours {m!r}; qemu {e}"
-                assert 0 < n <= end - pos, where
-                if e["data"]:
-                    if "offset" in e:
-                        assert isinstance(m, RawMapping), where
-                        assert m.offset == e["offset"] + (pos - start), where
-                    else:
-                        assert isinstance(m, SpecialMapping), where
-                elif e["present"] and formats[e["depth"]] == "raw":
-                    assert isinstance(m, RawMapping) or m == ZeroMapping(False), where
-                elif e["present"]:
-                    # explicit only where the top layer itself records the zeroes
-                    assert m == ZeroMapping(e["depth"] == 0), where
-                else:
-                    assert m == ZeroMapping(False), where
-                pos += n
-        assert img.get_mapping(img.size, 4096) == (EofMapping(), 0)
+        assert_deep_map_like_qemu(img, qmap, formats, spec.name)

@@ -37,6 +37,8 @@ AREAS = {
     "qcow2-corrupt",
     "crash",
     "tools",
+    "qcow2-extended-l2",
+    "qcow2-data-file",
 }
 
 # IDs that tests and code already cite: they are part of the contract and must never vanish.
