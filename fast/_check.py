@@ -606,6 +606,14 @@ def _check(storage: Storage, repair: RepairMode | None) -> CheckResult:
         layer = Qcow2Layer(storage, writable=False)
         hdr = layer.hdr
         layer.detach()
+        if hdr.has_data_file or hdr.extended_l2:
+            # Read, but the counting of _run knows only standard L2 entries whose data
+            # clusters the image file's refcounts hold.
+            what = "an external data file" if hdr.has_data_file else "extended L2 entries"
+            raise UnsupportedError(
+                f"check: {name} has {what}: pyimago reads such images but does not check "
+                "them yet"
+            )
         res, hdr = _run(storage, hdr, fix)
     except (PyimagoError, _RepairRefused) as exc:
         failed = _Result()

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from pyimago.reference._errors import CorruptImageError, UnsupportedFeatureError
 
 __all__ = [
+    "AUTOCLEAR_DATA_FILE_RAW",
     "EXT_BACKING_FORMAT",
     "EXT_DATA_FILE",
     "EXT_FEATURE_TABLE",
@@ -75,6 +76,9 @@ class Incompat(enum.IntFlag):
     COMPRESSION = 8
     EXTL2 = 16
 
+
+#: Autoclear bit 1: the external data file holds the raw guest disk.
+AUTOCLEAR_DATA_FILE_RAW = 2
 
 EXT_BACKING_FORMAT = 0xE2792ACA
 EXT_FEATURE_TABLE = 0x6803F857

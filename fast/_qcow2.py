@@ -50,6 +50,7 @@ from ._entries import COMPRESSED, COPIED, HOST_MASK, L1_RESERVED, L2_RESERVED, Z
 from ._features import map_run_general
 from ._guard import MetadataGuard
 from ._header import (
+    AUTOCLEAR_DATA_FILE_RAW,
     EXT_BACKING_FORMAT,
     EXT_DATA_FILE,
     MAGIC,
@@ -305,6 +306,9 @@ class Qcow2Layer(MetadataGuard, LayerBase):
                 corrupt=bool(bits & Incompat.CORRUPT),
                 extended_l2=bool(bits & Incompat.EXTL2),
                 compression_type="zstd" if hdr.compression_type == 1 else "zlib",
+                data_file=self.data_file,
+                data_file_raw=(bool(hdr.features.autoclear & AUTOCLEAR_DATA_FILE_RAW)
+                               if hdr.has_data_file else None),
             ),
             snapshots=self.snapshots,
         )

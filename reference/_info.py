@@ -25,6 +25,11 @@ class Qcow2Info:
     corrupt: bool
     extended_l2: bool
     compression_type: str
+    #: The external data file's name from the header extension (None: the image names none).
+    data_file: str | None = None
+    #: Whether the data file holds the raw guest disk (autoclear bit 1); None without a data
+    #: file (QEMU reports it exactly when incompatible bit 2 is set).
+    data_file_raw: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)

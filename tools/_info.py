@@ -48,6 +48,10 @@ def info_record(info: ImageInfo, filename: str) -> dict[str, Any]:
         if q.compat != "0.10":
             data["lazy-refcounts"] = q.lazy_refcounts
         data["refcount-bits"] = q.refcount_bits
+        if q.data_file is not None:
+            data["data-file"] = q.data_file
+        if q.data_file_raw is not None:
+            data["data-file-raw"] = q.data_file_raw
         if q.compat != "0.10":
             data["corrupt"] = q.corrupt
             data["extended-l2"] = q.extended_l2
@@ -83,6 +87,8 @@ _FORMAT_SPECIFIC_LABELS = {
     "compression-type": "compression type",
     "lazy-refcounts": "lazy refcounts",
     "refcount-bits": "refcount bits",
+    "data-file": "data file",
+    "data-file-raw": "data file raw",
     "corrupt": "corrupt",
     "extended-l2": "extended l2",
 }

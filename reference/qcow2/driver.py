@@ -34,6 +34,7 @@ from .compression import decompress_cluster
 from .constants import (
     COMPRESSION_TYPES,
     L1E_OFFSET_MASK,
+    QCOW2_AUTOCLEAR_DATA_FILE_RAW,
     QCOW2_COMPAT_LAZY_REFCOUNTS,
     QCOW2_INCOMPAT_CORRUPT,
     QCOW2_INCOMPAT_DIRTY,
@@ -324,6 +325,9 @@ class Qcow2Driver(MetadataGuard):
                 corrupt=bool(incompat & QCOW2_INCOMPAT_CORRUPT),
                 extended_l2=bool(incompat & QCOW2_INCOMPAT_EXTL2),
                 compression_type=COMPRESSION_TYPES.get(h.compression_type, "zlib"),
+                data_file=self.data_file,
+                data_file_raw=(bool(h.autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW)
+                               if h.has_data_file else None),
             ),
             snapshots=self.snapshots,
         )

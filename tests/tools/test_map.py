@@ -77,7 +77,9 @@ def test_map_human_matches_qemu(qemu_corpus: list[Any], capsys: pytest.CaptureFi
 @pytest.mark.parametrize("name", peer_names())
 def test_map_json_matches_qemu_on_peer_images(peer_folder: Path, name: str) -> None:
     path = peer_folder / name
-    proc = qemu_img("map", "--output=json", path, ok=(0, 1))
+    # cwd: QEMU 7.2 finds a relative data file name from its working directory, pyimago from
+    # the image's folder (specs/qcow2-data-file.toml).
+    proc = qemu_img("map", "--output=json", path, ok=(0, 1), cwd=path.parent)
     try:
         ours = map_image(str(path))
     except Exception as exc:
