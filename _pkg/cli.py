@@ -9,7 +9,7 @@ command whose extra is missing says so in one line (exit status 2) instead of fa
 import.
 
 Adding a command is one row.  The image tools (``pyimago.tools``) expose ``<name>_main`` in
-``pyimago.tools._cli``; their rows are below, commented out until that package lands.
+``pyimago.tools._cli``.
 """
 
 from __future__ import annotations
@@ -52,14 +52,19 @@ COMMANDS: Final[tuple[Command, ...]] = (
     Command("conformance", "pyimago.oracle.report:conformance_main",
             "per-clause conformance report of an implementation (md/html/json/junit)",
             "oracle"),
-    # The image tools (pyimago.tools, runtime dependencies only): one row each, e.g.
-    # Command("info", "pyimago.tools._cli:info_main", "show an image's format and chain"),
-    # Command("map", "pyimago.tools._cli:map_main", "print an image's mappings"),
-    # Command("compare", "pyimago.tools._cli:compare_main", "compare two images' contents"),
-    # Command("convert", "pyimago.tools._cli:convert_main", "copy an image to a new format"),
-    # Command("create", "pyimago.tools._cli:create_main", "create an image"),
-    # Command("resize", "pyimago.tools._cli:resize_main", "grow or shrink an image"),
-    # Command("measure", "pyimago.tools._cli:measure_main", "the size a conversion needs"),
+    # The image tools (pyimago.tools, runtime dependencies only).
+    Command("info", "pyimago.tools._cli:info_main", "show an image's format and chain"),
+    Command("map", "pyimago.tools._cli:map_main", "print an image's mappings"),
+    Command("compare", "pyimago.tools._cli:compare_main", "compare two images' contents"),
+    Command("check", "pyimago.tools._cli:check_main",
+            "check (and repair) an image; exit 0/1/2/3 as qemu-img; --junit for CI"),
+    Command("convert", "pyimago.tools._cli:convert_main", "copy an image to a new format"),
+    Command("create", "pyimago.tools._cli:create_main", "create an image"),
+    Command("resize", "pyimago.tools._cli:resize_main", "grow or shrink an image"),
+    Command("measure", "pyimago.tools._cli:measure_main", "the size a conversion needs"),
+    Command("commit", "pyimago.tools._cli:commit_main", "write an overlay into its backing"),
+    Command("rebase", "pyimago.tools._cli:rebase_main", "give an overlay a new backing file"),
+    Command("snapshot", "pyimago.tools._cli:snapshot_main", "list internal snapshots (-l)"),
 )
 
 #: The modules each extra brings (the import names of its requirements in pyproject.toml;

@@ -6,9 +6,10 @@ own qcow2 and raw code: metadata caches of decoded arrays, coalesced mapping run
 contiguous allocation, mmap-backed file reads and thread-pool parallel requests.
 
 It exports every name of :mod:`pyimago.reference` but the reference's two drivers
-(``Qcow2Driver``, ``RawDriver``): the contract types, gates and ``AUTO`` are the reference's
-very objects; ``FileStorage`` is :class:`FastFileStorage`; ``open_image``, ``create_image``
-and ``probe_format`` take the reference's parameters under the same names (and a few more).
+(``Qcow2Driver``, ``RawDriver``) and its checker (``check``): the contract types, gates and
+``AUTO`` are the reference's very objects; ``FileStorage`` is :class:`FastFileStorage`;
+``open_image``, ``create_image`` and ``probe_format`` take the reference's parameters under
+the same names (and a few more).
 """
 
 from __future__ import annotations
@@ -19,13 +20,17 @@ from pyimago.reference._errors import (
     CorruptImageError,
     DriverError,
     GateDeniedError,
+    ImageAccessError,
+    ImageInUseError,
     ImageNotFoundError,
     InvalidRequestError,
+    ProbedRawWriteError,
     PyimagoError,
     ReadOnlyError,
     UnsupportedError,
     UnsupportedFeatureError,
 )
+from pyimago.reference._info import ImageInfo, Qcow2Info, SnapshotInfo
 from pyimago.reference._mapping import (
     EofMapping,
     IndirectMapping,
@@ -37,6 +42,7 @@ from pyimago.reference._mapping import (
 )
 from pyimago.reference._prealloc import PreallocateMode
 from pyimago.reference._storage import Buffer, MemoryStorage, Storage, WritableBuffer
+from pyimago.reference._stream import ImageStream
 from pyimago.reference.backing import (
     DenyImplicitOpenGate,
     FolderImplicitOpenGate,
@@ -44,7 +50,7 @@ from pyimago.reference.backing import (
     PermissiveImplicitOpenGate,
 )
 
-from ._access import FormatAccess
+from ._access import MAX_REQUEST_BYTES, FormatAccess
 from ._check import check
 from ._create import create_image
 from ._open import AUTO, open_image, probe_format
@@ -57,6 +63,7 @@ FileStorage = FastFileStorage
 __all__ = [
     "AUTO",
     "DEFAULT_CACHE_BYTES",
+    "MAX_REQUEST_BYTES",
     "Buffer",
     "CheckProblem",
     "CheckResult",
@@ -70,7 +77,11 @@ __all__ = [
     "FormatAccess",
     "FormatDriver",
     "GateDeniedError",
+    "ImageAccessError",
+    "ImageInUseError",
+    "ImageInfo",
     "ImageNotFoundError",
+    "ImageStream",
     "ImplicitOpenGate",
     "IndirectMapping",
     "InvalidRequestError",
@@ -78,12 +89,15 @@ __all__ = [
     "MemoryStorage",
     "PermissiveImplicitOpenGate",
     "PreallocateMode",
+    "ProbedRawWriteError",
     "ProblemKind",
     "PyimagoError",
+    "Qcow2Info",
     "RawMapping",
     "ReadOnlyError",
     "RepairMode",
     "ShallowMapping",
+    "SnapshotInfo",
     "SpecialMapping",
     "Storage",
     "UnsupportedError",

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeAlias
 
 from pyimago.reference._errors import DriverError, InvalidRequestError, ReadOnlyError
+from pyimago.reference._info import ImageInfo
 from pyimago.reference._mapping import (
     EofMapping,
     IndirectMapping,
@@ -26,17 +27,20 @@ from pyimago.reference._mapping import (
 )
 from pyimago.reference._prealloc import PreallocateMode
 from pyimago.reference._storage import Buffer, Storage, WritableBuffer
+from pyimago.reference._stream import ImageStream
 
 from ._layer import Clear
 from ._qcow2 import Qcow2Layer
 from ._raw import RawLayer
 from ._runs import K_DATA_RO, K_EOF
 
-__all__ = ["MAX_OFFSET", "FormatAccess"]
+__all__ = ["MAX_OFFSET", "MAX_REQUEST_BYTES", "FormatAccess"]
 
 Layer: TypeAlias = Qcow2Layer | RawLayer
 
 MAX_OFFSET = (1 << 64) - 1
+#: access.request.bounded: QEMU's BDRV_REQUEST_MAX_BYTES, the most one data request moves.
+MAX_REQUEST_BYTES = (0x7FFFFFFF >> 9) << 9
 #: Requests smaller than this are not worth a thread hand-off.
 _PARALLEL_MIN = 128 << 10
 _CHUNK_MIN = 64 << 10
@@ -61,6 +65,12 @@ def _request(offset: object, length: object, op: str) -> tuple[int, int]:
     if offset + length > MAX_OFFSET:
         raise InvalidRequestError(f"{op}: {offset} + {length} bytes runs past 2^64")
     return offset, length
+
+
+def _too_long(op: str, n: int) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"{op}: {n} bytes in one request; at most {MAX_REQUEST_BYTES} (as QEMU) - split it"
+    )
 
 
 def _flat(buf: Buffer) -> memoryview:
@@ -183,6 +193,31 @@ class FormatAccess:
             return RawMapping(below.storage, below.offset, False), m
         return below, m
 
+    def iter_mapping(
+        self, start: int = 0, length: int | None = None
+    ) -> Iterator[tuple[int, int, Mapping]]:
+        """Yield ``(offset, length, mapping)`` for the consecutive ranges of
+        ``[start, start + length)`` (``length=None``: up to the disk end), cut at the disk end,
+        each resolved through the backing chain as ``get_mapping`` resolves it."""
+        start, length = _request(start, self.size if length is None else length,
+                                 "iter_mapping")
+        stop = min(start + length, self._layer.size)
+        while start < stop:
+            found, n = self.get_mapping(start, stop - start)
+            if isinstance(found, EofMapping):
+                return
+            yield start, n, found
+            start += n
+
+    def stream(self) -> ImageStream:
+        """The guest disk as a seekable file object (``io.RawIOBase``), writable when the
+        image is; closing it leaves the image open."""
+        return ImageStream(self)
+
+    def info(self) -> ImageInfo:
+        """This image's own format facts (its backing chain's are not included)."""
+        return self._layer.info()
+
     def ensure_data_mapping(
         self, offset: int, length: int, overwrite: bool
     ) -> tuple[Storage, int, int]:
@@ -238,6 +273,8 @@ class FormatAccess:
         n = len(view)
         if type(offset) is not int or offset < 0 or offset + n > MAX_OFFSET:
             _request(offset, n, "read")
+        if n > MAX_REQUEST_BYTES:
+            raise _too_long("read", n)
         threads = self._read_threads
         if threads == 1 or n < _PARALLEL_MIN:
             self._layer.readinto(view, offset)
@@ -249,6 +286,8 @@ class FormatAccess:
     def read(self, offset: int, length: int) -> bytes:
         """Read ``length`` bytes from guest ``offset`` (zeroes past the end of the disk)."""
         offset, length = _request(offset, length, "read")
+        if length > MAX_REQUEST_BYTES:
+            raise _too_long("read", length)
         if self._read_threads == 1 and length:
             kind, host, n = self._layer.map_run(offset, length)
             if n == length and kind <= K_DATA_RO:
@@ -261,7 +300,10 @@ class FormatAccess:
     def readv(self, buffers: Iterable[WritableBuffer], offset: int) -> None:
         """Fill the buffers in turn from consecutive guest offsets starting at ``offset``."""
         views = [_flat(b) for b in buffers]
-        _request(offset, sum(map(len, views)), "read")
+        total = sum(map(len, views))
+        _request(offset, total, "readv")
+        if total > MAX_REQUEST_BYTES:
+            raise _too_long("readv", total)
         for view in views:
             self.readinto(view, offset)
             offset += len(view)
@@ -283,6 +325,8 @@ class FormatAccess:
     def write(self, data: Buffer, offset: int) -> None:
         """Write all of ``data`` at guest ``offset`` (never short; past the end is an error)."""
         view = data if type(data) is memoryview and data.format == "B" else _flat(data)
+        if len(view) > MAX_REQUEST_BYTES:
+            raise _too_long("write", len(view))
         offset, n = self._modifying("write", offset, len(view))
         if not n:
             return
@@ -304,7 +348,11 @@ class FormatAccess:
 
     def writev(self, buffers: Iterable[Buffer], offset: int) -> None:
         """Write the buffers back to back from guest ``offset``."""
-        self.write(b"".join(_flat(b) for b in buffers), offset)
+        views = [_flat(b) for b in buffers]
+        total = sum(map(len, views))
+        if total > MAX_REQUEST_BYTES:
+            raise _too_long("writev", total)
+        self.write(b"".join(views), offset)
 
     # -- zeroing and discarding -----------------------------------------------------------
 

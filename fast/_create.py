@@ -13,6 +13,7 @@ from array import array
 from dataclasses import dataclass
 
 from pyimago.reference._errors import (
+    ImageNotFoundError,
     InvalidRequestError,
     UnsupportedError,
     UnsupportedFeatureError,
@@ -107,6 +108,7 @@ def create_image(
     size: int | None,
     *,
     format: str = "qcow2",
+    unsafe: bool = False,
     **options: object,
 ) -> None:
     """Create a new image of ``size`` bytes; options are named as ``qemu-img create -o``.
@@ -116,8 +118,13 @@ def create_image(
     ``preallocation`` ("off", "metadata", "falloc", "full"; only "off" with a backing
     file, as qemu-img), ``compression_type`` ("zlib", "zstd").  raw takes ``preallocation``
     only.  ``size`` may be None for a qcow2 image with a backing file: the backing file's
-    size (rounded up to 512) is used.
+    size (rounded up to 512) is used.  A file image's backing file is opened first, as
+    qemu-img does, so a missing one is an error (create.backing.checked) unless
+    ``unsafe=True`` (qemu-img ``create -u``; a size is then required).  A file held by
+    another process (QEMU-compatible locks) is left untouched: ImageInUseError.
     """
+    if type(unsafe) is not bool:
+        raise _invalid(f"unsafe must be a bool, not {unsafe!r}")
     if format not in ("qcow2", "raw"):
         raise UnsupportedFeatureError(
             f"create_image: format {format!r} is not supported (qcow2, raw)",
@@ -136,10 +143,19 @@ def create_image(
     if qcow2 is not None and qcow2.backing_file is not None and wanted != "off":
         # As qemu-img: preallocated clusters would hide the backing file.
         raise _invalid(f"preallocation={wanted!r} cannot be combined with a backing file")
-    if size is None:
-        if qcow2 is None or qcow2.backing_file is None:
+    named = qcow2.backing_file if qcow2 is not None else None
+    if named is None:
+        if size is None:
             raise _invalid(f"size is required for {format} images without a backing file")
-        size = _backing_size(target, qcow2.backing_file, qcow2.backing_fmt)
+    elif unsafe:
+        if size is None:
+            raise _invalid("unsafe=True needs a size: the backing file is not opened")
+    elif size is None or isinstance(target, (str, os.PathLike)):
+        # In a Storage object the name has no folder to resolve against: checked only when
+        # the size is taken from it.
+        assert qcow2 is not None
+        from_backing = _backing_size(target, named, qcow2.backing_fmt)
+        size = from_backing if size is None else size
     if type(size) is not int or size < 0:
         raise _invalid(f"size must be a non-negative int, not {size!r}")
     if qcow2 is not None:
@@ -220,16 +236,31 @@ def _backing_size(target: object, name: str, fmt: str | None) -> int:
     path = name
     if isinstance(target, (str, os.PathLike)) and not os.path.isabs(name):
         path = os.path.join(os.path.dirname(os.path.abspath(os.fspath(target))), name)
-    with open_image(path, format=fmt) as backing:
-        return -(-backing.size // 512) * 512
+    try:
+        # force_share as qemu-img create: the backing may be in use (external snapshots).
+        with open_image(path, format=fmt, backing=None, force_share=True) as backing:
+            return -(-backing.size // 512) * 512
+    except ImageNotFoundError as exc:
+        raise ImageNotFoundError(
+            f"create_image: backing file {path} does not exist (qemu-img refuses it too; "
+            "unsafe=True creates the image without opening it)",
+            filename=path,
+        ) from exc
 
 
 def _fresh_storage(target: str | os.PathLike[str] | Storage) -> Storage:
     if isinstance(target, (str, os.PathLike)):
         path = os.fspath(target)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
-        os.close(fd)
+        # No O_TRUNC: the caller truncates once the file is locked and found unused.
+        try:
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644))
+        except OSError:
+            # FastFileStorage names what is wrong with the path in a pyimago error.
+            FastFileStorage(path, writable=True, locking="off")
+            raise
         return FastFileStorage(path, writable=True)
+    if not hasattr(target, "write") or not hasattr(target, "resize"):
+        raise _invalid(f"not a path or Storage: {target!r}")
     if not target.writable:
         raise _invalid(f"storage {target} is read-only")
     return target

@@ -16,6 +16,8 @@ from pyimago.reference._storage import Storage
 
 from ._access import FormatAccess
 from ._header import MAGIC
+from ._lock import validate
+from ._probe import SECTOR, claimed_by
 from ._qcow2 import DEFAULT_CACHE_BYTES, Qcow2Layer
 from ._raw import RawLayer
 from ._storage import FastFileStorage
@@ -45,8 +47,20 @@ def _resolve(name: str, overlay: str | None) -> str:
 
 
 def probe_format(storage: Storage) -> str:
-    """``"qcow2"`` when the storage starts with the qcow2 magic, else ``"raw"``."""
-    return "qcow2" if storage.read(0, 4) == MAGIC else "raw"
+    """``"qcow2"`` when the storage starts with the qcow2 magic, else ``"raw"``; a first sector
+    QEMU would probe as another format raises :class:`UnsupportedFeatureError`."""
+    head = storage.read(0, SECTOR)
+    if head[:4] == MAGIC:
+        return "qcow2"
+    # raw.probe.other-formats: what QEMU would open as vmdk, vdi, ... is not raw to us either.
+    other = claimed_by(head)
+    if other is not None:
+        raise UnsupportedFeatureError(
+            f"{storage}: its first sector is a {other} header (QEMU's probing); pyimago does "
+            "not read that format (format='raw' opens the bytes as raw)",
+            feature=f"format {other}",
+        )
+    return "raw"
 
 
 def open_image(
@@ -59,6 +73,8 @@ def open_image(
     cache_bytes: int = DEFAULT_CACHE_BYTES,
     l2_cache_tables: int | None = None,
     use_mmap: bool = True,
+    locking: str = "auto",
+    force_share: bool = False,
 ) -> FormatAccess:
     """Open an image (qcow2 or raw, probed unless ``format`` says) and its backing chain.
 
@@ -71,7 +87,13 @@ def open_image(
     many tables (tests use it to make eviction happen).  ``use_mmap=False`` reads files with
     ``preadv`` only: a mapped file that another process truncates raises SIGBUS on access,
     which no Python code can catch.
+
+    A raw image opened writable without ``format=`` keeps block 0 from becoming another
+    format's header (as QEMU).  Files are locked as QEMU locks them (``locking`` "auto",
+    "on" or "off"; ``force_share=True`` for read-only opens is qemu-img's ``-U``); a
+    conflicting holder makes the open fail with ImageInUseError.
     """
+    validate(locking, force_share, writable)
     if l2_cache_tables is not None and (type(l2_cache_tables) is not int or l2_cache_tables < 1):
         raise InvalidRequestError(f"l2_cache_tables must be >= 1, not {l2_cache_tables!r}")
     return _open(
@@ -80,7 +102,7 @@ def open_image(
         format,
         gate,
         backing,
-        (cache_bytes, l2_cache_tables, use_mmap),
+        (cache_bytes, l2_cache_tables, use_mmap, locking, force_share),
         set(),
     )
 
@@ -91,7 +113,7 @@ def _open(
     fmt: str | None,
     gate: Gate | None,
     backing: Any,
-    cache: tuple[int, int | None, bool],
+    cache: tuple[int, int | None, bool, str, bool],
     seen: set[str],
 ) -> FormatAccess:
     if fmt is not None and fmt not in ("qcow2", "raw"):
@@ -101,10 +123,9 @@ def _open(
     path: str | None
     if isinstance(target, (str, os.PathLike)):
         path = os.fspath(target)
-        try:
-            storage: Storage = FastFileStorage(path, writable=writable, use_mmap=cache[2])
-        except FileNotFoundError as exc:
-            raise ImageNotFoundError(f"image file {path!r} not found", filename=path) from exc
+        storage: Storage = FastFileStorage(
+            path, writable=writable, use_mmap=cache[2], locking=cache[3], force_share=cache[4]
+        )
         owned = True
     elif not hasattr(target, "readinto") or not hasattr(target, "size"):
         raise InvalidRequestError(f"open_image: not a path or Storage: {target!r}")
@@ -115,7 +136,7 @@ def _open(
     try:
         kind = fmt or probe_format(storage)
         if kind == "raw":
-            return FormatAccess(RawLayer(storage, writable=writable))
+            return FormatAccess(RawLayer(storage, writable=writable, probed=fmt is None))
         layer = Qcow2Layer(
             storage, writable=writable, cache_bytes=cache[0], l2_cache_tables=cache[1]
         )
@@ -146,7 +167,7 @@ def _open_backing(
     layer: Qcow2Layer,
     overlay: str | None,
     gate: Gate | None,
-    cache: tuple[int, int | None, bool],
+    cache: tuple[int, int | None, bool, str, bool],
     seen: set[str],
 ) -> FormatAccess:
     name = layer.backing_file
@@ -171,10 +192,11 @@ def _open_backing(
     if gate is not None:
         gate.check(bpath, format=bfmt, writable=False, referrer=str(layer))
     try:
+        # Backing files: read-only opens, locked as such (storage.lock.backing).
         return _open(bpath, False, bfmt, gate, AUTO, cache, seen)
     except ImageNotFoundError as exc:
         if exc.filename != bpath:
             raise
         raise ImageNotFoundError(
-            f"backing file {bpath!r} of {overlay} not found", filename=bpath
+            f"{overlay}: its backing file {bpath} does not exist", filename=bpath
         ) from exc

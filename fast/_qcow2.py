@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias
 
 from pyimago.reference._errors import CorruptImageError, InvalidRequestError, UnsupportedError
+from pyimago.reference._info import ImageInfo, Qcow2Info, parse_snapshot_table
 from pyimago.reference._mapping import (
     EofMapping,
     IndirectMapping,
@@ -51,6 +52,7 @@ from ._header import (
     MAGIC,
     MAX_L1_ENTRIES,
     Extension,
+    Incompat,
     Span,
     check_features,
     decode_extensions,
@@ -204,6 +206,30 @@ class Qcow2Layer(MetadataGuard, LayerBase):
     @property
     def cluster_size(self) -> int:
         return self._cs
+
+    def info(self) -> ImageInfo:
+        """This layer's header facts, as ``qemu-img info`` reports them."""
+        hdr = self.hdr
+        bits = hdr.features.incompatible
+        return ImageInfo(
+            format="qcow2",
+            virtual_size=self.size,
+            cluster_size=self._cs,
+            backing_file=self.backing_file,
+            backing_format=self.backing_format,
+            dirty=bool(bits & Incompat.DIRTY),
+            qcow2=Qcow2Info(
+                compat="1.1" if hdr.version >= 3 else "0.10",
+                refcount_bits=1 << hdr.refcount_order,
+                lazy_refcounts=bool(hdr.features.compatible & 1),
+                corrupt=bool(bits & Incompat.CORRUPT),
+                extended_l2=bool(bits & Incompat.EXTL2),
+                compression_type="zstd" if hdr.compression_type == 1 else "zlib",
+            ),
+            snapshots=parse_snapshot_table(
+                self._meta_read, hdr.snapshots.at, hdr.snapshots.n, self.storage.size()
+            ),
+        )
 
     # -- metadata placement ---------------------------------------------------------------
 

@@ -20,12 +20,20 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import stat
 import threading
 from typing import ClassVar
 
-from pyimago.reference._errors import InvalidRequestError, ReadOnlyError
+from pyimago.reference._errors import (
+    ImageAccessError,
+    ImageNotFoundError,
+    InvalidRequestError,
+    ReadOnlyError,
+)
 from pyimago.reference._prealloc import PreallocateMode
 from pyimago.reference._storage import Buffer, WritableBuffer
+
+from ._lock import lock_fd, validate
 
 __all__ = ["MAX_STORAGE_OFFSET", "FastFileStorage", "fill_zero"]
 
@@ -54,6 +62,32 @@ def _in_bounds(offset: int, length: int) -> None:
         )
 
 
+def _path_of(path: object) -> str:
+    if isinstance(path, str) and path:
+        return path
+    if isinstance(path, os.PathLike):
+        got = os.fspath(path)
+        if isinstance(got, str) and got:
+            return got
+    raise InvalidRequestError(f"image path {path!r}: expected a non-empty str or os.PathLike")
+
+
+def _open_file(path: str, writable: bool) -> int:
+    """A descriptor for an image file; pyimago errors name the path (storage.open.errors)."""
+    try:
+        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+    except FileNotFoundError as exc:
+        raise ImageNotFoundError(f"{path}: no such image file", filename=path) from exc
+    except IsADirectoryError as exc:
+        raise InvalidRequestError(f"{path}: a folder is not an image file") from exc
+    except PermissionError as exc:
+        raise ImageAccessError(f"{path}: access denied ({exc.strerror})", filename=path) from exc
+    if stat.S_ISDIR(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise InvalidRequestError(f"{path}: a folder is not an image file")
+    return fd
+
+
 class FastFileStorage:
     """A file opened by pyimago.fast (Storage protocol; thread-safe)."""
 
@@ -62,12 +96,25 @@ class FastFileStorage:
     mem_align: ClassVar[int] = 1
 
     def __init__(
-        self, path: str | os.PathLike[str], *, writable: bool = False, use_mmap: bool = True
+        self,
+        path: str | os.PathLike[str],
+        *,
+        writable: bool = False,
+        use_mmap: bool = True,
+        locking: str = "auto",
+        force_share: bool = False,
     ) -> None:
-        self.path = self.name = os.fspath(path)
+        validate(locking, force_share, writable)
+        self.path = self.name = _path_of(path)
         self.writable = writable
-        flags = (os.O_RDWR if writable else os.O_RDONLY) | getattr(os, "O_CLOEXEC", 0)
-        self._fd: int | None = os.open(self.path, flags)
+        self._fd: int | None = _open_file(self.path, writable)
+        try:
+            #: Whether QEMU-compatible image locks are held on the file.
+            self.locked = lock_fd(self._fd, self.path, writable, locking, force_share)
+        except BaseException:
+            os.close(self._fd)
+            self._fd = None
+            raise
         self._use_mmap = use_mmap
         self._lock = threading.Lock()
         self._map: mmap.mmap | None = None

@@ -19,7 +19,7 @@ from pyimago.reference import (
 from .model import Alloc, FlatModel, first_mismatch
 from .ops import decode_word
 
-__all__ = ["OracleFailure", "check_image", "content_failure"]
+__all__ = ["OracleFailure", "check_image", "check_small_mapping", "content_failure"]
 
 Access = Any
 """A FormatAccess-like object (the reference's, or any implementation's)."""
@@ -73,23 +73,26 @@ def _shallow_kind(mapping: Any, offset: int) -> Alloc:
     raise OracleFailure(f"get_shallow_mapping(0x{offset:x}) returned {mapping!r}", offset=offset)
 
 
-def _shallow_units(access: Access, model: FlatModel) -> list[set[Alloc]]:
-    """What the layer maps each allocation unit to, walking ``get_shallow_mapping``."""
+def _shallow_units(
+    access: Access, model: FlatModel, start: int, end: int
+) -> dict[int, set[Alloc]]:
+    """What the layer maps each allocation unit of ``[start, end)`` (unit-aligned, ``end``
+    at most the disk end) to, walking ``get_shallow_mapping``."""
     size = model.size
     g = model.granularity
-    units: list[set[Alloc]] = [set() for _ in range(len(model.alloc))]
-    pos = 0
-    while pos < size:
-        mapping, length = access.get_shallow_mapping(pos, size - pos)
+    units: dict[int, set[Alloc]] = {u: set() for u in range(start // g, -(-end // g))}
+    pos = start
+    while pos < end:
+        mapping, length = access.get_shallow_mapping(pos, end - pos)
         if isinstance(mapping, EofMapping):
             raise OracleFailure(
                 f"get_shallow_mapping(0x{pos:x}) reports EOF before the disk end 0x{size:x}",
                 offset=pos,
                 clauses=("access.mapping.eof-top-only",),
             )
-        if length <= 0 or pos + length > size:
+        if length <= 0 or pos + length > end:
             raise OracleFailure(
-                f"get_shallow_mapping(0x{pos:x}, 0x{size - pos:x}) returned {mapping} with "
+                f"get_shallow_mapping(0x{pos:x}, 0x{end - pos:x}) returned {mapping} with "
                 f"length 0x{length:x}",
                 offset=pos,
                 clauses=("access.mapping.tiling",),
@@ -98,127 +101,207 @@ def _shallow_units(access: Access, model: FlatModel) -> list[set[Alloc]]:
         for unit in range(pos // g, (pos + length - 1) // g + 1):
             units[unit].add(kind)
         pos += length
-    mapping, length = access.get_shallow_mapping(size, g)
-    if not isinstance(mapping, EofMapping) or length != 0:
-        raise OracleFailure(
-            f"get_shallow_mapping at the disk end 0x{size:x} returned ({mapping}, {length}), "
-            "not EOF",
-            offset=size,
-            clauses=("access.mapping.eof-top-only",),
-        )
+    if end == size:
+        mapping, length = access.get_shallow_mapping(size, g)
+        if not isinstance(mapping, EofMapping) or length != 0:
+            raise OracleFailure(
+                f"get_shallow_mapping at the disk end 0x{size:x} returned ({mapping}, "
+                f"{length}), not EOF",
+                offset=size,
+                clauses=("access.mapping.eof-top-only",),
+            )
     return units
 
 
-def check_image(access: Access, model: FlatModel, *, what: str = "image") -> int:
+def check_image(
+    access: Access,
+    model: FlatModel,
+    *,
+    what: str = "image",
+    start: int = 0,
+    end: int | None = None,
+) -> int:
     """Check one image against its model; return how many bytes were compared.
 
     Size; content on every known byte; ``get_shallow_mapping`` against the model's
     allocation sets; ``get_mapping`` consistency: the lengths tile the disk, EOF only at the
     end, a zero mapping reads zeroes, explicit zeroes only where this layer has them, a raw
     mapping's storage holds what the guest reads.
+
+    With ``start``/``end`` only the allocation units covering ``[start, end)`` are checked
+    (the incremental check after an operation); the default is the whole disk.
     """
     size = model.size
     if access.size != size:
         raise OracleFailure(f"{what}: size is 0x{access.size:x}, the model says 0x{size:x}")
-    actual = access.read(0, size)
-    if len(actual) != size:
-        raise OracleFailure(f"{what}: read of 0x{size:x} bytes returned 0x{len(actual):x}")
-    expected, known = model.read(0, size)
+    g = model.granularity
+    end = size if end is None else min(end, size)
+    start = min(start - start % g, size)
+    if end < size:
+        end = min(-(-end // g) * g, size)
+    if start >= end and end < size:
+        return 0
+    actual = access.read(start, end - start)
+    if len(actual) != end - start:
+        raise OracleFailure(
+            f"{what}: read of 0x{end - start:x} bytes returned 0x{len(actual):x}"
+        )
+    expected, known = model.read(start, end - start)
     bad = first_mismatch(actual, expected, known)
     if bad is not None:
         raise OracleFailure(
-            content_failure(f"{what}: content", 0, bad, actual, expected), offset=bad
+            content_failure(f"{what}: content", start, bad, actual, expected),
+            offset=start + bad,
         )
 
-    units = _shallow_units(access, model)
-    g = model.granularity
-    for unit, kinds in enumerate(units):
-        start = unit * g
+    units = _shallow_units(access, model, start, end)
+    for unit, kinds in units.items():
+        at = unit * g
         if len(kinds) != 1:
             names = ", ".join(sorted(k.value for k in kinds))
             raise OracleFailure(
-                f"{what}: unit 0x{start:x} (of 0x{g:x} bytes) maps as several kinds: {names}",
-                offset=start,
+                f"{what}: unit 0x{at:x} (of 0x{g:x} bytes) maps as several kinds: {names}",
+                offset=at,
             )
         (kind,) = kinds
         allowed = model.allowed(unit)
         if kind not in allowed:
             names = ", ".join(sorted(k.value for k in allowed))
             raise OracleFailure(
-                f"{what}: unit 0x{start:x} (of 0x{g:x} bytes) maps as {kind.value}; the model "
+                f"{what}: unit 0x{at:x} (of 0x{g:x} bytes) maps as {kind.value}; the model "
                 f"allows only {names}",
-                offset=start,
+                offset=at,
             )
 
-    pos = 0
-    while pos < size:
-        mapping, length = access.get_mapping(pos, size - pos + g)
+    pos = start
+    while pos < end:
+        # At the disk end, ask for more than is left: the length must stop at the end.
+        mapping, length = access.get_mapping(pos, end - pos + (g if end == size else 0))
         if isinstance(mapping, EofMapping):
             raise OracleFailure(
                 f"{what}: get_mapping(0x{pos:x}) reports EOF before the disk end 0x{size:x}",
                 offset=pos,
                 clauses=("access.mapping.eof-top-only",),
             )
-        if length <= 0 or pos + length > size:
+        if length <= 0 or pos + length > end:
             raise OracleFailure(
                 f"{what}: get_mapping(0x{pos:x}) returned {mapping} with length 0x{length:x}, "
                 f"which does not tile the disk (end 0x{size:x})",
                 offset=pos,
                 clauses=("access.mapping.tiling",),
             )
-        chunk = actual[pos : pos + length]
-        if isinstance(mapping, ZeroMapping):
-            nonzero = len(chunk) - len(chunk.lstrip(b"\x00"))
-            if nonzero != len(chunk):
-                raise OracleFailure(
-                    f"{what}: get_mapping(0x{pos:x}) says zero for 0x{length:x} bytes but byte "
-                    f"0x{pos + nonzero:x} reads 0x{chunk[nonzero]:02x}",
-                    offset=pos + nonzero,
-                )
-            if mapping.explicit:
-                for unit in range(pos // g, (pos + length - 1) // g + 1):
-                    if units[unit] != {Alloc.ZERO}:
-                        raise OracleFailure(
-                            f"{what}: get_mapping(0x{pos:x}) reports an explicit zero, but "
-                            f"this layer maps unit 0x{unit * g:x} as "
-                            f"{'/'.join(k.value for k in units[unit])}: explicit zeroes "
-                            "may only come from the top layer",
-                            offset=max(pos, unit * g),
-                            clauses=("access.mapping.explicit-top-only",),
-                        )
-        elif isinstance(mapping, RawMapping):
-            stored = mapping.storage.read(mapping.offset, length)
-            if stored != chunk:
-                bad = first_mismatch(stored, chunk, b"\x01" * length)
-                assert bad is not None
-                raise OracleFailure(
-                    f"{what}: get_mapping(0x{pos:x}) maps to {mapping}, whose bytes differ from "
-                    f"what the guest reads at 0x{pos + bad:x}",
-                    offset=pos + bad,
-                    clauses=("access.mapping.tiling",),
-                )
-            if mapping.writable:
-                for unit in range(pos // g, (pos + length - 1) // g + 1):
-                    if units[unit] != {Alloc.DATA}:
-                        raise OracleFailure(
-                            f"{what}: get_mapping(0x{pos:x}) reports {mapping} writable, but "
-                            f"this layer does not hold unit 0x{unit * g:x}: data reached "
-                            "through a read-only backing must not be writable",
-                            offset=max(pos, unit * g),
-                            clauses=("access.mapping.writable-gate",),
-                        )
-        elif not isinstance(mapping, SpecialMapping):
-            raise OracleFailure(f"{what}: get_mapping(0x{pos:x}) returned {mapping!r}", offset=pos)
+        _check_mapping(what, "get_mapping", mapping, pos, length,
+                       actual[pos - start : pos - start + length], units, g)
         pos += length
-    mapping, length = access.get_mapping(size, g)
-    if not isinstance(mapping, EofMapping) or length != 0:
-        raise OracleFailure(
-            f"{what}: get_mapping at the disk end 0x{size:x} returned ({mapping}, {length}), "
-            "not EOF",
-            offset=size,
-            clauses=("access.mapping.eof-top-only",),
-        )
-    return size
+    if end == size:
+        mapping, length = access.get_mapping(size, g)
+        if not isinstance(mapping, EofMapping) or length != 0:
+            raise OracleFailure(
+                f"{what}: get_mapping at the disk end 0x{size:x} returned ({mapping}, "
+                f"{length}), not EOF",
+                offset=size,
+                clauses=("access.mapping.eof-top-only",),
+            )
+    return end - start
 
 
-# create_image's preallocation names, as the grow from 0 they amount to.
+def _check_mapping(
+    what: str,
+    call: str,
+    mapping: Any,
+    pos: int,
+    length: int,
+    chunk: bytes,
+    units: dict[int, set[Alloc]] | None,
+    g: int,
+) -> None:
+    """One resolved mapping against what the guest reads there (``chunk``) and, when
+    ``units`` is given, against what this layer maps each unit to."""
+    if isinstance(mapping, ZeroMapping):
+        nonzero = len(chunk) - len(chunk.lstrip(b"\x00"))
+        if nonzero != len(chunk):
+            raise OracleFailure(
+                f"{what}: {call}(0x{pos:x}) says zero for 0x{length:x} bytes but byte "
+                f"0x{pos + nonzero:x} reads 0x{chunk[nonzero]:02x}",
+                offset=pos + nonzero,
+            )
+        if mapping.explicit and units is not None:
+            for unit in range(pos // g, (pos + length - 1) // g + 1):
+                if units[unit] != {Alloc.ZERO}:
+                    raise OracleFailure(
+                        f"{what}: {call}(0x{pos:x}) reports an explicit zero, but "
+                        f"this layer maps unit 0x{unit * g:x} as "
+                        f"{'/'.join(k.value for k in units[unit])}: explicit zeroes "
+                        "may only come from the top layer",
+                        offset=max(pos, unit * g),
+                        clauses=("access.mapping.explicit-top-only",),
+                    )
+    elif isinstance(mapping, RawMapping):
+        stored = mapping.storage.read(mapping.offset, length)
+        if stored != chunk:
+            bad = first_mismatch(stored, chunk, b"\x01" * length)
+            assert bad is not None
+            raise OracleFailure(
+                f"{what}: {call}(0x{pos:x}) maps to {mapping}, whose bytes differ from "
+                f"what the guest reads at 0x{pos + bad:x}",
+                offset=pos + bad,
+                clauses=("access.mapping.tiling",),
+            )
+        if mapping.writable and units is not None:
+            for unit in range(pos // g, (pos + length - 1) // g + 1):
+                if units[unit] != {Alloc.DATA}:
+                    raise OracleFailure(
+                        f"{what}: {call}(0x{pos:x}) reports {mapping} writable, but "
+                        f"this layer does not hold unit 0x{unit * g:x}: data reached "
+                        "through a read-only backing must not be writable",
+                        offset=max(pos, unit * g),
+                        clauses=("access.mapping.writable-gate",),
+                    )
+    elif not isinstance(mapping, SpecialMapping):
+        raise OracleFailure(f"{what}: {call}(0x{pos:x}) returned {mapping!r}", offset=pos)
+
+
+def check_small_mapping(access: Access, model: FlatModel, offset: int, max_length: int) -> None:
+    """``get_mapping`` and ``get_shallow_mapping`` asked for at most ``max_length`` bytes:
+    ``0 < length <= max_length`` inside the disk (EOF with length 0 at or past its end), and
+    what they map agrees with what the guest reads and with the model."""
+    size = model.size
+    g = model.granularity
+    for call in ("get_mapping", "get_shallow_mapping"):
+        mapping, length = getattr(access, call)(offset, max_length)
+        if offset >= size:
+            if not isinstance(mapping, EofMapping) or length != 0:
+                raise OracleFailure(
+                    f"{call}(0x{offset:x}, 0x{max_length:x}) at or past the disk end 0x{size:x} "
+                    f"returned ({mapping}, {length}), not EOF",
+                    offset=offset,
+                    clauses=("access.mapping.eof-top-only",),
+                )
+            continue
+        if isinstance(mapping, EofMapping) or not 0 < length <= max_length:
+            raise OracleFailure(
+                f"{call}(0x{offset:x}, 0x{max_length:x}) returned {mapping} with length "
+                f"0x{length:x}: a mapping inside the disk covers 1..max_length bytes",
+                offset=offset,
+                clauses=("access.mapping.tiling",),
+            )
+        if offset + length > size:
+            raise OracleFailure(
+                f"{call}(0x{offset:x}, 0x{max_length:x}) runs past the disk end 0x{size:x} "
+                f"(length 0x{length:x})",
+                offset=offset,
+                clauses=("access.mapping.tiling",),
+            )
+        if call == "get_mapping":
+            chunk = bytes(access.read(offset, length))
+            _check_mapping("image", call, mapping, offset, length, chunk, None, g)
+        else:
+            kind = _shallow_kind(mapping, offset)
+            for unit in range(offset // g, (offset + length - 1) // g + 1):
+                if kind not in model.allowed(unit):
+                    raise OracleFailure(
+                        f"{call}(0x{offset:x}, 0x{max_length:x}) maps unit 0x{unit * g:x} as "
+                        f"{kind.value}; the model allows only "
+                        f"{', '.join(sorted(k.value for k in model.allowed(unit)))}",
+                        offset=max(offset, unit * g),
+                    )

@@ -1,4 +1,7 @@
-"""``pyimago``: run the oracle's machines, and replay recorded failures.
+"""``pyimago run`` and ``pyimago replay``: the oracle's machines, and recorded failures.
+
+The ``pyimago`` command itself is :mod:`pyimago.cli` (a table of subcommands); these are two
+of its rows.  Arguments are checked before any work starts (one-line errors, exit 2).
 
 ``pyimago run``
     Runs the state machines against an implementation (the reference by default) for a
@@ -10,9 +13,6 @@
     Runs a replay file's sequence again (against the target it names, or ``--target``),
     prints the operation log and exits 1 if it still fails.  ``pyimago replay --database
     URL`` lists the failures saved in a campaign's example database and reruns them.
-``pyimago fuzz module:target``
-    Fuzzes a third party's format driver (a ``DriverTarget``) against the oracle; see
-    :mod:`pyimago.oracle.fuzz`.
 """
 
 from __future__ import annotations
@@ -118,6 +118,8 @@ def _summary(
     table.add_row("steps", f"{stats.steps:,}")
     table.add_row("wall time", f"{wall:.1f} s")
     table.add_row("throughput (all)", _rate(stats.steps, wall))
+    seconds = sum(stats.storage_seconds.values())
+    table.add_row("checked ops/s", _rate(stats.steps, seconds) + "  (in sessions)")
     for storage in sorted(stats.storage_steps):
         table.add_row(
             f"throughput ({storage})",
@@ -128,8 +130,13 @@ def _summary(
     table.add_row("bytes compared", f"{stats.bytes_compared:,}")
     depths = ", ".join(f"{d}: {n}" for d, n in sorted(stats.chain_depths.items()))
     table.add_row("chain depths", depths)
-    ops = ", ".join(f"{k} {v}" for k, v in stats.ops.most_common())
-    table.add_row("operations", ops)
+    table.add_row("crash states checked",
+                  f"{stats.crash_states:,} in {stats.crash_checks:,} checks "
+                  f"({stats.crash_judged:,} judged, {stats.crash_leaks:,} leaked clusters)")
+    for label, value in stats.path_rows():
+        table.add_row(label, value)
+    for what in stats.coverage_warnings():
+        table.add_row("[yellow]warning[/yellow]", f"zero hits: {what}")
     table.add_row("failures", "[red]yes[/red]" if failed else "[green]none[/green]")
     for path in stats.replay_files:
         table.add_row("replay file", path)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -340,12 +339,17 @@ def unknown_ranges(known: bytes) -> tuple[tuple[int, int], ...]:
     """The ranges where a model's ``known`` mask is 0, widened to whole sectors (the crash
     rule judges sectors, and a sector partly unspecified may read anything)."""
     out: list[tuple[int, int]] = []
-    for m in re.finditer(rb"\x00+", known):
-        start = m.start() - m.start() % SECTOR
-        end = -(-m.end() // SECTOR) * SECTOR
+    # find() runs at memchr speed; the masks are mostly ones with a few runs of zeroes.
+    pos = known.find(0)
+    while pos >= 0:
+        stop = known.find(1, pos)
+        stop = len(known) if stop < 0 else stop
+        start = pos - pos % SECTOR
+        end = -(-stop // SECTOR) * SECTOR
         if out and out[-1][0] + out[-1][1] >= start:
             start = out.pop()[0]
         out.append((start, end - start))
+        pos = known.find(0, stop)
     return tuple(out)
 
 

@@ -41,6 +41,18 @@ class OpKind(enum.Enum):
     SWEEP = "sweep"
     READ_PARALLEL = "read_parallelization"
     WRITE_PARALLEL = "write_parallelization"
+    READINTO = "readinto"
+    READV = "readv"
+    """``readv`` into buffers of the sizes ``mode`` lists (``"3,510,7"``), summing to ``length``."""
+    WRITEV = "writev"
+    """``writev`` of buffers of the sizes ``mode`` lists, summing to ``length``."""
+    ENSURE_DATA_MAPPING = "ensure_data_mapping"
+    """``ensure_data_mapping(offset, length, overwrite)`` (``mode``: ``"overwrite"`` or
+    ``"keep"``), then the data written through the returned storage mapping (all of it when
+    overwriting, its first half when keeping)."""
+    GET_MAPPING = "get_mapping"
+    """``get_mapping`` and ``get_shallow_mapping`` at ``offset`` with ``max_length`` =
+    ``length`` (small), checked for ``0 < length <= max_length`` (EOF past the end)."""
     SYNC = "sync"
     """``flush()`` then ``sync()``: everything so far must survive a power cut."""
     POWER_CUT = "power_cut"
@@ -56,6 +68,11 @@ RANGED = frozenset(
         OpKind.DISCARD_TO_ANY,
         OpKind.DISCARD_TO_BACKING,
         OpKind.WRITE_PAST_END,
+        OpKind.READINTO,
+        OpKind.READV,
+        OpKind.WRITEV,
+        OpKind.ENSURE_DATA_MAPPING,
+        OpKind.GET_MAPPING,
     }
 )
 
@@ -78,6 +95,13 @@ class Op:
     mode: str | None = None
 
     @property
+    def buffers(self) -> tuple[int, ...]:
+        """The buffer sizes of a ``readv`` / ``writev`` (one buffer when none are listed)."""
+        if not self.mode:
+            return (self.length,)
+        return tuple(int(n) for n in self.mode.split(","))
+
+    @property
     def prealloc(self) -> PreallocateMode:
         return PreallocateMode(self.mode) if self.mode else PreallocateMode.NONE
 
@@ -88,8 +112,10 @@ class Op:
             name = f"{(self.mode or 'write').upper()}!PAST-END"
         if self.kind in RANGED:
             end = self.offset + self.length - 1 if self.length else self.offset
+            extra = f" [{self.mode}]" if self.mode and self.kind is not OpKind.WRITE_PAST_END \
+                else ""
             return (
-                f"{name:<20} 0x{self.offset:x} thru 0x{end:x}\t(0x{self.length:x} bytes)"
+                f"{name:<20} 0x{self.offset:x} thru 0x{end:x}\t(0x{self.length:x} bytes){extra}"
             )
         if self.kind is OpKind.RESIZE:
             return f"{name:<20} to 0x{self.value:x} ({self.prealloc.value})"
@@ -150,12 +176,17 @@ class LayerSpec:
     compat: str = "1.1"
     preallocation: str = "off"
     build: tuple[Op, ...] = field(default_factory=tuple)
+    refcount_bits: int = 16
+    """qcow2 v3 refcount width (1..64 bits): narrow ones pack several refcounts per byte and
+    fill refcount blocks fast (more blocks, a refcount table that must grow)."""
 
     def describe(self) -> str:
         if self.format == "raw":
             return f"raw {self.size:#x} bytes"
         version = "v3" if self.compat != "0.10" else "v2"
         extra = f", preallocation={self.preallocation}" if self.preallocation != "off" else ""
+        if self.refcount_bits != 16:
+            extra += f", refcount_bits={self.refcount_bits}"
         return f"qcow2 {version} {self.size:#x} bytes, {self.cluster_size} B clusters{extra}"
 
     def to_json(self) -> dict[str, Any]:
@@ -166,6 +197,7 @@ class LayerSpec:
             "compat": self.compat,
             "preallocation": self.preallocation,
             "build": [op.to_json() for op in self.build],
+            "refcount_bits": self.refcount_bits,
         }
 
     @classmethod
@@ -177,6 +209,7 @@ class LayerSpec:
             str(obj.get("compat", "1.1")),
             str(obj.get("preallocation", "off")),
             tuple(Op.from_json(o) for o in obj.get("build", ())),
+            int(obj.get("refcount_bits", 16)),
         )
 
 

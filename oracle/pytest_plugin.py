@@ -122,14 +122,18 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> None:
         return
     if len(marker.args) != 1:
         raise pytest.UsageError(f"@pytest.mark.{MARKER} takes one target, got {marker.args!r}")
+    failure = None
     try:
         _run(pyfuncitem, marker.args[0], dict(marker.kwargs))
     except Exception as exc:
-        # The failure as the oracle reports it (Hypothesis's shrunk program, the oracle's log,
-        # the replay file: the exception's notes), once, without the oracle's own frames.
         from ._cli_support import format_failure
 
-        pytest.fail(format_failure(exc), pytrace=False)
+        failure = format_failure(exc)
+    if failure is not None:
+        # The failure as the oracle reports it (Hypothesis's shrunk program, the oracle's log,
+        # the replay file: the exception's notes), once, without the oracle's own frames;
+        # raised outside the except block so that no "during handling" chain repeats it.
+        pytest.fail(failure, pytrace=False)
     # Returning None lets pytest call the test body as usual.
 
 

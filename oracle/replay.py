@@ -7,6 +7,7 @@ decide the data each write puts down) are not stored: they follow from the order
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -14,7 +15,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .ops import ChainSpec, Op
+from ._sched import serial_jobs
+from .ops import ChainSpec, Op, OpKind
 from .session import OracleFailure, RunStats, Session
 from .targets import ImplementationTarget
 
@@ -173,22 +175,36 @@ def run_replay(
     *,
     stats: RunStats | None = None,
     qemu_img: str | None = "auto",
+    serial: bool | None = None,
 ) -> ReplayResult:
-    """Run a replay against ``target``; failures come back in the result, not raised."""
+    """Run a replay against ``target``; failures come back in the result, not raised.
+
+    A sequence that sets parallelization above 1 runs under :func:`serial_jobs` unless
+    ``serial`` says otherwise: its jobs run in submission order, so it fails (or passes)
+    the same way every time.
+    """
+    if serial is None:
+        serial = any(op.kind in (OpKind.READ_PARALLEL, OpKind.WRITE_PARALLEL) and op.value > 1
+                     for op in replay.ops)
     session = Session(target, replay.chain, stats=stats, qemu_img=qemu_img, build=False)
+    session.full_checks = True  # the exact check after every step: the earliest report
     error: BaseException | None = None
-    try:
-        session.build()
-        for op in replay.ops:
-            session.apply(op)
-    except Exception as exc:
-        error = exc
-    try:
-        session.close(verify=error is None)
-    except Exception as exc:
-        if error is None:
+    with serial_jobs() if serial else contextlib.nullcontext():
+        try:
+            session.build()
+            for op in replay.ops:
+                session.apply(op)
+        except Exception as exc:
             error = exc
-    return ReplayResult(session.format_log(failed=error), error)
+        try:
+            session.close(verify=error is None)
+        except Exception as exc:
+            if error is None:
+                error = exc
+    log = session.format_log(failed=error)
+    if serial:
+        log += "\n(jobs run serially, in submission order: a deterministic schedule)"
+    return ReplayResult(log, error)
 
 
 def is_oracle_failure(error: BaseException | None) -> bool:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import itertools
+import json
 import os
 import shutil
 import subprocess
@@ -29,8 +31,9 @@ from pyimago.reference import (
     PreallocateMode,
 )
 
-from ._check import OracleFailure, check_image, content_failure
+from ._check import OracleFailure, check_image, check_small_mapping, content_failure
 from ._power import PowerCutFailure, PowerCuts
+from ._probe import RefcountLayout, refcount_layout
 from .crash import CutJudge, qemu_judge, reference_judge
 from .model import FlatModel, LayerTraits, first_mismatch
 from .ops import RANGED, ChainSpec, LayerSpec, Op, OpKind, pattern
@@ -79,13 +82,25 @@ _OP_CLAUSES: dict[OpKind, tuple[str, ...]] = {
     OpKind.REOPEN: ("access.close.flushes",),
     OpKind.READ_PARALLEL: ("access.parallel.same-result",),
     OpKind.WRITE_PARALLEL: ("access.parallel.same-result",),
+    OpKind.READINTO: ("access.read.no-short",),
+    OpKind.READV: ("access.read.no-short",),
+    OpKind.WRITEV: ("access.write.no-short",),
+    OpKind.ENSURE_DATA_MAPPING: ("access.cow.partial-cluster",),
+    OpKind.GET_MAPPING: ("access.mapping.tiling", "access.mapping.eof-top-only"),
     OpKind.SYNC: ("crash.power-cut",),
     OpKind.POWER_CUT: ("crash.power-cut",),
 }
 
 # Operations that change neither the image nor its storage: no crash timeline point.
 _PASSIVE = frozenset({OpKind.READ, OpKind.READ_PARALLEL, OpKind.WRITE_PARALLEL,
-                      OpKind.POWER_CUT, OpKind.WRITE_PAST_END})
+                      OpKind.POWER_CUT, OpKind.WRITE_PAST_END, OpKind.READINTO, OpKind.READV,
+                      OpKind.GET_MAPPING})
+
+# After these the whole disk is checked; after the others, the range they touched and a
+# rotating slice (the whole disk is checked again at reopen and teardown).
+_FULL_CHECK = frozenset({OpKind.RESIZE, OpKind.REOPEN, OpKind.INVALIDATE, OpKind.SWEEP})
+#: The rotating slice: this fraction of the disk after every operation.
+_SLICE_FRACTION = 8
 
 
 def op_clauses(op: Op, old_size: int) -> tuple[str, ...]:
@@ -146,6 +161,57 @@ class RunStats:
     """Of those, the ones ``qemu-img check`` (or the reference's ``check()``) judged."""
     crash_leaks: int = 0
     """Leaked clusters the judge counted in cut states (allowed, counted)."""
+    refcount_widths: Counter[int] = field(default_factory=Counter)
+    """Chains by the refcount width (bits) of their qcow2 top layer."""
+    refcount_blocks_added: int = 0
+    """Refcount blocks the top layers gained during sessions (read from their headers)."""
+    refcount_tables_moved: int = 0
+    """Sessions whose top layer's refcount table moved (it grew)."""
+    l2_crossings: int = 0
+    """Operations on a qcow2 top whose range crossed an L2-table boundary."""
+    compressed_reads: int = 0
+    """Compressed clusters (of any layer) that reads and partial writes went over."""
+    parallel_jobs: int = 0
+    """Operations run with parallelization > 1 over two or more allocation units (jobs)."""
+    chains: set[str] = field(default_factory=set)
+    """The distinct chains built (their JSON), for the diversity figure."""
+
+    def path_rows(self) -> list[tuple[str, str]]:
+        """``(label, value)`` rows of the paths a run took, for the run and fuzz summaries."""
+        widths = ", ".join(f"{b}: {n}" for b, n in sorted(self.refcount_widths.items()))
+        distinct = len(self.chains)
+        share = f" ({distinct / self.examples:.0%} of examples)" if self.examples else ""
+        return [
+            ("calls by API", ", ".join(f"{k} {v}" for k, v in sorted(self.ops.items()))
+             or "none"),
+            ("refcount widths", widths or "none"),
+            ("refcount blocks added", f"{self.refcount_blocks_added:,} "
+                                      f"({self.refcount_tables_moved:,} tables moved)"),
+            ("L2-boundary crossings", f"{self.l2_crossings:,}"),
+            ("compressed clusters read", f"{self.compressed_reads:,}"),
+            ("parallel jobs", f"{self.parallel_jobs:,} operations with 2+ jobs"),
+            ("distinct chains", f"{distinct:,}{share}"),
+        ]
+
+    def coverage_warnings(self) -> list[str]:
+        """Paths this run never took: each one is a warning in the run's summary."""
+        from .ops import OpKind as Kind
+
+        hit = {name.split(" ")[0] for name in self.ops}
+        skip = {Kind.WRITE_PAST_END.value, Kind.SWEEP.value}
+        missing = [f"no {k.value} call" for k in Kind if k.value not in hit | skip]
+        figures = {
+            "no crash state checked": self.crash_states,
+            "no refcount block added": self.refcount_blocks_added,
+            "no L2-boundary crossing": self.l2_crossings,
+            "no compressed cluster read": self.compressed_reads,
+            "no parallel job run": self.parallel_jobs,
+        }
+        missing += [what for what, n in figures.items() if not n]
+        widths = [b for b in (1, 2, 4, 8, 16, 32, 64) if not self.refcount_widths[b]]
+        if widths:
+            missing.append("no chain with refcount_bits " + ", ".join(map(str, widths)))
+        return missing
 
     def example_done(self) -> None:
         self.examples += 1
@@ -199,9 +265,13 @@ def _file_reader(path: str) -> Callable[[], bytes]:
 
 def _cut_unspecified(op: Op, old_size: int) -> tuple[tuple[int, int], ...]:
     """What a cut during ``op`` may leave unspecified beyond what the model leaves unknown:
-    a shrink's cut-off tail, until the new size is on storage."""
+    a shrink's cut-off tail, until the new size is on storage; the range of an
+    ``ensure_data_mapping`` told the data will be overwritten (the mapping may reach storage
+    before the caller's data does: the driver cannot order a write it does not make)."""
     if op.kind is OpKind.RESIZE and op.value < old_size:
         return ((op.value, old_size - op.value),)
+    if op.kind is OpKind.ENSURE_DATA_MAPPING and op.mode != "keep":
+        return ((op.offset, op.length),)
     return ()
 
 
@@ -256,7 +326,12 @@ class Session:
         """With a differential target: the same sequence on the reference, in memory."""
         self._differential = bool(getattr(target, "differential", False))
         self._touched: set[int] = set()
+        self._refcounts_at_start: RefcountLayout | None = None
+        self._compressed: list[tuple[int, int]] = []
         self._recording = False
+        self._slice = 0
+        self.full_checks = False
+        """Check the whole disk after every operation (replays do: exact, not fast)."""
         self.power: PowerCuts | None = None
         """Power-cut recording of the top layer (targets that are ``crash_safe``)."""
         if getattr(target, "crash_safe", False):
@@ -318,6 +393,8 @@ class Session:
         if spec.format != "raw":
             options["cluster_size"] = spec.cluster_size
             options["compat"] = spec.compat
+            if spec.refcount_bits != 16 and spec.format == "qcow2":
+                options["refcount_bits"] = spec.refcount_bits
             if index > 0:
                 options["backing_file"] = self._layer_name(index - 1)
                 options["backing_fmt"] = self.chain.layers[index - 1].format
@@ -406,6 +483,31 @@ class Session:
             self._start_recording()
         self.stats.bytes_compared += check_image(self.access, self.model, what="top")
         self.stats.granularities[self.model.granularity] += 1
+        top = self.chain.top
+        if top.format == "qcow2":
+            self.stats.refcount_widths[top.refcount_bits] += 1
+        self.stats.chains.add(json.dumps(self.chain.to_json(), sort_keys=True))
+        self._refcounts_at_start = self._top_refcounts()
+        self._compressed = [
+            (op.offset, op.offset + op.length)
+            for layer in self.chain.layers if layer.format == "qcow2"
+            for op in layer.build if op.kind is OpKind.WRITE and op.mode == "compressed"
+        ]
+
+    def _top_refcounts(self) -> RefcountLayout | None:
+        """The top layer's refcount layout as its bytes say (qcow2 tops only)."""
+        if self.chain.top.format != "qcow2":
+            return None
+        location = self.layer_location(self.top_index)
+        try:
+            if isinstance(location, MemoryStorage):
+                data = location.snapshot()
+            else:
+                with open(location, "rb") as f:
+                    data = f.read()
+        except OSError:
+            return None
+        return refcount_layout(data)
 
     def _start_recording(self) -> None:
         """Reopen the built top through a recording storage; fingerprint the layers below."""
@@ -421,8 +523,9 @@ class Session:
         self._recording = True
         self.access = self._open_layer(self.top_index, writable=True)
 
-    def check_power_cuts(self) -> int:
-        """Check the cut states since the last check (see :class:`PowerCuts`)."""
+    def check_power_cuts(self, *, final: bool = False) -> int:
+        """Check the cut states since the last check (see :class:`PowerCuts`); ``final``:
+        the teardown check (more cuts judged, the lower layers compared)."""
         power = self.power
         if power is None or power.rec is None:
             return 0
@@ -438,7 +541,7 @@ class Session:
                                         l2_cache_tables=cache)
 
             before = power.stats.states, power.stats.judged, power.stats.leaks
-            checked = power.check(open_cut, step=self.step)
+            checked = power.check(open_cut, step=self.step, final=final)
         except PowerCutFailure as failure:
             raise OracleFailure(str(failure), clauses=failure.clauses) from failure
         finally:
@@ -498,7 +601,8 @@ class Session:
             self._run(self.access, self.model, op, self.top_index)
             self.stats.steps += 1
             self.stats.ops[op.kind.value + (" (unsupported)" if unsupported else "")] += 1
-            self.stats.bytes_compared += check_image(self.access, self.model, what="top")
+            self._check_after(op, old_size)
+            self._count(op)
             if self.power is not None and op.kind not in _PASSIVE:
                 self.power.point(self.model, op.describe(), durable=op.kind is OpKind.SYNC,
                                  unspecified=_cut_unspecified(op, old_size))
@@ -509,6 +613,48 @@ class Session:
             extra = [c for c in op_clauses(op, old_size) if c not in failure.clauses]
             failure.clauses = (*failure.clauses, *extra)
             raise
+
+    def _count(self, op: Op) -> None:
+        """The path counters of one applied operation (see ``RunStats``)."""
+        if op.kind not in RANGED or op.kind is OpKind.WRITE_PAST_END or op.length <= 0:
+            return
+        g = self.model.granularity
+        start, end = op.offset, op.offset + op.length
+        if self.chain.top.format == "qcow2" and op.kind is not OpKind.GET_MAPPING:
+            span = g * (g // 8)
+            if start // span != (end - 1) // span:
+                self.stats.l2_crossings += 1
+        reads = op.kind in (OpKind.READ, OpKind.READINTO, OpKind.READV)
+        if reads or op.kind in (OpKind.WRITE, OpKind.WRITEV, OpKind.ENSURE_DATA_MAPPING):
+            for a, b in self._compressed:
+                if a < end and start < b:
+                    # Reads go through them; writes copy-on-write from the partial clusters.
+                    over = min(b, end) - max(a, start)
+                    self.stats.compressed_reads += max(1, -(-over // g)) if reads else 1
+        n = self.read_parallelization if reads else self.write_parallelization
+        if n > 1 and op.kind is not OpKind.GET_MAPPING and (end - 1) // g > start // g:
+            self.stats.parallel_jobs += 1
+
+    def _check_after(self, op: Op, old_size: int) -> None:
+        """The incremental check: the whole disk after a resize, reopen, cache drop or
+        sweep (or when ``full_checks`` is set); else the units the operation touched, one
+        unit either side, plus a slice of the disk that rotates from step to step."""
+        model = self.model
+        size = model.size
+        if self.full_checks or op.kind in _FULL_CHECK or size != old_size or size == 0:
+            self.stats.bytes_compared += check_image(self.access, model, what="top")
+            return
+        g = model.granularity
+        if op.kind in RANGED and op.offset < size:
+            start = max(op.offset - g, 0)
+            end = min(op.offset + max(op.length, 1) + g, size)
+            self.stats.bytes_compared += check_image(self.access, model, what="top",
+                                                     start=start, end=end)
+        piece = max(-(-size // _SLICE_FRACTION), g)
+        at = self._slice % size
+        self._slice = at + piece
+        self.stats.bytes_compared += check_image(self.access, model, what="top",
+                                                 start=at, end=at + piece)
 
     def _apply_shadow(self, op: Op) -> None:
         assert self.shadow is not None
@@ -584,19 +730,7 @@ class Session:
         if reason is not None:
             self._expect_unsupported(access, op, reason)
         elif kind is OpKind.READ:
-            actual = access.read(off, length)
-            if len(actual) != length:
-                raise OracleFailure(
-                    f"read of 0x{length:x} bytes at 0x{off:x} returned 0x{len(actual):x}",
-                    offset=off,
-                )
-            expected, known = model.read(off, length)
-            bad = first_mismatch(actual, expected, known)
-            if bad is not None:
-                raise OracleFailure(
-                    content_failure("read", off, bad, actual, expected), offset=off + bad
-                )
-            self.stats.bytes_compared += length
+            self._compare_read(model, off, length, access.read(off, length), "read")
         elif kind is OpKind.WRITE:
             data = pattern(step, off, length)
             access.write(data, off)
@@ -641,6 +775,25 @@ class Session:
         elif kind is OpKind.WRITE_PARALLEL:
             access.set_write_parallelization(op.value)
             self.write_parallelization = op.value
+        elif kind in (OpKind.READINTO, OpKind.READV):
+            buffers = [bytearray(n) for n in op.buffers]
+            if kind is OpKind.READINTO:
+                access.readinto(buffers[0], off)
+            else:
+                access.readv(buffers, off)
+            self._compare_read(model, off, length, b"".join(buffers), kind.value)
+        elif kind is OpKind.WRITEV:
+            data = pattern(step, off, length)
+            view = memoryview(data)
+            cuts = [0]
+            for n in op.buffers:
+                cuts.append(cuts[-1] + n)
+            access.writev([view[a:b] for a, b in itertools.pairwise(cuts)], off)
+            model.write(off, data)
+        elif kind is OpKind.ENSURE_DATA_MAPPING:
+            self._ensure_and_write(access, model, op, step)
+        elif kind is OpKind.GET_MAPPING:
+            check_small_mapping(access, model, off, length)
         elif kind is OpKind.SYNC:
             access.flush()
             access.sync()
@@ -648,6 +801,45 @@ class Session:
             self.check_power_cuts()
         else:  # pragma: no cover - every kind is handled above
             raise AssertionError(f"unhandled operation {kind}")
+
+    def _compare_read(
+        self, model: FlatModel, off: int, length: int, actual: bytes, call: str
+    ) -> None:
+        if len(actual) != length:
+            raise OracleFailure(
+                f"{call} of 0x{length:x} bytes at 0x{off:x} returned 0x{len(actual):x}",
+                offset=off,
+            )
+        expected, known = model.read(off, length)
+        bad = first_mismatch(actual, expected, known)
+        if bad is not None:
+            raise OracleFailure(
+                content_failure(call, off, bad, actual, expected), offset=off + bad
+            )
+        self.stats.bytes_compared += length
+
+    def _ensure_and_write(self, access: Access, model: FlatModel, op: Op, step: int) -> None:
+        """``ensure_data_mapping``, then the guest data written straight to the storage it
+        returned: what a caller doing its own I/O (a block job, an NBD server) does."""
+        overwrite = op.mode != "keep"
+        # Keeping: what the range reads now must still read so where we do not write.
+        before = b"" if overwrite else bytes(access.read(op.offset, op.length))
+        if before:
+            self._compare_read(model, op.offset, op.length, before, "read before ensure")
+        storage, host, mapped = access.ensure_data_mapping(op.offset, op.length, overwrite)
+        if not 0 < mapped <= op.length:
+            raise OracleFailure(
+                f"ensure_data_mapping(0x{op.offset:x}, 0x{op.length:x}) mapped 0x{mapped:x} "
+                "bytes: it maps 1..length bytes",
+                offset=op.offset,
+                clauses=("access.mapping.tiling",),
+            )
+        # Keeping: write only the first half, so the rest must still read what it did.
+        n = mapped if overwrite else max(1, mapped // 2)
+        data = pattern(step, op.offset, n)
+        storage.write(data, host)
+        # The whole mapped range is now this layer's data: ours, then what it read before.
+        model.write(op.offset, data + before[n:mapped])
 
     def _past_end(self, access: Access, model: FlatModel, op: Op, step: int) -> None:
         name = op.mode or "write"
@@ -701,11 +893,15 @@ class Session:
             per_table = max(self.model.granularity // 8, 1)
             self.stats.l2_tables_touched += len({unit // per_table for unit in self._touched})
         try:
+            if verify and self.access is not None and not getattr(self.access, "closed", False):
+                self.stats.bytes_compared += check_image(self.access, self.model,
+                                                         what="top at teardown")
             self._close_all()
+            self._count_refcounts()
             if self.power is not None:
                 self.power.point(self.model, "close")
                 if verify:
-                    self.check_power_cuts()
+                    self.check_power_cuts(final=True)
             if verify and self._differential:
                 self.reference_check("at teardown")
             if verify and self.workdir is not None and self._qemu_img:
@@ -715,6 +911,13 @@ class Session:
             if self.shadow is not None:
                 with contextlib.suppress(Exception):
                     self.shadow.close(verify=False)
+
+    def _count_refcounts(self) -> None:
+        before, after = self._refcounts_at_start, self._top_refcounts()
+        if before is None or after is None:
+            return
+        self.stats.refcount_blocks_added += max(after.blocks - before.blocks, 0)
+        self.stats.refcount_tables_moved += after.table_offset != before.table_offset
 
     def reference_check(self, when: str) -> None:
         """Read the (closed) chain back with ``pyimago.reference``; check it against the model.

@@ -9,6 +9,7 @@ step stays cheap.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 from hypothesis import strategies as st
@@ -25,12 +26,16 @@ __all__ = [
     "chain_specs",
     "disk_sizes",
     "grow_ops",
+    "mapping_lengths",
     "max_disk_size",
     "modify_ranges",
     "past_end_ops",
     "read_ranges",
     "shrink_ops",
+    "split_buffers",
+    "straddle_ranges",
     "sweep_ops",
+    "top_compressed_build",
 ]
 
 #: Cluster sizes to draw from, biased to small ones: they are fast, and small clusters put
@@ -192,6 +197,43 @@ def modify_ranges(geo: Geometry) -> st.SearchStrategy[tuple[int, int]]:
     return _range(geo, True)
 
 
+@st.composite
+def split_buffers(draw: st.DrawFn, length: int) -> str:
+    """``length`` bytes split into 2..4 buffers of odd sizes, as ``Op.mode`` lists them."""
+    parts = min(draw(st.integers(2, 4)), length)
+    if parts <= 1:
+        return str(length)
+    cuts = draw(st.lists(st.integers(1, length - 1), min_size=parts - 1, max_size=parts - 1,
+                         unique=True))
+    bounds = [0, *sorted(cuts), length]
+    return ",".join(str(b - a) for a, b in itertools.pairwise(bounds))
+
+
+@st.composite
+def straddle_ranges(draw: st.DrawFn, geo: Geometry) -> tuple[int, int]:
+    """Ranges inside the disk across an L2-table boundary or ending at the disk end: where
+    an operation's work is split between two tables, or clipped by the disk's end."""
+    size, g = geo.size, geo.granularity
+    tables = size // geo.l2_span
+    if tables and draw(st.booleans()):
+        boundary = draw(st.integers(1, tables)) * geo.l2_span
+        before = draw(st.one_of(st.integers(1, 2 * g), st.sampled_from((g, 1, _SECTOR))))
+        after = draw(st.one_of(st.integers(1, 2 * g), st.sampled_from((g, 1, _SECTOR))))
+        offset = max(boundary - before, 0)
+        end = min(boundary + after, size)
+    else:
+        back = draw(st.one_of(st.integers(1, 3 * g), st.sampled_from((g, 1, _SECTOR, g + 1))))
+        offset, end = max(size - back, 0), size
+    return offset, max(min(end - offset, _MAX_OP_LENGTH), 1)
+
+
+def mapping_lengths(geo: Geometry) -> st.SearchStrategy[int]:
+    """Small ``max_length`` values for ``get_mapping``: a byte, a sector, a unit and around."""
+    g = geo.granularity
+    return st.one_of(st.sampled_from((1, 2, _SECTOR - 1, _SECTOR, g - 1, g, g + 1)),
+                     st.integers(1, 3 * g))
+
+
 PAST_END_NAMES = (
     "write", "write_zeroes", "discard_to_zero", "discard_to_any", "discard_to_backing"
 )
@@ -301,6 +343,21 @@ def build_ops(
     return tuple(ops)
 
 
+#: Refcount widths to draw (qcow2 v3): every width qemu-img allows, 16 (the default) twice.
+REFCOUNT_BITS = (16, 1, 2, 4, 8, 16, 32, 64)
+
+
+@st.composite
+def top_compressed_build(draw: st.DrawFn, size: int, granularity: int) -> tuple[Op, ...]:
+    """Compressed clusters in the top layer too: reads of them, and copy-on-write from them
+    when they are partly overwritten."""
+    first = draw(st.integers(0, max(size // granularity - 1, 0)))
+    count = draw(st.integers(1, 4))
+    offset = first * granularity
+    return (Op(OpKind.WRITE, offset, min(count * granularity, size - offset),
+               mode=COMPRESSED),)
+
+
 @st.composite
 def chain_specs(
     draw: st.DrawFn,
@@ -311,12 +368,28 @@ def chain_specs(
     compats: tuple[str, ...] = ("1.1", "0.10"),
     cluster_sizes: tuple[int, ...] = CLUSTER_SIZES,
     l2_cache_tables: tuple[int | None, ...] = (1, 2, None, 1, 2, 4),
+    compress: bool = True,
+    refcount_bits: tuple[int, ...] = REFCOUNT_BITS,
+    refcount_growth: bool = True,
 ) -> ChainSpec:
     """Chains of 1 to 3 layers: a raw or qcow2 base under qcow2 overlays.
 
     Overlays are as long as, shorter or longer than what they sit on; lower layers get a few
-    writes and zeroings first; chains live in memory or in files.
+    writes and zeroings first; chains live in memory or in files.  qcow2 v3 layers take every
+    refcount width; with ``compress``, qcow2 layers get compressed clusters (the lower ones
+    among their build writes, the top one now and then).  With ``refcount_growth``, one
+    chain in twelve is a single large qcow2 of 512-byte clusters and 32- or 64-bit refcounts,
+    which the machine's ``fill_disk`` rule makes outgrow its refcount table.
     """
+    if (refcount_growth and "1.1" in compats and "qcow2" in base_formats
+            and draw(st.integers(0, 11)) == 0):
+        # Small clusters and wide refcounts over a disk whose filling outgrows the first
+        # refcount table cluster (512 / 8 blocks of 512 * 8 / bits clusters: 2 MiB at 64
+        # bits): refcount blocks are added and the refcount table moves, in one write.
+        bits = draw(st.sampled_from((32, 64)))
+        sectors = draw(st.integers(4200, 5200)) if bits == 64 else draw(st.integers(8300, 8800))
+        layer = LayerSpec("qcow2", sectors * _SECTOR, 512, "1.1", refcount_bits=bits)
+        return ChainSpec((layer,), "memory", draw(st.sampled_from(l2_cache_tables)))
     depth = draw(st.integers(*depths))
     layers: list[LayerSpec] = []
     for index in range(depth):
@@ -335,8 +408,15 @@ def chain_specs(
         if fmt == "qcow2" and index == 0 and draw(st.integers(0, 5)) == 0:
             prealloc = draw(st.sampled_from(("metadata", "falloc", "full")))
         build: tuple[Op, ...] = ()
+        squeeze = compress and fmt == "qcow2"
         if index < depth - 1:
-            build = draw(build_ops(size, cluster if fmt == "qcow2" else _SECTOR))
+            build = draw(build_ops(size, cluster if fmt == "qcow2" else _SECTOR,
+                                  compress=squeeze))
+        elif squeeze and draw(st.integers(0, 2)) == 0:
+            build = draw(top_compressed_build(size, cluster))
+        bits = 16
+        if fmt == "qcow2" and compat == "1.1":
+            bits = draw(st.sampled_from(refcount_bits))
         layers.append(
             LayerSpec(
                 format=fmt,
@@ -345,6 +425,7 @@ def chain_specs(
                 compat=compat,
                 preallocation=prealloc,
                 build=build,
+                refcount_bits=bits,
             )
         )
     storage = draw(st.sampled_from(storages))

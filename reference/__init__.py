@@ -11,13 +11,17 @@ from ._errors import (
     CorruptImageError,
     DriverError,
     GateDeniedError,
+    ImageAccessError,
+    ImageInUseError,
     ImageNotFoundError,
     InvalidRequestError,
+    ProbedRawWriteError,
     PyimagoError,
     ReadOnlyError,
     UnsupportedError,
     UnsupportedFeatureError,
 )
+from ._info import ImageInfo, Qcow2Info, SnapshotInfo
 from ._mapping import (
     EofMapping,
     IndirectMapping,
@@ -30,7 +34,8 @@ from ._mapping import (
 from ._open import AUTO, create_image, open_image, probe_format
 from ._prealloc import PreallocateMode
 from ._storage import Buffer, FileStorage, MemoryStorage, Storage, WritableBuffer
-from .access import FormatAccess
+from ._stream import ImageStream
+from .access import MAX_REQUEST_BYTES, FormatAccess
 from .backing import (
     DenyImplicitOpenGate,
     FolderImplicitOpenGate,
@@ -43,6 +48,7 @@ from .raw import RawDriver
 
 __all__ = [
     "AUTO",
+    "MAX_REQUEST_BYTES",
     "Buffer",
     "CheckProblem",
     "CheckResult",
@@ -55,7 +61,11 @@ __all__ = [
     "FormatAccess",
     "FormatDriver",
     "GateDeniedError",
+    "ImageAccessError",
+    "ImageInUseError",
+    "ImageInfo",
     "ImageNotFoundError",
+    "ImageStream",
     "ImplicitOpenGate",
     "IndirectMapping",
     "InvalidRequestError",
@@ -63,14 +73,17 @@ __all__ = [
     "MemoryStorage",
     "PermissiveImplicitOpenGate",
     "PreallocateMode",
+    "ProbedRawWriteError",
     "ProblemKind",
     "PyimagoError",
     "Qcow2Driver",
+    "Qcow2Info",
     "RawDriver",
     "RawMapping",
     "ReadOnlyError",
     "RepairMode",
     "ShallowMapping",
+    "SnapshotInfo",
     "SpecialMapping",
     "Storage",
     "UnsupportedError",

@@ -7,15 +7,17 @@ from typing import Final
 
 from ._errors import (
     CorruptImageError,
+    ImageNotFoundError,
     InvalidRequestError,
-    PyimagoError,
     UnsupportedError,
     UnsupportedFeatureError,
 )
 from ._prealloc import PreallocateMode
-from ._storage import FileStorage, Storage
+from ._storage import FileStorage, Storage, make_image_file
 from .access import FormatAccess
 from .backing import ImplicitOpenGate, PermissiveImplicitOpenGate, resolve_backing_path
+from .locking import check_locking_options
+from .probe import PROBE_BYTES, probe_sector
 from .qcow2.constants import COMPRESSION_TYPE_ZLIB, COMPRESSION_TYPE_ZSTD, QCOW_MAGIC
 from .qcow2.create import Qcow2CreateOptions, write_initial_layout
 from .qcow2.driver import DEFAULT_L2_CACHE_TABLES, Qcow2Driver
@@ -50,9 +52,22 @@ _UNSUPPORTED_OPTIONS = ("encryption", "encrypt", "data_file", "data_file_raw", "
 
 
 def probe_format(storage: Storage) -> str:
-    """backing.probe: qcow2 when the storage starts with the qcow2 magic, raw otherwise."""
-    magic = storage.read(0, 4)
-    return "qcow2" if int.from_bytes(magic, "big") == QCOW_MAGIC else "raw"
+    """backing.probe: qcow2 when the storage starts with the qcow2 magic, raw otherwise.
+
+    raw.probe.other-formats: a first sector QEMU would probe as another format (vmdk, vdi,
+    ...) is not taken for raw: pyimago does not read those formats, so it says so.
+    """
+    first = storage.read(0, PROBE_BYTES)
+    if int.from_bytes(first[:4], "big") == QCOW_MAGIC:
+        return "qcow2"
+    other = probe_sector(first)
+    if other != "raw":
+        raise UnsupportedFeatureError(
+            f"{storage} probes as {other} (as QEMU probes it), a format pyimago does not "
+            "support; pass format='raw' to open it as raw anyway",
+            feature=f"format {other}",
+        )
+    return "raw"
 
 
 def _check_format(fmt: object, what: str) -> str:
@@ -71,16 +86,27 @@ def open_image(
     gate: ImplicitOpenGate | None = None,
     backing: FormatAccess | _Auto | None = AUTO,
     l2_cache_tables: int = DEFAULT_L2_CACHE_TABLES,
+    locking: str = "auto",
+    force_share: bool = False,
 ) -> FormatAccess:
     """Open a disk image (a path or a Storage object) and its backing chain.
 
-    The format is probed unless given.  The backing file the image names is opened
-    read-only (relative names resolve against the overlay's folder; the backing-format
-    extension is honoured), after ``gate`` allows it.  For a Storage object that names a
-    backing file, pass ``backing=`` (a FormatAccess, or None for no backing) explicitly.
+    The format is probed unless given; a raw image opened writable without ``format=``
+    refuses writes that would make its first sector probe as another format (as QEMU does;
+    ``format="raw"`` lifts this).  The backing file the image names is opened read-only
+    (relative names resolve against the overlay's folder; the backing-format extension is
+    honoured), after ``gate`` allows it.  For a Storage object that names a backing file,
+    pass ``backing=`` (a FormatAccess, or None for no backing) explicitly.
+
+    Image files (and backing files) are locked as QEMU locks them: ``locking="auto"`` (lock
+    where the OS can), ``"on"`` or ``"off"``; ``force_share=True`` (read-only opens only,
+    qemu-img's ``-U``) opens an image another process holds writable.  A conflicting open
+    raises :class:`ImageInUseError`.
     """
+    check_locking_options(locking, force_share, writable)
     return _open(target, writable=writable, format=format, gate=gate, backing=backing,
-                 l2_cache_tables=l2_cache_tables, chain=())
+                 l2_cache_tables=l2_cache_tables, chain=(),
+                 lock=(locking, force_share))
 
 
 def _open(
@@ -92,13 +118,15 @@ def _open(
     backing: FormatAccess | _Auto | None,
     l2_cache_tables: int,
     chain: tuple[str, ...],
+    lock: tuple[str, bool],
 ) -> FormatAccess:
     if format is not None:
         _check_format(format, "format")
     path: str | None
     if isinstance(target, (str, os.PathLike)):
-        path = os.fspath(target)
-        storage: Storage = FileStorage(path, writable=writable)
+        storage: Storage = FileStorage(target, writable=writable, locking=lock[0],
+                                       force_share=lock[1])
+        path = storage.name
     elif isinstance(target, Storage):
         path = getattr(target, "path", None)
         storage = target
@@ -107,13 +135,14 @@ def _open(
     try:
         fmt = format or probe_format(storage)
         if fmt == "raw":
-            return FormatAccess(RawDriver(storage, writable=writable))
+            # raw.probed.block0: only a probed format restricts block 0.
+            return FormatAccess(RawDriver(storage, writable=writable, probed=format is None))
         driver = Qcow2Driver(storage, writable=writable, l2_cache_tables=l2_cache_tables)
         if not isinstance(backing, _Auto):
             driver.set_backing(backing, owned=False)
         elif driver.backing_file:
             driver.set_backing(
-                _open_backing(driver, path, gate, l2_cache_tables, chain), owned=True
+                _open_backing(driver, path, gate, l2_cache_tables, chain, lock), owned=True
             )
         return FormatAccess(driver)
     except BaseException:
@@ -128,6 +157,7 @@ def _open_backing(
     gate: ImplicitOpenGate | None,
     l2_cache_tables: int,
     chain: tuple[str, ...],
+    lock: tuple[str, bool],
 ) -> FormatAccess:
     name = driver.backing_file
     assert name is not None
@@ -151,11 +181,14 @@ def _open_backing(
         path, format=fmt, writable=False, referrer=str(driver)
     )
     try:
+        # storage.lock.backing: backing files are locked as read-only opens.
         return _open(path, writable=False, format=fmt, gate=gate, backing=AUTO,
-                     l2_cache_tables=l2_cache_tables, chain=(*chain, here))
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(
-            exc.errno, f"backing file of {overlay_path} not found", path
+                     l2_cache_tables=l2_cache_tables, chain=(*chain, here), lock=lock)
+    except ImageNotFoundError as exc:
+        if exc.filename != path:
+            raise
+        raise ImageNotFoundError(
+            f"backing file {path} of {overlay_path} does not exist", filename=path
         ) from exc
 
 
@@ -171,6 +204,7 @@ def create_image(
     size: int | None,
     *,
     format: str = "qcow2",
+    unsafe: bool = False,
     **options: object,
 ) -> None:
     """Create an image of ``size`` bytes; options are named as ``qemu-img create -o``.
@@ -180,8 +214,15 @@ def create_image(
     ``backing_fmt``, ``preallocation`` ("off", "metadata", "falloc", "full"),
     ``compression_type`` ("zlib", "zstd").  raw takes ``preallocation`` only.  ``size`` may
     be None for a qcow2 image with a backing file: the backing file's size is used.
+
+    For an image created in a file, the backing file must exist and open as ``backing_fmt``
+    (create.backing.checked), as qemu-img checks it, unless ``unsafe=True`` (qemu-img
+    ``create -u``), which then needs ``size``; in a Storage object it is opened only when
+    ``size`` is None.  An image file another process holds is not touched (ImageInUseError).
     """
     fmt = _check_format(format, "format")
+    if not isinstance(unsafe, bool):
+        raise InvalidRequestError(f"create_image: unsafe must be a bool, not {unsafe!r}")
     prealloc_name = options.pop("preallocation", "off")
     if prealloc_name not in _PREALLOCATION:
         raise InvalidRequestError(
@@ -201,16 +242,31 @@ def create_image(
         if any(b in _UNSUPPORTED_OPTIONS for b in bad):
             raise UnsupportedError(f"create_image: unsupported option(s) {bad}")
         raise InvalidRequestError(f"create_image: unknown option(s) for {fmt}: {bad}")
+    in_file = isinstance(target, (str, os.PathLike))
+    # create.backing.checked: an image made in a Storage object has no folder for the name
+    # to resolve against, so its backing is opened only when the size must come from it.
+    if has_backing and not unsafe and (in_file or size is None):
+        assert qopts is not None
+        backing_size: int | None = _backing_size(target, qopts)
+    elif size is None and has_backing:
+        # As qemu-img create -u: "Image creation needs a size parameter".
+        raise InvalidRequestError("create_image: unsafe=True needs a size (the backing file "
+                                  "is not opened)")
+    else:
+        backing_size = None
     if size is None:
-        size = _backing_size(target, qopts)
+        if backing_size is None:
+            raise InvalidRequestError("create_image: size is required without a backing_file")
+        size = backing_size
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise InvalidRequestError(f"create_image: size must be a non-negative int, not {size!r}")
     if fmt == "qcow2" and size % 512:
         raise InvalidRequestError(f"create_image: qcow2 size {size} is not a multiple of 512")
 
     if isinstance(target, (str, os.PathLike)):
-        with open(target, "wb"):
-            pass
+        # Created without truncation: the file is locked (and found unused) before any
+        # byte of it changes.
+        make_image_file(target)
         storage: Storage = FileStorage(target, writable=True)
         owned = True
     elif isinstance(target, Storage):
@@ -268,14 +324,22 @@ def _qcow2_options(options: dict[str, object]) -> Qcow2CreateOptions:
     )
 
 
-def _backing_size(target: PathOrStorage, qopts: Qcow2CreateOptions | None) -> int:
-    if qopts is None or qopts.backing_file is None:
-        raise InvalidRequestError("create_image: size is required without a backing_file")
+def _backing_size(target: PathOrStorage, qopts: Qcow2CreateOptions) -> int:
+    """create.backing.checked: open the backing file as qemu-img does; its size, rounded
+    up to whole sectors."""
+    assert qopts.backing_file is not None
     overlay = os.fspath(target) if isinstance(target, (str, os.PathLike)) else None
     path = resolve_backing_path(qopts.backing_file, overlay)
     try:
-        with open_image(path, format=qopts.backing_fmt) as backing:
+        # Shared, as qemu-img create opens it (force-share): an overlay of an image in use
+        # (an external snapshot) may be made while its user runs.
+        with open_image(path, format=qopts.backing_fmt, backing=None,
+                        force_share=True) as backing:
             size = backing.size
-    except PyimagoError:
-        raise
+    except ImageNotFoundError as exc:
+        raise ImageNotFoundError(
+            f"create_image: could not open backing image {path}: it does not exist (pass "
+            "unsafe=True to create the image anyway, as qemu-img create -u)",
+            filename=path,
+        ) from exc
     return -(-size // 512) * 512

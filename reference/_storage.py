@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import threading
 from typing import Protocol, runtime_checkable
 
-from ._errors import InvalidRequestError, ReadOnlyError
+from ._errors import ImageAccessError, ImageNotFoundError, InvalidRequestError, ReadOnlyError
 from ._prealloc import PreallocateMode
+from .locking import lock_image
 
 __all__ = [
     "Buffer",
@@ -193,14 +195,79 @@ class MemoryStorage(_StorageBase):
         pass
 
 
-class FileStorage(_StorageBase):
-    """Storage in a file, accessed with ``os.pread``/``os.pwrite`` (thread-safe)."""
+def open_image_file(path: object, writable: bool) -> tuple[str, int]:
+    """Open an image file: its path (checked) and a descriptor, or a pyimago error naming it.
 
-    def __init__(self, path: str | os.PathLike[str], *, writable: bool = False) -> None:
-        self._path = os.fspath(path)
+    storage.open.errors: a missing file, a folder, a file the OS refuses, or a path that is
+    not a path at all give ImageNotFoundError, InvalidRequestError or ImageAccessError.
+    """
+    if not isinstance(path, (str, bytes, os.PathLike)) or isinstance(path, bytes):
+        raise InvalidRequestError(f"an image path must be a str or os.PathLike, not {path!r}")
+    name = os.fspath(path)
+    if not isinstance(name, str) or not name:
+        raise InvalidRequestError(f"an image path must be a non-empty str, not {path!r}")
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(name, flags)
+    except FileNotFoundError as exc:
+        raise ImageNotFoundError(f"image file {name} does not exist", filename=name) from exc
+    except IsADirectoryError as exc:
+        raise InvalidRequestError(f"{name} is a folder, not an image file") from exc
+    except PermissionError as exc:
+        raise ImageAccessError(
+            f"cannot open {name} {'writable' if writable else 'read-only'}: {exc.strerror}",
+            filename=name,
+        ) from exc
+    if stat.S_ISDIR(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise InvalidRequestError(f"{name} is a folder, not an image file")
+    return name, fd
+
+
+def make_image_file(path: object) -> None:
+    """Create ``path`` if missing (an existing file is left as it is, not truncated)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise InvalidRequestError(f"an image path must be a str or os.PathLike, not {path!r}")
+    name = os.fspath(path)
+    try:
+        os.close(os.open(name, os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644))
+    except (IsADirectoryError, FileNotFoundError, PermissionError):
+        # open_image_file says what is wrong with the path, naming it.
+        open_image_file(name, True)
+        raise
+
+
+class FileStorage(_StorageBase):
+    """Storage in a file, accessed with ``os.pread``/``os.pwrite`` (thread-safe).
+
+    The file is locked as QEMU locks image files (``locking``: "auto" locks where the OS has
+    OFD locks, "on" insists, "off" does not lock; ``force_share`` for a read-only open takes
+    no lock that keeps writers out, as ``qemu-img -U``): a conflicting open by QEMU or by
+    pyimago raises :class:`ImageInUseError`.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        writable: bool = False,
+        locking: str = "auto",
+        force_share: bool = False,
+    ) -> None:
+        self._path, fd = open_image_file(path, writable)
         super().__init__(self._path, writable)
-        flags = os.O_RDWR if writable else os.O_RDONLY
-        self._fd: int | None = os.open(self._path, flags | getattr(os, "O_CLOEXEC", 0))
+        self._fd: int | None = fd
+        try:
+            self._locked = lock_image(fd, self._path, writable=writable, locking=locking,
+                                      force_share=force_share)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def locked(self) -> bool:
+        """Whether this storage holds QEMU-compatible locks on its file."""
+        return self._locked
 
     def __str__(self) -> str:
         return f"file:{self._path}"

@@ -7,12 +7,13 @@ This module follows imago's ``access.rs``; the clause IDs in comments name the r
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 
 from ._driver import FormatDriver
-from ._errors import DriverError, InvalidRequestError, ReadOnlyError
+from ._errors import DriverError, InvalidRequestError, ReadOnlyError, UnsupportedError
+from ._info import ImageInfo
 from ._mapping import (
     EofMapping,
     IndirectMapping,
@@ -24,11 +25,16 @@ from ._mapping import (
 )
 from ._prealloc import PreallocateMode
 from ._storage import Buffer, Storage, WritableBuffer
+from ._stream import ImageStream
 
-__all__ = ["MAX_OFFSET", "FormatAccess", "check_range"]
+__all__ = ["MAX_OFFSET", "MAX_REQUEST_BYTES", "FormatAccess", "check_range"]
 
 #: Offsets and lengths are unsigned 64-bit quantities, as in imago.
 MAX_OFFSET = (1 << 64) - 1
+
+#: The most bytes one read or write request may move: QEMU's BDRV_REQUEST_MAX_BYTES
+#: (INT_MAX rounded down to whole sectors, 2 GiB - 512).
+MAX_REQUEST_BYTES = ((1 << 31) - 1) & ~511
 
 
 def _check_int(value: object, what: str) -> int:
@@ -48,6 +54,15 @@ def check_range(offset: object, length: object, op: str) -> tuple[int, int]:
             f"{op}: range offset={off} length={ln} overflows 64 bits"
         )
     return off, ln
+
+
+def check_request_length(length: int, op: str) -> None:
+    """access.request.bounded: one data request moves at most MAX_REQUEST_BYTES."""
+    if length > MAX_REQUEST_BYTES:
+        raise InvalidRequestError(
+            f"{op}: length {length} is larger than one request may be "
+            f"({MAX_REQUEST_BYTES} bytes, QEMU's limit): split it"
+        )
 
 
 class FormatAccess:
@@ -170,6 +185,38 @@ class FormatAccess:
                 return mapping, length
             raise DriverError(f"{self._driver}: unknown mapping {mapping!r}")
 
+    def iter_mapping(
+        self, start: int = 0, length: int | None = None
+    ) -> Iterator[tuple[int, int, Mapping]]:
+        """Yield ``(offset, length, mapping)`` for consecutive ranges from ``start``.
+
+        Covers ``[start, start + length)`` cut at the disk end (``length=None``: to the disk
+        end), each range as ``get_mapping`` resolves it through the backing chain.
+        """
+        start, length = check_range(start, self.size if length is None else length,
+                                    "iter_mapping")
+        end = min(start + length, self.size)
+        offset = start
+        while offset < end:
+            mapping, n = self.get_mapping(offset, end - offset)
+            if isinstance(mapping, EofMapping):
+                return
+            yield offset, n, mapping
+            offset += n
+
+    def stream(self) -> ImageStream:
+        """The guest disk as a seekable file object (``io.RawIOBase``), writable when the
+        image is; closing it leaves the image open."""
+        return ImageStream(self)
+
+    def info(self) -> ImageInfo:
+        """This image's own format facts (not its backing chain's), as qemu-img info says."""
+        # Not part of the FormatDriver protocol: drivers outside pyimago may lack it.
+        info: Callable[[], ImageInfo] | None = getattr(self._driver, "info", None)
+        if info is None:
+            raise UnsupportedError(f"{self._driver}: the driver reports no image info")
+        return info()
+
     def ensure_data_mapping(
         self, offset: int, length: int, overwrite: bool
     ) -> tuple[Storage, int, int]:
@@ -200,6 +247,7 @@ class FormatAccess:
         """Fill ``buf`` from guest ``offset``; never short, zeroes past the end of the disk."""
         view = memoryview(buf).cast("B")
         offset, length = check_range(offset, len(view), "read")
+        check_request_length(length, "read")
         jobs: list[Callable[[], None]] = []
         pos = 0
         while pos < length:
@@ -227,14 +275,17 @@ class FormatAccess:
     def read(self, offset: int, length: int) -> bytes:
         """Read ``length`` bytes from guest ``offset`` (zeroes past the end of the disk)."""
         _, length = check_range(offset, length, "read")
+        check_request_length(length, "read")
         buf = bytearray(length)
         self.readinto(buf, offset)
         return bytes(buf)
 
     def readv(self, buffers: Iterable[WritableBuffer], offset: int) -> None:
         """Fill each buffer in turn from consecutive guest offsets starting at ``offset``."""
-        for buf in buffers:
-            view = memoryview(buf).cast("B")
+        views = [memoryview(buf).cast("B") for buf in buffers]
+        check_range(offset, sum(len(v) for v in views), "readv")
+        check_request_length(sum(len(v) for v in views), "readv")
+        for view in views:
             self.readinto(view, offset)
             offset += len(view)
 
@@ -258,6 +309,7 @@ class FormatAccess:
         """Write all of ``data`` at guest ``offset`` (never short; past the end is an error)."""
         view = memoryview(data).cast("B")
         offset, length = check_range(offset, len(view), "write")
+        check_request_length(length, "write")
         self._check_writable("write")
         self._check_within_disk(offset, length, "write")
         jobs: list[Callable[[], None]] = []
@@ -279,7 +331,9 @@ class FormatAccess:
 
     def writev(self, buffers: Iterable[Buffer], offset: int) -> None:
         """Write the buffers back to back from guest ``offset``."""
-        self.write(b"".join(memoryview(b).cast("B") for b in buffers), offset)
+        views = [memoryview(b).cast("B") for b in buffers]
+        check_request_length(sum(len(v) for v in views), "writev")
+        self.write(b"".join(views), offset)
 
     @staticmethod
     def _run(jobs: Sequence[Callable[[], None]], parallelization: int) -> None:

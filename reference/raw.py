@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ._errors import ReadOnlyError, UnsupportedError
+from ._info import ImageInfo
 from ._mapping import EofMapping, RawMapping, ShallowMapping
 from ._prealloc import PreallocateMode
 from ._storage import Storage, WritableBuffer
+from .probe import ProbedRawGuard
 
 __all__ = ["RawDriver"]
 
@@ -15,11 +17,21 @@ __all__ = ["RawDriver"]
 class RawDriver:
     """raw.passthrough: guest offset N is storage offset N; the disk size is the storage size."""
 
-    def __init__(self, storage: Storage, *, writable: bool = False) -> None:
+    def __init__(self, storage: Storage, *, writable: bool = False, probed: bool = False) -> None:
+        """``probed``: the format was probed, not given; writes that would make block 0
+        probe as another format are then refused (clause ``raw.probed.block0``)."""
         if writable and not storage.writable:
             raise ReadOnlyError(f"cannot open {storage} writable: the storage is read-only")
-        self._storage = storage
+        # raw.probed.block0: every path to the storage (mappings included) goes through
+        # the guard, so no write can bypass it.
+        self._storage: Storage = ProbedRawGuard(storage) if probed and writable else storage
         self._writable = writable
+        self._probed = probed
+
+    @property
+    def probed(self) -> bool:
+        """Whether the format was probed (block 0 is then guarded when writable)."""
+        return self._probed
 
     def __str__(self) -> str:
         return f"raw:{self._storage}"
@@ -43,6 +55,10 @@ class RawDriver:
 
     def storage_dependencies(self) -> list[Storage]:
         return [self._storage]
+
+    def info(self) -> ImageInfo:
+        """A raw image has no metadata: its format and size are all there is."""
+        return ImageInfo(format="raw", virtual_size=self.size)
 
     def get_mapping(self, offset: int, max_length: int) -> tuple[ShallowMapping, int]:
         size = self.size

@@ -565,7 +565,8 @@ def test_flush_writes_back_without_fsync(img: ImageKit, monkeypatch: pytest.Monk
         disk.flush()
         assert not calls, f"flush called {calls}"
         monkeypatch.undo()
-        with img.open(path, writable=False) as other:
+        # A second open while the first holds the image writable must share (qemu-img -U).
+        with img.open(path, writable=False, force_share=True) as other:
             assert other.read(100 * KiB, 300 * KiB) == pattern(26, 300 * KiB), (
                 "a fresh open after flush does not see the data"
             )

@@ -167,12 +167,12 @@ def test_backing_files_are_never_written(img: ImageKit) -> None:
 
 @pytest.mark.clause("backing.loop", "errors.corrupt-not-stdlib")
 def test_backing_loops_are_refused(img: ImageKit) -> None:
-    selfref = img.file("self.qcow2", 64 * KiB, "qcow2", backing_file="self.qcow2",
+    selfref = img.file("self.qcow2", 64 * KiB, "qcow2", unsafe=True, backing_file="self.qcow2",
                        backing_fmt="qcow2")
     error = expect_error(CorruptImageError, "open an image backed by itself",
                          lambda: img.open(selfref, writable=False))
     assert "self.qcow2" in str(error), f"the error does not name the file: {error}"
-    img.file("a.qcow2", 64 * KiB, "qcow2", backing_file="b.qcow2", backing_fmt="qcow2")
+    img.file("a.qcow2", 64 * KiB, "qcow2", unsafe=True, backing_file="b.qcow2", backing_fmt="qcow2")
     img.file("b.qcow2", 64 * KiB, "qcow2", backing_file="a.qcow2", backing_fmt="qcow2")
     expect_error(CorruptImageError, "open a backing loop",
                  lambda: img.open(img.tmp / "a.qcow2", writable=False))

@@ -47,6 +47,10 @@ class ConformanceStats:
     preflight_checks: int
     failures: int
     replay_files: tuple[str, ...]
+    paths: tuple[tuple[str, str], ...] = ()
+    """The paths the run took (crash states, refcount widths, ...: ``RunStats.path_rows``)."""
+    warnings: tuple[str, ...] = ()
+    """Paths the run never took (``RunStats.coverage_warnings``)."""
     crash_checks: int = 0
     """Times the power-cut states since the previous check were checked (``crash_safe``
     targets)."""
@@ -82,6 +86,8 @@ class ConformanceStats:
             preflight_checks=preflight_checks,
             failures=stats.failures,
             replay_files=tuple(stats.replay_files),
+            paths=tuple(stats.path_rows()),
+            warnings=tuple(stats.coverage_warnings()),
             crash_checks=stats.crash_checks,
             crash_states=stats.crash_states,
             crash_judged=stats.crash_judged,
@@ -114,10 +120,12 @@ class ConformanceStats:
             ("qemu-img checks", f"{self.qemu_checks:,}"),
             ("differential", f"{self.differential_steps:,} steps on the reference, "
                              f"{self.reference_reads:,} images read back by it"),
+            *self.paths,
             ("power cuts", f"{self.crash_states:,} cut states in {self.crash_checks:,} checks, "
                            f"{self.crash_judged:,} judged, {self.crash_leaks:,} leaked clusters"),
             ("failures", f"{self.failures}"),
         ]
+        rows += [("warning", what) for what in self.warnings]
         rows += [("replay file", path) for path in self.replay_files]
         return rows
 

@@ -11,7 +11,13 @@ from __future__ import annotations
 from hypothesis import strategies as st
 
 from ..ops import ChainSpec, LayerSpec, Op, OpKind
-from ..strategies import CLUSTER_SIZES, COMPRESSED, build_ops, disk_sizes, max_disk_size
+from ..strategies import (
+    CLUSTER_SIZES,
+    build_ops,
+    disk_sizes,
+    max_disk_size,
+    top_compressed_build,
+)
 from ._target import DriverCapabilities, Layout
 
 __all__ = ["driver_chain_specs"]
@@ -86,13 +92,7 @@ def driver_chain_specs(
                 build += (Op(OpKind.WRITE_ZEROES, offset,
                              min(count * granularity, size - offset)),)
         elif compress and draw(st.booleans()):
-            # Compressed clusters in the top layer too: reads of them, and copy-on-write
-            # from them when they are partly overwritten.
-            first = draw(st.integers(0, max(size // granularity - 1, 0)))
-            count = draw(st.integers(1, 4))
-            offset = first * granularity
-            build = (Op(OpKind.WRITE, offset, min(count * granularity, size - offset),
-                        mode=COMPRESSED),)
+            build = draw(top_compressed_build(size, granularity))
         layers.append(
             LayerSpec(
                 format=fmt,

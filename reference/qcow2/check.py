@@ -55,6 +55,7 @@ from .overlap import (
     MetadataRegion,
     first_overlap,
 )
+from .rebuild import rebuild_refcount_structure
 from .refcounts import get_block_entry, refcount_block_entries, set_block_entry
 from .snapshots import read_snapshot_table
 from .tables import decode_l2_entry
@@ -292,72 +293,6 @@ class _Checker:
                 t.problems.append(CheckProblem(ProblemKind.LEAK, i << self.cb, message))
         t.image_end_offset = (highest + 1) * self.cs
 
-    # -- rebuild_refcount_structure ------------------------------------------------------------
-
-    def _alloc(self, count: int, first_free: int) -> tuple[int, int]:
-        """alloc_clusters_imrt: the first run of ``count`` clusters without references from
-        ``first_free`` on (or at the end), now counted; returns it and the new first_free."""
-        cluster, run, first_gap = first_free, 0, True
-        while cluster < self.nb_clusters and run < count:
-            if not self.refs[cluster]:
-                run += 1
-                if first_gap:
-                    first_free, first_gap = cluster, False
-            else:
-                run = 0
-            cluster += 1
-        if run < count:
-            self.nb_clusters = cluster + count - run
-        cluster -= run
-        for i in range(count):
-            self.refs[cluster + i] = 1
-        return cluster, first_free
-
-    def _write_refblocks(self, first: int, end: int, reftable: list[int]) -> bool:
-        """rebuild_refcounts_write_refblocks: a block for every range of clusters with
-        references, written as the counted refcounts; whether ``reftable`` grew."""
-        grown, first_free, cluster = False, 0, first
-        while cluster < end:
-            if not self.refs[cluster]:
-                cluster += 1
-                continue
-            index = cluster // self.entries
-            start = index * self.entries
-            if index < len(reftable) and reftable[index]:
-                offset = reftable[index]
-            else:
-                block_cluster, first_free = self._alloc(1, max(first_free, start))
-                end = max(end, block_cluster + 1)
-                if index >= len(reftable):
-                    per_cluster = self.cs // 8
-                    wanted = -(-(index + 1) // per_cluster) * per_cluster
-                    reftable.extend([0] * (wanted - len(reftable)))
-                    grown = True
-                offset = reftable[index] = block_cluster << self.cb
-            block = bytearray(self.cs)
-            for c in range(start, start + self.entries):
-                if self.refs[c]:
-                    set_block_entry(block, c - start, self.h.refcount_order, self.refs[c])
-            self.storage.write(block, offset)
-            cluster = start + self.entries
-        return grown
-
-    def rebuild_structure(self) -> None:
-        """rebuild_refcount_structure: new refcount blocks and table from the counted
-        references, placed where nothing is referenced; the header switches to them last
-        (the old structure is left to leak, and the caller frees it)."""
-        reftable: list[int] = []
-        self._write_refblocks(0, self.nb_clusters, reftable)
-        while True:
-            clusters = -(-len(reftable) * 8 // self.cs)
-            start, _ = self._alloc(clusters, 0)
-            if not self._write_refblocks(start, start + clusters, reftable):
-                break
-        offset = start << self.cb
-        self.storage.write(struct.pack(f">{len(reftable)}Q", *reftable), offset)
-        self.storage.write(struct.pack(">QI", offset, clusters),
-                           FIELD_OFFSETS["refcount_table_offset"])
-
     def _refuse_overlap(self, offset: int, length: int, what: str, l1: list[int]) -> None:
         """qcow2_pre_write_overlap_check before a repair rewrites an L1 entry (``what`` is
         the active L1 table) or an L2 table (an active L2 table): the range must not be any
@@ -457,7 +392,8 @@ def _one_pass(storage: Storage, header: QCowHeader, fix: RepairMode | None) -> _
 def _rebuild(storage: Storage, checker: _Checker, old: _Tally) -> tuple[_Tally, _Checker]:
     """The refcount structure cannot be trusted: rebuild it, count again, free what the old
     structure leaves leaked, and report as QEMU does (what the rebuild fixed)."""
-    checker.rebuild_structure()
+    checker.nb_clusters = rebuild_refcount_structure(storage, checker.h, checker.refs,
+                                                     checker.nb_clusters)
     header = _read_header(storage)
     t = _Tally(problems=list(old.problems))
     t.problems.append(CheckProblem(ProblemKind.CORRUPTION, None,

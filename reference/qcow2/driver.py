@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import replace
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
 
 from .._errors import (
     CorruptImageError,
@@ -18,6 +17,7 @@ from .._errors import (
     ReadOnlyError,
     UnsupportedError,
 )
+from .._info import ImageInfo, Qcow2Info, parse_snapshot_table
 from .._mapping import (
     EofMapping,
     IndirectMapping,
@@ -31,21 +31,21 @@ from .._storage import Storage, WritableBuffer
 from .allocation import ClusterAllocator
 from .compression import decompress_cluster
 from .constants import (
+    COMPRESSION_TYPES,
     L1E_OFFSET_MASK,
+    QCOW2_COMPAT_LAZY_REFCOUNTS,
     QCOW2_INCOMPAT_CORRUPT,
+    QCOW2_INCOMPAT_DIRTY,
+    QCOW2_INCOMPAT_EXTL2,
     QCOW_OFLAG_COPIED,
     V2_HEADER_LENGTH,
 )
 from .extensions import HeaderExtension, backing_format, feature_names, parse_extensions
 from .features import check_features
-from .header import FIELD_OFFSETS, QCowHeader, l2_entries, parse_header, required_l1_size
+from .guard import MetadataGuard
+from .header import QCowHeader, l2_entries, parse_header, required_l1_size
 from .l2cache import L2Cache
 from .overlap import (
-    ACTIVE_L1,
-    ACTIVE_L2,
-    HEADER,
-    REFCOUNT_BLOCK,
-    REFCOUNT_TABLE,
     MetadataRegion,
     first_overlap,
     snapshot_regions,
@@ -76,7 +76,7 @@ _ZERO_PLAIN = L2Entry(ClusterType.ZERO_PLAIN)
 _UNALLOCATED = L2Entry(ClusterType.UNALLOCATED)
 
 
-class Qcow2Driver:
+class Qcow2Driver(MetadataGuard):
     """A qcow2 image (v2 or v3) on a storage, optionally over a backing ``FormatAccess``."""
 
     def __init__(
@@ -183,84 +183,6 @@ class Qcow2Driver:
                 # field first."  We maintain no bitmaps either, so bit 0 goes too.
                 self._write_field("autoclear_features", ">Q", 0)
 
-    # -- opening helpers ----------------------------------------------------------------------
-
-    def _check_metadata_range(
-        self, what: str, offset: int, length: int, *, check_overlap: bool = True
-    ) -> None:
-        """qcow2.metadata.*: metadata must be cluster-aligned, inside the file, not overlap."""
-        if length == 0:
-            return
-        if offset % self._cluster_size:
-            raise CorruptImageError(f"qcow2 {what} offset 0x{offset:x} is not cluster-aligned")
-        if offset >= self._storage.size():
-            raise CorruptImageError(
-                f"qcow2 {what} at offset 0x{offset:x} lies wholly outside the image file "
-                f"({self._storage.size()} bytes)"
-            )
-        if offset < self._cluster_size:
-            raise CorruptImageError(f"qcow2 {what} at offset 0x{offset:x} overlaps the header")
-        if check_overlap:
-            region = first_overlap(self._fixed_metadata(), offset, length)
-            if region is not None:
-                raise CorruptImageError(
-                    f"qcow2 {what} at offset 0x{offset:x} overlaps the {region}"
-                )
-
-    def _check_snapshot_table(self) -> None:
-        # qcow2.snapshots.table: only the active L1 table is read, but a snapshot table that
-        # lies outside the file is corruption all the same.
-        h = self.header
-        if h.nb_snapshots:
-            self._check_metadata_range("snapshot table", h.snapshots_offset, 1,
-                                       check_overlap=False)
-
-    def _fixed_metadata(self) -> list[MetadataRegion]:
-        return [
-            MetadataRegion(HEADER, 0, self._cluster_size),
-            MetadataRegion(ACTIVE_L1, self._l1_offset, self._l1_size * 8),
-            MetadataRegion(
-                REFCOUNT_TABLE,
-                self._refcounts.table_offset,
-                self._refcounts.table_clusters * self._cluster_size,
-            ),
-        ]
-
-    def _metadata_regions(self) -> Iterator[MetadataRegion]:
-        """Every metadata structure of the image (qcow2.corrupt.overlap-check)."""
-        cs = self._cluster_size
-        yield from self._fixed_metadata()
-        for offset in sorted(self._refcounts.block_offsets()):
-            yield MetadataRegion(REFCOUNT_BLOCK, offset, cs)
-        for offset in sorted({e & L1E_OFFSET_MASK for e in self._l1} - {0}):
-            yield MetadataRegion(ACTIVE_L2, offset, cs)
-        yield from self._snapshot_metadata
-
-    def _overlap_check(self, offset: int, length: int, what: str = "write") -> None:
-        """qcow2.corrupt.overlap-check: "A hit raises CorruptImageError naming the offset and
-        the structure it overlaps, and nothing is written."  (And marks the image corrupt.)"""
-        region = first_overlap(self._metadata_regions(), offset, length)
-        if region is not None:
-            self._signal_corruption(
-                f"qcow2 {self._storage}: preventing invalid {what} at 0x{offset:x}+{length}: "
-                f"it overlaps the {region}"
-            )
-
-    def _signal_corruption(self, message: str) -> NoReturn:
-        """qcow2.corrupt.mark: "a v3 image gets the corrupt bit (incompatible bit 1) set on
-        storage, every later modifying operation on the open image raises
-        CorruptImageError, and reads keep working."  (v2 has no such bit: the open image
-        still refuses writes.)"""
-        if not self._corrupt:
-            self._corrupt = True
-            # Whatever waited in the caches stays unwritten: leaks at worst.
-            self._pending_frees.clear()
-            if self.header.version >= 3:
-                flags = self.header.incompatible_features | QCOW2_INCOMPAT_CORRUPT
-                self._write_field("incompatible_features", ">Q", flags)
-                self.header = replace(self.header, incompatible_features=flags)
-        raise CorruptImageError(message + "; the image is marked corrupt, writes are refused")
-
     def _load_l1(self) -> list[int]:
         raw = self._storage.read(self._l1_offset, self._l1_size * 8) if self._l1_size else b""
         return [v for (v,) in struct.iter_unpack(">Q", raw)]
@@ -308,10 +230,32 @@ class Qcow2Driver:
     def __str__(self) -> str:
         return f"qcow2:{self._storage}"
 
-    # -- header updates -----------------------------------------------------------------------
+    def info(self) -> ImageInfo:
+        """This layer's header facts, as ``qemu-img info`` reports them."""
+        h = self.header
+        incompat = h.incompatible_features
+        snapshots = parse_snapshot_table(
+            self._storage.read, h.snapshots_offset, h.nb_snapshots, self._storage.size()
+        )
+        return ImageInfo(
+            format="qcow2",
+            virtual_size=self._size,
+            cluster_size=self._cluster_size,
+            backing_file=self.backing_file,
+            backing_format=self.backing_format,
+            dirty=bool(incompat & QCOW2_INCOMPAT_DIRTY),
+            qcow2=Qcow2Info(
+                compat="1.1" if h.version >= 3 else "0.10",
+                refcount_bits=h.refcount_bits,
+                lazy_refcounts=bool(h.compatible_features & QCOW2_COMPAT_LAZY_REFCOUNTS),
+                corrupt=bool(incompat & QCOW2_INCOMPAT_CORRUPT),
+                extended_l2=bool(incompat & QCOW2_INCOMPAT_EXTL2),
+                compression_type=COMPRESSION_TYPES.get(h.compression_type, "zlib"),
+            ),
+            snapshots=snapshots,
+        )
 
-    def _write_field(self, name: str, fmt: str, *values: int) -> None:
-        self._storage.write(struct.pack(fmt, *values), FIELD_OFFSETS[name])
+    # -- header updates -----------------------------------------------------------------------
 
     def _write_refcount_table_pointer(self, offset: int, clusters: int) -> None:
         # Offset and cluster count are adjacent (bytes 48-59): one write switches both.
@@ -324,16 +268,6 @@ class Qcow2Driver:
         if entry.l2_offset:
             self._check_l2_table(entry.l2_offset)
         return entry.l2_offset
-
-    def _check_l2_table(self, l2_offset: int) -> None:
-        try:
-            self._check_metadata_range("L2 table", l2_offset, self._cluster_size)
-        except CorruptImageError as exc:
-            if not self._writable or self._corrupt:
-                raise
-            # qcow2.corrupt.mark: "When a write would land on metadata (or metadata is found
-            # inconsistent while writing), a v3 image gets the corrupt bit".
-            self._signal_corruption(str(exc))
 
     def _load_l2(self, l2_offset: int) -> list[int]:
         return self._l2.load(l2_offset)
@@ -531,14 +465,6 @@ class Qcow2Driver:
             view[:] = cluster[pos : pos + len(view)]
             pos += len(view)
 
-    def _require_writable(self, op: str) -> None:
-        if not self._writable:
-            raise ReadOnlyError(f"{op}: {self} is read-only")
-        if self._corrupt:
-            # qcow2.corrupt.mark: "every later modifying operation on the open image raises
-            # CorruptImageError".
-            raise CorruptImageError(f"{op}: {self} is marked corrupt; writes are refused")
-
     def _begin(self, op: str) -> None:
         """Start a modifying operation other than ensure_data_mapping."""
         self._require_writable(op)
@@ -587,19 +513,6 @@ class Qcow2Driver:
         self._replace_entry(guest_cluster, L2Entry(ClusterType.NORMAL, host, True),
                             data_pending=True)
         return self._storage, host + in_cluster, chunk
-
-    def _check_data_cluster(
-        self, host: int, *, what: str = "write to", in_file: bool = True
-    ) -> None:
-        """qcow2.metadata.outside-file / qcow2.corrupt.overlap-check: a data cluster we are
-        about to write (or free) must lie in the image file and must not overlap any
-        metadata."""
-        if in_file and host >= self._storage.size():
-            raise CorruptImageError(
-                f"qcow2 data cluster 0x{host:x} lies wholly outside the image file "
-                f"({self._storage.size()} bytes): refusing {what} it"
-            )
-        self._overlap_check(host, self._cluster_size, f"{what} data cluster")
 
     # -- zeroing and discarding ---------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from hypothesis import Phase, settings
 from hypothesis.stateful import run_state_machine_as_test
+from pyimago.oracle.crash import crash_clauses
 from pyimago.oracle.machines import make_machine
 from pyimago.oracle.profiles import (
     CI_MAX_EXAMPLES,
@@ -33,6 +34,7 @@ from pyimago.reference import (
     open_image,
 )
 from pyimago.reference.qcow2.l2cache import L2Cache
+from pyimago.reference.qcow2.refcounts import RefcountTable, set_block_entry
 from pyimago.reference.qcow2.tables import ClusterType, L2Entry, l2_index
 
 # -- the mutants ----------------------------------------------------------------------------
@@ -116,14 +118,82 @@ class L2BoundaryOffByOne(Qcow2Driver):
                               pinned=pinned)
 
 
-MUTANTS: dict[str, type[Qcow2Driver]] = {
+class EntryBeforeData(Qcow2Driver):
+    """Crash ordering: every L2 entry is written through at once, so a new cluster's entry
+    reaches storage before the guest data FormatAccess writes into it (crash.order.
+    data-before-entry): a cut in between shows a cluster of zeroes."""
+
+    def _set_l2_entry(
+        self, guest_offset: int, entry: L2Entry, *, write_through: bool, pinned: bool = False
+    ) -> None:
+        super()._set_l2_entry(guest_offset, entry, write_through=True, pinned=pinned)
+
+
+class _MsbFirstRefcounts(RefcountTable):
+    """Sub-byte refcounts packed from the most significant bit (QEMU packs from the least);
+    reads still unpack them QEMU's way."""
+
+    def set(self, cluster_index: int, value: int) -> None:
+        bits = 1 << self._order
+        if bits >= 8:
+            super().set(cluster_index, value)
+            return
+        per_byte = 8 // bits
+        index = cluster_index % self._entries
+        mirrored = index - index % per_byte + (per_byte - 1 - index % per_byte)
+        table_index = cluster_index // self._entries
+        offset = self._block_offset(table_index) or self._create_block(table_index)
+        block = self._load_block(offset)
+        set_block_entry(block, mirrored, self._order, value)
+        start = index // per_byte
+        self._storage.write(block[start : start + 1], offset + start)
+
+
+class SubByteRefcountPacking(Qcow2Driver):
+    """Refcounts narrower than a byte (1, 2 and 4 bits) are packed in the wrong order."""
+
+    @staticmethod
+    def _after_swap(driver: Qcow2Driver) -> None:
+        driver._refcounts.__class__ = _MsbFirstRefcounts
+
+
+class ReadvOddOffset(FormatAccess):
+    """readv advances by each buffer's size rounded down to even: odd-size buffers after the
+    first read from one byte too early."""
+
+    def readv(self, buffers: Any, offset: int) -> None:
+        for buf in buffers:
+            view = memoryview(buf).cast("B")
+            self.readinto(view, offset)
+            offset += len(view) & ~1
+
+
+class ParallelDropsLastJob(FormatAccess):
+    """With parallelization > 1, the last job of a request split into several is never
+    submitted (its part of the buffer is left as it was, its data never written)."""
+
+    @staticmethod
+    def _run(jobs: Any, parallelization: int) -> None:
+        if parallelization > 1 and len(jobs) > 1:
+            jobs = jobs[:-1]
+        FormatAccess._run(jobs, parallelization)
+
+
+MUTANTS: dict[str, type[Any]] = {
     "no-copy-on-write": NoCopyOnWrite,
     "stale-discard-to-backing": StaleDiscardToBacking,
     "lower-explicit-zero": LowerExplicitZero,
     "regrow-keeps-old-tail": RegrowKeepsOldTail,
     "lose-dirty-l2-on-eviction": LoseDirtyL2OnEviction,
     "l2-boundary-off-by-one": L2BoundaryOffByOne,
+    "entry-before-data": EntryBeforeData,
+    "sub-byte-refcount-packing": SubByteRefcountPacking,
+    "readv-odd-offset": ReadvOddOffset,
+    "parallel-drops-last-job": ParallelDropsLastJob,
 }
+
+#: Mutants whose bug is a broken power-cut promise (killed by the crash rule).
+CRASH_MUTANTS = frozenset({"entry-before-data"})
 
 CLAUSES = {
     "no-copy-on-write": ("access.cow.partial-cluster",),
@@ -132,16 +202,27 @@ CLAUSES = {
     "regrow-keeps-old-tail": ("access.resize.grow-zero", "access.resize.shrink-discards"),
     "lose-dirty-l2-on-eviction": ("access.close.flushes", "access.invalidate-cache"),
     "l2-boundary-off-by-one": ("qcow2.l2.entry-layout",),
+    "entry-before-data": ("crash.power-cut", "crash.order.data-before-entry"),
+    "sub-byte-refcount-packing": ("qcow2.refcount.no-leaks",),
+    "readv-odd-offset": ("access.read.no-short",),
+    "parallel-drops-last-job": ("access.parallel.same-result",),
 }
 
 
-def _swap_chain(access: Any, mutant: type[Qcow2Driver]) -> None:
-    """Turn every reference qcow2 driver in the chain into the mutant (same state)."""
+def _swap_chain(access: Any, mutant: type[Any]) -> None:
+    """Turn every reference qcow2 driver (or, for a FormatAccess mutant, every FormatAccess)
+    in the chain into the mutant (same state)."""
     layer = access
     while isinstance(layer, FormatAccess):
         driver = layer.driver
-        if type(driver) is Qcow2Driver:
+        if issubclass(mutant, FormatAccess):
+            if type(layer) is FormatAccess:
+                layer.__class__ = mutant
+        elif type(driver) is Qcow2Driver:
             driver.__class__ = mutant
+            hook = getattr(mutant, "_after_swap", None)
+            if hook is not None:
+                hook(driver)
         layer = getattr(driver, "backing", None)
 
 
@@ -187,7 +268,7 @@ def _param(name: str) -> Any:
     return pytest.param(name, id=name, marks=pytest.mark.clause(*CLAUSES[name]))
 
 
-_HELPERS = {"_shift"}
+_HELPERS = {"_shift", "_after_swap"}
 
 
 @pytest.mark.parametrize("name", list(MUTANTS))
@@ -195,9 +276,12 @@ def test_mutant_overrides_exist_in_the_reference(name: str) -> None:
     # A renamed driver method would leave the mutant harmless (and the test below failing);
     # say so directly.
     mutant = MUTANTS[name]
+    base = FormatAccess if issubclass(mutant, FormatAccess) else Qcow2Driver
     for attr, value in vars(mutant).items():
+        if isinstance(value, staticmethod):
+            value = value.__func__
         if callable(value) and not attr.startswith("__") and attr not in _HELPERS:
-            assert hasattr(Qcow2Driver, attr), f"{name}: Qcow2Driver has no {attr} any more"
+            assert hasattr(base, attr), f"{name}: {base.__name__} has no {attr} any more"
 
 
 @pytest.mark.parametrize("name", [_param(n) for n in MUTANTS])
@@ -208,6 +292,10 @@ def test_machine_catches_mutant(name: str) -> None:
     )
     # Caught by the oracle, not by a mutant that broke on a renamed attribute.
     assert not isinstance(error, (AttributeError, NameError, TypeError)), repr(error)
+    if crash_clauses(error) and name not in CRASH_MUTANTS:
+        # The reference itself breaks the power-cut rule until issue 10's fixes land: such a
+        # kill says nothing about this mutant.
+        pytest.xfail(f"issue 10: {name} was killed by a known write-ordering bug first")
     print(f"{name}: caught after {stats.examples} examples, {stats.steps} steps, {elapsed:.1f}s")
 
 

@@ -36,6 +36,7 @@ AREAS = {
     "qcow2-snapshots",
     "qcow2-corrupt",
     "crash",
+    "tools",
 }
 
 # IDs that tests and code already cite: they are part of the contract and must never vanish.

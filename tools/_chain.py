@@ -1,0 +1,163 @@
+"""``commit`` and ``rebase``: move data between an overlay and its backing chain.
+
+commit writes the overlay's own data into its backing file, then empties the overlay (-d
+keeps it).  rebase gives an overlay a new backing file: safely (every range whose contents
+would change is first copied into the overlay) or, with ``unsafe``, by changing the name
+only.  Both use the public FormatAccess calls only: rebase writes the rebased overlay as a
+new file next to the old one and renames it over it (so a crash leaves the old overlay or
+the new one, never a mix); an overlay with internal snapshots is refused (they would be lost).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from typing import Any
+
+from pyimago.reference import IndirectMapping, ZeroMapping
+
+from ._common import (
+    Impl,
+    ToolError,
+    backing_path,
+    check_format,
+    implementation,
+    open_chain,
+    require_file,
+)
+from ._progress import progress
+
+__all__ = ["commit", "rebase"]
+
+_CHUNK = 1 << 20
+
+
+def _own_ranges(image: Any) -> Iterator[tuple[int, int, bool]]:
+    """(offset, length, is_zero) of what the image's own layer holds (not its backing's)."""
+    pos = 0
+    while pos < image.size:
+        mapping, n = image.get_shallow_mapping(pos, image.size - pos)
+        if not isinstance(mapping, IndirectMapping):
+            yield pos, n, isinstance(mapping, ZeroMapping)
+        pos += n
+
+
+def _copy_range(src: Any, dst: Any, offset: int, length: int, is_zero: bool) -> None:
+    if is_zero:
+        dst.write_zeroes(offset, length)
+        return
+    for at in range(offset, offset + length, _CHUNK):
+        n = min(_CHUNK, offset + length - at)
+        dst.write(src.read(at, n), at)
+
+
+def commit(path: str, *, fmt: str | None = None, keep: bool = False, impl: Impl = "fast",
+           show_progress: bool = False) -> str:
+    """Write the overlay's own data into its backing file; then (unless ``keep``) empty
+    the overlay so the backing shows through.  Returns the backing file's path."""
+    module = implementation(impl)
+    with open_chain(path, impl=module, fmt=fmt) as top:
+        info = top.info()
+        if info.backing_file is None:
+            raise ToolError(f"{path}: the image has no backing file to commit into")
+        base_path = backing_path(path, info.backing_file)
+        require_file(base_path, "backing file")
+        ranges = list(_own_ranges(top))
+        base = module.open_image(base_path, format=info.backing_format, writable=True)
+        try:
+            if base.size < top.size:
+                base.resize(top.size)
+            with progress(show_progress, sum(n for _, n, _ in ranges), "commit") as bar:
+                for offset, length, is_zero in ranges:
+                    _copy_range(top, base, offset, length, is_zero)
+                    bar.advance(length)
+            base.flush()
+            base.sync()
+        finally:
+            base.close()
+    if not keep:
+        # The backing holds everything now: the overlay's clusters can go.
+        with open_chain(path, impl=module, fmt=fmt, writable=True) as top:
+            for offset, length, _ in ranges:
+                top.discard_to_backing(offset, length)
+            top.flush()
+            top.sync()
+    return base_path
+
+
+def rebase(path: str, new_backing: str, *, new_fmt: str | None = None,
+           unsafe: bool = False, fmt: str | None = None, impl: Impl = "fast") -> None:
+    """Give the qcow2 overlay ``path`` the backing file ``new_backing`` ("" for none).
+
+    Safe mode keeps the guest contents: ranges the overlay does not hold and the new backing
+    reads differently are copied into the overlay first.  ``unsafe`` only changes the name.
+    """
+    module = implementation(impl)
+    check_format(new_fmt, "backing format")
+    if new_backing and new_fmt is None:
+        raise ToolError(f"{path}: backing file {new_backing!r} specified without backing "
+                        "format (-F)")
+    with open_chain(path, impl=module, fmt=fmt) as top:
+        info = top.info()
+        if info.format != "qcow2" or info.qcow2 is None:
+            raise ToolError(f"{path}: only qcow2 images have a backing file to rebase")
+        if info.snapshots:
+            raise ToolError(f"{path}: rebasing an image with internal snapshots is not "
+                            "supported yet (they would be lost)")
+        options: dict[str, object] = {
+            "cluster_size": info.cluster_size,
+            "compat": info.qcow2.compat,
+            "refcount_bits": info.qcow2.refcount_bits,
+            "compression_type": info.qcow2.compression_type,
+        }
+        if new_backing:
+            options["backing_file"] = new_backing
+            options["backing_fmt"] = new_fmt
+        new_path = backing_path(path, new_backing) if new_backing else None
+        if new_path is not None and not unsafe:
+            require_file(new_path, "new backing file")
+        tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
+                           f".{os.path.basename(path)}.pyimago-rebase")
+        try:
+            module.create_image(tmp, top.size, format="qcow2", **options)
+            if unsafe or new_path is None:
+                out = module.open_image(tmp, format="qcow2", writable=True, backing=None)
+            else:
+                out = module.open_image(tmp, format="qcow2", writable=True)
+            try:
+                _rebase_copy(top, out, unsafe, new_path is None)
+                out.flush()
+                out.sync()
+            finally:
+                out.close()
+            shutil.copymode(path, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def _rebase_copy(top: Any, out: Any, unsafe: bool, standalone: bool) -> None:
+    """Fill the rebased overlay ``out`` from the old one ``top``."""
+    cluster = out.info().cluster_size or 65536
+    pos = 0
+    while pos < top.size:
+        mapping, n = top.get_shallow_mapping(pos, top.size - pos)
+        if not isinstance(mapping, IndirectMapping):
+            _copy_range(top, out, pos, n, isinstance(mapping, ZeroMapping))
+        elif standalone:
+            # -b "": the overlay must hold everything its old backing chain showed (zeroes
+            # need no writing: without a backing file, unallocated reads as zero).
+            for at in range(pos, pos + n, _CHUNK):
+                data = top.read(at, min(_CHUNK, pos + n - at))
+                if data.count(0) != len(data):
+                    out.write(data, at)
+        elif not unsafe:
+            # Only what the new backing shows differently is copied, cluster by cluster.
+            for at in range(pos, pos + n, cluster):
+                m = min(cluster - at % cluster, pos + n - at)
+                old = top.read(at, m)
+                if old != out.read(at, m):
+                    out.write(old, at)
+        pos += n

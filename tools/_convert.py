@@ -1,0 +1,212 @@
+"""``convert``: copy an image's guest contents into a new (or existing) image.
+
+As ``qemu-img convert``: the source's block status decides what is copied; zero and
+unallocated ranges stay holes in a fresh output without a backing file (and so do runs of
+zeroes inside data, ``sparse_size`` bytes or longer); with ``-B`` only the source's top layer
+is copied, the rest is left to the new backing file; with ``-n`` the output exists already
+and zero ranges are written as zeroes.  Reads run on a thread pool, ahead of the writes,
+which stay in order on the calling thread (allocation in the output is serial anyway).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from pyimago.reference import IndirectMapping, ZeroMapping
+
+from ._common import Impl, ToolError, check_format, implementation, open_chain, require_file
+from ._map import block_status
+from ._progress import progress
+
+__all__ = ["ConvertOptions", "convert"]
+
+#: Bytes one read job copies.
+_CHUNK = 2 << 20
+_SECTOR = 512
+#: Zero runs that can hold a whole sector, or end the buffer (the disk's partial last one).
+_ZERO_RUN = re.compile(b"\\x00{512,}|\\x00+\\Z")
+_DATA, _ZERO, _BACKING = "data", "zero", "backing"
+
+
+@dataclass(frozen=True, slots=True)
+class ConvertOptions:
+    """What ``qemu-img convert`` options ask for (validated by :func:`convert`)."""
+
+    out_fmt: str = "raw"
+    options: tuple[tuple[str, object], ...] = ()
+    compress: bool = False
+    backing: str | None = None
+    backing_fmt: str | None = None
+    no_create: bool = False
+    sparse_size: int = 4096
+    workers: int = 4
+    show_progress: bool = False
+
+
+def _runs(source: Any, path: str, top_only: bool) -> Iterator[tuple[int, int, str]]:
+    """(offset, length, kind) over the source: data to copy, zeroes, or left to a backing."""
+    if not top_only:
+        for e in block_status(source, path):
+            yield e.start, e.length, _ZERO if e.zero else _DATA
+        return
+    pos = 0
+    while pos < source.size:
+        mapping, n = source.get_shallow_mapping(pos, source.size - pos)
+        if isinstance(mapping, IndirectMapping):
+            kind = _BACKING
+        elif isinstance(mapping, ZeroMapping):
+            kind = _ZERO
+        else:
+            kind = _DATA
+        yield pos, n, kind
+        pos += n
+
+
+def _chunks(runs: Iterator[tuple[int, int, str]]) -> Iterator[tuple[int, int, str]]:
+    """Runs merged by kind and cut into jobs: data in reads of at most ``_CHUNK`` bytes
+    aligned to ``_CHUNK`` (small data runs are merged, so zero detection sees whole runs)."""
+    pending: tuple[int, int, str] | None = None
+    for offset, length, kind in runs:
+        if pending is not None and pending[2] == kind and pending[0] + pending[1] == offset:
+            pending = (pending[0], pending[1] + length, kind)
+        else:
+            if pending is not None:
+                yield from _cut(*pending)
+            pending = (offset, length, kind)
+        # Hand finished whole chunks on early: the reads then start before the scan ends.
+        if pending[2] == _DATA and pending[1] >= 2 * _CHUNK:
+            start, n, _ = pending
+            keep_from = (start + n) // _CHUNK * _CHUNK
+            yield from _cut(start, keep_from - start, _DATA)
+            pending = (keep_from, start + n - keep_from, _DATA)
+    if pending is not None:
+        yield from _cut(*pending)
+
+
+def _cut(offset: int, length: int, kind: str) -> Iterator[tuple[int, int, str]]:
+    end = offset + length
+    while offset < end:
+        stop = min(end, (offset // _CHUNK + 1) * _CHUNK) if kind == _DATA else end
+        yield offset, stop - offset, kind
+        offset = stop
+
+
+def _zero_pieces(data: bytes, offset: int, sparse: int) -> Iterator[tuple[int, int, bool]]:
+    """Split ``data`` (at guest ``offset``) into (offset, length, is_zero) pieces.
+
+    qemu-img.c ``is_allocated_sectors_min``: a run of whole zero 512-byte sectors at least
+    ``sparse`` bytes long is a hole; everything else is data (``sparse`` 0: all data).
+    """
+    if sparse <= 0:
+        yield offset, len(data), False
+        return
+    holes: list[tuple[int, int]] = []
+    for match in _ZERO_RUN.finditer(data):
+        # Shrink the run inward to whole sectors of the guest's 512-byte grid (a partial
+        # sector at the buffer's end counts whole: it is the disk's last one).
+        lo = match.start() + (-(offset + match.start()) % _SECTOR)
+        hi = match.end()
+        if hi < len(data):
+            hi -= (offset + hi) % _SECTOR
+        # Leading and trailing zero sectors are always holes; inner runs from ``sparse``.
+        edge = lo == 0 or hi == len(data)
+        if hi > lo and (edge or hi - lo >= sparse):
+            holes.append((lo, hi))
+    pos = 0
+    for lo, hi in holes:
+        if lo > pos:
+            yield offset + pos, lo - pos, False
+        yield offset + lo, hi - lo, True
+        pos = hi
+    if pos < len(data):
+        yield offset + pos, len(data) - pos, False
+
+
+def _validate(src: str, dst: str, opts: ConvertOptions) -> dict[str, object]:
+    require_file(src, "source image")
+    check_format(opts.out_fmt, "output format")
+    if opts.compress:
+        raise ToolError("compressed output (-c) is not supported yet: no pyimago implementation "
+                        "writes compressed clusters")
+    if opts.workers < 1 or opts.workers > 64:
+        raise ToolError(f"-m must be between 1 and 64, not {opts.workers}")
+    if opts.sparse_size < 0 or opts.sparse_size % 512:
+        raise ToolError(f"-S must be a multiple of 512, not {opts.sparse_size}")
+    create = dict(opts.options)
+    if opts.backing is not None:
+        if opts.out_fmt != "qcow2":
+            raise ToolError(f"a backing file (-B) needs -O qcow2, not {opts.out_fmt}")
+        if opts.no_create:
+            raise ToolError("-B and -n cannot be combined (the output exists already)")
+        create["backing_file"] = opts.backing
+        if opts.backing_fmt is not None:
+            create["backing_fmt"] = check_format(opts.backing_fmt, "backing format")
+    if opts.no_create:
+        require_file(dst, "output image")
+    elif os.path.isdir(dst):
+        raise ToolError(f"output {dst!r} is a directory")
+    return create
+
+
+def convert(src: str, dst: str, opts: ConvertOptions | None = None, *, impl: Impl = "fast",
+            fmt: str | None = None) -> None:
+    """Copy the guest contents of ``src`` into ``dst`` as ``qemu-img convert`` does."""
+    opts = opts or ConvertOptions()
+    module = implementation(impl)
+    create = _validate(src, dst, opts)
+    with open_chain(src, impl=module, fmt=fmt) as source:
+        size = source.size
+        fresh = not opts.no_create
+        if fresh:
+            target_size = -(-size // 512) * 512 if opts.out_fmt == "qcow2" else size
+            module.create_image(dst, target_size, format=opts.out_fmt, **create)
+        target = module.open_image(dst, format=opts.out_fmt, writable=True)
+        try:
+            if target.size < size:
+                raise ToolError(f"output {dst!r} ({target.size} bytes) is smaller than the "
+                                f"source ({size} bytes)")
+            _copy(source, src, target, opts, zero_init=fresh and opts.backing is None)
+            target.flush()
+            target.sync()
+        finally:
+            target.close()
+
+
+def _copy(source: Any, src: str, target: Any, opts: ConvertOptions, zero_init: bool) -> None:
+    pending: deque[tuple[int, int, str, Future[bytes] | None]] = deque()
+    window = 2 * opts.workers
+    with (ThreadPoolExecutor(max_workers=opts.workers, thread_name_prefix="convert") as pool,
+          progress(opts.show_progress, source.size, "convert") as bar):
+        for offset, length, kind in _chunks(_runs(source, src, opts.backing is not None)):
+            job = pool.submit(source.read, offset, length) if kind == _DATA else None
+            pending.append((offset, length, kind, job))
+            if len(pending) >= window:
+                _write(target, *pending.popleft(), opts, zero_init)
+                bar.advance(length)
+        while pending:
+            _write(target, *pending.popleft(), opts, zero_init)
+        bar.advance(0)
+
+
+def _write(target: Any, offset: int, length: int, kind: str, job: Future[bytes] | None,
+           opts: ConvertOptions, zero_init: bool) -> None:
+    if kind == _BACKING:
+        return
+    if kind == _ZERO:
+        if not zero_init:
+            target.write_zeroes(offset, length)
+        return
+    assert job is not None
+    data = job.result()
+    for piece, n, is_zero in _zero_pieces(data, offset, opts.sparse_size):
+        if not is_zero:
+            at = piece - offset
+            target.write(data[at : at + n], piece)
+        elif not zero_init:
+            target.write_zeroes(piece, n)
