@@ -159,7 +159,7 @@ def test_an_unaligned_snapshot_offset_is_refused_with_no_snapshots() -> None:
 
 def test_a_missing_backing_file_is_a_pyimago_error(tmp_path: Path) -> None:
     top = tmp_path / "top.qcow2"
-    fast.create_image(top, 65536, backing_file="gone.raw", backing_fmt="raw")
+    fast.create_image(top, 65536, backing_file="gone.raw", backing_fmt="raw", unsafe=True)
     with pytest.raises(ImageNotFoundError, match=r"gone\.raw") as info:
         fast.open_image(top)
     assert isinstance(info.value, FileNotFoundError)
