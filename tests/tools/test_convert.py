@@ -112,7 +112,10 @@ def test_convert_peer_images(peer_folder: Path, tmp_path: Path) -> None:
         if probe.returncode != 0 or status == 2:
             continue  # refused by either (recorded in MANIFEST.md / specs)
         assert status == 0
-        assert (tmp_path / "ours.raw").read_bytes() == (tmp_path / "qemu.raw").read_bytes(), path
+        # Compared by qemu-img (holes skipped), not in memory: some disks are 10 GiB.
+        same = qemu_img("compare", "-f", "raw", "-F", "raw", tmp_path / "ours.raw",
+                        tmp_path / "qemu.raw", ok=(0, 1))
+        assert same.returncode == 0, (path, same.stdout)
         converted += 1
     assert converted >= 10
 
