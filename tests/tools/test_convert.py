@@ -50,7 +50,10 @@ def test_convert_to_raw_is_byte_identical_to_qemus(qemu_corpus: list[Any], impl:
         ours, theirs = tmp_path / f"{spec.name}.ours.raw", tmp_path / f"{spec.name}.qemu.raw"
         convert(str(spec.path), str(ours), ConvertOptions(out_fmt="raw"), impl=impl)
         qemu_img("convert", "-O", "raw", spec.path, theirs)
-        assert ours.read_bytes() == theirs.read_bytes(), spec.name
+        if spec.path.stat().st_size < 64 << 20 and ours.stat().st_size < 64 << 20:
+            assert ours.read_bytes() == theirs.read_bytes(), spec.name
+        else:  # the 5 GiB sparse disk: compared by qemu-img, holes skipped
+            assert qemu_img("compare", "-f", "raw", "-F", "raw", ours, theirs).returncode == 0
         # Sparse: never more data than qemu-img's output (which also writes block 0).
         assert _data_bytes(ours) <= _data_bytes(theirs), spec.name
         ours.unlink()
