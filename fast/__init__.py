@@ -6,10 +6,10 @@ own qcow2 and raw code: metadata caches of decoded arrays, coalesced mapping run
 contiguous allocation, mmap-backed file reads and thread-pool parallel requests.
 
 It exports every name of :mod:`pyimago.reference` but the reference's two drivers
-(``Qcow2Driver``, ``RawDriver``) and its checker (``check``): the contract types, gates and
-``AUTO`` are the reference's very objects; ``FileStorage`` is :class:`FastFileStorage`;
-``open_image``, ``create_image`` and ``probe_format`` take the reference's parameters under
-the same names (and a few more).
+(``Qcow2Driver``, ``RawDriver``): the contract types, gates and ``AUTO`` are the reference's
+very objects; ``FileStorage`` is :class:`FastFileStorage`; ``open_image``, ``create_image``,
+``probe_format`` and ``check`` (its own, as ``qemu-img check [-r]``) take the reference's
+parameters under the same names (and a few more).
 """
 
 from __future__ import annotations

@@ -29,6 +29,9 @@ from pyimago.reference._prealloc import PreallocateMode
 from pyimago.reference._storage import Buffer, Storage, WritableBuffer
 from pyimago.reference._stream import ImageStream
 
+# access.request.bounded (QEMU's BDRV_REQUEST_MAX_BYTES): the contract's very constant.
+from pyimago.reference.access import MAX_REQUEST_BYTES
+
 from ._layer import Clear
 from ._qcow2 import Qcow2Layer
 from ._raw import RawLayer
@@ -39,8 +42,6 @@ __all__ = ["MAX_OFFSET", "MAX_REQUEST_BYTES", "FormatAccess"]
 Layer: TypeAlias = Qcow2Layer | RawLayer
 
 MAX_OFFSET = (1 << 64) - 1
-#: access.request.bounded: QEMU's BDRV_REQUEST_MAX_BYTES, the most one data request moves.
-MAX_REQUEST_BYTES = (0x7FFFFFFF >> 9) << 9
 #: Requests smaller than this are not worth a thread hand-off.
 _PARALLEL_MIN = 128 << 10
 _CHUNK_MIN = 64 << 10

@@ -32,6 +32,7 @@ class MetadataGuard:
 
     # Provided by the layer.
     storage: Storage
+    writable: bool
     hdr: Header
     refs: Refcounts
     _cbits: int
@@ -131,14 +132,19 @@ class MetadataGuard:
     # -- the checks -----------------------------------------------------------------------
 
     def _vet_table(self, what: str, ofs: int) -> None:
-        """An L2 table or refcount block must be a whole cluster of its own in the file."""
+        """An L2 table or refcount block must be a whole cluster of its own in the file.
+
+        On an image open for writing, a misplaced table is a corruption found while writing
+        could follow: the image is marked corrupt (qcow2.corrupt.mark), as QEMU does.
+        """
         cs = self._cs
+        bad = self.mark_corrupt if self.writable else CorruptImageError
         if ofs & self._cmask:
-            raise CorruptImageError(f"qcow2: {what} offset 0x{ofs:x} is not cluster-aligned")
+            raise bad(f"qcow2: {what} offset 0x{ofs:x} is not cluster-aligned")
         if ofs < cs:
-            raise CorruptImageError(f"qcow2: {what} at 0x{ofs:x} overlaps the header")
+            raise bad(f"qcow2: {what} at 0x{ofs:x} overlaps the header")
         if ofs >= self._file_end and ofs >= self._file_size_now():
-            raise CorruptImageError(
+            raise bad(
                 f"qcow2: {what} at 0x{ofs:x} lies wholly outside the image file "
                 f"({self._file_end} bytes)"
             )
@@ -148,7 +154,7 @@ class MetadataGuard:
             ("refcount table", hdr.reftable.at, hdr.reftable.n * cs),
         ):
             if n and at < ofs + cs and ofs < at + n:
-                raise CorruptImageError(f"qcow2: {what} at 0x{ofs:x} overlaps the {name}")
+                raise bad(f"qcow2: {what} at 0x{ofs:x} overlaps the {name}")
 
     def _vet_block(self, ofs: int) -> None:
         self._vet_table("refcount block", ofs)

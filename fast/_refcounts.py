@@ -69,8 +69,9 @@ class Refcounts:
         self.span = table
         self.table = decode_u64_table(read_meta(table.at, table.n * self._cs))
         self._table_dirty = False
-        #: First cluster that may be free (nothing below it is).
-        self._hint = 1
+        #: First cluster that may be free (nothing below it is).  It starts at 0, as QEMU's
+        #: allocator does: a header whose refcount says free is caught by the overlap check.
+        self._hint = 0
         #: End (bytes) of the highest cluster handed out since opening.
         self.end = 0
         #: Bumped whenever a block is added or the table moves (metadata placement changed).
@@ -81,7 +82,7 @@ class Refcounts:
         self.blocks.clear()
         self.table = decode_u64_table(self._read(self.span.at, self.span.n * self._cs))
         self._table_dirty = False
-        self._hint = 1
+        self._hint = 0
         self.generation += 1
 
     # -- blocks ---------------------------------------------------------------------------
@@ -128,7 +129,7 @@ class Refcounts:
             blk[idx] -= 1
             self._mark(cluster >> self._shift)
             if blk[idx] == 0 and cluster < self._hint:
-                self._hint = max(1, cluster)
+                self._hint = cluster
 
     # -- allocation -----------------------------------------------------------------------
 

@@ -187,11 +187,13 @@ def _copy(source: Any, src: str, target: Any, opts: ConvertOptions, zero_init: b
             job = pool.submit(source.read, offset, length) if kind == _DATA else None
             pending.append((offset, length, kind, job))
             if len(pending) >= window:
-                _write(target, *pending.popleft(), opts, zero_init)
-                bar.advance(length)
+                done = pending.popleft()
+                _write(target, *done, opts, zero_init)
+                bar.advance(done[1])
         while pending:
-            _write(target, *pending.popleft(), opts, zero_init)
-        bar.advance(0)
+            done = pending.popleft()
+            _write(target, *done, opts, zero_init)
+            bar.advance(done[1])
 
 
 def _write(target: Any, offset: int, length: int, kind: str, job: Future[bytes] | None,

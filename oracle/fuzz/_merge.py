@@ -2,7 +2,9 @@
 
 Both work field by field from the dataclass's own fields, so a counter added to
 :class:`ConformanceStats` is carried and summed without touching this module: integers add
-up, ``(key, count)`` tables add up by key, lists of names concatenate.
+up, ``(key, count)`` tables add up by key, ``(label, text)`` rows keep each run's text
+(joined by `` | `` where the runs differ), lists of names concatenate; ``warnings`` (paths a
+run never took) keeps the ones no run took.
 """
 
 from __future__ import annotations
@@ -40,11 +42,29 @@ def stats_from_json(obj: dict[str, Any]) -> ConformanceStats:
     return ConformanceStats(**{k: _frozen(v) for k, v in obj.items() if k in names})
 
 
-def _is_table(values: Sequence[Any]) -> bool:
+def _is_pairs(values: Sequence[Any]) -> bool:
     return all(
         isinstance(v, tuple) and all(isinstance(p, tuple) and len(p) == 2 for p in v)
         for v in values
     ) and any(values)
+
+
+def _is_table(values: Sequence[Any]) -> bool:
+    """``(key, count)`` pairs, counts whole numbers."""
+    return _is_pairs(values) and all(
+        isinstance(count, int) and not isinstance(count, bool)
+        for value in values for _, count in value
+    )
+
+
+def _merge_rows(values: Iterable[tuple[tuple[str, Any], ...]]) -> tuple[tuple[str, str], ...]:
+    texts: dict[str, list[str]] = {}
+    for rows in values:
+        for label, text in rows:
+            seen = texts.setdefault(label, [])
+            if str(text) not in seen:
+                seen.append(str(text))
+    return tuple((label, " | ".join(seen)) for label, seen in texts.items())
 
 
 def _merge_table(name: str, values: Iterable[tuple[tuple[Any, int], ...]]) -> tuple[Any, ...]:
@@ -76,8 +96,15 @@ def merge_stats(runs: Sequence[ConformanceStats], *, parallel: bool) -> Conforma
             merged[field.name] = any(values)
         elif isinstance(values[0], (int, float)):
             merged[field.name] = sum(values)
+        elif field.name == "warnings":
+            # A path the campaign never took is one that no run took.
+            merged[field.name] = tuple(
+                w for w in values[0] if all(w in value for value in values[1:])
+            )
         elif isinstance(values[0], tuple) and _is_table(values):
             merged[field.name] = _merge_table(field.name, values)
+        elif isinstance(values[0], tuple) and _is_pairs(values):
+            merged[field.name] = _merge_rows(values)
         elif isinstance(values[0], tuple):
             merged[field.name] = tuple(item for value in values for item in value)
         else:

@@ -60,6 +60,19 @@ def test_merged_stats_add_up_and_keep_the_campaign_throughput() -> None:
         merge_stats([], parallel=True)
 
 
+def test_text_rows_and_warnings_merge_as_text_and_as_paths_never_taken() -> None:
+    a = dataclasses.replace(_stats(1, 5, 1.0, {"write": 1}),
+                            paths=(("refcount widths", "16: 2"), ("parallel jobs", "0")),
+                            warnings=("no sync call", "no L2-boundary crossing"))
+    b = dataclasses.replace(_stats(1, 5, 1.0, {"read": 1}),
+                            paths=(("refcount widths", "1: 1, 16: 3"), ("parallel jobs", "0")),
+                            warnings=("no L2-boundary crossing",))
+    merged = merge_stats([a, b], parallel=True)
+    assert merged.paths == (("refcount widths", "16: 2 | 1: 1, 16: 3"), ("parallel jobs", "0"))
+    assert merged.warnings == ("no L2-boundary crossing",)
+    assert stats_from_json(json.loads(json.dumps(stats_to_json(merged)))) == merged
+
+
 def test_no_two_workers_or_rounds_share_a_seed() -> None:
     spec = CampaignSpec(target="t", workers=3, seed=100, folder="f")
     seeds = [spec.seed_of(w, r) for w in range(3) for r in range(4)]

@@ -64,6 +64,13 @@ def _corpus_builder() -> Any:
     return runpy.run_path(str(_CORPUS_SCRIPT), run_name=_CORPUS_MODULE)["build_corpus"]
 
 
+@functools.cache
+def damaged_fixtures() -> dict[str, Any]:
+    """The names of tests/fixtures/damaged.py (QEMU's damaged-image cases)."""
+    script = _CORPUS_SCRIPT.with_name("damaged.py")
+    return runpy.run_path(str(script), run_name="pyimago_fast_tests_damaged")
+
+
 @pytest.fixture(scope="session")
 def qemu_corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Any]]:
     """Every image of the QEMU-made corpus (built once per worker)."""

@@ -14,7 +14,7 @@ import pytest
 #: (``qemu-img check``'s counterpart; fast has none of its own yet).
 REFERENCE_ONLY = {"Qcow2Driver", "RawDriver", "check"}
 #: Names both export, each its own implementation.
-OWN = {"FormatAccess", "FileStorage", "open_image", "create_image", "probe_format"}
+OWN = {"FormatAccess", "FileStorage", "open_image", "create_image", "probe_format", "check"}
 
 
 def test_fast_exports_every_reference_name() -> None:
@@ -29,7 +29,8 @@ def test_contract_names_are_the_reference_s_objects(name: str) -> None:
     assert getattr(fast, name) is getattr(reference, name)
 
 
-@pytest.mark.parametrize("name", ["open_image", "create_image", "probe_format", "FileStorage"])
+@pytest.mark.parametrize("name", ["open_image", "create_image", "probe_format", "FileStorage",
+                                  "check"])
 def test_same_parameter_names(name: str) -> None:
     ours = inspect.signature(getattr(fast, name)).parameters
     theirs = inspect.signature(getattr(reference, name)).parameters

@@ -17,7 +17,7 @@ from pyimago.fast._header import Span
 from pyimago.fast._snapshots import read_snapshot_table
 from pyimago.reference import ImageNotFoundError
 
-from .conftest import qemu_img, require_qemu
+from .conftest import damaged_fixtures, qemu_img, require_qemu
 
 CS = 512
 
@@ -159,10 +159,51 @@ def test_an_unaligned_snapshot_offset_is_refused_with_no_snapshots() -> None:
 
 def test_a_missing_backing_file_is_a_pyimago_error(tmp_path: Path) -> None:
     top = tmp_path / "top.qcow2"
-    fast.create_image(top, 65536, backing_file="gone.raw", backing_fmt="raw")
+    fast.create_image(top, 65536, backing_file="gone.raw", backing_fmt="raw", unsafe=True)
     with pytest.raises(ImageNotFoundError, match=r"gone\.raw") as info:
         fast.open_image(top)
     assert isinstance(info.value, FileNotFoundError)
     assert info.value.filename == str(tmp_path / "gone.raw")
     with pytest.raises(ImageNotFoundError, match="nothere"):
         fast.open_image(tmp_path / "nothere.qcow2")
+
+
+# -- QEMU's damaged-image cases (tests/fixtures/damaged.py) --------------------------------------
+
+
+damaged = damaged_fixtures()
+CASES = {c.name: c for c in damaged["DAMAGED_CASES"]}
+
+
+@pytest.mark.clause("qcow2.corrupt.overlap-check", "qcow2.corrupt.mark")
+@pytest.mark.parametrize("name", [n for n, c in CASES.items() if c.expect == "write-corrupt"])
+def test_qemu_damaged_write_is_refused_and_marks_the_image_corrupt(
+    tmp_path: Path, name: str
+) -> None:
+    require_qemu()
+    path = damaged["build_case"](name, tmp_path)
+    before = path.read_bytes()
+    offset, length = CASES[name].probe
+    with fast.open_image(path, writable=True, backing=None) as img:
+        with pytest.raises(CorruptImageError, match=r"0x[0-9a-f]+ .*(overwrite|overlaps)"):
+            img.write(b"\x2a" * length, offset)
+        if name != "060-l2-into-l1":  # an L2 table over the L1 table is refused on reads too
+            assert img.read(offset, length) == fast.open_image(
+                MemoryStorage(before), backing=None).read(offset, length)
+        for op in (lambda: img.write(b"\x01", 0), lambda: img.write_zeroes(0, 512),
+                   lambda: img.discard_to_any(0, 512), lambda: img.resize(img.size + 512)):
+            with pytest.raises(CorruptImageError):
+                op()
+    after = path.read_bytes()
+    assert _corrupt_bit(after)
+    assert after[:72] == before[:72] and after[80:] == before[80:]
+    assert "corrupt: true" in qemu_img("info", path).stdout
+
+
+@pytest.mark.parametrize("name", [n for n, c in CASES.items() if c.expect == "open-error"])
+def test_qemu_damaged_header_is_refused_at_open(tmp_path: Path, name: str) -> None:
+    require_qemu()
+    path = damaged["build_case"](name, tmp_path)
+    for writable in (False, True):
+        with pytest.raises(CorruptImageError):
+            fast.open_image(path, writable=writable, backing=None)

@@ -72,7 +72,10 @@ def test_reference_meets_the_contract(tmp_path: Path) -> None:
     }
     assert not failing, f"the reference fails clauses: {json.dumps(failing, indent=1)}"
     totals = data["summary"]["totals"]
-    assert totals["pass"] >= 0.9 * len(clauses), totals
+    # The tools area (specs/tools.toml) is the image tools' contract, checked against
+    # qemu-img by tests/tools, not by the implementation's conformance suite.
+    implementation_clauses = [cid for cid in clauses if not cid.startswith("tools.")]
+    assert totals["pass"] >= 0.9 * len(implementation_clauses), totals
     assert rc == 0 and data["exit_code"] == 0
     assert data["machines"] is None
 

@@ -50,7 +50,10 @@ def test_convert_to_raw_is_byte_identical_to_qemus(qemu_corpus: list[Any], impl:
         ours, theirs = tmp_path / f"{spec.name}.ours.raw", tmp_path / f"{spec.name}.qemu.raw"
         convert(str(spec.path), str(ours), ConvertOptions(out_fmt="raw"), impl=impl)
         qemu_img("convert", "-O", "raw", spec.path, theirs)
-        assert ours.read_bytes() == theirs.read_bytes(), spec.name
+        if spec.path.stat().st_size < 64 << 20 and ours.stat().st_size < 64 << 20:
+            assert ours.read_bytes() == theirs.read_bytes(), spec.name
+        else:  # the 5 GiB sparse disk: compared by qemu-img, holes skipped
+            assert qemu_img("compare", "-f", "raw", "-F", "raw", ours, theirs).returncode == 0
         # Sparse: never more data than qemu-img's output (which also writes block 0).
         assert _data_bytes(ours) <= _data_bytes(theirs), spec.name
         ours.unlink()
@@ -112,7 +115,10 @@ def test_convert_peer_images(peer_folder: Path, tmp_path: Path) -> None:
         if probe.returncode != 0 or status == 2:
             continue  # refused by either (recorded in MANIFEST.md / specs)
         assert status == 0
-        assert (tmp_path / "ours.raw").read_bytes() == (tmp_path / "qemu.raw").read_bytes(), path
+        # Compared by qemu-img (holes skipped), not in memory: some disks are 10 GiB.
+        same = qemu_img("compare", "-f", "raw", "-F", "raw", tmp_path / "ours.raw",
+                        tmp_path / "qemu.raw", ok=(0, 1))
+        assert same.returncode == 0, (path, same.stdout)
         converted += 1
     assert converted >= 10
 
