@@ -26,12 +26,7 @@ from dataclasses import dataclass, field, replace
 from typing import cast
 
 from .._check import CheckProblem, CheckResult, ProblemKind, RepairMode
-from .._errors import (
-    CorruptImageError,
-    InvalidRequestError,
-    UnsupportedError,
-    UnsupportedFeatureError,
-)
+from .._errors import CorruptImageError, InvalidRequestError, UnsupportedError
 from .._open import probe_format
 from .._storage import FileStorage, Storage
 from .constants import (
@@ -40,7 +35,6 @@ from .constants import (
     L2E_OFFSET_MASK,
     L2E_STD_RESERVED_MASK,
     QCOW2_INCOMPAT_CORRUPT,
-    QCOW2_INCOMPAT_DATA_FILE,
     QCOW2_INCOMPAT_DIRTY,
     QCOW_MAX_L1_SIZE,
     QCOW_MAX_REFTABLE_SIZE,
@@ -461,7 +455,9 @@ def check_image(storage: Storage, name: str, repair: RepairMode | None) -> Check
         opened = Qcow2Driver(storage, writable=False).header
         if opened.has_data_file or opened.extended_l2:
             # qcow2.corrupt.check: these images are read, but the counting below knows only
-            # standard L2 entries whose data clusters the image file's refcounts hold.
+            # standard L2 entries whose data clusters the image file's refcounts hold (data
+            # file clusters are not refcounted: counting them would report a healthy image
+            # corrupt, and a repair would damage it).
             raise UnsupportedError(
                 f"check: {name} has "
                 f"{'an external data file' if opened.has_data_file else 'extended L2 entries'}"
@@ -530,13 +526,6 @@ def check(image: object, *, repair: RepairMode | None = None) -> CheckResult:
         if probe_format(storage) != "qcow2":
             raise UnsupportedError(f"check: {name} is not a qcow2 image (qemu-img: this image "
                                    "format does not support checks)")
-        if int.from_bytes(storage.read(72, 8), "big") & QCOW2_INCOMPAT_DATA_FILE and \
-                int.from_bytes(storage.read(4, 4), "big") >= 3:
-            # Data file clusters are not refcounted: counting them as ours would report a
-            # healthy image corrupt.  Reading such images works; checking them does not yet.
-            raise UnsupportedFeatureError(
-                f"check: {name} has an external data file: checking such images is not "
-                "supported yet", feature="external data file")
         return check_image(storage, name, repair)
     finally:
         if owned:

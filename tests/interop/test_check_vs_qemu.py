@@ -234,3 +234,24 @@ def test_peer_image_checks_as_qemu_does(
     if path.read_bytes()[:4] != b"QFI\xfb":
         pytest.skip(f"{peer.name} is not a qcow2 image")
     assert_agrees(check, path)
+
+
+@pytest.mark.clause("qcow2.corrupt.check")
+@pytest.mark.parametrize("options", ["data_file=data.bin", "extended_l2=on"])
+def test_images_read_but_not_checked_are_one_check_error(
+    check: Callable[..., Any], tmp_path: Path, options: str
+) -> None:
+    """Data-file and extended-L2 images open for reading, but check() does not count them:
+    one check error and exit 1, never a miscount (or a repair) of a healthy image."""
+    require_qemu()
+    path = tmp_path / "img.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", options, str(path), "1M"],
+                   check=True, cwd=tmp_path, timeout=QEMU_TIMEOUT)
+    subprocess.run(["qemu-io", "-c", "write -P 7 0 64k", str(path)], check=True,
+                   cwd=tmp_path, capture_output=True, timeout=QEMU_TIMEOUT)
+    before = path.read_bytes()
+    for repair in (None, "all"):
+        result = check(path, repair=repair)
+        assert (result.exit_code, result.check_errors, result.corruptions) == (1, 1, 0)
+        assert "does not check them yet" in str(result.problems[0])
+    assert path.read_bytes() == before
