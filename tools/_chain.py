@@ -57,7 +57,10 @@ def commit(path: str, *, fmt: str | None = None, keep: bool = False, impl: Impl 
     """Write the overlay's own data into its backing file; then (unless ``keep``) empty
     the overlay so the backing shows through.  Returns the backing file's path."""
     module = implementation(impl)
-    with open_chain(path, impl=module, fmt=fmt) as top:
+    # The overlay's chain is opened force-share: its read-only lock on the backing file would
+    # otherwise refuse the writable open of that same file below (QEMU's commit job reopens
+    # the one backing node read-write instead; we hold two opens of it).
+    with open_chain(path, impl=module, fmt=fmt, force_share=True) as top:
         info = top.info()
         if info.backing_file is None:
             raise ToolError(f"{path}: the image has no backing file to commit into")

@@ -63,13 +63,16 @@ def require_file(path: str, what: str = "image") -> None:
 
 @contextmanager
 def open_chain(
-    path: str, *, impl: Impl = "fast", fmt: str | None = None, writable: bool = False
+    path: str, *, impl: Impl = "fast", fmt: str | None = None, writable: bool = False,
+    force_share: bool = False,
 ) -> Iterator[Any]:
-    """Open ``path`` (and its backing chain) with ``impl``; the image is closed afterwards."""
+    """Open ``path`` (and its backing chain) with ``impl``; the image is closed afterwards.
+    ``force_share`` opens read-only without the shared-permission locks (qemu-img ``-U``)."""
     require_file(path)
     module = implementation(impl)
     try:
-        image = module.open_image(path, format=check_format(fmt), writable=writable)
+        image = module.open_image(path, format=check_format(fmt), writable=writable,
+                                  force_share=force_share)
     except (PyimagoError, OSError) as exc:
         # Name the image the user gave: the driver's message may only name a field.
         message = str(exc) if path in str(exc) else f"{path}: {exc}"

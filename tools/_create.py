@@ -88,7 +88,7 @@ def create(
                 size = int(base.size)
     if size is None:
         raise ToolError("a size is needed (no backing file to take it from)")
-    module.create_image(path, size, format=fmt, **opts)
+    module.create_image(path, size, format=fmt, unsafe=unsafe, **opts)
     return formatting_line(path, fmt, size, {k: v for k, v in opts.items()})
 
 
