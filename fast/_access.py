@@ -84,6 +84,20 @@ def _pieces(size: int, parts: int) -> int:
     return max(_CHUNK_MIN, (-(-size // parts) + 4095) & ~4095)
 
 
+def _split(host: int, size: int, step: int) -> Iterator[tuple[int, int]]:
+    """``[a, b)`` pieces of about ``step`` bytes for a write of ``size`` bytes at ``host``.
+
+    crash.power-cut: "every sector changed since reads either its durable value or a value
+    a later operation gave it" -- a cut between two pieces must not leave a 512-byte sector
+    half old, half new, so every boundary between pieces lies on a 4 KiB host boundary.
+    """
+    a = 0
+    b = step + (-(host + step)) % 4096
+    while a < size:
+        yield a, min(b, size)
+        a, b = b, b + step
+
+
 class FormatAccess:
     """Access to a disk image through a pyimago.fast layer (and its backing chain)."""
 
@@ -341,9 +355,9 @@ class FormatAccess:
         storage = self._layer.storage
         step = _pieces(n, threads)
         jobs = [
-            _writer(storage, part[at : at + step], host + at)
+            _writer(storage, part[a:b], host + a)
             for host, part in transfers
-            for at in range(0, len(part), step)
+            for a, b in _split(host, len(part), step)
         ]
         self._spread(jobs, threads)
 

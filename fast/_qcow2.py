@@ -65,6 +65,7 @@ from ._header import (
 )
 from ._inflate import inflate_cluster
 from ._layer import Clear, LayerBase
+from ._probe import SECTOR
 from ._refcounts import Refcounts
 from ._runs import K_COMP, K_DATA, K_DATA_RO, K_EOF, K_UNALLOC, K_ZERO
 from ._snapshots import Snapshot, pick, read_snapshot_table
@@ -724,16 +725,10 @@ class Qcow2Layer(MetadataGuard, LayerBase):
             # does not overwrite is zeroed.
             self._vet_in_place(h, cs)
             n = min(end, (c + 1) << cbits) - offset
-            if not overwrite:
-                self.storage.write_zeroes(h, cs)
-            else:
-                if in_c:
-                    self.storage.write_zeroes(h, in_c)
-                if in_c + n < cs:
-                    self.storage.write_zeroes(h + in_c + n, cs - in_c - n)
+            written = self._fill_zero_cluster(h, in_c, n, data, overwrite)
             tbl[l2i] = h | COPIED
             self._l2.touch(tofs, tbl)
-            return h + in_c, n, False
+            return h + in_c, n, written
         hc, m = self.refs.allocate(k)
         if m < k:
             olds = olds[:m]
@@ -772,6 +767,41 @@ class Qcow2Layer(MetadataGuard, LayerBase):
         if held:
             self._drop_refs(tofs, held)
         return host + in_c, wend - offset, written
+
+    def _fill_zero_cluster(
+        self, h: int, in_c: int, n: int, data: memoryview | None, overwrite: bool
+    ) -> bool:
+        """Zero the host cluster ``h`` of a zero cluster reused in place, except the
+        ``[in_c, in_c + n)`` the caller overwrites; with ``data`` (the caller's bytes),
+        write them too and return True.
+
+        The on-disk entry may still map ``h`` as the data it held before the zeroing (the
+        zero flag lives in the cache until the table is written), so these writes show
+        through right away.  crash.power-cut: "every sector changed since reads either its
+        durable value or a value a later operation gave it" -- so no 512-byte sector may be
+        split between two storage writes: the partial sectors at either end of the
+        caller's range go out in one write with the caller's data (QEMU merges its
+        copy-on-write with the guest data the same way), the whole sectors around it are
+        zeroed.
+        """
+        cs = self._cs
+        stop = in_c + n
+        if not overwrite or (data is None and (in_c or stop < cs)):
+            # Nothing to merge with: the whole cluster is zeroed in one write.
+            self.storage.write_zeroes(h, cs)
+            return False
+        lo = in_c - in_c % SECTOR
+        hi = min(cs, -(-stop // SECTOR) * SECTOR)
+        if lo:
+            self.storage.write_zeroes(h, lo)
+        if hi < cs:
+            self.storage.write_zeroes(h + hi, cs - hi)
+        if data is None or (lo == in_c and hi == stop):
+            return False
+        buf = bytearray(hi - lo)
+        buf[in_c - lo : stop - lo] = data[:n]
+        self.storage.write(buf, h + lo)
+        return True
 
     def _fresh_run(self, tbl: array[int] | None, c: int, stop: int) -> tuple[int, list[int]]:
         """How many guest clusters from ``c`` (before ``stop``, in one table) need a new host

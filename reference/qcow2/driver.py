@@ -611,8 +611,14 @@ class Qcow2Driver(MetadataGuard):
         if entry.type is ClusterType.ZERO_ALLOC and entry.copied:
             host = entry.host_offset
             self._check_data_cluster(host)
-            for a, b in keep:
-                self._storage.write_zeroes(host + a, b - a)
+            # crash.power-cut: "every sector changed since reads either its durable value or
+            # a value a later operation gave it". The table on storage may still map this
+            # host cluster as the data it held before it was zeroed, so these writes show
+            # at once: zeroing the kept ranges one by one could split a 512-byte sector
+            # between two writes (half old data, half zeroes). The whole cluster is zeroed
+            # in one write instead; the caller's data follows.
+            if keep:
+                self._storage.write_zeroes(host, self._cluster_size)
         else:
             content = self._cluster_content(guest_cluster, entry) if keep else b""
             host = self._allocator.allocate(1)

@@ -129,6 +129,37 @@ def test_first_write_into_compressed_or_shared_cluster(
     assert reads(bytes(rec.state_after(rec.mutations)))[1] == expected_after
 
 
+@pytest.mark.clause("crash.power-cut")
+@pytest.mark.parametrize("cs", [512, 4096])
+def test_write_into_a_zeroed_cluster_splits_no_sector(cs: int) -> None:
+    # Campaign seeds 10197 and 10279: write_zeroes over a synced data cluster keeps its host
+    # cluster (zero flag in the cache, old data still mapped on storage); an unaligned write
+    # reuses it in place, and zeroing what it does not cover range by range split a 512-byte
+    # sector between two storage writes: a cut in between read half old data, half zeroes.
+    require_qemu()
+    top = MemoryStorage(name="top")
+    create_image(top, 4 * cs, cluster_size=cs)
+    rec = recorded(top.snapshot())
+    at, n = (cs + 1100, cs - 2300) if cs > 512 else (cs + 100, 200)
+    with open_image(rec, writable=True, backing=None) as img:
+        img.write(b"\x0c" * cs, cs)
+        img.flush()
+        img.sync()
+        since = rec.mutations
+        img.write_zeroes(0, 4 * cs)
+        img.write(b"\x11" * n, at)
+    old = bytes(cs) + b"\x0c" * cs + bytes(2 * cs)
+    new = bytearray(4 * cs)
+    new[at : at + n] = b"\x11" * n
+    for k, image in every_cut(rec, since):
+        _, content = reads(image)
+        for s in range(0, 4 * cs, 512):
+            got = content[s : s + 512]
+            assert got in (old[s : s + 512], bytes(512), new[s : s + 512]), (
+                f"cut after mutation {k}: sector 0x{s:x} reads {got.hex()[:16]}..")
+    assert reads(bytes(rec.state_after(rec.mutations)))[1] == new
+
+
 @pytest.mark.clause("crash.order.new-structure-before-pointer", "crash.power-cut")
 @pytest.mark.parametrize("refcount_bits", [1, 16, 64])
 def test_new_refcount_block_counts_itself_before_it_is_linked(refcount_bits: int) -> None:
