@@ -108,6 +108,9 @@ class RefcountTable:
         self._table_clusters = table_clusters
         raw = storage.read(table_offset, table_clusters * self._cluster_size)
         self._table: list[int] = [v for (v,) in struct.iter_unpack(">Q", raw)]
+        # block_offsets() is asked on every overlap check; a 2 MiB-cluster table has 256 Ki
+        # entries, so the set is kept until the table changes (None: recompute).
+        self._block_set: frozenset[int] | None = None
         # Refcount blocks are written through, so this cache only ever holds clean copies.
         self._blocks: OrderedDict[int, bytearray] = OrderedDict()
 
@@ -123,9 +126,11 @@ class RefcountTable:
     def table_clusters(self) -> int:
         return self._table_clusters
 
-    def block_offsets(self) -> set[int]:
+    def block_offsets(self) -> frozenset[int]:
         """Host offsets of every refcount block in use."""
-        return {e & REFT_OFFSET_MASK for e in self._table} - {0}
+        if self._block_set is None:
+            self._block_set = frozenset({e & REFT_OFFSET_MASK for e in self._table} - {0})
+        return self._block_set
 
     def invalidate_cache(self) -> None:
         self._blocks.clear()
@@ -242,6 +247,7 @@ class RefcountTable:
         self._storage.write(block, offset)
         self._blocks[offset] = block
         self._table[table_index] = offset
+        self._block_set = None
         self._storage.write(struct.pack(">Q", offset), self._table_offset + 8 * table_index)
         return offset
 
@@ -305,6 +311,7 @@ class RefcountTable:
         self._write_header(new_offset, new_table_clusters)
         old_offset, old_clusters = self._table_offset, self._table_clusters
         self._table = table
+        self._block_set = None
         self._table_offset, self._table_clusters = new_offset, new_table_clusters
         for c in range(old_clusters):
             self.add((old_offset >> self._cluster_bits) + c, -1)

@@ -99,16 +99,14 @@ def test_cli_replay_exit_status(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert "replay passed" in capsys.readouterr().out
 
 
-def test_failing_machine_writes_a_replay_and_notes_the_log(
-    tmp_path: Path, known_crash_bugs: Any
-) -> None:
+def test_failing_machine_writes_a_replay_and_notes_the_log(tmp_path: Path) -> None:
     machine = make_machine(
         _broken_target(),
         chains=chain_specs(storages=("memory",), depths=(2, 2), base_formats=("raw",)),
         failures_dir=str(tmp_path),
         qemu_img=None,
     )
-    with known_crash_bugs(), pytest.raises(OracleFailure) as info:
+    with pytest.raises(OracleFailure) as info:
         run_state_machine_as_test(
             machine,
             # No shrinking (slow, and Hypothesis's business): the final replay of the failing
@@ -125,11 +123,8 @@ def test_failing_machine_writes_a_replay_and_notes_the_log(
     # The shrunk sequence still fails on replay, and the reference passes it.
     replay = load_replay(str(files[0]))
     assert run_replay(replay, _broken_target(), qemu_img=None).failed
-    with known_crash_bugs():
-        result = run_replay(replay, reference_target(), qemu_img=None)
-        if result.failed and "power cut" in result.log:
-            pytest.xfail("issue 10: the reference breaks the power-cut rule on this sequence")
-    assert not result.failed
+    result = run_replay(replay, reference_target(), qemu_img=None)
+    assert not result.failed, result.log
 
 
 def test_cli_run_prints_a_summary(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -62,9 +62,7 @@ def _param(name: str) -> Any:
 
 
 @pytest.mark.parametrize("family", [_param(name) for name in FAMILIES])
-def test_reference_passes_the_machine(
-    family: str, tmp_path: Any, known_crash_bugs: Any
-) -> None:
+def test_reference_passes_the_machine(family: str, tmp_path: Any) -> None:
     if family == "files-qemu-checked" and shutil.which("qemu-img") is None:
         pytest.skip("qemu-img is not installed: file chains run without the QEMU checks")
     chains, _ = FAMILIES[family]
@@ -72,8 +70,7 @@ def test_reference_passes_the_machine(
     machine = make_machine(
         reference_target(), chains=chains, stats=stats, failures_dir=str(tmp_path)
     )
-    with known_crash_bugs():
-        run_state_machine_as_test(machine, settings=oracle_settings())
+    run_state_machine_as_test(machine, settings=oracle_settings())
     assert stats.examples > 0 and stats.steps > 0
     if family == "everything" and len(stats.chains) < 0.8 * stats.examples:
         # Diversity (issue 9 asks >= 80 % distinct chains in ci): not reached yet, so it is
