@@ -461,6 +461,9 @@ class Session:
             model = FlatModel(
                 spec.size, traits_for(spec), backing, prealloc=_CREATE_PREALLOC[spec.preallocation]
             )
+            # Current from the first layer on: a failure while building a lower layer is
+            # torn down against the model of the layer being built, not an AttributeError.
+            self.model = model
             self._create(index)
             self.models.append(model)
             if index < len(layers) - 1 and spec.build:
