@@ -11,6 +11,7 @@ import os
 import runpy
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -67,8 +68,7 @@ def _corpus_builder() -> Any:
 @functools.cache
 def damaged_fixtures() -> dict[str, Any]:
     """The names of tests/fixtures/damaged.py (QEMU's damaged-image cases)."""
-    script = _CORPUS_SCRIPT.with_name("damaged.py")
-    return runpy.run_path(str(script), run_name="pyimago_fast_tests_damaged")
+    return vars(sys.modules["pyimago_tests_damaged"])  # registered by tests/conftest.py
 
 
 @pytest.fixture(scope="session")

@@ -12,15 +12,15 @@ import gzip
 import importlib
 import importlib.util
 import json
+import os
 import random
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
+import pyimago_tests_damaged as damaged
 import pytest
 from pyimago.oracle.crash import RecordingStorage
 from pyimago.reference import MemoryStorage, create_image, open_image
@@ -38,7 +38,7 @@ FIELDS = (
     "compressed-clusters",
 )
 
-PEER_IMAGES = Path("/work/shared/peer-images")
+PEER_IMAGES = Path(os.environ.get("PYIMAGO_PEER_IMAGES", "/work/shared/peer-images"))
 
 #: Images pyimago refuses to open on purpose where QEMU opens them: check() says it cannot
 #: check them (exit 1) where qemu-img checks them.  Recorded in specs/ (the clause named).
@@ -49,20 +49,6 @@ REFUSED_ON_PURPOSE = {
     "data-file.qcow2": "qcow2.corrupt.check: data-file images are read but not checked yet",
 }
 
-
-def _damaged() -> ModuleType:
-    name = "pyimago_tests_damaged"
-    if name not in sys.modules:
-        path = Path(__file__).resolve().parent.parent / "fixtures" / "damaged.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-damaged = _damaged()
 
 
 @pytest.fixture(params=IMPLEMENTATIONS)

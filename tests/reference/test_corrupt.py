@@ -8,11 +8,9 @@ written but the corrupt bit, later writes are refused and reads keep working
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 
+import pyimago_tests_damaged as damaged
 import pytest
 from pyimago.reference import (
     CorruptImageError,
@@ -31,20 +29,6 @@ from pyimago_tests_reference_helpers import (
 
 pytestmark = pytest.mark.qemu
 
-
-def _damaged() -> ModuleType:
-    name = "pyimago_tests_damaged"
-    if name not in sys.modules:
-        path = Path(__file__).resolve().parent.parent / "fixtures" / "damaged.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-damaged = _damaged()
 CASES = {c.name: c for c in damaged.DAMAGED_CASES}
 _CORRUPT_BIT = 1 << 1
 
