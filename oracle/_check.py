@@ -73,6 +73,40 @@ def _shallow_kind(mapping: Any, offset: int) -> Alloc:
     raise OracleFailure(f"get_shallow_mapping(0x{offset:x}) returned {mapping!r}", offset=offset)
 
 
+def _step_failure(
+    prefix: str, call: str, mapping: Any, pos: int, length: int, end: int, size: int,
+    asked: str,
+) -> OracleFailure | None:
+    """Whether one step of a mapping walk over ``[pos, end)`` broke the protocol: EOF before
+    the disk end, or a length that is not positive or runs past ``end`` (the lengths must
+    tile the disk)."""
+    if isinstance(mapping, EofMapping):
+        return OracleFailure(
+            f"{prefix}{call}(0x{pos:x}) reports EOF before the disk end 0x{size:x}",
+            offset=pos,
+            clauses=("access.mapping.eof-top-only",),
+        )
+    if length <= 0 or pos + length > end:
+        return OracleFailure(
+            f"{prefix}{call}({asked}) returned {mapping} with length 0x{length:x}, "
+            f"which does not tile the disk (end 0x{size:x})",
+            offset=pos,
+            clauses=("access.mapping.tiling",),
+        )
+    return None
+
+
+def _require_eof(prefix: str, call: str, size: int, result: tuple[Any, int]) -> None:
+    """At the disk end, ``call`` must answer EOF with length 0."""
+    mapping, length = result
+    if not isinstance(mapping, EofMapping) or length != 0:
+        raise OracleFailure(
+            f"{prefix}{call} at the disk end 0x{size:x} returned ({mapping}, {length}), not EOF",
+            offset=size,
+            clauses=("access.mapping.eof-top-only",),
+        )
+
+
 def _shallow_units(
     access: Access, model: FlatModel, start: int, end: int
 ) -> dict[int, set[Alloc]]:
@@ -84,32 +118,16 @@ def _shallow_units(
     pos = start
     while pos < end:
         mapping, length = access.get_shallow_mapping(pos, end - pos)
-        if isinstance(mapping, EofMapping):
-            raise OracleFailure(
-                f"get_shallow_mapping(0x{pos:x}) reports EOF before the disk end 0x{size:x}",
-                offset=pos,
-                clauses=("access.mapping.eof-top-only",),
-            )
-        if length <= 0 or pos + length > end:
-            raise OracleFailure(
-                f"get_shallow_mapping(0x{pos:x}, 0x{end - pos:x}) returned {mapping} with "
-                f"length 0x{length:x}",
-                offset=pos,
-                clauses=("access.mapping.tiling",),
-            )
+        failure = _step_failure("", "get_shallow_mapping", mapping, pos, length, end, size,
+                                f"0x{pos:x}, 0x{end - pos:x}")
+        if failure is not None:
+            raise failure
         kind = _shallow_kind(mapping, pos)
         for unit in range(pos // g, (pos + length - 1) // g + 1):
             units[unit].add(kind)
         pos += length
     if end == size:
-        mapping, length = access.get_shallow_mapping(size, g)
-        if not isinstance(mapping, EofMapping) or length != 0:
-            raise OracleFailure(
-                f"get_shallow_mapping at the disk end 0x{size:x} returned ({mapping}, "
-                f"{length}), not EOF",
-                offset=size,
-                clauses=("access.mapping.eof-top-only",),
-            )
+        _require_eof("", "get_shallow_mapping", size, access.get_shallow_mapping(size, g))
     return units
 
 
@@ -177,31 +195,15 @@ def check_image(
     while pos < end:
         # At the disk end, ask for more than is left: the length must stop at the end.
         mapping, length = access.get_mapping(pos, end - pos + (g if end == size else 0))
-        if isinstance(mapping, EofMapping):
-            raise OracleFailure(
-                f"{what}: get_mapping(0x{pos:x}) reports EOF before the disk end 0x{size:x}",
-                offset=pos,
-                clauses=("access.mapping.eof-top-only",),
-            )
-        if length <= 0 or pos + length > end:
-            raise OracleFailure(
-                f"{what}: get_mapping(0x{pos:x}) returned {mapping} with length 0x{length:x}, "
-                f"which does not tile the disk (end 0x{size:x})",
-                offset=pos,
-                clauses=("access.mapping.tiling",),
-            )
+        failure = _step_failure(f"{what}: ", "get_mapping", mapping, pos, length, end, size,
+                                f"0x{pos:x}")
+        if failure is not None:
+            raise failure
         _check_mapping(what, "get_mapping", mapping, pos, length,
                        actual[pos - start : pos - start + length], units, g)
         pos += length
     if end == size:
-        mapping, length = access.get_mapping(size, g)
-        if not isinstance(mapping, EofMapping) or length != 0:
-            raise OracleFailure(
-                f"{what}: get_mapping at the disk end 0x{size:x} returned ({mapping}, "
-                f"{length}), not EOF",
-                offset=size,
-                clauses=("access.mapping.eof-top-only",),
-            )
+        _require_eof(f"{what}: ", "get_mapping", size, access.get_mapping(size, g))
     return end - start
 
 
