@@ -163,8 +163,10 @@ def create_image(
     qcow2: ``cluster_size`` (512..2 MiB, default 65536), ``compat`` ("0.10" or "1.1"),
     ``refcount_bits`` (1..64, default 16), ``backing_file``, ``backing_fmt``,
     ``preallocation`` ("off", "metadata", "falloc", "full"; only "off" with a backing
-    file, as qemu-img), ``compression_type`` ("zlib", "zstd").  raw takes ``preallocation``
-    only.  ``size`` may be None for a qcow2 image with a backing file: the backing file's
+    file, as qemu-img), ``compression_type`` ("zlib", "zstd"), ``extended_l2`` (bool: 32
+    subclusters per cluster, clusters of 16 KiB or more), ``data_file`` (guest data in that
+    file, its name relative to the image's folder; created or emptied) and ``data_file_raw``
+    (bool: the data file is kept the raw disk).  raw takes ``preallocation`` only.  ``size`` may be None for a qcow2 image with a backing file: the backing file's
     size (rounded up to 512) is used.  A file image's backing file is opened first, as
     qemu-img does, so a missing one is an error (create.backing.checked) unless
     ``unsafe=True`` (qemu-img ``create -u``; a size is then required).  A file held by
