@@ -199,7 +199,7 @@ class Qcow2Layer(MetadataGuard, LayerBase):
         )
         l2_limit = l2_cache_tables if l2_cache_tables is not None else (budget - budget // 5) // cs
         self._l2 = TableCache(l2_limit, self._store_l2, self._before_l2_store,
-                              self._release_pending)
+                              self._release_pending, entry_flag=COPIED)
         #: Clusters (first, count) to release once the table at a key (an L2 table's offset,
         #: or _AFTER_L1) is on storage.
         self._pending_frees: dict[int, list[tuple[int, int]]] = {}
