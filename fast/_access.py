@@ -31,6 +31,7 @@ from pyimago.reference._mapping import (
     ZeroMapping,
 )
 from pyimago.reference._prealloc import PreallocateMode
+from pyimago.reference._snapshot import SnapshotInfo
 from pyimago.reference._storage import Buffer, Storage, WritableBuffer
 from pyimago.reference._stream import ImageStream
 
@@ -42,6 +43,7 @@ from ._layer import Clear
 from ._qcow2 import Qcow2Layer
 from ._raw import RawLayer
 from ._runs import K_DATA_RO, K_EOF
+from ._snapshot_write import apply_snapshot, create_snapshot, delete_snapshot
 
 __all__ = ["MAX_OFFSET", "MAX_REQUEST_BYTES", "FormatAccess"]
 
@@ -400,6 +402,38 @@ class FormatAccess:
         with self._lock:
             for (a, b), blob in zip(pieces, blobs, strict=True):
                 layer.write_compressed(view[a:b], offset + a, blob)
+
+    # -- internal snapshots ---------------------------------------------------------------
+
+    def _qcow2(self, op: str) -> Qcow2Layer:
+        layer = self._layer
+        if not isinstance(layer, Qcow2Layer):
+            raise UnsupportedError(f"{op}: {layer} is not a qcow2 image: no internal snapshots")
+        return layer
+
+    def snapshots(self) -> tuple[SnapshotInfo, ...]:
+        """This image's internal snapshots, in table order (``qemu-img snapshot -l``)."""
+        return self._qcow2("snapshots").snapshots
+
+    def create_snapshot(self, name: str) -> SnapshotInfo:
+        """Take an internal snapshot of this image (its top layer) named ``name`` (unique,
+        non-empty); its ID is the next free integer, as QEMU assigns them."""
+        layer = self._qcow2("create_snapshot")
+        with self._lock, layer._lock:
+            return create_snapshot(layer, name)
+
+    def apply_snapshot(self, name_or_id: str) -> None:
+        """Revert this image to the snapshot with that ID (else the first with that name),
+        its disk size included, as ``qemu-img snapshot -a``."""
+        layer = self._qcow2("apply_snapshot")
+        with self._lock, layer._lock:
+            apply_snapshot(layer, name_or_id)
+
+    def delete_snapshot(self, name_or_id: str) -> None:
+        """Delete the snapshot with that ID (else the first with that name)."""
+        layer = self._qcow2("delete_snapshot")
+        with self._lock, layer._lock:
+            delete_snapshot(layer, name_or_id)
 
     def writev(self, buffers: Iterable[Buffer], offset: int) -> None:
         """Write the buffers back to back from guest ``offset``."""
