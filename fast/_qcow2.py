@@ -46,6 +46,7 @@ from pyimago.reference._storage import Storage, WritableBuffer
 
 from ._cache import TableCache
 from ._codec import decode_u64_table, encode_u64_table
+from ._compress_write import place_compressed
 from ._entries import COMPRESSED, COPIED, HOST_MASK, L1_RESERVED, L2_RESERVED, ZERO_FLAG
 from ._features import map_run_general
 from ._general import clear_general, grow_general, prepare_general, shrink_general
@@ -200,7 +201,7 @@ class Qcow2Layer(MetadataGuard, LayerBase):
         )
         l2_limit = l2_cache_tables if l2_cache_tables is not None else (budget - budget // 5) // cs
         self._l2 = TableCache(l2_limit, self._store_l2, self._before_l2_store,
-                              self._release_pending)
+                              self._release_pending, entry_flag=COPIED)
         #: Clusters (first, count) to release once the table at a key (an L2 table's offset,
         #: or _AFTER_L1) is on storage.
         self._pending_frees: dict[int, list[tuple[int, int]]] = {}
@@ -210,6 +211,9 @@ class Qcow2Layer(MetadataGuard, LayerBase):
         self._unsettled: list[tuple[int, memoryview]] | None = None
         self._init_guard()
         self._last_inflated: tuple[int, bytes] | None = None
+        #: Where the next compressed cluster may go: the byte after the last one, inside a
+        #: host cluster it shares (QEMU's free_byte_offset; 0: start a new cluster).
+        self.comp_next = 0
         # qcow2.data-file.raw: the raw data file is kept raw, so its bit stays.
         kept = AUTOCLEAR_DATA_FILE_RAW if hdr.has_data_file else 0
         if writable and hdr.version >= 3 and hdr.features.autoclear & ~kept:
@@ -469,6 +473,9 @@ class Qcow2Layer(MetadataGuard, LayerBase):
                     if left > 0:
                         releasing[c] = left
                 self.refs.free(first, n)
+                if first <= self.comp_next >> self._cbits < first + n:
+                    # A freed cluster may be handed out as anything: pack no more into it.
+                    self.comp_next = 0
 
     def _store_l1(self) -> None:
         """Write the L1 table (and, first, every L2 table it may point at)."""
@@ -874,6 +881,16 @@ class Qcow2Layer(MetadataGuard, LayerBase):
         finally:
             self._unsettled = None
 
+    def write_compressed(self, view: memoryview, offset: int, blob: bytes | None) -> None:
+        """Write one cluster at guest ``offset`` (checked by the caller) as ``blob``, its
+        compressed form, or plainly where ``blob`` is None (compression did not pay)."""
+        self.refuse_corrupt("write_compressed")
+        if blob is None:
+            self.write(view, offset, None)
+            return
+        with self._lock:
+            place_compressed(self, offset, blob)
+
     def ensure_data_mapping(
         self, offset: int, length: int, overwrite: bool
     ) -> tuple[Storage, int, int]:
@@ -1207,6 +1224,7 @@ class Qcow2Layer(MetadataGuard, LayerBase):
             self._releasing.clear()
             self._unlinked.clear()
             self._last_inflated = None
+            self.comp_next = 0
             self._meta_moved()
             self.storage.invalidate_cache()
             self._file_end = self.storage.size()
