@@ -80,7 +80,7 @@ def test_create_with_backing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
      ["-f", "raw", "-b", "base.qcow2", "-F", "qcow2", "x.raw", "1M"],
      ["-f", "qcow2", "x.qcow2"],                               # no size
      ["-f", "qcow2", "-o", "cluster_size=1000", "x.qcow2", "1M"],
-     ["-f", "qcow2", "-o", "lazy_refcounts=on", "x.qcow2", "1M"],
+     ["-f", "qcow2", "-o", "lazy_refcounts=maybe", "x.qcow2", "1M"],
      ["-f", "vmdk", "x.vmdk", "1M"],
      ["-f", "qcow2", "x.qcow2", "1Q"]],
 )
