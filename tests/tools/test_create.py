@@ -52,6 +52,42 @@ def test_create_matches_qemu(args: list[str], impl: str, tmp_path: Path,
     assert qemu_img("compare", "ours.img", "qemu.img", cwd=tmp_path).returncode == 0
 
 
+_FEATURES = [
+    "extended_l2=on",
+    "extended_l2=on,cluster_size=16k,preallocation=metadata",
+    "lazy_refcounts=on",
+    "data_file=img.data",
+    "data_file=img.data,data_file_raw=on",
+    "data_file=img.data,extended_l2=on,compression_type=zstd",
+]
+
+
+@pytest.mark.clause("tools.create.image")
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("options", _FEATURES)
+def test_create_with_new_qcow2_features_matches_qemu(
+        options: str, impl: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    ours, theirs = tmp_path / "ours", tmp_path / "qemu"
+    ours.mkdir()
+    theirs.mkdir()
+    expected = qemu_img("create", "-f", "qcow2", "-o", options, "img.qcow2", "3M",
+                        cwd=theirs).stdout
+    monkeypatch.chdir(ours)
+    status = create_main(["--impl", impl, "-f", "qcow2", "-o", options, "img.qcow2", "3M"])
+    out, err = capsys.readouterr()
+    if status == 2 and "support" in err:
+        pytest.skip(f"pyimago.{impl} does not create {options} images yet: {err.strip()}")
+    assert status == 0, err
+    assert out == expected
+    assert _info(ours / "img.qcow2", ours) == _info(theirs / "img.qcow2", theirs)
+    assert_qemu_check_clean(ours / "img.qcow2")
+    for folder in (ours, theirs):
+        subprocess.run(["qemu-io", "-c", "write -P 0x3c 100k 200k", "img.qcow2"], cwd=folder,
+                       check=True, capture_output=True, timeout=60)
+    assert qemu_img("compare", ours / "img.qcow2", theirs / "img.qcow2").returncode == 0
+
+
 @pytest.mark.clause("tools.create.image")
 def test_create_with_backing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                              capsys: pytest.CaptureFixture[str]) -> None:

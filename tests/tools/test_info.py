@@ -94,3 +94,32 @@ def test_info_errors_are_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureF
     assert info_main([str(garbage)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+#: qemu-img create -o option sets whose format-specific fields info must show as qemu-img.
+_FEATURE_OPTIONS = [
+    "extended_l2=on",
+    "extended_l2=on,cluster_size=16k,lazy_refcounts=on",
+    "data_file=data.bin",
+    "data_file=data.bin,data_file_raw=on,extended_l2=on",
+    "compat=0.10",
+    "lazy_refcounts=on,refcount_bits=1",
+]
+
+
+@pytest.mark.clause("tools.info.json")
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("options", _FEATURE_OPTIONS)
+def test_info_shows_qcow2_features_as_qemu(impl: str, options: str, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    qemu_img("create", "-q", "-f", "qcow2", "-o", options, "img.qcow2", "1M", cwd=tmp_path)
+    subprocess.run(["qemu-io", "-c", "write -P 0x5c 0 64k", "img.qcow2"], cwd=tmp_path,
+                   check=True, capture_output=True, timeout=60)
+    monkeypatch.chdir(tmp_path)
+    for output in ("json", "human"):
+        theirs = qemu_img("info", f"--output={output}", "img.qcow2", cwd=tmp_path).stdout
+        ours = render_info(image_info("img.qcow2", impl=impl), output=output)
+        if output == "json":
+            assert json.loads(ours) == json.loads(theirs), options
+        else:
+            assert ours == theirs, options
