@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from pyimago.tools._cli import create_main, resize_main
 
-from .conftest import IMPLS, assert_qemu_check_clean, qemu_img
+from .conftest import IMPLS, QCOW2_FEATURES, assert_qemu_check_clean, qemu_img
 
 pytestmark = pytest.mark.qemu
 
@@ -52,19 +52,9 @@ def test_create_matches_qemu(args: list[str], impl: str, tmp_path: Path,
     assert qemu_img("compare", "ours.img", "qemu.img", cwd=tmp_path).returncode == 0
 
 
-_FEATURES = [
-    "extended_l2=on",
-    "extended_l2=on,cluster_size=16k,preallocation=metadata",
-    "lazy_refcounts=on",
-    "data_file=img.data",
-    "data_file=img.data,data_file_raw=on",
-    "data_file=img.data,extended_l2=on,compression_type=zstd",
-]
-
-
 @pytest.mark.clause("tools.create.image")
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("options", _FEATURES)
+@pytest.mark.parametrize("options", QCOW2_FEATURES)
 def test_create_with_new_qcow2_features_matches_qemu(
         options: str, impl: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:

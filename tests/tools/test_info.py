@@ -13,7 +13,7 @@ from pyimago.tools import image_info, render_info
 from pyimago.tools._cli import info_main
 from pyimago.tools._common import size_to_str
 
-from .conftest import IMPLS, peer_names, qemu_img, qemu_json
+from .conftest import IMPLS, QCOW2_FEATURES, peer_names, qemu_img, qemu_json
 
 pytestmark = pytest.mark.qemu
 
@@ -96,20 +96,9 @@ def test_info_errors_are_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureF
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
-#: qemu-img create -o option sets whose format-specific fields info must show as qemu-img.
-_FEATURE_OPTIONS = [
-    "extended_l2=on",
-    "extended_l2=on,cluster_size=16k,lazy_refcounts=on",
-    "data_file=data.bin",
-    "data_file=data.bin,data_file_raw=on,extended_l2=on",
-    "compat=0.10",
-    "lazy_refcounts=on,refcount_bits=1",
-]
-
-
 @pytest.mark.clause("tools.info.json")
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("options", _FEATURE_OPTIONS)
+@pytest.mark.parametrize("options", QCOW2_FEATURES)
 def test_info_shows_qcow2_features_as_qemu(impl: str, options: str, tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     qemu_img("create", "-q", "-f", "qcow2", "-o", options, "img.qcow2", "1M", cwd=tmp_path)
