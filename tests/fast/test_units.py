@@ -259,6 +259,31 @@ def test_zeroing_keeps_and_discarding_frees_host_clusters() -> None:
         assert img.read(0, MiB) == bytes(MiB)
 
 
+def test_refcount_block_offsets_are_kept_as_blocks_come() -> None:
+    """block_offsets() is kept up to date as blocks are added and the table grows and
+    moves (issue 16: it used to be derived from the whole table each time), and the
+    overlap checks still see every block."""
+    store = _image(8 * MiB, cluster_size=512, refcount_bits=64)
+    with fast.open_image(store, writable=True) as img:
+        layer = img.driver
+        refs = layer.refs
+        table_at = refs.span.at
+        # 64-bit refcounts, 512-byte clusters: 64 clusters per block; the 4 MiB written
+        # here needs ~130 blocks, which outgrow the one-cluster table and move it.
+        for off in range(0, 4 * MiB, 64 * KiB):
+            img.write(os.urandom(64 * KiB), off)
+        derived = {e & 0x00FFFFFFFFFFFE00 for e in refs.table} - {0}
+        assert refs.span.at != table_at and len(derived) > 100
+        assert set(refs.block_offsets()) == derived
+        meta = layer._metadata()
+        assert all(meta.what(ofs >> 9) == "refcount block" for ofs in derived)
+        img.flush()
+        img.invalidate_cache()
+        assert set(refs.block_offsets()) == derived
+    result = fast.check(store)
+    assert result.clean and not result.leaks, result
+
+
 def test_metadata_cache_stays_within_its_budget() -> None:
     # 512-byte clusters: each L2 table covers 32 KiB, so 8 MiB of data touches 256 tables.
     store = _image(8 * MiB, cluster_size=512)
