@@ -504,7 +504,7 @@ def test_preallocation_with_a_backing_file_is_refused() -> None:
 
 
 def test_zlib_serves_when_isal_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``isal`` is an optional extra: without it, zlib inflates the same clusters."""
+    """Where ``isal`` is missing, zlib inflates the same clusters."""
     import importlib
     import sys
     import zlib
