@@ -46,7 +46,7 @@ _PREALLOC = {
 }
 #: qemu-img options this implementation knows it does not support.
 _UNSUPPORTED = frozenset(
-    {"encryption", "encrypt", "data_file", "data_file_raw", "extended_l2", "lazy_refcounts"}
+    {"encryption", "encrypt", "data_file", "data_file_raw", "extended_l2"}
 )
 _COMPAT = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
 
@@ -65,6 +65,7 @@ class _Qcow2Options:
     backing_file: str | None
     backing_fmt: str | None
     zstd: bool
+    lazy_refcounts: bool = False
 
 
 def _qcow2_options(opts: dict[str, object]) -> _Qcow2Options:
@@ -98,8 +99,15 @@ def _qcow2_options(opts: dict[str, object]) -> _Qcow2Options:
         if name is None:
             raise _invalid("backing_fmt given without backing_file")
     fmt_name = None if fmt is None else str(fmt)
+    lazy = opts.pop("lazy_refcounts", False)
+    if type(lazy) is not bool:
+        raise _invalid(f"lazy_refcounts must be a bool, not {lazy!r}")
+    if lazy and version == 2:
+        # qemu-img: "Lazy refcounts only supported with compatibility level 1.1 and above"
+        raise _invalid("lazy_refcounts needs compat 1.1 (qcow2 v3)")
     return _Qcow2Options(
-        cs.bit_length() - 1, version, bits.bit_length() - 1, name, fmt_name, ctype == "zstd"
+        cs.bit_length() - 1, version, bits.bit_length() - 1, name, fmt_name, ctype == "zstd",
+        lazy,
     )
 
 
@@ -116,7 +124,8 @@ def create_image(
     qcow2: ``cluster_size`` (512..2 MiB, default 65536), ``compat`` ("0.10" or "1.1"),
     ``refcount_bits`` (1..64, default 16), ``backing_file``, ``backing_fmt``,
     ``preallocation`` ("off", "metadata", "falloc", "full"; only "off" with a backing
-    file, as qemu-img), ``compression_type`` ("zlib", "zstd").  raw takes ``preallocation``
+    file, as qemu-img), ``compression_type`` ("zlib", "zstd"), ``lazy_refcounts`` (bool,
+    compat 1.1).  raw takes ``preallocation``
     only.  ``size`` may be None for a qcow2 image with a backing file: the backing file's
     size (rounded up to 512) is used.  A file image's backing file is opened first, as
     qemu-img does, so a missing one is an error (create.backing.checked) unless
@@ -197,7 +206,9 @@ def _cluster0(o: _Qcow2Options) -> bytes:
         reftable=Span(cs, 1),
         snapshots=Span(0, 0),
         backing=Span(hlen + len(tail) if name else 0, len(name)),
-        features=Features(incompatible=Incompat.COMPRESSION if o.zstd else 0),
+        # Compatible bit 0: lazy refcounts (pyimago.fast still updates them eagerly).
+        features=Features(incompatible=Incompat.COMPRESSION if o.zstd else 0,
+                          compatible=1 if o.lazy_refcounts else 0),
         refcount_order=o.refcount_order,
         header_length=hlen,
         compression_type=1 if o.zstd else 0,
