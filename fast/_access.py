@@ -39,6 +39,7 @@ from pyimago.reference._stream import ImageStream
 from pyimago.reference.access import MAX_REQUEST_BYTES
 
 from ._compress_write import compress_cluster, refuse_compressed
+from ._hot import hot_reader
 from ._layer import Clear
 from ._qcow2 import Qcow2Layer
 from ._raw import RawLayer
@@ -121,6 +122,12 @@ class FormatAccess:
         self._pool_size = 0
         self._closed = False
         self._lock = threading.RLock()
+        if isinstance(driver, Qcow2Layer):
+            # Small reads inside one cached cluster of plain data skip the full path (see
+            # _hot); everything else still goes through FormatAccess.readinto below.
+            hot = hot_reader(driver, self.readinto)
+            if hot is not None:
+                self.readinto = hot  # type: ignore[method-assign,assignment]
 
     # -- what it is -----------------------------------------------------------------------
 

@@ -55,7 +55,7 @@ def _compressed_share(path: Path) -> float:
 
 
 @pytest.mark.qemu
-@pytest.mark.clause("qcow2.compressed.write-fit", "qcow2.compressed.zlib",
+@pytest.mark.clause("qcow2.compressed.write-fallback", "qcow2.compressed.zlib",
                     "qcow2.compressed.zstd", "qcow2.compressed.write-packing")
 @pytest.mark.parametrize("ctype", ["zlib", "zstd"])
 @pytest.mark.parametrize("threads", [1, 2])
@@ -80,7 +80,7 @@ def test_qemu_reads_what_we_compress(tmp_path: Path, ctype: str, threads: int) -
 
 
 @pytest.mark.qemu
-@pytest.mark.clause("qcow2.compressed.write-fit", "qcow2.compressed.write-packing")
+@pytest.mark.clause("qcow2.compressed.write-fallback", "qcow2.compressed.write-packing")
 def test_the_compressed_bytes_and_packing_are_qemu_s(tmp_path: Path) -> None:
     # Same zlib settings as QEMU: the same deflate stream, packed the same way (two
     # clusters of ~20 KiB share host clusters).
@@ -109,7 +109,7 @@ def test_the_compressed_bytes_and_packing_are_qemu_s(tmp_path: Path) -> None:
 
 
 @pytest.mark.qemu
-@pytest.mark.clause("qcow2.compressed.write-unallocated-only", "qcow2.compressed.write-fit")
+@pytest.mark.clause("qcow2.compressed.write-unallocated-only", "qcow2.compressed.write-fallback")
 def test_allocated_clusters_refuse_compressed_data_as_qemu(tmp_path: Path) -> None:
     path = tmp_path / "a.qcow2"
     fast.create_image(path, 4 * CS)
@@ -136,7 +136,7 @@ def test_allocated_clusters_refuse_compressed_data_as_qemu(tmp_path: Path) -> No
     assert "write failed" in proc.stdout + proc.stderr
 
 
-@pytest.mark.clause("qcow2.compressed.write-fit", "access.write.read-only",
+@pytest.mark.clause("qcow2.compressed.write-fallback", "access.write.read-only",
                     "access.write.past-end")
 def test_bad_compressed_requests_are_refused_before_anything_is_written(
     tmp_path: Path,
