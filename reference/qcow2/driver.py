@@ -56,6 +56,7 @@ from .overlap import (
     snapshot_regions,
 )
 from .refcounts import RefcountTable
+from .snapshot_write import SnapshotWrites
 from .snapshots import SnapshotEntry, find_snapshot, read_snapshot_table
 from .subclusters import subcluster_entry
 from .tables import (
@@ -82,7 +83,7 @@ _ZERO_PLAIN = L2Entry(ClusterType.ZERO_PLAIN)
 _UNALLOCATED = L2Entry(ClusterType.UNALLOCATED)
 
 
-class Qcow2Driver(MetadataGuard, CompressedWrites):
+class Qcow2Driver(MetadataGuard, CompressedWrites, SnapshotWrites):
     """A qcow2 image (v2 or v3) on a storage, optionally over a backing ``FormatAccess``."""
 
     def __init__(
@@ -185,8 +186,8 @@ class Qcow2Driver(MetadataGuard, CompressedWrites):
         self._check_snapshot_table()
         #: qcow2.corrupt.mark: set once a write would have landed on metadata.
         self._corrupt = False
-        # The snapshots' metadata never changes here (we make no snapshots): read it once,
-        # for the overlap checks of a writable image.
+        # The snapshots' metadata, for the overlap checks of a writable image (read once;
+        # the snapshot operations refresh it).
         self._snapshot_metadata: list[MetadataRegion] = []
         if writable:
             snapshots, table_length = read_snapshot_table(
