@@ -45,6 +45,7 @@ from .constants import (
     V2_HEADER_LENGTH,
 )
 from .data_file import data_file_name
+from .dirty import repair_if_dirty
 from .extensions import HeaderExtension, backing_format, feature_names, parse_extensions
 from .features import check_features
 from .guard import MetadataGuard
@@ -110,6 +111,8 @@ class Qcow2Driver(MetadataGuard, CompressedWrites, SnapshotWrites):
         self._data_storage: Storage | None = None
         self._own_data = False
 
+        if writable:
+            repair_if_dirty(storage)
         head = storage.read(0, V2_HEADER_LENGTH + 40)
         header = parse_header(head)
         cs = header.cluster_size
