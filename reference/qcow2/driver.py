@@ -30,6 +30,7 @@ from .._prealloc import PreallocateMode
 from .._snapshot import SnapshotInfo
 from .._storage import Storage, WritableBuffer
 from .allocation import ClusterAllocator
+from .bitmaps import autoclear_for_writing
 from .compressed_write import CompressedWrites
 from .compression import decompress_cluster
 from .constants import (
@@ -219,10 +220,11 @@ class Qcow2Driver(MetadataGuard, CompressedWrites, SnapshotWrites):
             self._allocator.attach(self._refcounts)
             self._allocator.overlap_check = self._overlap_check
             if header.version >= 3 and header.autoclear_features:
-                # qcow2.features.autoclear-clear: "An implementation may only write to an image
-                # with unknown auto-clear features if it clears the respective bits from this
-                # field first."  We maintain no bitmaps either, so bit 0 goes too.
-                self._write_field("autoclear_features", ">Q", 0)
+                # qcow2.features.autoclear-clear, qcow2.bitmaps.in-use: unknown bits go,
+                # bitmaps are flagged in use as QEMU's writable open flags them.
+                autoclear = autoclear_for_writing(storage, header, self.extensions)
+                if autoclear != header.autoclear_features:
+                    self._write_field("autoclear_features", ">Q", autoclear)
 
     def _snapshots(self) -> list[SnapshotEntry]:
         if self._snapshot_entries is None:

@@ -146,3 +146,20 @@ def test_unrepairable_dirty_image_is_refused() -> None:
     patch_header(data, incompatible_features=DIRTY)
     with pytest.raises(CorruptImageError):
         open_image(MemoryStorage(data), writable=True, backing=None)
+
+
+@pytest.mark.clause("qcow2.dirty.repair-on-open", "qcow2.bitmaps.in-use")
+def test_repair_keeps_the_bitmaps(tmp_path: Path) -> None:
+    """The repair counts the bitmaps' clusters: it must not free them."""
+    path = tmp_path / "bm.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on,cluster_size=4096",
+             path, "1M")
+    qemu_img("bitmap", "--add", path, "b0")
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x44 0 100k", "-c", "abort",
+                    str(path)], capture_output=True, timeout=60, check=False)
+    assert header_of(path.read_bytes()).incompatible_features & DIRTY
+    with open_image(path, writable=True) as img:
+        img.write(b"w" * 4096, 200 * KiB)
+    qemu_check(path)
+    info = json.loads(qemu_img("info", "--output=json", path).stdout)
+    assert [b["name"] for b in info["format-specific"]["data"]["bitmaps"]] == ["b0"]
