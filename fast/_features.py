@@ -2,8 +2,7 @@
 
 Such images take this general path instead of :meth:`Qcow2Layer.map_run`'s tuned loops: it
 walks allocation units (subclusters of 1/32 cluster with extended L2 entries, clusters
-otherwise) and merges the units that continue one run.  Both features are read-only in
-pyimago.fast for now, so only reads and mappings come here.
+otherwise) and merges the units that continue one run; their writes are in :mod:`._general`.
 
 * Extended L2: an entry is two words, the standard descriptor (bit 0 unused) and a bitmap
   whose bit x marks subcluster x allocated and bit 32 + x marks it zero.
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from pyimago.reference._errors import CorruptImageError, InvalidRequestError
 
-from ._runs import K_COMP, K_DATA_RO, K_EOF, K_UNALLOC, K_ZERO
+from ._runs import K_COMP, K_DATA, K_DATA_RO, K_EOF, K_UNALLOC, K_ZERO
 
 if TYPE_CHECKING:
     from ._qcow2 import Qcow2Layer
@@ -29,6 +28,11 @@ _COMPRESSED = 1 << 62
 _ZERO_FLAG = 1
 _HOST = 0x00FFFFFFFFFFFE00
 _LOW32 = 0xFFFFFFFF
+
+
+def _data_kind(layer: Qcow2Layer, e: int) -> int:
+    """Data written in place when the image is writable and the cluster ours alone."""
+    return K_DATA if layer.writable and e & _COPIED else K_DATA_RO
 
 
 def _unit(layer: Qcow2Layer, pos: int) -> tuple[int, int, int]:
@@ -59,7 +63,7 @@ def _unit(layer: Qcow2Layer, pos: int) -> tuple[int, int, int]:
         if e & _ZERO_FLAG:
             return K_ZERO, 0, cluster_end
         if has_host:
-            return K_DATA_RO, host + (pos & layer._cmask), cluster_end
+            return _data_kind(layer, e), host + (pos & layer._cmask), cluster_end
         return K_UNALLOC, 0, cluster_end
     bitmap = tbl[j + 1]
     sbits = cbits - 5
@@ -80,7 +84,7 @@ def _unit(layer: Qcow2Layer, pos: int) -> tuple[int, int, int]:
     if zero >> sc & 1:
         return K_ZERO, 0, sub_end
     if alloc >> sc & 1:
-        return K_DATA_RO, host + (pos & layer._cmask), sub_end
+        return _data_kind(layer, e), host + (pos & layer._cmask), sub_end
     return K_UNALLOC, 0, sub_end
 
 
@@ -96,7 +100,7 @@ def map_run_general(layer: Qcow2Layer, offset: int, max_len: int) -> tuple[int, 
     if kind != K_COMP:
         while pos < end:
             k2, h2, nxt = _unit(layer, pos)
-            if k2 != kind or (kind == K_DATA_RO and h2 != host + (pos - offset)):
+            if k2 != kind or (kind <= K_DATA_RO and h2 != host + (pos - offset)):
                 break
             pos = nxt
     return kind, host, min(pos, end) - offset

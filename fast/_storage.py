@@ -118,8 +118,10 @@ class FastFileStorage:
         self._use_mmap = use_mmap
         self._lock = threading.Lock()
         self._map: mmap.mmap | None = None
-        self._view: memoryview | None = None
-        self._map_size = 0
+        #: The map's bytes (None: not mapped) and how many: the qcow2 layer's hot read
+        #: path copies out of them directly.
+        self.mapped: memoryview | None = None
+        self.mapped_size = 0
         self._file_size = os.lseek(self._fd, 0, os.SEEK_END)
         self._remap()
 
@@ -132,9 +134,9 @@ class FastFileStorage:
     # -- the map --------------------------------------------------------------------------
 
     def _unmap(self) -> None:
-        view, mm = self._view, self._map
-        self._view = self._map = None
-        self._map_size = 0
+        view, mm = self.mapped, self._map
+        self.mapped = self._map = None
+        self.mapped_size = 0
         if view is not None:
             view.release()
         if mm is not None:
@@ -152,8 +154,8 @@ class FastFileStorage:
             self._use_mmap = False
             return
         self._map = mm
-        self._view = memoryview(mm)
-        self._map_size = self._file_size
+        self.mapped = memoryview(mm)
+        self.mapped_size = self._file_size
 
     # -- Storage protocol -----------------------------------------------------------------
 
@@ -171,12 +173,12 @@ class FastFileStorage:
     def readinto(self, buf: WritableBuffer, offset: int) -> None:
         view = buf if type(buf) is memoryview and buf.format == "B" else _bytes_of(buf)
         end = offset + len(view)
-        mv = self._view
-        if mv is not None and offset >= 0 and end <= self._map_size:
+        mv = self.mapped
+        if mv is not None and offset >= 0 and end <= self.mapped_size:
             view[:] = mv[offset:end]
             return
         _in_bounds(offset, len(view))
-        outgrown = self._file_size - self._map_size >= max(_REMAP_GROWTH, self._map_size)
+        outgrown = self._file_size - self.mapped_size >= max(_REMAP_GROWTH, self.mapped_size)
         if self._use_mmap and outgrown and end <= self._file_size:
             with self._lock:
                 self._remap()
@@ -204,8 +206,8 @@ class FastFileStorage:
         return bytes(buf)
 
     def read(self, offset: int, length: int) -> bytes:
-        mv = self._view
-        if mv is not None and offset >= 0 and length >= 0 and offset + length <= self._map_size:
+        mv = self.mapped
+        if mv is not None and offset >= 0 and length >= 0 and offset + length <= self.mapped_size:
             return mv[offset : offset + length].tobytes()
         buf = bytearray(length)
         self.readinto(buf, offset)
@@ -256,7 +258,7 @@ class FastFileStorage:
         fd = self._writing(new_size, 0)
         old = os.lseek(fd, 0, os.SEEK_END)
         with self._lock:
-            if new_size < self._map_size:
+            if new_size < self.mapped_size:
                 # Pages past a truncation would raise SIGBUS: drop the map first.
                 self._unmap()
             os.ftruncate(fd, new_size)
@@ -282,7 +284,7 @@ class FastFileStorage:
         fd = self._open_fd()
         with self._lock:
             self._file_size = os.lseek(fd, 0, os.SEEK_END)
-            if self._file_size < self._map_size:
+            if self._file_size < self.mapped_size:
                 self._unmap()
 
     def close(self) -> None:

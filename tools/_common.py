@@ -64,15 +64,17 @@ def require_file(path: str, what: str = "image") -> None:
 @contextmanager
 def open_chain(
     path: str, *, impl: Impl = "fast", fmt: str | None = None, writable: bool = False,
-    force_share: bool = False,
+    force_share: bool = False, snapshot: str | None = None,
 ) -> Iterator[Any]:
     """Open ``path`` (and its backing chain) with ``impl``; the image is closed afterwards.
-    ``force_share`` opens read-only without the shared-permission locks (qemu-img ``-U``)."""
+    ``force_share`` opens read-only without the shared-permission locks (qemu-img ``-U``);
+    ``snapshot`` (an internal snapshot's ID) opens that snapshot's contents, read-only."""
     require_file(path)
     module = implementation(impl)
+    extra = {} if snapshot is None else {"snapshot": snapshot}
     try:
         image = module.open_image(path, format=check_format(fmt), writable=writable,
-                                  force_share=force_share)
+                                  force_share=force_share, **extra)
     except (PyimagoError, OSError) as exc:
         # Name the image the user gave: the driver's message may only name a field.
         message = str(exc) if path in str(exc) else f"{path}: {exc}"

@@ -8,7 +8,7 @@ references after.  qcow2_update_snapshot_refcount keeps the COPIED flags exact (
 == 1") in the tables it walks; qcow2_write_snapshots writes a new table into new clusters
 and switches the header to it, then frees the old one.
 
-Crash order (crash.power-cut, qcow2.snapshots.crash-order): every reference is counted
+Crash order (crash.power-cut, crash.snapshot.copied-conservative): every reference is counted
 before the header or L1 table that makes it live is written, and uncounted only after it is
 gone, so a cut leaves leaks; the COPIED flags are cleared before a refcount rises past 1 and
 set only after it dropped to 1, so a cut between the two leaves only flags that are clear
@@ -47,8 +47,8 @@ from .tables import ClusterType, L2Entry, decode_l2_entry
 
 __all__ = ["MAX_SNAPSHOT_NAME_BYTES", "SnapshotWrites", "next_snapshot_id"]
 
-#: QEMUSnapshotInfo.name is a char[256]: qemu-img keeps 255 bytes of a longer name.
-MAX_SNAPSHOT_NAME_BYTES = 255
+#: The entry's name_size field is 16 bits wide (qemu-img itself keeps 255 bytes).
+MAX_SNAPSHOT_NAME_BYTES = 0xFFFF
 
 _LEADING_NUMBER = re.compile(r"\s*\+?(\d+)")
 
@@ -98,7 +98,7 @@ class SnapshotWrites:
     # -- the three operations -----------------------------------------------------------------
 
     def create_snapshot(self, name: str) -> SnapshotInfo:
-        """qcow2.snapshots.create: snapshot the active disk under ``name``."""
+        """qcow2.snapshots.create-refcounts: snapshot the active disk under ``name``."""
         self._begin_snapshot_op("create_snapshot")
         try:
             return self._create_snapshot(name)
@@ -114,8 +114,8 @@ class SnapshotWrites:
                 f"not {len(raw_name)}"
             )
         if any(e.name == name for e in entries):
-            # pyimago's rule (qemu-img allows duplicate names, which -a/-d cannot tell
-            # apart): names are unique.
+            # qcow2.snapshots.id-assignment: pyimago's rule (qemu-img allows duplicate names,
+            # which -a/-d cannot tell apart): names are unique.
             raise InvalidRequestError(f"{self}: a snapshot named {name!r} exists already")
         if len(entries) >= QCOW_MAX_SNAPSHOTS:
             raise UnsupportedError(
@@ -151,7 +151,7 @@ class SnapshotWrites:
         return info
 
     def apply_snapshot(self, key: str) -> None:
-        """qcow2.snapshots.apply: make the snapshot ``key`` (ID first, then name) the
+        """qcow2.snapshots.apply-revert: make the snapshot ``key`` (ID first, then name) the
         active disk, at the snapshot's disk size."""
         self._begin_snapshot_op("apply_snapshot")
         try:
@@ -192,7 +192,7 @@ class SnapshotWrites:
             self._end_snapshot_op()
 
     def delete_snapshot(self, key: str) -> None:
-        """qcow2.snapshots.delete: drop the snapshot ``key`` (ID first, then name)."""
+        """qcow2.snapshots.delete-release: drop the snapshot ``key`` (ID first, then name)."""
         self._begin_snapshot_op("delete_snapshot")
         try:
             entries = self._snapshots()
@@ -278,7 +278,7 @@ class SnapshotWrites:
         reaches gains ``addend`` references and its COPIED flag becomes "refcount == 1";
         ``set_l1`` writes a changed L1 entry (None: the L1 table is about to go).
 
-        qcow2.snapshots.copied-exact: with ``addend > 0`` the flags are written before the
+        crash.snapshot.copied-conservative: with ``addend > 0`` the flags are written before the
         refcounts rise, otherwise after they changed (see the module docstring)."""
         step = self._entry_bytes // 8
         for l1_idx, l2_offset, table in self._tree(l1):
