@@ -364,3 +364,26 @@ def test_qemu_made_data_file_images_take_our_writes(
     with open_image(path, writable=True) as img:
         _random_ops(img, model, 9, 30, 64 * KiB)
     _check_and_compare(qemu, path, bytes(model), tmp_path)
+
+
+@pytest.mark.clause("qcow2.data-file.raw-cleared", "qcow2.data-file.raw-kept")
+def test_raw_bit_kept_until_a_backing_shows_through(qemu: QemuTools, tmp_path: Path) -> None:
+    path, data = tmp_path / "x.qcow2", tmp_path / "d.raw"
+    create_image(path, MiB, data_file="d.raw", data_file_raw=True)
+    base = tmp_path / "b.qcow2"
+    create_image(base, MiB)
+    with open_image(base, writable=True) as b:
+        b.write(b"\5" * MiB, 0)
+    with open_image(base) as backing:
+        with open_image(path, writable=True, backing=backing) as img:
+            img.write(b"\1" * 200 * KiB, 0)
+            img.write_zeroes(64 * KiB, 64 * KiB)
+            img.discard_to_zero(128 * KiB, 64 * KiB)
+            # autoclear bit 1 (header bytes 88-95) is kept while the data file stays raw
+            assert int.from_bytes(path.read_bytes()[88:96], "big") == 0b10
+            assert data.read_bytes()[: 200 * KiB] == b"\1" * 64 * KiB + bytes(128 * KiB) + (
+                b"\1" * 8 * KiB)
+            img.discard_to_backing(0, 64 * KiB)
+            assert img.read(0, 64 * KiB) == b"\5" * 64 * KiB
+        assert qemu.info(path)[0]["format-specific"]["data"]["data-file-raw"] is False
+    qemu.check(path)
