@@ -145,6 +145,6 @@ def test_invalid_bitmap_on_write_marks_the_image_corrupt() -> None:
 @pytest.mark.clause("qcow2.data-file.create")
 def test_relative_data_file_for_a_storage_object_is_refused() -> None:
     storage = MemoryStorage()
-    with pytest.raises(InvalidRequestError, match="d.raw"):
+    with pytest.raises(InvalidRequestError, match=r"d\.raw"):
         create_image(storage, 64 * KiB, data_file="d.raw")
     assert storage.size() == 0
