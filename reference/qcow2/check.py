@@ -29,6 +29,7 @@ from .._check import CheckProblem, CheckResult, ProblemKind, RepairMode
 from .._errors import CorruptImageError, InvalidRequestError, UnsupportedError
 from .._open import probe_format
 from .._storage import FileStorage, Storage
+from .bitmaps import bitmap_extension, bitmap_regions
 from .constants import (
     L1E_OFFSET_MASK,
     L1E_RESERVED_MASK,
@@ -45,6 +46,7 @@ from .constants import (
     REFT_RESERVED_MASK,
 )
 from .driver import Qcow2Driver
+from .extensions import parse_extensions
 from .header import FIELD_OFFSETS, QCowHeader, parse_header
 from .overlap import (
     ACTIVE_L1,
@@ -114,7 +116,7 @@ class _Checker:
         self.blocks: dict[int, bytearray] = {}
         #: Words per L2 entry: 2 with extended L2 entries (entry, subcluster bitmap).
         self.stride = header.l2_entry_bytes // 8
-        #: qcow2.data-file.no-refcounts: data clusters live in the data file, uncounted.
+        #: qcow2.data-file.write: data clusters live in the data file, uncounted.
         self.data_file = header.has_data_file
 
     def l2_entries(self, l2_offset: int) -> list[tuple[int, int]]:
@@ -160,8 +162,24 @@ class _Checker:
                 continue
             self.check_l1(t, sn.l1_table_offset, sn.l1_size, active=False)
         self.count(t, h.snapshots_offset, table_size)
+        self.count_bitmaps(t)
         self.count(t, h.refcount_table_offset, h.refcount_table_clusters * cs)
         self.check_refblocks(t)
+
+    def count_bitmaps(self, t: _Tally) -> None:
+        """qcow2_check_bitmaps_refcounts: with the bitmaps autoclear bit set, the bitmap
+        directory, tables and data clusters hold references too (qcow2.bitmaps.in-use)."""
+        h = self.h
+        cluster = self.storage.read(0, self.cs)
+        try:
+            exts = parse_extensions(cluster, h.header_length, h.backing_file_offset or self.cs)
+            ext = bitmap_extension(h, exts)
+            regions = bitmap_regions(self.storage, self.cs, ext) if ext is not None else []
+        except CorruptImageError as exc:
+            t.corrupt(None, str(exc))
+            return
+        for offset, length in regions:
+            self.count(t, offset, length)
 
     def check_l1(self, t: _Tally, offset: int, size: int, *, active: bool) -> None:
         if not size:
@@ -186,6 +204,15 @@ class _Checker:
                 if raw & QCOW_OFLAG_COPIED:
                     t.corrupt(None, "copied flag must never be set for compressed clusters")
                     raw &= ~QCOW_OFLAG_COPIED
+                # qcow2.check.features: as QEMU's check_refcounts_l2, a compressed cluster in
+                # a data file image, or with a subcluster bitmap, is one corruption, uncounted.
+                if self.data_file:
+                    t.corrupt(None, f"Compressed cluster {raw:x} with data file")
+                    continue
+                if bitmap:
+                    t.corrupt(None, f"Compressed cluster {raw:x} has non-zero subcluster "
+                                    "allocation bitmap")
+                    continue
                 entry = decode_l2_entry(raw, self.cb)
                 self.count(t, entry.host_offset, entry.compressed_length)
                 if active:
@@ -199,7 +226,7 @@ class _Checker:
             # qcow2.data-file.offsets: host offset 0 with COPIED is a data file cluster.
             if not host and not (self.data_file and raw & QCOW_OFLAG_COPIED):
                 if bitmap & QCOW_L2_BITMAP_ALL_ALLOC:
-                    # qcow2.extended-l2.check: as QEMU's check_refcounts_l2.
+                    # qcow2.check.features: as QEMU's check_refcounts_l2.
                     t.corrupt(None, "Unallocated cluster has non-zero subcluster allocation "
                                     "map")
                 continue  # unallocated or a plain zero cluster

@@ -14,6 +14,7 @@ from .._storage import Storage
 from .constants import (
     COMPRESSION_TYPE_ZLIB,
     QCOW2_AUTOCLEAR_DATA_FILE_RAW,
+    QCOW2_COMPAT_LAZY_REFCOUNTS,
     QCOW2_EXT_MAGIC_BACKING_FORMAT,
     QCOW2_EXT_MAGIC_DATA_FILE,
     QCOW2_EXT_MAGIC_FEATURE_TABLE,
@@ -66,6 +67,7 @@ class Qcow2CreateOptions:
     data_file: str | None = None
     #: Autoclear bit 1: the data file reads as the disk without the qcow2 metadata.
     data_file_raw: bool = False
+    lazy_refcounts: bool = False
 
 
 def write_initial_layout(storage: Storage, opts: Qcow2CreateOptions) -> None:
@@ -116,6 +118,8 @@ def write_initial_layout(storage: Storage, opts: Qcow2CreateOptions) -> None:
         refcount_order=opts.refcount_order,
         header_length=header_length if v3 else V2_HEADER_LENGTH,
         compression_type=opts.compression_type,
+        # qcow2.lazy-refcounts.create: compatible bit 0.
+        compatible_features=QCOW2_COMPAT_LAZY_REFCOUNTS if opts.lazy_refcounts else 0,
     )
     cluster0 = bytearray(cs)
     packed = pack_header(header) + ext_bytes + name

@@ -31,6 +31,8 @@ from .._prealloc import PreallocateMode
 from .._snapshot import SnapshotInfo
 from .._storage import Storage, WritableBuffer
 from .allocation import ClusterAllocator
+from .bitmaps import autoclear_for_writing
+from .compressed_write import CompressedWrites
 from .compression import decompress_cluster
 from .constants import (
     COMPRESSION_TYPES,
@@ -45,6 +47,7 @@ from .constants import (
     V2_HEADER_LENGTH,
 )
 from .data_file import data_file_name
+from .dirty import repair_if_dirty
 from .extensions import HeaderExtension, backing_format, feature_names, parse_extensions
 from .features import check_features
 from .guard import MetadataGuard
@@ -56,6 +59,7 @@ from .overlap import (
     snapshot_regions,
 )
 from .refcounts import RefcountTable
+from .snapshot_write import SnapshotWrites
 from .snapshots import SnapshotEntry, find_snapshot, read_snapshot_table
 from .subcluster_write import (
     encode_extended_entry,
@@ -88,7 +92,7 @@ _ZERO_PLAIN = L2Entry(ClusterType.ZERO_PLAIN)
 _UNALLOCATED = L2Entry(ClusterType.UNALLOCATED)
 
 
-class Qcow2Driver(MetadataGuard):
+class Qcow2Driver(MetadataGuard, CompressedWrites, SnapshotWrites):
     """A qcow2 image (v2 or v3) on a storage, optionally over a backing ``FormatAccess``."""
 
     def __init__(
@@ -115,6 +119,8 @@ class Qcow2Driver(MetadataGuard):
         self._data_storage: Storage | None = None
         self._own_data = False
 
+        if writable:
+            repair_if_dirty(storage)
         head = storage.read(0, V2_HEADER_LENGTH + 40)
         header = parse_header(head)
         cs = header.cluster_size
@@ -191,8 +197,8 @@ class Qcow2Driver(MetadataGuard):
         self._check_snapshot_table()
         #: qcow2.corrupt.mark: set once a write would have landed on metadata.
         self._corrupt = False
-        # The snapshots' metadata never changes here (we make no snapshots): read it once,
-        # for the overlap checks of a writable image.
+        # The snapshots' metadata, for the overlap checks of a writable image (read once;
+        # the snapshot operations refresh it).
         self._snapshot_metadata: list[MetadataRegion] = []
         if writable:
             snapshots, table_length = read_snapshot_table(
@@ -217,23 +223,20 @@ class Qcow2Driver(MetadataGuard):
             peek_end=self._allocator.peek_end,
             write_header=self._write_refcount_table_pointer,
         )
-        #: qcow2.data-file.raw-kept: the raw external data bit holds, and we keep it so.
+        #: qcow2.data-file.raw: the raw external data bit holds, and we keep it so.
         self._data_file_raw = bool(
             header.has_data_file and header.autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW
         )
         if writable:
             self._allocator.attach(self._refcounts)
             self._allocator.overlap_check = self._overlap_check
-            # We maintain the raw external data bit (qcow2.data-file.raw-kept), no other.
-            kept = header.autoclear_features & (
-                QCOW2_AUTOCLEAR_DATA_FILE_RAW if header.has_data_file else 0
-            )
-            if header.version >= 3 and header.autoclear_features != kept:
-                # qcow2.features.autoclear-clear: "An implementation may only write to an image
-                # with unknown auto-clear features if it clears the respective bits from this
-                # field first."  We maintain no bitmaps either, so bit 0 goes too.
-                self._write_field("autoclear_features", ">Q", kept)
-                self.header = replace(self.header, autoclear_features=kept)
+            if header.version >= 3 and header.autoclear_features:
+                # qcow2.features.autoclear-clear, qcow2.bitmaps.in-use: unknown bits go,
+                # bitmaps are flagged in use as QEMU's writable open flags them.
+                autoclear = autoclear_for_writing(storage, header, self.extensions)
+                if autoclear != header.autoclear_features:
+                    self._write_field("autoclear_features", ">Q", autoclear)
+                    self.header = replace(self.header, autoclear_features=autoclear)
 
     def _snapshots(self) -> list[SnapshotEntry]:
         if self._snapshot_entries is None:
@@ -479,7 +482,7 @@ class Qcow2Driver(MetadataGuard):
     def _held_clusters(self, entry: L2Entry) -> range:
         """Host cluster offsets whose refcount counts this entry."""
         if self.header.has_data_file:
-            # qcow2.data-file.no-refcounts: "clusters in the external data file are not
+            # qcow2.data-file.write: "clusters in the external data file are not
             # refcounted".
             return range(0)
         cs = self._cluster_size
@@ -721,7 +724,7 @@ class Qcow2Driver(MetadataGuard):
         self, offset: int, length: int, overwrite: bool
     ) -> tuple[Storage, int, int]:
         """ensure_data_mapping with extended L2 entries: allocation and copy-on-write per
-        subcluster (qcow2.extended-l2.write-alloc)."""
+        subcluster (qcow2.extended-l2.write)."""
         cs, sc_bits = self._cluster_size, self._unit_bits
         in_cluster = offset_in_cluster(offset, self._cluster_bits)
         chunk = min(length, cs - in_cluster)
@@ -788,7 +791,7 @@ class Qcow2Driver(MetadataGuard):
         return clusters[0], end - clusters[0]
 
     def _zero_raw_data(self, offset: int, length: int) -> None:
-        """qcow2.data-file.raw-kept: with a raw external data file, what the guest sees as
+        """qcow2.data-file.raw: with a raw external data file, what the guest sees as
         zeros is zeros in the data file too, written before the tables say so (as QEMU's
         qcow2_cluster_zeroize zeroes s->data_file first)."""
         if self._data_file_raw:
@@ -822,7 +825,7 @@ class Qcow2Driver(MetadataGuard):
         return self._apply(offset, length, rule)
 
     def _zero_subclusters(self, offset: int, length: int) -> tuple[int, int]:
-        """qcow2.extended-l2.zero: whole clusters get an all-zero bitmap (keeping their host
+        """qcow2.extended-l2.clear: whole clusters get an all-zero bitmap (keeping their host
         cluster; a compressed one is freed), partial ones the zero bits of the whole
         subclusters in range (QEMU's zero_in_l2_slice and zero_l2_subclusters); a partial
         compressed cluster cannot be zeroed so (the caller writes zeroes there)."""
@@ -937,7 +940,7 @@ class Qcow2Driver(MetadataGuard):
         if new_size <= old_size:
             return
         if self._data_file_raw and prealloc is PreallocateMode.NONE:
-            # qcow2.data-file.raw-kept: as qemu-img, a raw data file is mapped whole
+            # qcow2.data-file.raw: as qemu-img, a raw data file is mapped whole
             # (preallocation=metadata), so that the tables read as the data file does.
             prealloc = PreallocateMode.FORMAT_ALLOCATE
         if self.header.has_data_file:
@@ -1070,9 +1073,15 @@ class Qcow2Driver(MetadataGuard):
         if self._writable and not self._corrupt:
             self._settle()
             self._l2.flush()
+        # qcow2.data-file.write: "flush() and sync() flush the data file before the qcow2
+        # file" (the data before the entries that map it).
+        if self._data_storage is not None:
+            self._data_storage.flush()
         self._storage.flush()
 
     def sync(self) -> None:
+        if self._data_storage is not None:
+            self._data_storage.sync()
         self._storage.sync()
 
     def invalidate_cache(self) -> None:

@@ -32,7 +32,7 @@ NORMAL = L2Entry(ClusterType.NORMAL, 0x50000, True)
 SHARED = L2Entry(ClusterType.NORMAL, 0x50000, False)
 
 
-@pytest.mark.clause("qcow2.extended-l2.write-alloc")
+@pytest.mark.clause("qcow2.extended-l2.write")
 def test_ranges() -> None:
     assert sub_alloc_range(0, 32) == 0xFFFFFFFF
     assert sub_alloc_range(3, 5) == 0b11000
@@ -40,7 +40,7 @@ def test_ranges() -> None:
     assert sub_alloc_range(4, 4) == 0
 
 
-@pytest.mark.clause("qcow2.extended-l2.write-alloc")
+@pytest.mark.clause("qcow2.extended-l2.write")
 @given(st.integers(0, (1 << 64) - 1), st.integers(0, 31), st.integers(1, 32))
 def test_written_bitmap_allocates_and_unzeroes_only_the_range(bitmap: int, first: int,
                                                               n: int) -> None:
@@ -54,7 +54,7 @@ def test_written_bitmap_allocates_and_unzeroes_only_the_range(bitmap: int, first
             assert (alloc, zero) == (bitmap >> sc & 1, bitmap >> (32 + sc) & 1)
 
 
-@pytest.mark.clause("qcow2.extended-l2.zero")
+@pytest.mark.clause("qcow2.extended-l2.clear")
 @given(st.integers(0, (1 << 64) - 1), st.integers(0, 31), st.integers(1, 32))
 def test_zeroed_bitmap_zeroes_only_the_range(bitmap: int, first: int, n: int) -> None:
     end = min(32, first + n)
@@ -64,7 +64,7 @@ def test_zeroed_bitmap_zeroes_only_the_range(bitmap: int, first: int, n: int) ->
         assert (new >> sc & 1, new >> (32 + sc) & 1) == want
 
 
-@pytest.mark.clause("qcow2.extended-l2.write-alloc")
+@pytest.mark.clause("qcow2.extended-l2.write")
 @pytest.mark.parametrize(
     ("cluster", "bitmap", "start", "end", "keep_old", "want"),
     [
@@ -88,7 +88,7 @@ def test_cow_range(cluster: L2Entry, bitmap: int, start: int, end: int, keep_old
     assert subcluster_cow_range(cluster, bitmap, start, end, SC_BITS, keep_old=keep_old) == want
 
 
-@pytest.mark.clause("qcow2.extended-l2.zero")
+@pytest.mark.clause("qcow2.extended-l2.clear")
 def test_encode_extended_entry_never_sets_the_zero_flag() -> None:
     assert encode_extended_entry(L2Entry(ClusterType.ZERO_PLAIN), None) == (
         0, QCOW_L2_BITMAP_ALL_ZEROES)
@@ -106,7 +106,7 @@ def _first_entries(storage: MemoryStorage, n: int) -> list[tuple[int, int]]:
     return [struct.unpack(">QQ", data[l2 + 16 * i : l2 + 16 * i + 16]) for i in range(n)]
 
 
-@pytest.mark.clause("qcow2.extended-l2.write-alloc", "qcow2.extended-l2.zero")
+@pytest.mark.clause("qcow2.extended-l2.write", "qcow2.extended-l2.clear")
 def test_driver_paths_leave_the_bitmaps_qemu_leaves() -> None:
     storage = MemoryStorage()
     create_image(storage, 256 * KiB, extended_l2=True)
@@ -142,7 +142,7 @@ def test_invalid_bitmap_on_write_marks_the_image_corrupt() -> None:
     assert struct.unpack(">Q", damaged.snapshot()[72:80])[0] & 0b10  # the corrupt bit
 
 
-@pytest.mark.clause("qcow2.data-file.create")
+@pytest.mark.clause("create.qcow2.data-file")
 def test_relative_data_file_for_a_storage_object_is_refused() -> None:
     storage = MemoryStorage()
     with pytest.raises(InvalidRequestError, match=r"d\.raw"):
