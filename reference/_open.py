@@ -277,9 +277,12 @@ def create_image(
     qcow2 options: ``cluster_size`` (512..2 MiB, default 65536), ``compat`` ("0.10" or
     "1.1", default "1.1"), ``refcount_bits`` (1..64, default 16), ``backing_file``,
     ``backing_fmt``, ``preallocation`` ("off", "metadata", "falloc", "full"),
-    ``compression_type`` ("zlib", "zstd"), ``lazy_refcounts`` (bool, v3 only).  raw takes
-    ``preallocation`` only.  ``size`` may be None for a qcow2 image with a backing file: the
-    backing file's size is used.
+    ``compression_type`` ("zlib", "zstd"), ``lazy_refcounts`` (bool, v3 only),
+    ``extended_l2`` (bool, v3 only, clusters of 16 KiB or more), ``data_file`` (the external
+    data file's name, resolved like a backing file name; the file is created empty) and
+    ``data_file_raw`` (bool: the data file stays the raw disk; implies "metadata"
+    preallocation).  raw takes ``preallocation`` only.  ``size`` may be None for a qcow2
+    image with a backing file: the backing file's size is used.
 
     For an image created in a file, the backing file must exist and open as ``backing_fmt``
     (create.backing.checked), as qemu-img checks it, unless ``unsafe=True`` (qemu-img
@@ -427,27 +430,31 @@ def _qcow2_options(options: dict[str, object]) -> Qcow2CreateOptions:
     if extended_l2 and version < 3:
         # qemu-img: "Extended L2 entries are only supported with compatibility level 1.1 and
         # above".
-        raise InvalidRequestError(f"extended_l2 needs compat=1.1, not compat={compat!r}")
+        raise InvalidRequestError(
+            f"create_image: extended_l2 needs compat=1.1, not compat={compat!r}")
     if extended_l2 and cluster_size < 16384:
         # qcow2.extended-l2.min-cluster: subclusters of at least 512 bytes.
         raise InvalidRequestError(
-            f"extended_l2 needs a cluster_size of at least 16384 bytes, not {cluster_size}"
+            f"create_image: extended_l2 needs a cluster_size of at least 16384 bytes, not "
+            f"{cluster_size}"
         )
     data_file = options.pop("data_file", None)
     if data_file is not None and (not isinstance(data_file, str) or not data_file
                                   or "\0" in data_file):
-        raise InvalidRequestError(f"data_file must be a non-empty str, not {data_file!r}")
+        raise InvalidRequestError(
+            f"create_image: data_file must be a non-empty str, not {data_file!r}")
     data_file_raw = _bool_option(options.pop("data_file_raw", False), "data_file_raw")
     if data_file_raw and data_file is None:
-        raise InvalidRequestError("data_file_raw=True requires data_file (qemu-img: "
+        raise InvalidRequestError("create_image: data_file_raw=True requires data_file (qemu-img: "
                                   "'data-file-raw requires data-file')")
     if data_file_raw and backing_file is not None:
         raise InvalidRequestError(
-            f"data_file_raw=True cannot be combined with backing_file {backing_file!r}"
+            f"create_image: data_file_raw=True cannot be combined with backing_file "
+            f"{backing_file!r}"
         )
     if data_file is not None and version < 3:
         raise InvalidRequestError(
-            f"data_file {data_file!r} needs compat=1.1, not compat={compat!r}"
+            f"create_image: data_file {data_file!r} needs compat=1.1, not compat={compat!r}"
         )
     return Qcow2CreateOptions(
         lazy_refcounts=lazy_refcounts,
@@ -467,7 +474,7 @@ def _bool_option(value: object, what: str) -> bool:
     """A boolean option (create.qcow2.extended-l2: "the flag must be a bool")."""
     if isinstance(value, bool):
         return value
-    raise InvalidRequestError(f"{what} must be a bool, not {value!r}")
+    raise InvalidRequestError(f"create_image: {what} must be a bool, not {value!r}")
 
 
 def _backing_size(target: PathOrStorage, qopts: Qcow2CreateOptions) -> int:
