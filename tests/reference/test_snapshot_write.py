@@ -126,7 +126,8 @@ def _verify(path: Path, model: Model, tmp: Path) -> None:
         assert _convert_snapshot(path, sid, tmp) == expected, f"snapshot {sid}"
     ours = check(path).to_json()
     report = json.loads(qemu_img("check", "--output=json", path).stdout)
-    for key in ("allocated-clusters", "total-clusters", "compressed-clusters",
+    for key in ("corruptions", "leaks", "check-errors", "allocated-clusters",
+                "total-clusters", "compressed-clusters", "fragmented-clusters",
                 "image-end-offset"):
         assert ours.get(key, 0) == report.get(key, 0), key
 
@@ -170,6 +171,27 @@ def test_snapshot_sequences_agree_with_qemu(tmp_path: Path, who: str, cluster_si
     ops = SCENARIO if who != "mixed-qemu-first" else [("write", "0", "1", "9"), *SCENARIO]
     _run(path, ops, model, "ours" if who == "ours" else "mixed")
     _verify(path, model, tmp_path)
+
+
+@pytest.mark.clause("qcow2.snapshots.v2-no-resize", "qcow2.snapshots.create-refcounts")
+def test_v2_images(tmp_path: Path) -> None:
+    """compat=0.10: snapshots made, applied and deleted pass qemu-img check; resizing is
+    refused as QEMU refuses it."""
+    path = tmp_path / "v2.qcow2"
+    create_image(path, MiB, compat="0.10", cluster_size=4 * KiB)
+    model = Model(bytearray(MiB))
+    ops = [op for op in SCENARIO
+           if op[0] != "resize" and op[1] != "big" and int(op[1] if op[0] == "write" else 0) < MiB]
+    _run(path, ops, model, "mixed")
+    _verify(path, model, tmp_path)
+    with open_image(path, writable=True) as img:
+        img.create_snapshot("last")
+        with pytest.raises(UnsupportedError, match="v2"):
+            img.resize(2 * MiB)
+        with pytest.raises(UnsupportedError, match="v2"):
+            img.resize(512 * KiB)
+        assert img.size == MiB
+    qemu_check(path)
 
 
 @pytest.mark.clause("qcow2.snapshots.create-refcounts", "qcow2.snapshots.extra-data")
