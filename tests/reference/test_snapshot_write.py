@@ -62,22 +62,17 @@ def _run(path: Path, ops: list[tuple[str, ...]], model: Model, who: str) -> None
     for i, op in enumerate(ops):
         ours = who == "ours" or (who == "mixed" and i % 2 == 0)
         kind = op[0]
-        if kind == "write":
-            off, n, pat = int(op[1]), int(op[2]), int(op[3])
+        if kind in ("write", "cwrite"):
+            # cwrite: one whole cluster, compressed, into an unallocated one.
+            off, pat = int(op[1]), int(op[-1])
+            n = int(op[2]) if kind == "write" else model.cluster_size
             if ours:
                 with open_image(path, writable=True) as img:
-                    img.write(bytes([pat]) * n, off)
+                    (img.write if kind == "write" else img.write_compressed)(
+                        bytes([pat]) * n, off)
             else:
-                qemu_io(path, f"write -P {pat} {off} {n}")
-            model.disk[off : off + n] = bytes([pat]) * n
-        elif kind == "cwrite":  # one whole cluster, compressed, into an unallocated one
-            off, pat = int(op[1]), int(op[2])
-            n = model.cluster_size
-            if ours:
-                with open_image(path, writable=True) as img:
-                    img.write_compressed(bytes([pat]) * n, off)
-            else:
-                qemu_io(path, f"write -c -P {pat} {off} {n}")
+                flag = "" if kind == "write" else "-c "
+                qemu_io(path, f"write {flag}-P {pat} {off} {n}")
             model.disk[off : off + n] = bytes([pat]) * n
         elif kind == "create":
             name = op[1]
