@@ -406,6 +406,8 @@ def _reset(layer: Qcow2Layer) -> None:
     layer._l2.clear()
     layer._snapshots = None
     layer._snap_parts = None
+    layer._last_inflated = None
+    layer._file_size_now()
     layer._meta_moved()
 
 
