@@ -71,9 +71,6 @@ class RawSnapshot:
     #: Extra data past the 24 bytes QEMU knows, kept as it is (qcow2.snapshots.extra-data).
     unknown_extra: bytes
 
-    def matches(self, key: str) -> bool:
-        return key.encode("utf-8", "surrogateescape") in (self.id, self.name)
-
 
 def read_raw_snapshots(
     read: Callable[[int, int], bytes], table: Span, disk_size: int
@@ -160,12 +157,17 @@ def _start(layer: Qcow2Layer, op: str) -> list[RawSnapshot]:
     return read_raw_snapshots(layer._meta_read, layer.hdr.snapshots, layer.hdr.size)
 
 
-def _pick(entries: list[RawSnapshot], key: object, op: str) -> int:
-    """Index of the snapshot with ID ``key``, else the first named ``key``
-    (find_snapshot_by_id_or_name)."""
+def _key(key: object, op: str) -> str:
+    """A snapshot ID or name argument, checked before anything else."""
     if type(key) is not str or not key:
         raise InvalidRequestError(f"{op}: a snapshot ID or name must be a non-empty str, "
                                   f"not {key!r}")
+    return key
+
+
+def _pick(entries: list[RawSnapshot], key: str, op: str) -> int:
+    """Index of the snapshot with ID ``key``, else the first named ``key``
+    (find_snapshot_by_id_or_name)."""
     raw = key.encode("utf-8", "surrogateescape")
     for field in ("id", "name"):
         for i, sn in enumerate(entries):
@@ -227,8 +229,9 @@ def create_snapshot(layer: Qcow2Layer, name: object) -> SnapshotInfo:
 
 def apply_snapshot(layer: Qcow2Layer, key: object) -> None:
     """qcow2_snapshot_goto: the active state becomes the snapshot's (disk size included)."""
+    name = _key(key, "apply_snapshot")
     entries = _start(layer, "apply_snapshot")
-    sn = entries[_pick(entries, key, "apply_snapshot")]
+    sn = entries[_pick(entries, name, "apply_snapshot")]
     sn_l1 = _snapshot_l1(layer, sn)
     sn_tables = _tables(layer, sn_l1)
     bumps = _references(layer, sn_l1, sn_tables)
@@ -274,8 +277,9 @@ def apply_snapshot(layer: Qcow2Layer, key: object) -> None:
 
 def delete_snapshot(layer: Qcow2Layer, key: object) -> None:
     """qcow2_snapshot_delete: the table without it first, then its references go."""
+    name = _key(key, "delete_snapshot")
     entries = _start(layer, "delete_snapshot")
-    i = _pick(entries, key, "delete_snapshot")
+    i = _pick(entries, name, "delete_snapshot")
     sn = entries[i]
     sn_l1 = _snapshot_l1(layer, sn)
     drops = _references(layer, sn_l1, _tables(layer, sn_l1))
