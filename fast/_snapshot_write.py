@@ -210,10 +210,7 @@ def create_snapshot(layer: Qcow2Layer, name: object) -> SnapshotInfo:
     # The active entries lose COPIED before their clusters become shared.
     cleared_l1 = array(l1.typecode, (e & ~COPIED for e in l1))
     for ofs, tbl in tables.items():
-        if any(e & COPIED for e in tbl):
-            for j, e in enumerate(tbl):
-                tbl[j] = e & ~COPIED
-            layer.storage.write(encode_u64_table(tbl), ofs)
+        _clear_copied(layer, ofs, tbl)
     if cleared_l1 != l1:
         layer.storage.write(encode_u64_table(cleared_l1[: hdr.l1.n]), hdr.l1.at)
     layer._l1 = cleared_l1
@@ -248,10 +245,7 @@ def apply_snapshot(layer: Qcow2Layer, key: object) -> None:
     # What the snapshot reaches is shared now: none of its entries may claim otherwise
     # once they are active.
     for ofs, tbl in sn_tables.items():
-        if any(e & COPIED for e in tbl):
-            for j, e in enumerate(tbl):
-                tbl[j] = e & ~COPIED
-            layer.storage.write(encode_u64_table(tbl), ofs)
+        _clear_copied(layer, ofs, tbl)
     new_l1 = array(sn_l1.typecode, (e & ~COPIED for e in sn_l1))
     new_l1.extend(array(new_l1.typecode, bytes(8 * (new_n - len(new_l1)))))
     cs, cb = layer._cs, layer._cbits
@@ -371,6 +365,20 @@ def _check_room(layer: Qcow2Layer, bumps: Counter[int]) -> None:
                 f"qcow2: host cluster 0x{cluster << layer._cbits:x} would need refcount "
                 f"{have + n}, more than refcount_bits allow ({top}): no snapshot taken"
             )
+
+
+def _clear_copied(layer: Qcow2Layer, ofs: int, tbl: array[int]) -> None:
+    """Clear COPIED in the entries of the L2 table at ``ofs`` and write it if that changed
+    anything (extended L2: the entry words only; bit 63 of a bitmap word is a zero bit)."""
+    step = 1 << layer._ext
+    changed = False
+    for j in range(0, len(tbl), step):
+        e = tbl[j]
+        if e & COPIED:
+            tbl[j] = e & ~COPIED
+            changed = True
+    if changed:
+        layer.storage.write(encode_u64_table(tbl), ofs)
 
 
 def _incref_n(layer: Qcow2Layer, cluster: int, n: int) -> None:

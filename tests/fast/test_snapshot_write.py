@@ -345,9 +345,16 @@ def test_random_snapshot_sequences_match_a_flat_model(tmp_path: Path, seed: int)
     cs = rnd.choice([512, 4096, 65536])
     size = cs * rnd.randrange(8, 40)
     path = tmp_path / "r.qcow2"
-    fast.create_image(path, size, cluster_size=cs,
-                      refcount_bits=rnd.choice([4, 16]))
+    ext = cs >= 16384 and rnd.random() < 0.5
+    backing: dict[str, object] = {}
     disk = bytearray(size)
+    if rnd.random() < 0.5:
+        # A backing file shows through wherever the top has nothing.
+        disk = bytearray(rnd.randbytes(size))
+        (tmp_path / "base.raw").write_bytes(disk)
+        backing = {"backing_file": "base.raw", "backing_fmt": "raw"}
+    fast.create_image(path, size, cluster_size=cs, extended_l2=ext,
+                      refcount_bits=rnd.choice([4, 16]), **backing)  # type: ignore[arg-type]
     snaps: dict[str, bytes] = {}
     img = fast.open_image(path, writable=True)
     try:
@@ -442,3 +449,28 @@ def test_snapshots_listed_right_after_the_table_grows_the_file() -> None:
             assert [s.name for s in img.snapshots()][-1] == name
         img.delete_snapshot("b")
         assert [s.name for s in img.snapshots()] == ["a", "c"]
+
+
+@pytest.mark.qemu
+@pytest.mark.clause("qcow2.snapshots.create-refcounts", "qcow2.extended-l2.bitmap")
+def test_snapshots_leave_extended_l2_bitmaps_alone(tmp_path: Path) -> None:
+    # Bit 63 of an extended L2 entry's bitmap word is subcluster 31's zero bit, not COPIED.
+    base = tmp_path / "base.raw"
+    base.write_bytes(b"\xbb" * 4 * 65536)  # what a lost zero bit would show
+    path = tmp_path / "x.qcow2"
+    fast.create_image(path, 4 * 65536, extended_l2=True, backing_file="base.raw",
+                      backing_fmt="raw")
+    with fast.open_image(path, writable=True) as img:
+        img.write(b"\xaa" * 65536, 0)
+        img.write_zeroes(65536 - 2048, 2048)
+        want = img.read(0, 4 * 65536)
+        img.create_snapshot("s")
+        assert img.read(0, 4 * 65536) == want
+        # A write into the shared table copies it: the copy keeps the bitmaps too.
+        img.write(b"\xcc" * 100, 2 * 65536)
+        assert img.read(0, 2 * 65536) == want[: 2 * 65536]
+        img.apply_snapshot("s")
+        img.delete_snapshot("s")
+        assert img.read(0, 4 * 65536) == want
+    assert_qemu_check_clean(path)
+    assert qemu_raw_bytes(path, tmp_path) == want
