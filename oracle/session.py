@@ -32,6 +32,13 @@ from pyimago.reference import (
 )
 
 from ._check import OracleFailure, check_image, check_small_mapping, content_failure
+from ._feature_run import (
+    FEATURE_CLAUSES,
+    FEATURE_KINDS,
+    create_prealloc,
+    layer_options,
+    run_feature_op,
+)
 from ._power import PowerCutFailure, PowerCuts
 from ._probe import RefcountLayout, refcount_layout
 from .crash import CutJudge, qemu_judge, reference_judge
@@ -89,16 +96,18 @@ _OP_CLAUSES: dict[OpKind, tuple[str, ...]] = {
     OpKind.GET_MAPPING: ("access.mapping.tiling", "access.mapping.eof-top-only"),
     OpKind.SYNC: ("crash.power-cut",),
     OpKind.POWER_CUT: ("crash.power-cut",),
+    **FEATURE_CLAUSES,
 }
 
 # Operations that change neither the image nor its storage: no crash timeline point.
 _PASSIVE = frozenset({OpKind.READ, OpKind.READ_PARALLEL, OpKind.WRITE_PARALLEL,
                       OpKind.POWER_CUT, OpKind.WRITE_PAST_END, OpKind.READINTO, OpKind.READV,
-                      OpKind.GET_MAPPING})
+                      OpKind.GET_MAPPING, OpKind.READ_SNAPSHOT})
 
 # After these the whole disk is checked; after the others, the range they touched and a
 # rotating slice (the whole disk is checked again at reopen and teardown).
-_FULL_CHECK = frozenset({OpKind.RESIZE, OpKind.REOPEN, OpKind.INVALIDATE, OpKind.SWEEP})
+_FULL_CHECK = frozenset({OpKind.RESIZE, OpKind.REOPEN, OpKind.INVALIDATE, OpKind.SWEEP,
+                         OpKind.APPLY_SNAPSHOT})
 #: The rotating slice: this fraction of the disk after every operation.
 _SLICE_FRACTION = 8
 
@@ -175,6 +184,12 @@ class RunStats:
     """Operations run with parallelization > 1 over two or more allocation units (jobs)."""
     chains: set[str] = field(default_factory=set)
     """The distinct chains built (their JSON), for the diversity figure."""
+    features: Counter[str] = field(default_factory=Counter)
+    """Issue 13's features met: layer options by chain (``extended_l2 (top)`` when the top
+    layer has it, ``extended_l2 (below)`` for a lower one), and the feature operations."""
+    features_expected: set[str] = field(default_factory=set)
+    """The features the target supports (``features.FEATURES`` names): a run that never
+    meets one of them warns."""
 
     def path_rows(self) -> list[tuple[str, str]]:
         """``(label, value)`` rows of the paths a run took, for the run and fuzz summaries."""
@@ -191,6 +206,8 @@ class RunStats:
             ("compressed clusters read", f"{self.compressed_reads:,}"),
             ("parallel jobs", f"{self.parallel_jobs:,} operations with 2+ jobs"),
             ("distinct chains", f"{distinct:,}{share}"),
+            ("qcow2 features", ", ".join(f"{k} {v}" for k, v in sorted(self.features.items()))
+             or "none"),
         ]
 
     def coverage_warnings(self) -> list[str]:
@@ -198,7 +215,8 @@ class RunStats:
         from .ops import OpKind as Kind
 
         hit = {name.split(" ")[0] for name in self.ops}
-        skip = {Kind.WRITE_PAST_END.value, Kind.SWEEP.value}
+        # (issue 13's operations: by the features warnings below, when the target has them)
+        skip = {Kind.WRITE_PAST_END.value, Kind.SWEEP.value, *(k.value for k in FEATURE_KINDS)}
         missing = [f"no {k.value} call" for k in Kind if k.value not in hit | skip]
         figures = {
             "no crash state checked": self.crash_states,
@@ -208,6 +226,10 @@ class RunStats:
             "no parallel job run": self.parallel_jobs,
         }
         missing += [what for what, n in figures.items() if not n]
+        met = {name.split(" ")[0] for name, n in self.features.items() if n}
+        for name in sorted(self.features_expected):
+            needs = _FEATURE_HITS.get(name, (name,))
+            missing += [f"no {hit} hit" for hit in needs if hit not in met]
         widths = [b for b in (1, 2, 4, 8, 16, 32, 64) if not self.refcount_widths[b]]
         if widths:
             missing.append("no chain with refcount_bits " + ", ".join(map(str, widths)))
@@ -217,6 +239,13 @@ class RunStats:
         self.examples += 1
         if self.on_example is not None:
             self.on_example(self)
+
+
+#: What a run must meet for each supported feature (others: a layer with that option).
+_FEATURE_HITS = {
+    "snapshots": ("create_snapshot", "apply_snapshot", "delete_snapshot"),
+    "snapshot_open": ("read_snapshot",),
+}
 
 
 def describe_chain(chain: ChainSpec) -> str:
@@ -240,7 +269,8 @@ def traits_for(layer: LayerSpec) -> LayerTraits:
     if layer.format == "raw":
         return LayerTraits.raw()
     if layer.format == "qcow2":
-        return LayerTraits.qcow2(layer.cluster_size, layer.compat)
+        return LayerTraits.qcow2(layer.cluster_size, layer.compat,
+                                 extended_l2=layer.extended_l2)
     # A driver target's own format: its layout's unit and zero clusters (see fuzz.Layout).
     return LayerTraits(layer.format, layer.cluster_size, layer.compat != "0.10")
 
@@ -334,7 +364,9 @@ class Session:
         """Check the whole disk after every operation (replays do: exact, not fast)."""
         self.power: PowerCuts | None = None
         """Power-cut recording of the top layer (targets that are ``crash_safe``)."""
-        if getattr(target, "crash_safe", False):
+        if getattr(target, "crash_safe", False) and not chain.top.data_file:
+            # (A top layer with an external data file spreads its writes over two storages;
+            # only the qcow2 file is recorded, so such chains are not cut.)
             self.power = PowerCuts(self._cut_judge())
         if build:
             self.build()
@@ -342,6 +374,11 @@ class Session:
     def _cut_judge(self) -> CutJudge | None:
         if self.chain.top.format != "qcow2":
             return None  # raw has no metadata; a driver's own format is its own business
+        if self.chain.top.lazy_refcounts:
+            # crash.power-cut is QEMU's promise without lazy refcounts: with them a cut may
+            # leave refcounts a repair must rebuild; content and the read-only open still
+            # hold.
+            return None
         if self._qemu_img:
             return qemu_judge(self._qemu_img)
         return reference_judge()
@@ -395,12 +432,85 @@ class Session:
             options["compat"] = spec.compat
             if spec.refcount_bits != 16 and spec.format == "qcow2":
                 options["refcount_bits"] = spec.refcount_bits
+            if spec.format == "qcow2":
+                options.update(layer_options(spec, index))
             if index > 0:
                 options["backing_file"] = self._layer_name(index - 1)
                 options["backing_fmt"] = self.chain.layers[index - 1].format
         if self.workdir is None:
             self._memory.append(MemoryStorage(name=self._layer_name(index)))
+        if spec.maker == "qemu":
+            self._qemu_create(index)
+            return
         self.target.create_image(self.layer_location(index), spec.size, **options)
+
+    def _qemu_create(self, index: int) -> None:
+        """A layer QEMU makes and fills (``LayerSpec.maker == "qemu"``), the model kept in
+        step: each build operation is logged and numbered as the session's own are."""
+        from .features import qemu_make_layer
+
+        spec = self.chain.layers[index]
+        qemu_io = shutil.which("qemu-io")
+        if self.workdir is None or not self._qemu_img or not qemu_io:
+            raise RuntimeError(f"layer {index} is made by QEMU: needs a file chain and "
+                               "qemu-img and qemu-io")
+        model = self.model
+        steps: list[int] = []
+        for op in spec.build:
+            self.step += 1
+            steps.append(self.step)
+            self.log.append(LogEntry(self.step, index, op))
+            if op.kind is OpKind.WRITE:
+                model.write(op.offset, pattern(self.step, op.offset, op.length))
+            elif op.kind is OpKind.WRITE_ZEROES:
+                model.write_zeroes(op.offset, op.length)
+            elif op.kind is OpKind.DISCARD_TO_ZERO:
+                model.discard_to_zero(op.offset, op.length)
+        backing = None
+        if index > 0:
+            backing = (self._layer_name(index - 1), self.chain.layers[index - 1].format)
+        qemu_make_layer(self._qemu_img, qemu_io, self.layer_location(index), spec, spec.build,
+                        steps=steps, backing=backing,
+                        data_file_name=f"layer{index}.data")
+        self.stats.compressed_clusters += sum(
+            -(-op.length // spec.cluster_size) for op in spec.build if op.mode == "compressed")
+
+    def _open_snapshot(self, name_or_id: str) -> Access:
+        """The top layer's snapshot ``name_or_id``, opened read-only beside the writable
+        open (sharing its lock, as ``qemu-img snapshot`` users read a running image)."""
+        spec = self.chain.top
+        cache = self.chain.l2_cache_tables
+        kwargs: dict[str, Any] = {"writable": False, "format": spec.format,
+                                  "snapshot": name_or_id}
+        if cache is not None and getattr(self.target, "l2_cache_option", False):
+            kwargs["l2_cache_tables"] = cache
+        opened: list[Access] = []
+        if self.workdir is not None:
+            kwargs["force_share"] = True
+        else:
+            below = self._open_below_for_cuts(opened)
+            if below is not None:
+                kwargs["backing"] = below
+        try:
+            access = self.target.open_image(self.layer_location(self.top_index), **kwargs)
+        except BaseException:
+            for layer in reversed(opened):
+                with contextlib.suppress(Exception):
+                    layer.close()
+            raise
+        if opened:
+            close = access.close
+
+            def close_all() -> None:
+                try:
+                    close()
+                finally:
+                    for layer in reversed(opened):
+                        with contextlib.suppress(Exception):
+                            layer.close()
+
+            access.close = close_all
+        return access
 
     def _open_layer(self, index: int, *, writable: bool) -> Access:
         """Open layer ``index`` (and, for memory chains, each layer below it explicitly)."""
@@ -458,14 +568,22 @@ class Session:
         layers = self.chain.layers
         for index, spec in enumerate(layers):
             backing = self.models[-1].snapshot() if self.models else None
-            model = FlatModel(
-                spec.size, traits_for(spec), backing, prealloc=_CREATE_PREALLOC[spec.preallocation]
-            )
+            prealloc = create_prealloc(spec, _CREATE_PREALLOC[spec.preallocation])
+            model = FlatModel(spec.size, traits_for(spec), backing, prealloc=prealloc)
             # Current from the first layer on: a failure while building a lower layer is
             # torn down against the model of the layer being built, not an AttributeError.
             self.model = model
             self._create(index)
             self.models.append(model)
+            for name in spec.features():
+                where = "top" if index == len(layers) - 1 else "below"
+                self.stats.features[f"{name} ({where})"] += 1
+            if spec.maker == "qemu" and index < len(layers) - 1:
+                # qemu-io ran its build (see _qemu_create): the target reads it back.
+                access = self._open_layer(index, writable=False)
+                check_image(access, model, what=f"layer {index} (made by QEMU)")
+                self._close_all()
+                continue
             if index < len(layers) - 1 and spec.build:
                 access = self._open_layer(index, writable=True)
                 for op in spec.build:
@@ -606,6 +724,8 @@ class Session:
             self.stats.ops[op.kind.value + (" (unsupported)" if unsupported else "")] += 1
             self._check_after(op, old_size)
             self._count(op)
+            if op.kind in FEATURE_KINDS and not unsupported:
+                self.stats.features[op.kind.value] += 1
             if self.power is not None and op.kind not in _PASSIVE:
                 self.power.point(self.model, op.describe(), durable=op.kind is OpKind.SYNC,
                                  unspecified=_cut_unspecified(op, old_size))
@@ -624,7 +744,7 @@ class Session:
         g = self.model.granularity
         start, end = op.offset, op.offset + op.length
         if self.chain.top.format == "qcow2" and op.kind is not OpKind.GET_MAPPING:
-            span = g * (g // 8)
+            span = self.chain.top.l2_span
             if start // span != (end - 1) // span:
                 self.stats.l2_crossings += 1
         reads = op.kind in (OpKind.READ, OpKind.READINTO, OpKind.READV)
@@ -802,6 +922,9 @@ class Session:
             access.sync()
         elif kind is OpKind.POWER_CUT:
             self.check_power_cuts()
+        elif kind in FEATURE_KINDS:
+            self.stats.bytes_compared += run_feature_op(access, model, op, step,
+                                                        self._open_snapshot)
         else:  # pragma: no cover - every kind is handled above
             raise AssertionError(f"unhandled operation {kind}")
 
@@ -975,6 +1098,7 @@ class Session:
                 capture_output=True,
                 text=True,
                 check=False,
+                cwd=self.workdir,  # QEMU 7 finds a relative data file from there
             )
             self.stats.qemu_checks += 1
             if proc.returncode != 0:
@@ -995,6 +1119,7 @@ class Session:
                 capture_output=True,
                 text=True,
                 check=False,
+                cwd=self.workdir,
             )
             if proc.returncode != 0:
                 raise OracleFailure(
