@@ -9,13 +9,14 @@ reads, each checked as it runs.
 from __future__ import annotations
 
 import contextlib
+import io
 from collections.abc import Callable
 from typing import Any
 
 from pyimago.reference import InvalidRequestError, PreallocateMode, PyimagoError
 
 from ._check import OracleFailure, content_failure
-from .model import FlatModel, SavedSnapshot, first_mismatch
+from .model import Alloc, FlatModel, SavedSnapshot, first_mismatch
 from .ops import LayerSpec, Op, OpKind, noise, pattern
 
 __all__ = [
@@ -32,7 +33,9 @@ FEATURE_KINDS = frozenset({OpKind.WRITE_COMPRESSED, OpKind.CREATE_SNAPSHOT,
                            OpKind.READ_SNAPSHOT})
 
 FEATURE_CLAUSES: dict[OpKind, tuple[str, ...]] = {
-    OpKind.WRITE_COMPRESSED: ("qcow2.compressed.write", "qcow2.compressed.layout"),
+    OpKind.WRITE_COMPRESSED: ("qcow2.compressed.write-whole-cluster",
+                              "qcow2.compressed.write-fallback",
+                              "qcow2.compressed.write-unallocated-only"),
     OpKind.CREATE_SNAPSHOT: ("qcow2.snapshots.create", "qcow2.snapshots.table"),
     OpKind.APPLY_SNAPSHOT: ("qcow2.snapshots.apply", "qcow2.snapshots.lookup"),
     OpKind.DELETE_SNAPSHOT: ("qcow2.snapshots.delete", "qcow2.snapshots.lookup"),
@@ -146,16 +149,71 @@ def read_snapshot(open_snapshot: Callable[[str], Access], model: FlatModel, op: 
     return snap.size
 
 
+def compressed_outcome(model: FlatModel, offset: int, length: int) -> bool | None:
+    """Whether a compressed write of the cluster at ``offset`` must succeed (True), must be
+    refused (False), or may go either way (None): QEMU compresses only into a cluster that
+    has no host cluster (qcow2.compressed.write-unallocated-only).  A unit the model knows
+    to be unallocated has none (but with extended L2 a preallocated cluster may hide behind
+    unallocated subclusters); a unit holding data has one; zero units may or may not."""
+    units = range(offset // model.granularity, -(-(offset + length) // model.granularity))
+    states = [model.allowed(u) for u in units]
+    if any(state == frozenset({Alloc.DATA}) for state in states):
+        return False
+    if not model.traits.subclusters and all(state == {Alloc.BACKING} for state in states):
+        return True
+    return None
+
+
+def _write_compressed(access: Access, model: FlatModel, op: Op, step: int,
+                      data_file: bool) -> None:
+    make = noise if op.mode == "noise" else pattern
+    data = make(step, op.offset, op.length)
+    what = f"write_compressed of the cluster at 0x{op.offset:x}"
+    g = model.granularity
+    cluster = g * 32 if model.traits.subclusters else g
+    if op.offset % cluster or (op.length != cluster and op.offset + op.length != model.size):
+        _expect_error(lambda: access.write_compressed(data, op.offset),
+                      f"write_compressed of 0x{op.length:x} bytes at 0x{op.offset:x} (not one "
+                      "whole cluster)", (InvalidRequestError,),
+                      "qcow2.compressed.write-whole-cluster")
+        return
+    if data_file:
+        _expect_error(lambda: access.write_compressed(data, op.offset),
+                      f"{what} (an image with an external data file)",
+                      (io.UnsupportedOperation,), "qcow2.compressed.write-whole-cluster")
+        return
+    outcome = compressed_outcome(model, op.offset, op.length)
+    if outcome is False:
+        _expect_error(lambda: access.write_compressed(data, op.offset),
+                      f"{what} (it has a host cluster)", (InvalidRequestError,),
+                      "qcow2.compressed.write-unallocated-only")
+        return
+    try:
+        access.write_compressed(data, op.offset)
+    except InvalidRequestError as exc:
+        if outcome is None:
+            return  # refused, as it may be; the checks after the step see nothing changed
+        raise OracleFailure(
+            f"{what}: the cluster is unallocated, yet the write was refused: {exc}",
+            offset=op.offset, clauses=("qcow2.compressed.write-unallocated-only",),
+        ) from exc
+    model.write(op.offset, data)
+
+
 def run_feature_op(access: Access, model: FlatModel, op: Op, step: int,
-                   open_snapshot: Callable[[str], Access]) -> int:
+                   open_snapshot: Callable[[str], Access], *, data_file: bool = False) -> int:
     """Run one of :data:`FEATURE_KINDS` on the top layer and the model; returns the bytes
-    compared on the way (snapshot reads)."""
+    compared on the way (snapshot reads).  ``data_file``: the top layer has an external
+    data file, where QEMU refuses compressed writes and internal snapshots."""
     kind = op.kind
     if kind is OpKind.WRITE_COMPRESSED:
-        make = noise if op.mode == "noise" else pattern
-        data = make(step, op.offset, op.length)
-        access.write_compressed(data, op.offset)
-        model.write(op.offset, data)
+        _write_compressed(access, model, op, step, data_file)
+        return 0
+    if data_file and kind is not OpKind.READ_SNAPSHOT:
+        call = (lambda: access.create_snapshot(op.mode)) if kind is OpKind.CREATE_SNAPSHOT \
+            else (lambda: getattr(access, kind.value)(op.mode))
+        _expect_error(call, f"{op.describe()} (an image with an external data file)",
+                      (io.UnsupportedOperation,), FEATURE_CLAUSES[kind][0])
         return 0
     if kind is OpKind.READ_SNAPSHOT:
         access.flush()

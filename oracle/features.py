@@ -213,6 +213,31 @@ def _qemu_create_options(spec: LayerSpec, backing: tuple[str, str] | None,
     return args
 
 
+def _write_commands(spec: LayerSpec, op: Op, source: str) -> list[str]:
+    """qemu-io writes of ``op``'s data (in ``source``); a compressed one compresses the whole
+    clusters it covers (QEMU takes nothing else) and writes the rest plainly."""
+    end = op.offset + op.length
+    if op.mode != COMPRESSED_MODE:
+        return [f"write -q -s {source} {op.offset} {op.length}"]
+    cs = spec.cluster_size
+    first = -(-op.offset // cs) * cs
+    last = end if end == spec.size else end - end % cs
+    if first >= last:
+        return [f"write -q -s {source} {op.offset} {op.length}"]
+    out = []
+    # Pieces of the source file: qemu-io's -s reads it from its start, so each piece gets
+    # its own file cut from it.
+    with open(source, "rb") as f:
+        data = f.read()
+    for start, stop, flag in ((op.offset, first, ""), (first, last, "-c "), (last, end, "")):
+        if stop > start:
+            piece = f"{source}.{start}"
+            with open(piece, "wb") as f:
+                f.write(data[start - op.offset : stop - op.offset])
+            out.append(f"write -q {flag}-s {piece} {start} {stop - start}")
+    return out
+
+
 def qemu_make_layer(
     qemu_img: str,
     qemu_io: str,
@@ -246,8 +271,7 @@ def qemu_make_layer(
                 source = os.path.join(scratch, f"{step}.bin")
                 with open(source, "wb") as f:
                     f.write(pattern(step, op.offset, op.length))
-                flag = "-c " if op.mode == COMPRESSED_MODE else ""
-                commands.append(f"write -q {flag}-s {source} {op.offset} {op.length}")
+                commands += _write_commands(spec, op, source)
             elif op.kind is OpKind.WRITE_ZEROES:
                 commands.append(f"write -q -z {op.offset} {op.length}")
             elif op.kind is OpKind.DISCARD_TO_ZERO:

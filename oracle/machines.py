@@ -29,6 +29,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition,
 from pyimago.reference import PreallocateMode
 
 from .features import FeatureSupport, probe_features
+from .model import Alloc
 from .ops import ChainSpec, Op, OpKind
 from .replay import DEFAULT_FAILURES_DIR, replay_record, write_replay
 from .session import RunStats, Session
@@ -390,12 +391,27 @@ def make_machine(
                 # One whole cluster (or the disk's partial tail), compressible or not.
                 assert self.session is not None
                 cluster = self.session.chain.top.cluster_size
-                size = self.session.model.size
-                first = data.draw(st.integers(0, (size - 1) // cluster), label="cluster")
+                model = self.session.model
+                size = model.size
+                per = cluster // model.granularity
+                # Mostly clusters the model knows to be unallocated: those take compressed
+                # data (an allocated one refuses it, which the other draws check).
+                free = [c for c in range(-(-size // cluster))
+                        if all(model.allowed(u) == {Alloc.BACKING}
+                               for u in range(c * per, min((c + 1) * per, len(model.alloc))))]
+                if free and data.draw(st.integers(0, 2), label="aim") > 0:
+                    first = data.draw(st.sampled_from(free), label="free cluster")
+                else:
+                    first = data.draw(st.integers(0, (size - 1) // cluster), label="cluster")
                 how = data.draw(st.sampled_from((None, None, "noise")), label="data")
                 offset = first * cluster
-                self._apply(Op(OpKind.WRITE_COMPRESSED, offset, min(cluster, size - offset),
-                               mode=how))
+                length = min(cluster, size - offset)
+                if data.draw(st.integers(0, 7), label="misaligned") == 0:
+                    # Not one whole cluster: refused before anything is written.
+                    offset, length = (offset + 512, length) if length > 512 and \
+                        data.draw(st.booleans(), label="where") else (offset, length - 1 or 2)
+                    length = min(length, size - offset)
+                self._apply(Op(OpKind.WRITE_COMPRESSED, offset, length, mode=how))
 
         if "snapshots" in support.writable:
 

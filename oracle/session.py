@@ -923,8 +923,9 @@ class Session:
         elif kind is OpKind.POWER_CUT:
             self.check_power_cuts()
         elif kind in FEATURE_KINDS:
-            self.stats.bytes_compared += run_feature_op(access, model, op, step,
-                                                        self._open_snapshot)
+            self.stats.bytes_compared += run_feature_op(
+                access, model, op, step, self._open_snapshot,
+                data_file=bool(self.chain.layers[layer].data_file))
         else:  # pragma: no cover - every kind is handled above
             raise AssertionError(f"unhandled operation {kind}")
 

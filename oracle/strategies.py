@@ -468,7 +468,7 @@ def _layer_features(
     QEMU makes (file chains, below the top), those the target reads."""
     maker = "target"
     allowed = support.writable
-    if qemu and storage == "file" and not top and draw(st.integers(0, 2)) == 0:
+    if qemu and storage == "file" and not top and draw(st.booleans()):
         maker, allowed = "qemu", support.readable
     if not allowed and maker == "target":
         return layer
@@ -481,7 +481,7 @@ def _layer_features(
     if index > 0:
         # QEMU: "Backing file and data-file-raw cannot be used at the same time".
         files = [f for f in files if f != "data_file_raw"]
-    if storage == "file" and files and draw(st.integers(0, 3)) == 0:
+    if storage == "file" and files and draw(st.integers(0, 2)) == 0:
         options["data_file"] = "raw" if draw(st.sampled_from(files)) == "data_file_raw" \
             else "file"
     if "lazy_refcounts" in allowed and draw(st.integers(0, 3)) == 0:
