@@ -30,6 +30,7 @@ from .._prealloc import PreallocateMode
 from .._snapshot import SnapshotInfo
 from .._storage import Storage, WritableBuffer
 from .allocation import ClusterAllocator
+from .compressed_write import CompressedWrites
 from .compression import decompress_cluster
 from .constants import (
     COMPRESSION_TYPES,
@@ -81,7 +82,7 @@ _ZERO_PLAIN = L2Entry(ClusterType.ZERO_PLAIN)
 _UNALLOCATED = L2Entry(ClusterType.UNALLOCATED)
 
 
-class Qcow2Driver(MetadataGuard):
+class Qcow2Driver(MetadataGuard, CompressedWrites):
     """A qcow2 image (v2 or v3) on a storage, optionally over a backing ``FormatAccess``."""
 
     def __init__(
