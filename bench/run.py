@@ -257,7 +257,7 @@ def run_impl(
                 os.unlink(target)
         return mbps, ops, ""
     if impl == "raw-pread":
-        flat = paths[f"{image}.flat"] if not writing else _fresh_raw(work, size)
+        flat = paths[f"{image}.flat"] if not writing else _raw_target(work, size, image, paths)
         fd = os.open(flat, os.O_RDWR if writing else os.O_RDONLY)
         try:
             if writing:
@@ -381,10 +381,15 @@ def _anon_mib() -> float:
     return 0.0
 
 
-def _fresh_raw(work: str, size: int) -> str:
-    p = os.path.join(work, "fresh.raw")
-    with open(p, "wb") as f:
-        f.truncate(size)
+def _raw_target(work: str, size: int, image: str, paths: dict[str, str]) -> str:
+    """The plain file the raw limit writes into: sparse for "fresh", and for in-place
+    writes a copy of the data (allocated, as the qcow2 image's clusters are)."""
+    p = os.path.join(work, "target.raw")
+    if image == "fresh":
+        with open(p, "wb") as f:
+            f.truncate(size)
+    else:
+        shutil.copyfile(paths["raw"], p)
     return p
 
 

@@ -32,7 +32,7 @@ from pyimago.reference._stream import ImageStream
 # access.request.bounded (QEMU's BDRV_REQUEST_MAX_BYTES): the contract's very constant.
 from pyimago.reference.access import MAX_REQUEST_BYTES
 
-from ._hot import hot_reader
+from ._hot import hot_reader, hot_writer
 from ._layer import Clear
 from ._qcow2 import Qcow2Layer
 from ._raw import RawLayer
@@ -120,6 +120,9 @@ class FormatAccess:
             hot = hot_reader(driver, self.readinto)
             if hot is not None:
                 self.readinto = hot  # type: ignore[method-assign,assignment]
+            hot_write = hot_writer(driver, self.write)
+            if hot_write is not None:
+                self.write = hot_write  # type: ignore[method-assign,assignment]
 
     # -- what it is -----------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ import pytest
 from pyimago import fast, reference
 from pyimago.fast import CorruptImageError, InvalidRequestError
 
-from .conftest import require_qemu
+from .conftest import assert_qemu_check_clean, require_qemu
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -187,3 +187,95 @@ def test_large_requests_of_wide_items_stay_inside_their_cluster(tmp_path: Path) 
         big = bytearray(CS)
         img.readinto(big, 0)  # one whole cluster: read with preadv
         assert big == _truth(path, 0, CS)
+
+
+# -- writes ------------------------------------------------------------------------------
+
+
+def _forbid_slow_write(img: fast.FormatAccess, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object) -> None:
+        raise _NoSlowPath
+
+    monkeypatch.setattr(img.driver, "write", refuse)
+
+
+@pytest.mark.clause("access.write.no-short")
+def test_in_place_writes_take_the_hot_path_and_land(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _image(tmp_path)
+    want = bytearray(_truth(path, 0, 4 * MiB))
+    with fast.open_image(str(path), writable=True) as img:
+        img.write(b"w" * 512, 0)  # the full path: the table is cached, the index built
+        want[0:512] = b"w" * 512
+        _forbid_slow_write(img, monkeypatch)
+        for offset, data in ((8 * KiB, b"a" * 4 * KiB), (CS - 100, b"b" * 100),
+                             (2 * CS + 1, memoryview(b"c" * 3000)),
+                             (3 * CS, bytearray(b"d" * CS)),
+                             (4 * CS, array.array("H", b"ef" * 1000))):
+            img.write(data, offset)  # type: ignore[arg-type]
+            raw = bytes(memoryview(data).cast("B"))  # type: ignore[arg-type]
+            want[offset : offset + len(raw)] = raw
+        # Zero, unallocated, crossing a cluster end: the full path (refused here).
+        for offset, n in ((MiB, 512), (3 * MiB, 512), (CS - 100, 200)):
+            with pytest.raises(_NoSlowPath):
+                img.write(b"x" * n, offset)
+        monkeypatch.undo()
+        assert img.read(0, 4 * MiB) == bytes(want)
+    assert _truth(path, 0, 4 * MiB) == bytes(want)
+    assert fast.check(str(path)).clean
+
+
+@pytest.mark.clause("access.write.read-only", "access.write.past-end", "access.range.overflow")
+def test_bad_writes_are_refused_as_by_the_full_path(tmp_path: Path) -> None:
+    path = _image(tmp_path)
+    size = 4 * MiB + 3 * 512
+    with fast.open_image(str(path)) as img:
+        img.readinto(bytearray(512), 0)
+        with pytest.raises(fast.ReadOnlyError):
+            img.write(b"r" * 512, 0)
+    with fast.open_image(str(path), writable=True) as img:
+        img.write(b"w" * 512, 0)
+        for offset in (-512, True, 512.0):
+            with pytest.raises(InvalidRequestError):
+                img.write(b"x" * 512, offset)  # type: ignore[arg-type]
+        with pytest.raises(InvalidRequestError, match="past the disk end"):
+            img.write(b"x" * 1024, size - 512)
+        img.write(b"", 0)
+        img.close()
+        with pytest.raises(ValueError, match="closed"):
+            img.write(b"x" * 512, 0)
+    assert _truth(path, 0, 512) == b"w" * 512
+
+
+@pytest.mark.clause("qcow2.corrupt.overlap-check", "qcow2.corrupt.mark")
+def test_in_place_writes_onto_metadata_are_refused(tmp_path: Path) -> None:
+    """An L2 entry pointing at its own table (COPIED): the hot path must refuse the write
+    as the full path does -- the image is marked corrupt, the table is not overwritten."""
+    path = _image(tmp_path)
+    with fast.open_image(str(path)) as img:
+        l2 = img.driver._l1[0] & 0x00FFFFFFFFFFFE00  # type: ignore[union-attr]
+    with path.open("r+b") as f:
+        f.seek(l2 + 8)  # guest cluster 1 -> the L2 table itself
+        f.write(((1 << 63) | l2).to_bytes(8, "big"))
+    table = path.read_bytes()[l2 : l2 + CS]
+    with fast.open_image(str(path), writable=True) as img:
+        img.write(b"w" * 512, 0)  # in place, full path: the metadata index is built now
+        with pytest.raises(CorruptImageError, match="would overwrite the active L2"):
+            img.write(b"\xa5" * 512, CS)
+        with pytest.raises(CorruptImageError, match="marked corrupt"):
+            img.write(b"w" * 512, 0)
+    assert path.read_bytes()[l2 : l2 + CS] == table
+
+
+def test_clusters_shared_with_a_snapshot_are_copied(tmp_path: Path) -> None:
+    require_qemu()
+    path = _image(tmp_path)
+    subprocess.run(["qemu-img", "snapshot", "-c", "s1", str(path)], check=True)
+    before = _truth(path, 0, 2 * MiB)
+    with fast.open_image(str(path), writable=True) as img:
+        img.readinto(bytearray(512), 0)
+        img.write(b"n" * 512, 4 * KiB)
+    assert_qemu_check_clean(path)
+    subprocess.run(["qemu-img", "snapshot", "-a", "s1", str(path)], check=True)
+    assert _truth(path, 0, 2 * MiB) == before
