@@ -27,8 +27,9 @@ in-place writes -- ``os.pwrite`` 630 ns, the full path 2000 ns, this path 1150 n
 from __future__ import annotations
 
 import os
+from array import array
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from pyimago.reference._storage import Buffer, WritableBuffer
 
@@ -44,29 +45,40 @@ Readinto = Callable[[WritableBuffer, int], None]
 Write = Callable[[Buffer, int], None]
 
 
-def _eligible(layer: Qcow2Layer) -> bool:
-    """Whether the layer's guest data lives in a mapped file of ours, addressed by plain
-    (not extended) L2 entries."""
+class _Geometry(NamedTuple):
+    """What the hot paths unpack once: the layer's storage and its address arithmetic."""
+
+    storage: FastFileStorage
+    cbits: int  # cluster bits
+    cs: int  # cluster size
+    cmask: int  # offset-in-cluster mask
+    l1_shift: int  # guest offset >> l1_shift: the L1 index
+    l2mask: int  # guest cluster & l2mask: the L2 index
+    by_entry: dict[int, array[int]]  # cached L2 tables by raw L1 entry
+
+
+def _geometry(layer: Qcow2Layer) -> _Geometry | None:
+    """The layer's geometry when its guest data lives in a mapped file of ours, addressed
+    by plain (not extended) L2 entries; None otherwise."""
     storage = layer.storage
-    return not layer._general and layer.data is storage and isinstance(storage, FastFileStorage)
+    if layer._general or layer.data is not storage or not isinstance(storage, FastFileStorage):
+        return None
+    cbits = layer._cbits
+    return _Geometry(storage, cbits, 1 << cbits, (1 << cbits) - 1, cbits + layer._l2bits,
+                     layer._l2mask, layer._l2.by_entry)
 
 
 def hot_reader(layer: Qcow2Layer, slow: Readinto) -> Readinto | None:
     """A ``readinto`` for ``layer`` that takes the hot path where it can and ``slow``
     elsewhere; None when the layer never qualifies (its data is not a mapped file of ours,
     or it maps through the general path: extended L2 entries, an external data file)."""
-    storage = layer.storage
-    if not _eligible(layer) or not isinstance(storage, FastFileStorage):
+    geometry = _geometry(layer)
+    if geometry is None:
         return None
-    cbits = layer._cbits
-    cs = 1 << cbits
-    cmask = cs - 1
-    l1_shift = cbits + layer._l2bits
-    l2mask = layer._l2mask
+    storage, cbits, cs, cmask, l1_shift, l2mask, by_entry = geometry
     # An L2 entry with any of these bits is not plain data (reserved bits, or a host
     # offset that is not cluster-aligned, make it corrupt: the slow path says so).
     not_plain = ZERO_FLAG | COMPRESSED | layer._l2_bad
-    by_entry = layer._l2.by_entry
 
     def readinto(buf: WritableBuffer, offset: int) -> None:
         if type(offset) is int and offset >= 0:
@@ -105,17 +117,12 @@ def hot_writer(layer: Qcow2Layer, slow: Write) -> Write | None:
     image not marked corrupt.  Nothing but the data is written, exactly as the full path
     writes it: no metadata changes, so no crash-ordering rule is involved.
     """
-    storage = layer.storage
-    if not layer.writable or not _eligible(layer) or not isinstance(storage, FastFileStorage):
+    geometry = _geometry(layer) if layer.writable else None
+    if geometry is None:
         return None
-    cbits = layer._cbits
-    cs = 1 << cbits
-    cmask = cs - 1
-    l1_shift = cbits + layer._l2bits
-    l2mask = layer._l2mask
+    storage, cbits, cs, cmask, l1_shift, l2mask, by_entry = geometry
     # The entry must be COPIED and nothing else but a host offset.
     plain = layer._plain_mask
-    by_entry = layer._l2.by_entry
 
     def write(data: Buffer, offset: int) -> None:
         if type(offset) is int and offset >= 0 and layer.corrupt is None:
