@@ -266,6 +266,31 @@ class Refcounts:
             self._storage.write(encode_u64_table(self.table), self.span.at)
             self._table_dirty = False
 
+    # -- references added to clusters in use (compressed packing, snapshots) -------------
+
+    @property
+    def ceiling(self) -> int:
+        """The largest refcount an entry can hold (2^refcount_bits - 1)."""
+        return self._ceiling
+
+    def incref(self, first: int, n: int = 1) -> None:
+        """Add one reference to each of ``n`` clusters in use from ``first``."""
+        for cluster in range(first, first + n):
+            blk = self._block(cluster >> self._shift)
+            idx = cluster & (self._per_block - 1)
+            if blk is None or blk[idx] == 0:
+                raise CorruptImageError(
+                    f"qcow2: host cluster 0x{cluster << self._cbits:x} gains a reference but "
+                    "its refcount says it is free"
+                )
+            if blk[idx] >= self._ceiling:
+                raise UnsupportedError(
+                    f"qcow2: host cluster 0x{cluster << self._cbits:x} already has the largest "
+                    f"refcount {self._ceiling} refcount_bits allow"
+                )
+            blk[idx] += 1
+            self._mark(cluster >> self._shift)
+
 
 def _block_offsets(table: array[int]) -> set[int]:
     """The refcount-block offsets a refcount table points at."""

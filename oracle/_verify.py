@@ -1,0 +1,193 @@
+"""Checking for a session: the incremental check after each operation, the power-cut
+states, the reference read-back of a differential target, and qemu-img at teardown."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from typing import Any
+
+from pyimago.reference import MemoryStorage
+
+from ._chain import Access, ChainBuilder
+from ._check import OracleFailure, check_image, content_failure
+from ._op_table import FULL_CHECK, SLICE_FRACTION
+from ._power import PowerCutFailure
+from .model import first_mismatch
+from .ops import RANGED, Op
+from .targets import reference_target
+
+__all__ = ["Checker"]
+
+
+class Checker(ChainBuilder):
+    """The checking part of a :class:`~pyimago.oracle.session.Session`."""
+
+    def _check_after(self, op: Op, old_size: int) -> None:
+        """The incremental check: the whole disk after a resize, reopen, cache drop or
+        sweep (or when ``full_checks`` is set); else the units the operation touched, one
+        unit either side, plus a slice of the disk that rotates from step to step."""
+        model = self.model
+        size = model.size
+        if self.full_checks or op.kind in FULL_CHECK or size != old_size or size == 0:
+            self.stats.bytes_compared += check_image(self.access, model, what="top")
+            return
+        g = model.granularity
+        if op.kind in RANGED and op.offset < size:
+            start = max(op.offset - g, 0)
+            end = min(op.offset + max(op.length, 1) + g, size)
+            self.stats.bytes_compared += check_image(self.access, model, what="top",
+                                                     start=start, end=end)
+        piece = max(-(-size // SLICE_FRACTION), g)
+        at = self._slice % size
+        self._slice = at + piece
+        self.stats.bytes_compared += check_image(self.access, model, what="top",
+                                                 start=at, end=at + piece)
+
+    def check_power_cuts(self, *, final: bool = False) -> int:
+        """Check the cut states since the last check (see :class:`PowerCuts`); ``final``:
+        the teardown check (more cuts judged, the lower layers compared)."""
+        power = self.power
+        if power is None or power.rec is None:
+            return 0
+        opened: list[Access] = []
+        try:
+            below = self._open_below_for_cuts(opened)
+            spec = self.chain.top
+            cache = self.chain.l2_cache_tables if spec.format == "qcow2" else None
+
+            def open_cut(storage: MemoryStorage) -> Any:
+                return self.target.open(storage, writable=False, format=spec.format,
+                                        backing=below, explicit_backing=spec.format != "raw",
+                                        l2_cache_tables=cache)
+
+            before = power.stats.states, power.stats.judged, power.stats.leaks
+            checked = power.check(open_cut, step=self.step, final=final)
+        except PowerCutFailure as failure:
+            raise OracleFailure(str(failure), clauses=failure.clauses) from failure
+        finally:
+            for access in reversed(opened):
+                with contextlib.suppress(Exception):
+                    access.close()
+        self.stats.crash_checks += 1
+        self.stats.crash_states += power.stats.states - before[0]
+        self.stats.crash_judged += power.stats.judged - before[1]
+        self.stats.crash_leaks += power.stats.leaks - before[2]
+        return checked
+
+    def _open_below_for_cuts(self, opened: list[Access]) -> Access:
+        """The chain below the top, opened read-only, for opening cut states over."""
+        if self.top_index == 0:
+            return None
+        if self.workdir is not None:
+            below = self.target.open(self.layer_location(self.top_index - 1), writable=False,
+                                     format=self.chain.layers[self.top_index - 1].format)
+            opened.append(below)
+            return below
+        below = None
+        for index in range(self.top_index):
+            spec = self.chain.layers[index]
+            below = self.target.open(self.layer_location(index), writable=False,
+                                     format=spec.format, backing=below,
+                                     explicit_backing=spec.format != "raw")
+            opened.append(below)
+        return below
+
+    def _count_refcounts(self) -> None:
+        before, after = self._refcounts_at_start, self._top_refcounts()
+        if before is None or after is None:
+            return
+        self.stats.refcount_blocks_added += max(after.blocks - before.blocks, 0)
+        self.stats.refcount_tables_moved += after.table_offset != before.table_offset
+
+    def reference_check(self, when: str) -> None:
+        """Read the (closed) chain back with ``pyimago.reference``; check it against the model.
+
+        This is how a symmetric on-disk bug is caught: one the target's own reads undo (an
+        entry written to the wrong place and read from the same wrong place).
+        """
+        ref = reference_target()
+        opened: list[Access] = []
+        try:
+            if self.workdir is not None:
+                top = ref.open(self.layer_location(self.top_index), writable=False,
+                               format=self.chain.top.format)
+                opened.append(top)
+            else:
+                top = None
+                for index, spec in enumerate(self.chain.layers):
+                    top = ref.open(self.layer_location(index), writable=False,
+                                   format=spec.format, backing=top,
+                                   explicit_backing=spec.format != "raw")
+                    opened.append(top)
+            self.stats.bytes_compared += check_image(
+                top, self.model, what=f"top {when}, read back by the reference"
+            )
+            self.stats.reference_reads += 1
+        except OracleFailure:
+            raise
+        except Exception as exc:
+            raise OracleFailure(
+                f"differential: the reference cannot read the image the target wrote "
+                f"({when}): {type(exc).__name__}: {exc}"
+            ) from exc
+        finally:
+            for access in reversed(opened):
+                with contextlib.suppress(Exception):
+                    access.close()
+
+    def _qemu_verify(self, qemu_img: str) -> None:
+        for index, spec in enumerate(self.chain.layers):
+            if spec.format != "qcow2":
+                continue
+            path = self.layer_location(index)
+            proc = subprocess.run(
+                [qemu_img, "check", "-f", "qcow2", path],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            self.stats.qemu_checks += 1
+            if proc.returncode != 0:
+                raise OracleFailure(
+                    f"qemu-img check of layer {index} failed (exit {proc.returncode}):\n"
+                    f"{proc.stdout}{proc.stderr}",
+                    clauses=("interop.qemu-check", "qcow2.refcount.no-leaks"),
+                )
+        top = self.chain.top
+        top_path = self.layer_location(self.top_index)
+        if top.format not in ("qcow2", "raw"):
+            return  # a driver target's own format: QEMU cannot read it
+        if top.format == "qcow2":
+            assert self.workdir is not None
+            out = os.path.join(self.workdir, "converted.raw")
+            proc = subprocess.run(
+                [qemu_img, "convert", "-f", "qcow2", "-O", "raw", top_path, out],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if proc.returncode != 0:
+                raise OracleFailure(
+                    f"qemu-img convert of the top layer failed (exit {proc.returncode}):\n"
+                    f"{proc.stdout}{proc.stderr}",
+                    clauses=("interop.qemu-read",),
+                )
+        else:
+            out = top_path
+        with open(out, "rb") as f:
+            data = f.read()
+        if len(data) != self.model.size:
+            raise OracleFailure(
+                f"qemu-img sees a disk of 0x{len(data):x} bytes, the model 0x{self.model.size:x}",
+                clauses=("interop.qemu-read",),
+            )
+        expected, known = self.model.read(0, self.model.size)
+        bad = first_mismatch(data, expected, known)
+        if bad is not None:
+            raise OracleFailure(
+                content_failure("qemu-img convert", 0, bad, data, expected),
+                offset=bad,
+                clauses=("interop.qemu-read",),
+            )
