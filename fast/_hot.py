@@ -41,6 +41,9 @@ if TYPE_CHECKING:
 
 __all__ = ["hot_reader", "hot_writer"]
 
+#: Every bit of an L2 entry but COPIED: an entry without any of them is unallocated.
+_NOT_COPIED = COPIED - 1
+
 Readinto = Callable[[WritableBuffer, int], None]
 Write = Callable[[Buffer, int], None]
 
@@ -89,15 +92,22 @@ def hot_reader(layer: Qcow2Layer, slow: Readinto) -> Readinto | None:
                     view = buf if type(buf) is memoryview else memoryview(buf)
                     n = view.nbytes
                     inc = offset & cmask
-                    if e and not e & not_plain and inc + n <= cs and offset + n <= layer.size:
-                        host = (e & HOST_MASK) | inc
-                        if n > MAP_MAX:
-                            storage.readinto(view, host)  # (preadv: see _storage)
+                    host = e & HOST_MASK
+                    if inc + n <= cs and offset + n <= layer.size:
+                        if host and not e & not_plain:
+                            host |= inc
+                            if n > MAP_MAX:
+                                storage.readinto(view, host)  # (preadv: see _storage)
+                                return
+                            # A map too short, released or missing, or a buffer of another
+                            # shape or format, raises before a byte is copied.
+                            view[:] = storage.mapped[host : host + n]  # type: ignore[index]
                             return
-                        # A map too short, released or missing, or a buffer of another
-                        # shape or format, raises before a byte is copied.
-                        view[:] = storage.mapped[host : host + n]  # type: ignore[index]
-                        return
+                        if not e & _NOT_COPIED and layer.backing is not None:
+                            # Unallocated here: the backing image shows through, as the
+                            # full path reads it (zeroes past its end, too).
+                            layer.backing.readinto(view, offset)
+                            return
             except (IndexError, TypeError, ValueError, BufferError):
                 pass
         slow(buf, offset)

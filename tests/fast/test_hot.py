@@ -279,3 +279,47 @@ def test_clusters_shared_with_a_snapshot_are_copied(tmp_path: Path) -> None:
     assert_qemu_check_clean(path)
     subprocess.run(["qemu-img", "snapshot", "-a", "s1", str(path)], check=True)
     assert _truth(path, 0, 2 * MiB) == before
+
+
+@pytest.mark.clause("backing.shorter", "access.mapping.eof-top-only")
+def test_unallocated_clusters_read_the_backing_through_its_hot_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A top cluster that is unallocated shows the backing (zeroes past its end); the
+    request goes straight to the backing image's own readinto."""
+    base = tmp_path / "base.qcow2"
+    fast.create_image(str(base), 2 * MiB)
+    base_data = os.urandom(2 * MiB)
+    with fast.open_image(str(base), writable=True) as img:
+        img.write(base_data, 0)
+    top = tmp_path / "top.qcow2"
+    fast.create_image(str(top), 4 * MiB, backing_file="base.qcow2", backing_fmt="qcow2")
+    with fast.open_image(str(top), writable=True) as img:
+        img.write(b"t" * CS, 0)  # cluster 0 is the top's; the table exists from here on
+    with fast.open_image(str(top)) as img:
+        img.readinto(bytearray(512), 0)
+        _forbid_slow_path(img, monkeypatch)
+        for offset, n in ((CS + 100, 4 * KiB), (2 * MiB - 512, 512), (3 * MiB, 4 * KiB),
+                          (5 * CS, CS)):
+            got = bytearray(n)
+            img.readinto(got, offset)
+            assert bytes(got) == (base_data + bytes(2 * MiB))[offset : offset + n]
+        got = bytearray(4 * KiB)
+        img.readinto(got, 4 * KiB)
+        assert got == b"t" * 4 * KiB
+
+
+def test_an_entry_with_only_the_copied_flag_is_unallocated(tmp_path: Path) -> None:
+    """QEMU reads an L2 entry with no host offset as unallocated, COPIED or not: zeroes
+    here (no backing), never the header at host offset 0."""
+    path = _image(tmp_path)
+    with fast.open_image(str(path)) as img:
+        l2 = img.driver._l1[0] & 0x00FFFFFFFFFFFE00  # type: ignore[union-attr]
+    with path.open("r+b") as f:
+        f.seek(l2 + 8)  # guest cluster 1
+        f.write((1 << 63).to_bytes(8, "big"))
+    with fast.open_image(str(path)) as img:
+        img.readinto(bytearray(512), 0)
+        got = bytearray(4 * KiB)
+        img.readinto(got, CS)
+        assert got == bytes(4 * KiB)
