@@ -309,11 +309,31 @@ def _write_compressed(target: Any, offset: int, length: int, kind: str,
     assert job is not None
     data = job.result()
     cluster = target.info().cluster_size
+    run: list[bytes] = []  # consecutive clusters to compress, from ``run_at``
+    run_at = offset
     for at in range(0, len(data), cluster):
         piece = data[at : at + cluster]
         if piece.count(0) == len(piece):
+            _compress(target, run, run_at)
+            run = []
             if not zero_init:
                 target.write_zeroes(offset + at, len(piece))
             continue
-        whole = min(cluster, target.size - (offset + at))
-        target.write_compressed(piece.ljust(whole, b"\0"), offset + at)
+        if not run:
+            run_at = offset + at
+        run.append(piece.ljust(min(cluster, target.size - (offset + at)), b"\0"))
+    _compress(target, run, run_at)
+
+
+def _compress(target: Any, clusters: list[bytes], offset: int) -> None:
+    """Write consecutive whole clusters compressed: in one call where the implementation
+    compresses several at once (pyimago.fast's ``write_compressed_many``), else each."""
+    if not clusters:
+        return
+    many = getattr(target, "write_compressed_many", None)
+    if many is not None:
+        many(b"".join(clusters), offset)
+        return
+    for piece in clusters:
+        target.write_compressed(piece, offset)
+        offset += len(piece)
