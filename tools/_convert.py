@@ -213,6 +213,20 @@ def convert(src: str, dst: str, opts: ConvertOptions | None = None, *, impl: Imp
             target.sync()
         finally:
             target.close()
+    if opts.compress:
+        _align_end(dst)
+
+
+def _align_end(path: str) -> None:
+    """Grow the compressed output's file to a whole 512-byte sector, as qemu-img does.
+
+    qemu-img.c convert_do_copy ends -c with ``blk_pwrite_compressed(s->target, 0, NULL, 0)``:
+    qcow2_co_pwritev_compressed_part, "align end of file to a sector boundary to ease
+    reading with sector based I/Os".  The bytes added lie past every cluster in use.
+    """
+    size = os.path.getsize(path)
+    if size % 512:
+        os.truncate(path, size + 512 - size % 512)
 
 
 def _on_clusters(runs: Iterator[tuple[int, int, str]], cluster: int, size: int
@@ -261,6 +275,9 @@ def _copy(source: Any, src: str, target: Any, opts: ConvertOptions, top_only: bo
     runs = _runs(source, src, top_only)
     if opts.compress:
         runs = _on_clusters(runs, target.info().cluster_size, source.size)
+        # Compression is the cost of -c: let the implementation spread it over -m threads
+        # (zlib and zstd release the GIL), as qemu-img compresses in a thread pool.
+        target.set_write_parallelization(opts.workers)
     write = _write_compressed if opts.compress else _write
     with (ThreadPoolExecutor(max_workers=opts.workers, thread_name_prefix="convert") as pool,
           progress(opts.show_progress, source.size, "convert") as bar):

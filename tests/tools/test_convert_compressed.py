@@ -106,6 +106,8 @@ def test_convert_compressed_odd_sizes_and_backing(impl: str, tmp_path: Path) -> 
         assert qemu_img("compare", "-f", "raw", src, ours).returncode == 0
         assert _check(ours).get("compressed-clusters") == _check(theirs).get(
             "compressed-clusters"), name
+        # Same packing, and the file ends on a whole sector as qemu-img's does.
+        assert ours.stat().st_size == theirs.stat().st_size, name
     # Over a backing file: only the top layer's clusters, compressed.
     base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
     qemu_img("convert", "-f", "raw", "-O", "qcow2", src, base)
