@@ -47,8 +47,7 @@ _PREALLOCATION = {
 }
 _COMPAT = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
 _COMPRESSION = {"zlib": COMPRESSION_TYPE_ZLIB, "zstd": COMPRESSION_TYPE_ZSTD}
-_UNSUPPORTED_OPTIONS = ("encryption", "encrypt", "data_file", "data_file_raw", "extended_l2",
-                        "lazy_refcounts")
+_UNSUPPORTED_OPTIONS = ("encryption", "encrypt", "data_file", "data_file_raw", "extended_l2")
 
 
 def probe_format(storage: Storage) -> str:
@@ -278,8 +277,9 @@ def create_image(
     qcow2 options: ``cluster_size`` (512..2 MiB, default 65536), ``compat`` ("0.10" or
     "1.1", default "1.1"), ``refcount_bits`` (1..64, default 16), ``backing_file``,
     ``backing_fmt``, ``preallocation`` ("off", "metadata", "falloc", "full"),
-    ``compression_type`` ("zlib", "zstd").  raw takes ``preallocation`` only.  ``size`` may
-    be None for a qcow2 image with a backing file: the backing file's size is used.
+    ``compression_type`` ("zlib", "zstd"), ``lazy_refcounts`` (bool, v3 only).  raw takes
+    ``preallocation`` only.  ``size`` may be None for a qcow2 image with a backing file: the
+    backing file's size is used.
 
     For an image created in a file, the backing file must exist and open as ``backing_fmt``
     (create.backing.checked), as qemu-img checks it, unless ``unsafe=True`` (qemu-img
@@ -380,7 +380,14 @@ def _qcow2_options(options: dict[str, object]) -> Qcow2CreateOptions:
         raise InvalidRequestError(f"compression_type must be zlib or zstd, not {compression!r}")
     if version == 2 and compression != "zlib":
         raise InvalidRequestError("compat=0.10 supports only compression_type=zlib")
+    lazy_refcounts = options.pop("lazy_refcounts", False)
+    if not isinstance(lazy_refcounts, bool):
+        raise InvalidRequestError(f"lazy_refcounts must be a bool, not {lazy_refcounts!r}")
+    if lazy_refcounts and version == 2:
+        # qemu-img: "Lazy refcounts only supported with compatibility level 1.1 and above".
+        raise InvalidRequestError("lazy_refcounts=True needs compat=1.1 (qcow2 v3)")
     return Qcow2CreateOptions(
+        lazy_refcounts=lazy_refcounts,
         cluster_bits=cluster_size.bit_length() - 1,
         version=version,
         refcount_order=refcount_bits.bit_length() - 1,

@@ -29,6 +29,7 @@ from .._check import CheckProblem, CheckResult, ProblemKind, RepairMode
 from .._errors import CorruptImageError, InvalidRequestError, UnsupportedError
 from .._open import probe_format
 from .._storage import FileStorage, Storage
+from .bitmaps import bitmap_extension, bitmap_regions
 from .constants import (
     L1E_OFFSET_MASK,
     L1E_RESERVED_MASK,
@@ -45,6 +46,7 @@ from .constants import (
     REFT_RESERVED_MASK,
 )
 from .driver import Qcow2Driver
+from .extensions import parse_extensions
 from .header import FIELD_OFFSETS, QCowHeader, parse_header
 from .overlap import (
     ACTIVE_L1,
@@ -148,8 +150,24 @@ class _Checker:
                 continue
             self.check_l1(t, sn.l1_table_offset, sn.l1_size, active=False)
         self.count(t, h.snapshots_offset, table_size)
+        self.count_bitmaps(t)
         self.count(t, h.refcount_table_offset, h.refcount_table_clusters * cs)
         self.check_refblocks(t)
+
+    def count_bitmaps(self, t: _Tally) -> None:
+        """qcow2_check_bitmaps_refcounts: with the bitmaps autoclear bit set, the bitmap
+        directory, tables and data clusters hold references too (qcow2.bitmaps.in-use)."""
+        h = self.h
+        cluster = self.storage.read(0, self.cs)
+        try:
+            exts = parse_extensions(cluster, h.header_length, h.backing_file_offset or self.cs)
+            ext = bitmap_extension(h, exts)
+            regions = bitmap_regions(self.storage, self.cs, ext) if ext is not None else []
+        except CorruptImageError as exc:
+            t.corrupt(None, str(exc))
+            return
+        for offset, length in regions:
+            self.count(t, offset, length)
 
     def check_l1(self, t: _Tally, offset: int, size: int, *, active: bool) -> None:
         if not size:

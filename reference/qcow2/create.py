@@ -13,6 +13,7 @@ from .._errors import InvalidRequestError
 from .._storage import Storage
 from .constants import (
     COMPRESSION_TYPE_ZLIB,
+    QCOW2_COMPAT_LAZY_REFCOUNTS,
     QCOW2_EXT_MAGIC_BACKING_FORMAT,
     QCOW2_EXT_MAGIC_FEATURE_TABLE,
     QCOW2_INCOMPAT_COMPRESSION,
@@ -56,6 +57,7 @@ class Qcow2CreateOptions:
     backing_file: str | None = None
     backing_fmt: str | None = None
     compression_type: int = COMPRESSION_TYPE_ZLIB
+    lazy_refcounts: bool = False
 
 
 def write_initial_layout(storage: Storage, opts: Qcow2CreateOptions) -> None:
@@ -95,6 +97,8 @@ def write_initial_layout(storage: Storage, opts: Qcow2CreateOptions) -> None:
         refcount_order=opts.refcount_order,
         header_length=header_length if v3 else V2_HEADER_LENGTH,
         compression_type=opts.compression_type,
+        # qcow2.lazy-refcounts.create: compatible bit 0.
+        compatible_features=QCOW2_COMPAT_LAZY_REFCOUNTS if opts.lazy_refcounts else 0,
     )
     cluster0 = bytearray(cs)
     packed = pack_header(header) + ext_bytes + name

@@ -30,6 +30,7 @@ from .._prealloc import PreallocateMode
 from .._snapshot import SnapshotInfo
 from .._storage import Storage, WritableBuffer
 from .allocation import ClusterAllocator
+from .bitmaps import autoclear_for_writing
 from .compressed_write import CompressedWrites
 from .compression import decompress_cluster
 from .constants import (
@@ -45,6 +46,7 @@ from .constants import (
     V2_HEADER_LENGTH,
 )
 from .data_file import data_file_name
+from .dirty import repair_if_dirty
 from .extensions import HeaderExtension, backing_format, feature_names, parse_extensions
 from .features import check_features
 from .guard import MetadataGuard
@@ -56,6 +58,7 @@ from .overlap import (
     snapshot_regions,
 )
 from .refcounts import RefcountTable
+from .snapshot_write import SnapshotWrites
 from .snapshots import SnapshotEntry, find_snapshot, read_snapshot_table
 from .subclusters import subcluster_entry
 from .tables import (
@@ -82,7 +85,7 @@ _ZERO_PLAIN = L2Entry(ClusterType.ZERO_PLAIN)
 _UNALLOCATED = L2Entry(ClusterType.UNALLOCATED)
 
 
-class Qcow2Driver(MetadataGuard, CompressedWrites):
+class Qcow2Driver(MetadataGuard, CompressedWrites, SnapshotWrites):
     """A qcow2 image (v2 or v3) on a storage, optionally over a backing ``FormatAccess``."""
 
     def __init__(
@@ -109,6 +112,8 @@ class Qcow2Driver(MetadataGuard, CompressedWrites):
         self._data_storage: Storage | None = None
         self._own_data = False
 
+        if writable:
+            repair_if_dirty(storage)
         head = storage.read(0, V2_HEADER_LENGTH + 40)
         header = parse_header(head)
         cs = header.cluster_size
@@ -185,8 +190,8 @@ class Qcow2Driver(MetadataGuard, CompressedWrites):
         self._check_snapshot_table()
         #: qcow2.corrupt.mark: set once a write would have landed on metadata.
         self._corrupt = False
-        # The snapshots' metadata never changes here (we make no snapshots): read it once,
-        # for the overlap checks of a writable image.
+        # The snapshots' metadata, for the overlap checks of a writable image (read once;
+        # the snapshot operations refresh it).
         self._snapshot_metadata: list[MetadataRegion] = []
         if writable:
             snapshots, table_length = read_snapshot_table(
@@ -215,10 +220,11 @@ class Qcow2Driver(MetadataGuard, CompressedWrites):
             self._allocator.attach(self._refcounts)
             self._allocator.overlap_check = self._overlap_check
             if header.version >= 3 and header.autoclear_features:
-                # qcow2.features.autoclear-clear: "An implementation may only write to an image
-                # with unknown auto-clear features if it clears the respective bits from this
-                # field first."  We maintain no bitmaps either, so bit 0 goes too.
-                self._write_field("autoclear_features", ">Q", 0)
+                # qcow2.features.autoclear-clear, qcow2.bitmaps.in-use: unknown bits go,
+                # bitmaps are flagged in use as QEMU's writable open flags them.
+                autoclear = autoclear_for_writing(storage, header, self.extensions)
+                if autoclear != header.autoclear_features:
+                    self._write_field("autoclear_features", ">Q", autoclear)
 
     def _snapshots(self) -> list[SnapshotEntry]:
         if self._snapshot_entries is None:

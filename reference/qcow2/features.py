@@ -9,7 +9,6 @@ from .constants import (
     QCOW2_INCOMPAT_COMPRESSION,
     QCOW2_INCOMPAT_CORRUPT,
     QCOW2_INCOMPAT_DATA_FILE,
-    QCOW2_INCOMPAT_DIRTY,
     QCOW2_INCOMPAT_EXTL2,
 )
 from .extensions import FEATURE_TYPE_INCOMPATIBLE
@@ -83,11 +82,6 @@ def check_features(
             "it with 'qemu-img check -r all'",
             feature="corrupt bit",
         )
-    if writable and incompat & QCOW2_INCOMPAT_DIRTY:
-        # qcow2.txt: "Bit 0: Dirty bit. If this bit is set then refcounts may be inconsistent,
-        # make sure to scan L1/L2 tables to repair refcounts before accessing the image."
-        raise UnsupportedFeatureError(
-            "qcow2 image is dirty (incompatible bit 0: refcounts may be inconsistent); open it "
-            "read-only or repair it with 'qemu-img check -r all'",
-            feature="dirty bit",
-        )
+    # qcow2.features.dirty: "Bit 0: Dirty bit. If this bit is set then refcounts may be
+    # inconsistent, make sure to scan L1/L2 tables to repair refcounts before accessing the
+    # image."  A writable open repairs them first (dirty.repair_if_dirty), as QEMU does.

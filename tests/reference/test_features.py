@@ -120,13 +120,16 @@ def test_qemu_images_with_unsupported_features(
             assert img.read(0, 4096) == bytes(4096)
 
 
-@pytest.mark.clause("qcow2.features.dirty")
-def test_dirty_refused_only_when_writable() -> None:
+@pytest.mark.clause("qcow2.features.dirty", "qcow2.dirty.repair-on-open")
+def test_dirty_repaired_only_when_writable() -> None:
     data = _image(incompatible_features=1 << 0)
-    _open(data, False)
-    with pytest.raises(UnsupportedFeatureError) as info:
-        _open(data, True)
-    assert info.value.feature == "dirty bit"
+    storage = MemoryStorage(data)
+    with open_image(storage, backing=None) as img:
+        assert img.read(0, 4) == b"data"
+    assert storage.snapshot() == data  # read-only: nothing written
+    with open_image(storage, writable=True, backing=None) as img:
+        assert header_of(storage.snapshot()).incompatible_features == 0
+        assert img.read(0, 4) == b"data"
 
 
 @pytest.mark.clause("qcow2.features.corrupt")
