@@ -12,7 +12,6 @@ import gzip
 import importlib
 import importlib.util
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -24,6 +23,7 @@ import pyimago_tests_damaged as damaged
 import pytest
 from pyimago.oracle.crash import RecordingStorage
 from pyimago.reference import MemoryStorage, create_image, open_image
+from pyimago_tests_qemu import peer_images_folder
 
 from .conftest import QEMU_TIMEOUT, require_qemu
 
@@ -38,7 +38,7 @@ FIELDS = (
     "compressed-clusters",
 )
 
-PEER_IMAGES = Path(os.environ.get("PYIMAGO_PEER_IMAGES", "/work/shared/peer-images"))
+PEER_IMAGES = peer_images_folder()
 
 #: Images pyimago refuses to open on purpose where QEMU opens them: check() says it cannot
 #: check them (exit 1) where qemu-img checks them.  Recorded in specs/ (the clause named).

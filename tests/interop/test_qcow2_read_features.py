@@ -37,6 +37,7 @@ from pyimago_tests_interop_mapcheck import (
     assert_same_bytes,
     assert_shallow_map_like_qemu,
 )
+from pyimago_tests_qemu import peer_images_folder
 
 if TYPE_CHECKING:
     from .conftest import QemuTools
@@ -45,7 +46,7 @@ pytestmark = [pytest.mark.qemu]
 
 KiB = 1024
 MiB = 1 << 20
-PEER = Path(os.environ.get("PYIMAGO_PEER_IMAGES", "/work/shared/peer-images"))
+PEER = peer_images_folder()
 
 Opener = Callable[..., Any]
 
