@@ -738,6 +738,8 @@ class Qcow2Driver(MetadataGuard, CompressedWrites, SnapshotWrites, SubclusterWri
             if self._backing is not None:
                 return offset, 0
             return self._apply(offset, length, lambda old: _UNALLOCATED)
+        if self._extended:
+            return self._discard_subclusters(offset, length, full=False)
         return self._apply(offset, length, lambda old: _ZERO_PLAIN)
 
     def discard_to_any(self, offset: int, length: int) -> tuple[int, int]:
@@ -746,9 +748,11 @@ class Qcow2Driver(MetadataGuard, CompressedWrites, SnapshotWrites, SubclusterWri
 
     def discard_to_backing(self, offset: int, length: int) -> tuple[int, int]:
         self._begin("discard_to_backing")
-        if self._backing is not None and self._whole_clusters(offset, length):
+        if self._backing is not None and length >= 1 << self._unit_bits:
             # Unallocated clusters now show the backing image, not the data file's zeroes.
             self._leave_raw("a discard shows the backing image")
+        if self._extended:
+            return self._discard_subclusters(offset, length, full=True)
         return self._apply(offset, length, lambda old: _UNALLOCATED)
 
     # -- resize -------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ the I/O.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, NoReturn
 
 from .._errors import CorruptImageError
@@ -144,6 +145,7 @@ def encode_extended_entry(entry: L2Entry, bitmap: int | None) -> tuple[int, int]
 
 
 _ZERO_PLAIN = L2Entry(ClusterType.ZERO_PLAIN)
+_UNALLOCATED = L2Entry(ClusterType.UNALLOCATED)
 
 
 class SubclusterWrites:
@@ -240,10 +242,38 @@ class SubclusterWrites:
         return storage, host + in_cluster, chunk
 
     def _zero_subclusters(self, offset: int, length: int) -> tuple[int, int]:
-        """qcow2.extended-l2.clear: whole clusters get an all-zero bitmap (keeping their host
-        cluster; a compressed one is freed), partial ones the zero bits of the whole
-        subclusters in range (QEMU's zero_in_l2_slice and zero_l2_subclusters); a partial
-        compressed cluster cannot be zeroed so (the caller writes zeroes there)."""
+        """qcow2.extended-l2.clear: write_zeroes.  Whole clusters get an all-zero bitmap
+        (keeping their host cluster; a compressed one is freed), partial ones the zero bits of
+        the whole subclusters in range (QEMU's zero_in_l2_slice and zero_l2_subclusters)."""
+
+        def whole(old: L2Entry) -> L2Entry:
+            if old.type is ClusterType.NORMAL:
+                return L2Entry(ClusterType.ZERO_ALLOC, old.host_offset, old.copied)
+            return _ZERO_PLAIN
+
+        return self._subcluster_apply(offset, length, whole, zeroed_bitmap)
+
+    def _discard_subclusters(self, offset: int, length: int, *, full: bool) -> tuple[int, int]:
+        """qcow2.extended-l2.clear: the discards.  Whole clusters lose their host cluster
+        (``full``: entry and bitmap 0, the backing shows; else all zero bits); the whole
+        subclusters of a partial cluster lose their allocation bit and, with ``full``, their
+        zero bit too, or else get it (QEMU's discard_in_l2_slice and, since 9.1,
+        discard_l2_subclusters)."""
+        if full:
+            return self._subcluster_apply(
+                offset, length, lambda old: _UNALLOCATED,
+                lambda bitmap, first, end: bitmap & ~(sub_alloc_range(first, end)
+                                                      | sub_zero_range(first, end)))
+        return self._subcluster_apply(offset, length, lambda old: _ZERO_PLAIN, zeroed_bitmap)
+
+    def _subcluster_apply(
+        self, offset: int, length: int, whole: Callable[[L2Entry], L2Entry],
+        partial: Callable[[int, int, int], int],
+    ) -> tuple[int, int]:
+        """Change the entries of the whole subclusters in ``[offset, offset + length)``:
+        ``whole(old)`` for a whole cluster, ``partial(bitmap, first_sc, end_sc)`` the bitmap of
+        a partial one.  A partial compressed cluster has no subclusters to change: it is left
+        to the caller (skipped at the start, the end of what is done elsewhere)."""
         sc_bits, cs = self._unit_bits, self._cluster_size
         units = whole_clusters(offset, min(offset + length, self._size) - offset, sc_bits,
                                self._size)
@@ -257,11 +287,7 @@ class SubclusterWrites:
             c_end = min(guest_cluster + cs, stop)
             entry = self._get_l2_entry(guest_cluster)
             if pos == guest_cluster and c_end in (guest_cluster + cs, self._size):
-                if entry.type is ClusterType.NORMAL:
-                    self._replace_entry(guest_cluster, L2Entry(
-                        ClusterType.ZERO_ALLOC, entry.host_offset, entry.copied))
-                else:
-                    self._replace_entry(guest_cluster, _ZERO_PLAIN)
+                self._replace_entry(guest_cluster, whole(entry))
             elif entry.type is ClusterType.COMPRESSED:
                 if done_from is None:
                     pos = c_end
@@ -272,7 +298,7 @@ class SubclusterWrites:
                 first_sc = offset_in_cluster(pos, self._cluster_bits) >> sc_bits
                 end_sc = -(-(c_end - guest_cluster) >> sc_bits)
                 self._replace_entry(guest_cluster, entry,
-                                    bitmap=zeroed_bitmap(bitmap, first_sc, end_sc))
+                                    bitmap=partial(bitmap, first_sc, end_sc))
             if done_from is None:
                 done_from = pos
             pos = c_end
