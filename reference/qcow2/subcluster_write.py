@@ -272,8 +272,7 @@ class SubclusterWrites:
     ) -> tuple[int, int]:
         """Change the entries of the whole subclusters in ``[offset, offset + length)``:
         ``whole(old)`` for a whole cluster, ``partial(bitmap, first_sc, end_sc)`` the bitmap of
-        a partial one.  A partial compressed cluster has no subclusters to change: it is left
-        to the caller (skipped at the start, the end of what is done elsewhere)."""
+        a partial one (a compressed one first becomes a normal cluster)."""
         sc_bits, cs = self._unit_bits, self._cluster_size
         units = whole_clusters(offset, min(offset + length, self._size) - offset, sc_bits,
                                self._size)
@@ -289,10 +288,16 @@ class SubclusterWrites:
             if pos == guest_cluster and c_end in (guest_cluster + cs, self._size):
                 self._replace_entry(guest_cluster, whole(entry))
             elif entry.type is ClusterType.COMPRESSED:
-                if done_from is None:
-                    pos = c_end
-                    continue
-                break
+                # "Compressed clusters don't have subclusters": the cluster is first copied
+                # uncompressed into a new host cluster, every subcluster allocated (as a write
+                # into it does, qcow2.extended-l2.write), the data before the entry.
+                host = self._allocate_data_cluster(guest_cluster)
+                self.data_storage.write(self._read_compressed(entry), host)
+                first_sc = offset_in_cluster(pos, self._cluster_bits) >> sc_bits
+                end_sc = -(-(c_end - guest_cluster) >> sc_bits)
+                self._replace_entry(
+                    guest_cluster, L2Entry(ClusterType.NORMAL, host, True),
+                    bitmap=partial(QCOW_L2_BITMAP_ALL_ALLOC, first_sc, end_sc))
             else:
                 _, bitmap = self._raw_l2_entry(guest_cluster)
                 first_sc = offset_in_cluster(pos, self._cluster_bits) >> sc_bits

@@ -12,6 +12,7 @@ from pyimago.reference import (
     CorruptImageError,
     InvalidRequestError,
     MemoryStorage,
+    ZeroMapping,
     create_image,
     open_image,
 )
@@ -169,3 +170,20 @@ def test_discards_work_on_whole_subclusters() -> None:
     (e0, b0), (_, b1) = _first_entries(storage, 2)
     assert b0 == 0xFFFFFFFF & ~0b1100 and e0 & 1 << 63  # the host cluster stays
     assert b1 == (0xFFFFFFFF & ~0b1100) | 0b1100 << 32
+
+
+@pytest.mark.clause("qcow2.extended-l2.clear", "access.discard-to-zero.frees")
+def test_partial_zeroing_of_a_compressed_cluster() -> None:
+    """A compressed cluster has no subclusters: zeroing part of it makes it a normal cluster
+    whose whole subclusters in range are zero subclusters (no data mapping there)."""
+    storage = MemoryStorage()
+    create_image(storage, 64 * KiB, extended_l2=True, cluster_size=32 * KiB)
+    with open_image(storage, writable=True) as img:
+        img.write_compressed(b"c" * 32 * KiB, 0)
+        img.discard_to_zero(1024, 5 * KiB)
+        assert img.read(0, 8 * KiB) == b"c" * 1024 + bytes(5 * KiB) + b"c" * 2 * KiB
+        mapping, _ = img.get_shallow_mapping(1024, 1024)
+        assert isinstance(mapping, ZeroMapping) and mapping.explicit
+    ((entry, bitmap),) = _first_entries(storage, 1)
+    assert not entry & 1 << 62 and entry & 1 << 63  # a normal cluster of ours now
+    assert bitmap == (0xFFFFFFFF & ~0b111110) | 0b111110 << 32
