@@ -234,6 +234,11 @@ def _write_commands(spec: LayerSpec, op: Op, source: str) -> list[str]:
             piece = f"{source}.{start}"
             with open(piece, "wb") as f:
                 f.write(data[start - op.offset : stop - op.offset])
+            if flag:
+                # QEMU's compressed write refuses a cluster that has a host cluster ("Compression
+                # can't overwrite anything": EIO): earlier writes or preallocation gave it one.
+                # The discard frees it; the whole clusters are then rewritten.
+                out.append(f"discard -q {start} {stop - start}")
             out.append(f"write -q {flag}-s {piece} {start} {stop - start}")
     return out
 

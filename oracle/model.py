@@ -287,7 +287,18 @@ class FlatModel:
         """Guest data written; every unit touched becomes data (partial ones copy-on-write)."""
         self._set(offset, data, b"\x01" * len(data))
         if self.traits.deallocates:
-            for unit in self._units_touched(offset, len(data)):
+            touched = self._units_touched(offset, len(data))
+            if self.traits.subclusters and touched:
+                # qcow2.extended-l2.write: a write into a cluster that needs a new host
+                # cluster copies from its first allocated subcluster to its last
+                # (calculate_l2_meta), so the subclusters between, untouched, may become data
+                # too (holding what they read: the content is unchanged).
+                per = 32
+                first = touched[0] - touched[0] % per
+                last = min(len(self.alloc), touched[-1] - touched[-1] % per + per)
+                for unit in range(first, last):
+                    self.alloc[unit] = self.alloc[unit] | _DATA
+            for unit in touched:
                 self.alloc[unit] = _DATA
 
     def _zeroed(self, offset: int, length: int, *, discard: bool) -> None:
