@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
 
 import pytest
 from pyimago.oracle.conformance._support import (
@@ -75,4 +76,35 @@ def test_lazy_refcounts(img: ImageKit) -> None:
     info = json.loads(qemu_img("info", "--output=json", path).stdout)
     assert info["format-specific"]["data"]["lazy-refcounts"] is True
     assert not info.get("dirty-flag")
+    qemu_check(path)
+
+
+@pytest.mark.clause("qcow2.dirty.repair-on-open", "qcow2.features.dirty")
+def test_dirty_image_repaired_on_writable_open(img: ImageKit) -> None:
+    path = img.tmp / "dirty.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on,cluster_size=4096",
+             path, "1M")
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x72 4096 200k", "-c", "abort",
+                    str(path)], capture_output=True, timeout=60, check=False)
+    before = path.read_bytes()
+    assert int.from_bytes(before[72:80], "big") & 1, "qemu-io left no dirty bit"
+    with img.open(path, writable=False) as disk:
+        assert disk.read(4096, 200 * KiB) == b"\x72" * 200 * KiB
+    assert path.read_bytes() == before, "a read-only open wrote to a dirty image"
+    with img.open(path) as disk:
+        disk.write(b"after", 500 * KiB)
+    assert not int.from_bytes(path.read_bytes()[72:80], "big") & 1
+    qemu_check(path)
+
+
+@pytest.mark.clause("qcow2.snapshots.extra-data")
+def test_qemu_snapshot_entries_survive_a_table_rewrite(img: ImageKit) -> None:
+    path = img.file("x.qcow2", 256 * KiB, cluster_size=4096)
+    qemu_img("snapshot", "-c", "theirs", path)
+    before = json.loads(qemu_img("info", "--output=json", path).stdout)["snapshots"]
+    with img.open(path) as disk:
+        disk.create_snapshot("ours")
+        disk.delete_snapshot("ours")
+    after = json.loads(qemu_img("info", "--output=json", path).stdout)["snapshots"]
+    assert after == before
     qemu_check(path)
