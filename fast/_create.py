@@ -169,9 +169,12 @@ def create_image(
     ``refcount_bits`` (1..64, default 16), ``backing_file``, ``backing_fmt``,
     ``preallocation`` ("off", "metadata", "falloc", "full"; only "off" with a backing
     file, as qemu-img), ``compression_type`` ("zlib", "zstd"), ``lazy_refcounts`` (bool,
-    compat 1.1).  raw takes ``preallocation``
-    only.  ``size`` may be None for a qcow2 image with a backing file: the backing file's
-    size (rounded up to 512) is used.  A file image's backing file is opened first, as
+    compat 1.1), ``extended_l2`` (bool: 32 subclusters per cluster, clusters of 16 KiB or
+    more), ``data_file`` (guest data in that file, its name relative to the image's folder;
+    created or emptied) and ``data_file_raw`` (bool: the data file is kept the raw disk).
+    raw takes ``preallocation`` only.  ``size`` may be None for a qcow2 image with a backing
+    file: the backing file's size (rounded up to 512) is used.  A file image's backing file
+    is opened first, as
     qemu-img does, so a missing one is an error (create.backing.checked) unless
     ``unsafe=True`` (qemu-img ``create -u``; a size is then required).  A file held by
     another process (QEMU-compatible locks) is left untouched: ImageInUseError.

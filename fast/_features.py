@@ -68,7 +68,6 @@ def _unit(layer: Qcow2Layer, pos: int) -> tuple[int, int, int]:
     bitmap = tbl[j + 1]
     sbits = cbits - 5
     sc = (pos >> sbits) & 31
-    sub_end = ((pos >> sbits) + 1) << sbits
     alloc, zero = bitmap & _LOW32, bitmap >> 32
     if has_host:
         if alloc & zero:
@@ -81,11 +80,22 @@ def _unit(layer: Qcow2Layer, pos: int) -> tuple[int, int, int]:
             f"qcow2: extended L2 bitmap 0x{bitmap:016x} of guest cluster {c} marks subclusters "
             "allocated, but the entry has no host cluster"
         )
+    # The piece ends where the run of subclusters in this state does (one call per run,
+    # not per subcluster).
+    first = (pos >> sbits) << sbits
     if zero >> sc & 1:
-        return K_ZERO, 0, sub_end
+        return K_ZERO, 0, first + (_run_of_ones(zero >> sc, 32 - sc) << sbits)
     if alloc >> sc & 1:
-        return _data_kind(layer, e), host + (pos & layer._cmask), sub_end
-    return K_UNALLOC, 0, sub_end
+        run_end = first + (_run_of_ones(alloc >> sc, 32 - sc) << sbits)
+        return _data_kind(layer, e), host + (pos & layer._cmask), run_end
+    free = ~(alloc | zero) & _LOW32
+    return K_UNALLOC, 0, first + (_run_of_ones(free >> sc, 32 - sc) << sbits)
+
+
+def _run_of_ones(bits: int, limit: int) -> int:
+    """How many low bits of ``bits`` are set in a row (at most ``limit``)."""
+    run = ((bits + 1) & ~bits).bit_length() - 1
+    return min(run, limit)
 
 
 def map_run_general(layer: Qcow2Layer, offset: int, max_len: int) -> tuple[int, int, int]:

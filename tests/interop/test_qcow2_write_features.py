@@ -277,3 +277,60 @@ def test_resize(
         assert os.path.getsize(tmp_path / "d.raw") == 2 * MiB + 512
     if options.get("data_file_raw"):
         assert_same_bytes((tmp_path / "d.raw").read_bytes(), bytes(want), 0, "raw data file")
+
+
+@pytest.mark.clause("qcow2.extended-l2.write", "qcow2.extended-l2.clear", "interop.qemu-check")
+@pytest.mark.parametrize("kind", ["compressed", "snapshot"])
+def test_extended_l2_over_compressed_and_shared_clusters(
+    qemu: QemuTools, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """Writes into compressed clusters (copied whole) and into clusters a snapshot shares
+    (no COPIED: copied from the first to the last allocated subcluster, bitmap kept)."""
+    monkeypatch.chdir(tmp_path)
+    size = 2 * MiB
+    src = tmp_path / "src.qcow2"
+    qemu.img("create", "-q", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=32k", src,
+             str(size))
+    qemu.io(src, ["write -P 0x31 0 300k", "write -P 0x32 1000k 7k", "write -z 100k 10k",
+                  "write -P 0x33 1500k 1k"])
+    path = tmp_path / "img.qcow2"
+    if kind == "compressed":
+        qemu.img("convert", "-c", "-O", "qcow2", "-o", "extended_l2=on,cluster_size=32k",
+                 src, path)
+    else:
+        path = src
+        qemu.img("snapshot", "-c", "s1", path)
+    before = qemu.convert_raw(path)
+    want = bytearray(before)
+    with fast.open_image(path, writable=True) as img:
+        _random_ops(img, want, 11, 60, 1024)
+        img.write(b"\x44" * 100, 1000 * KiB + 5000)  # inside a shared/compressed cluster
+        want[1000 * KiB + 5000 : 1000 * KiB + 5100] = b"\x44" * 100
+    _judge(qemu, path, bytes(want), kind)
+    if kind == "snapshot":
+        snap = tmp_path / "snap.raw"
+        qemu.img("convert", "-l", "s1", "-O", "raw", path, snap)
+        # The snapshot still reads what the image held when it was taken.
+        assert_same_bytes(snap.read_bytes(), before, 0, "snapshot s1")
+
+
+@pytest.mark.clause("qcow2.data-file.write")
+def test_data_file_mappings_name_the_data_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pyimago.reference import RawMapping
+
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "a.qcow2"
+    fast.create_image(path, MiB, data_file="d.raw", cluster_size=4096)
+    with fast.open_image(path, writable=True) as img:
+        storage, host, n = img.ensure_data_mapping(8192 + 100, 5000, True)
+        assert (host, n) == (8192 + 100, 4096 - 100)
+        assert storage.name.endswith("d.raw") or "d.raw" in str(storage)
+        storage.write(b"\x07" * n, host)
+        img.write(b"\x08" * 4096, 0)
+        m, ln = img.get_mapping(0, MiB)
+        assert isinstance(m, RawMapping) and (m.offset, ln) == (0, 4096)
+        assert "d.raw" in str(m.storage)
+        assert img.read(8192, 200) == bytes(100) + b"\x07" * 100
+    assert (tmp_path / "d.raw").read_bytes()[:4096] == b"\x08" * 4096
