@@ -351,7 +351,7 @@ class CrashTimeline:
             yield from range(start, end, SECTOR)
 
 
-def unknown_ranges(known: bytes) -> tuple[tuple[int, int], ...]:
+def unknown_ranges(known: bytes | bytearray) -> tuple[tuple[int, int], ...]:
     """The ranges where a model's ``known`` mask is 0, widened to whole sectors (the crash
     rule judges sectors, and a sector partly unspecified may read anything)."""
     out: list[tuple[int, int]] = []
