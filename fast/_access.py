@@ -14,7 +14,12 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeAlias
 
-from pyimago.reference._errors import DriverError, InvalidRequestError, ReadOnlyError
+from pyimago.reference._errors import (
+    DriverError,
+    InvalidRequestError,
+    ReadOnlyError,
+    UnsupportedError,
+)
 from pyimago.reference._info import ImageInfo
 from pyimago.reference._mapping import (
     EofMapping,
@@ -26,16 +31,20 @@ from pyimago.reference._mapping import (
     ZeroMapping,
 )
 from pyimago.reference._prealloc import PreallocateMode
+from pyimago.reference._snapshot import SnapshotInfo
 from pyimago.reference._storage import Buffer, Storage, WritableBuffer
 from pyimago.reference._stream import ImageStream
 
 # access.request.bounded (QEMU's BDRV_REQUEST_MAX_BYTES): the contract's very constant.
 from pyimago.reference.access import MAX_REQUEST_BYTES
 
+from ._compress_write import compress_cluster, refuse_compressed
+from ._hot import hot_reader, hot_writer
 from ._layer import Clear
 from ._qcow2 import Qcow2Layer
 from ._raw import RawLayer
 from ._runs import K_DATA_RO, K_EOF
+from ._snapshot_write import apply_snapshot, create_snapshot, delete_snapshot
 
 __all__ = ["MAX_OFFSET", "MAX_REQUEST_BYTES", "FormatAccess"]
 
@@ -113,6 +122,15 @@ class FormatAccess:
         self._pool_size = 0
         self._closed = False
         self._lock = threading.RLock()
+        if isinstance(driver, Qcow2Layer):
+            # Small reads inside one cached cluster of plain data skip the full path (see
+            # _hot); everything else still goes through FormatAccess.readinto below.
+            hot = hot_reader(driver, self.readinto)
+            if hot is not None:
+                self.readinto = hot  # type: ignore[method-assign,assignment]
+            hot_write = hot_writer(driver, self.write)
+            if hot_write is not None:
+                self.write = hot_write  # type: ignore[method-assign,assignment]
 
     # -- what it is -----------------------------------------------------------------------
 
@@ -360,6 +378,72 @@ class FormatAccess:
             for a, b in _split(host, len(part), step)
         ]
         self._spread(jobs, threads)
+
+    def write_compressed(self, data: Buffer, offset: int) -> None:
+        """Write one cluster at ``offset`` (cluster-aligned; ``data`` a whole cluster, or the
+        rest of the disk's partial last cluster) as a compressed cluster, by the image's
+        compression type; where compression does not pay it is written plainly, as QEMU
+        does.  The cluster must not be allocated (QEMU refuses that too)."""
+        self.write_compressed_many(data, offset)
+
+    def write_compressed_many(self, data: Buffer, offset: int) -> None:
+        """:meth:`write_compressed` for consecutive clusters from ``offset``, compressed on
+        up to ``write_parallelization`` threads (zlib and zstd release the GIL), placed in
+        order."""
+        view = _flat(data)
+        offset, n = self._modifying("write_compressed", offset, len(view))
+        layer = self._layer
+        if not isinstance(layer, Qcow2Layer):
+            raise UnsupportedError(f"write_compressed: {layer} is not a qcow2 image")
+        cs = layer.cluster_size
+        pieces = [(a, min(a + cs, n)) for a in range(0, max(n, 1), cs)]
+        for a, b in pieces:
+            refuse_compressed(layer, offset + a, b - a)
+        ctype = layer.hdr.compression_type
+        blobs: list[bytes | None] = [None] * len(pieces)
+
+        def job(k: int) -> Callable[[], None]:
+            def run() -> None:
+                a, b = pieces[k]
+                blobs[k] = compress_cluster(view[a:b], cs, ctype)
+            return run
+
+        self._spread([job(k) for k in range(len(pieces))], self._write_threads)
+        with self._lock:
+            for (a, b), blob in zip(pieces, blobs, strict=True):
+                layer.write_compressed(view[a:b], offset + a, blob)
+
+    # -- internal snapshots ---------------------------------------------------------------
+
+    def _qcow2(self, op: str) -> Qcow2Layer:
+        layer = self._layer
+        if not isinstance(layer, Qcow2Layer):
+            raise UnsupportedError(f"{op}: {layer} is not a qcow2 image: no internal snapshots")
+        return layer
+
+    def snapshots(self) -> tuple[SnapshotInfo, ...]:
+        """This image's internal snapshots, in table order (``qemu-img snapshot -l``)."""
+        return self._qcow2("snapshots").snapshots
+
+    def create_snapshot(self, name: str) -> SnapshotInfo:
+        """Take an internal snapshot of this image (its top layer) named ``name`` (unique,
+        non-empty); its ID is the next free integer, as QEMU assigns them."""
+        layer = self._qcow2("create_snapshot")
+        with self._lock, layer._lock:
+            return create_snapshot(layer, name)
+
+    def apply_snapshot(self, name_or_id: str) -> None:
+        """Revert this image to the snapshot with that ID (else the first with that name),
+        its disk size included, as ``qemu-img snapshot -a``."""
+        layer = self._qcow2("apply_snapshot")
+        with self._lock, layer._lock:
+            apply_snapshot(layer, name_or_id)
+
+    def delete_snapshot(self, name_or_id: str) -> None:
+        """Delete the snapshot with that ID (else the first with that name)."""
+        layer = self._qcow2("delete_snapshot")
+        with self._lock, layer._lock:
+            delete_snapshot(layer, name_or_id)
 
     def writev(self, buffers: Iterable[Buffer], offset: int) -> None:
         """Write the buffers back to back from guest ``offset``."""

@@ -8,6 +8,11 @@ refcounts and the pending guest data first" for L2 tables: a cluster is counted 
 holds its data, before any entry uses it) and before ``after_store`` (the layer passes
 "release what the table's old entries held": a refcount drops only once no table on
 storage refers to the cluster).
+
+With ``entry_flag`` the cache also keeps ``by_entry``: each table under the two values a
+pointer to it can have (its offset, with and without that flag bit), so that the hot read
+path (``_hot``) finds a table from the raw L1 entry in one dict lookup.  An entry with any
+other bit set is in no key: it is not a plain pointer, and the slow path judges it.
 """
 
 from __future__ import annotations
@@ -28,8 +33,12 @@ class TableCache:
         store: Callable[[int, array[int]], None],
         before_store: Callable[[], None] | None = None,
         after_store: Callable[[int], None] | None = None,
+        entry_flag: int = 0,
     ) -> None:
         self.tables: OrderedDict[int, array[int]] = OrderedDict()
+        #: Cached tables by raw pointer value (empty without ``entry_flag``).
+        self.by_entry: dict[int, array[int]] = {}
+        self._flag = entry_flag
         self.dirty: set[int] = set()
         self.limit = max(1, limit)
         self._store = store
@@ -52,12 +61,20 @@ class TableCache:
         """Insert (or replace) a table; the least recently used ones may be written out."""
         self.tables[ofs] = tbl
         self.tables.move_to_end(ofs)
+        if self._flag:
+            self.by_entry[ofs] = self.by_entry[ofs | self._flag] = tbl
         if dirty:
             self.dirty.add(ofs)
         while len(self.tables) > self.limit:
             old, old_tbl = self.tables.popitem(last=False)
+            self._unalias(old)
             if old in self.dirty:
                 self._write(old, old_tbl)
+
+    def _unalias(self, ofs: int) -> None:
+        if self._flag:
+            self.by_entry.pop(ofs, None)
+            self.by_entry.pop(ofs | self._flag, None)
 
     def touch(self, ofs: int, tbl: array[int]) -> None:
         """``tbl`` at ``ofs`` changed: keep it (cached, dirty) until it is written back."""
@@ -92,9 +109,11 @@ class TableCache:
     def forget(self, ofs: int) -> None:
         """Drop one table without writing it (its cluster is being freed)."""
         self.tables.pop(ofs, None)
+        self._unalias(ofs)
         self.dirty.discard(ofs)
 
     def clear(self) -> None:
         """Drop everything without writing anything back."""
         self.tables.clear()
+        self.by_entry.clear()
         self.dirty.clear()

@@ -64,6 +64,8 @@ from ._overlap import MetadataIndex, clusters_of
 from ._qcow2 import Qcow2Layer
 from ._snapshots import Snapshot, read_snapshot_table
 from ._storage import FastFileStorage
+from ._subcluster import ALL_ALLOC as _ALL_ALLOC
+from ._subcluster import ALL_ZERO as _ALL_ZERO
 
 __all__ = ["check"]
 
@@ -293,14 +295,28 @@ class _Checker:
     def check_l2(self, res: _Result, ofs: int, fix: int, active: bool) -> None:
         cs = self.cs
         next_contiguous = 0
-        for i, e in enumerate(decode_u64_table(self.read(ofs, cs))):
-            if not e:
+        # Extended L2 entries: (entry, subcluster bitmap) pairs (qcow2.check.extended-l2).
+        ext = self.hdr.extended_l2
+        dfile = self.hdr.has_data_file
+        words = decode_u64_table(self.read(ofs, cs))
+        for i in range(0, len(words), 2 if ext else 1):
+            e = words[i]
+            bitmap = words[i + 1] if ext else 0
+            if not e and not bitmap & _ALL_ALLOC:
                 continue
             if e & COMPRESSED:
                 if e & COPIED:
                     res.note(_C, ofs, f"coffset=0x{e & self.comp_mask:x}: copied flag must "
                              "never be set for compressed clusters")
                     e &= ~COPIED
+                if dfile:
+                    res.note(_C, ofs, f"compressed cluster {i >> ext} with data file, "
+                             f"entry=0x{e:x}")
+                    continue
+                if bitmap:
+                    res.note(_C, ofs, f"compressed cluster {i >> ext} with non-zero subcluster "
+                             f"allocation bitmap, entry=0x{e:x}")
+                    continue
                 coffset = e & self.comp_mask
                 nsec = ((e >> self.comp_shift) & self.comp_sectors) + 1
                 csize = nsec * 512 - (coffset & 511)
@@ -313,17 +329,27 @@ class _Checker:
             if e & L2_RESERVED:
                 res.note(_C, ofs, f"found l2 entry with reserved bits set: {e:x}")
             host = e & HOST_MASK
-            if not host:
-                continue  # unallocated or a plain zero cluster
+            if not host and not (dfile and e & COPIED):
+                # Unallocated or a plain zero cluster (offset 0 with COPIED is the data
+                # file's first cluster).
+                if bitmap & _ALL_ALLOC:
+                    res.note(_C, ofs, "Unallocated cluster has non-zero subcluster "
+                             "allocation map")
+                continue
+            if bitmap & _ALL_ALLOC & (bitmap >> 32):
+                res.note(_C, host, f"offset={host:x}: Allocated cluster has corrupted "
+                         "subcluster allocation bitmap")
             if host & (cs - 1):
-                data = not e & ZERO_FLAG
+                data = bool(bitmap & _ALL_ALLOC) if ext else not e & ZERO_FLAG
                 what = "Data" if data else "Preallocated"
                 msg = (f"offset={host:x}: {what} cluster is not properly aligned; L2 entry "
                        "corrupted.")
                 if not data and fix & _ERRORS:
                     # fix_l2_entry_by_zero: the entry becomes a plain zero cluster, and the
                     # cluster is not counted (it is unused now).
-                    self.write_meta(ofs + 8 * i, ZERO_FLAG.to_bytes(8, "big"),
+                    fixed = (bytes(8) + _ALL_ZERO.to_bytes(8, "big") if ext
+                             else ZERO_FLAG.to_bytes(8, "big"))
+                    self.write_meta(ofs + 8 * i, fixed,
                                     "inactive L2 table" if not active else "active L2 table")
                     res.corruptions_fixed += 1
                     res.note(_C, host, msg, repaired=True)
@@ -334,7 +360,9 @@ class _Checker:
                 if next_contiguous and host != next_contiguous:
                     res.fragmented += 1
                 next_contiguous = host + cs
-            self.inc(res, host, cs)
+            if not dfile:
+                # Data file clusters are not refcounted (qcow2.data-file.write).
+                self.inc(res, host, cs)
 
     def check_refblocks(self, res: _Result, fix: int) -> None:
         nb = len(self.counts)
@@ -424,12 +452,15 @@ class _Checker:
                 res.note(_C, l2, msg, repaired=repair)
             tbl = decode_u64_table(self.read(l2, self.cs))
             dirty = 0
-            for j, x in enumerate(tbl):
+            dfile = self.hdr.has_data_file
+            for j in range(0, len(tbl), 2 if self.hdr.extended_l2 else 1):
+                x = tbl[j]
                 host = x & HOST_MASK
-                if x & COMPRESSED or not host:
+                if x & COMPRESSED or not (host or (dfile and x & COPIED)):
                     continue
                 try:
-                    n = self.stored(host >> self.cb)
+                    # "if (has_data_file(bs)) refcount = 1"
+                    n = 1 if dfile else self.stored(host >> self.cb)
                 except _Unreadable:
                     continue
                 if (n == 1) != bool(x & COPIED):
@@ -606,14 +637,6 @@ def _check(storage: Storage, repair: RepairMode | None) -> CheckResult:
         layer = Qcow2Layer(storage, writable=False)
         hdr = layer.hdr
         layer.detach()
-        if hdr.has_data_file or hdr.extended_l2:
-            # Read, but the counting of _run knows only standard L2 entries whose data
-            # clusters the image file's refcounts hold.
-            what = "an external data file" if hdr.has_data_file else "extended L2 entries"
-            raise UnsupportedError(
-                f"check: {name} has {what}: pyimago reads such images but does not check "
-                "them yet"
-            )
         res, hdr = _run(storage, hdr, fix)
     except (PyimagoError, _RepairRefused) as exc:
         failed = _Result()

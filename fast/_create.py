@@ -23,7 +23,9 @@ from pyimago.reference._storage import Storage
 
 from ._codec import encode_refblock, refblock_typecode
 from ._header import (
+    AUTOCLEAR_DATA_FILE_RAW,
     EXT_BACKING_FORMAT,
+    EXT_DATA_FILE,
     MAX_L1_ENTRIES,
     Extension,
     Features,
@@ -45,9 +47,7 @@ _PREALLOC = {
     "full": PreallocateMode.WRITE_DATA,
 }
 #: qemu-img options this implementation knows it does not support.
-_UNSUPPORTED = frozenset(
-    {"encryption", "encrypt", "data_file", "data_file_raw", "extended_l2", "lazy_refcounts"}
-)
+_UNSUPPORTED = frozenset({"encryption", "encrypt"})
 _COMPAT = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
 
 
@@ -65,6 +65,15 @@ class _Qcow2Options:
     backing_file: str | None
     backing_fmt: str | None
     zstd: bool
+    extended_l2: bool = False
+    data_file: str | None = None
+    data_file_raw: bool = False
+    lazy_refcounts: bool = False
+
+    @property
+    def l2_entries(self) -> int:
+        """Entries per L2 table (extended ones take 16 bytes)."""
+        return (1 << self.cluster_bits) // (16 if self.extended_l2 else 8)
 
 
 def _qcow2_options(opts: dict[str, object]) -> _Qcow2Options:
@@ -98,9 +107,52 @@ def _qcow2_options(opts: dict[str, object]) -> _Qcow2Options:
         if name is None:
             raise _invalid("backing_fmt given without backing_file")
     fmt_name = None if fmt is None else str(fmt)
+    ext, dname, raw = _feature_options(opts, version, cs, name)
+    lazy = _flag(opts, "lazy_refcounts")
+    if lazy and version == 2:
+        # qemu-img: "Lazy refcounts only supported with compatibility level 1.1 and above"
+        raise _invalid("lazy_refcounts needs compat 1.1 (qcow2 v3)")
     return _Qcow2Options(
-        cs.bit_length() - 1, version, bits.bit_length() - 1, name, fmt_name, ctype == "zstd"
+        cs.bit_length() - 1, version, bits.bit_length() - 1, name, fmt_name, ctype == "zstd",
+        ext, dname, raw, lazy,
     )
+
+
+def _flag(opts: dict[str, object], key: str) -> bool:
+    value = opts.pop(key, False)
+    if type(value) is not bool:
+        raise _invalid(f"{key} must be a bool, not {value!r}")
+    return value
+
+
+def _feature_options(
+    opts: dict[str, object], version: int, cs: int, backing: str | None
+) -> tuple[bool, str | None, bool]:
+    """``extended_l2``, ``data_file``, ``data_file_raw``, checked as qemu-img checks them
+    (block/qcow2.c, qcow2_co_create)."""
+    ext = _flag(opts, "extended_l2")
+    dname = opts.pop("data_file", None)
+    raw = _flag(opts, "data_file_raw")
+    if ext and version < 3:
+        # create.qcow2.extended-l2: "Extended L2 entries are only supported with
+        # compatibility level 1.1 and above"
+        raise _invalid("extended_l2 needs compat 1.1 (qcow2 v3)")
+    if ext and cs < 16384:
+        # "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes"
+        raise _invalid(f"extended_l2 needs a cluster_size of at least 16384, not {cs}")
+    if dname is not None:
+        if not isinstance(dname, str) or not dname or "\0" in dname:
+            raise _invalid(f"data_file must be a non-empty str, not {dname!r}")
+        if version < 3:
+            # "External data files are only supported with compatibility level 1.1 and above"
+            raise _invalid("data_file needs compat 1.1 (qcow2 v3)")
+    if raw and dname is None:
+        # "data-file-raw requires data-file"
+        raise _invalid("data_file_raw needs data_file")
+    if raw and backing is not None:
+        # "Backing file and data-file-raw cannot be used at the same time"
+        raise _invalid("data_file_raw cannot be combined with a backing file")
+    return ext, dname, raw
 
 
 def create_image(
@@ -116,9 +168,13 @@ def create_image(
     qcow2: ``cluster_size`` (512..2 MiB, default 65536), ``compat`` ("0.10" or "1.1"),
     ``refcount_bits`` (1..64, default 16), ``backing_file``, ``backing_fmt``,
     ``preallocation`` ("off", "metadata", "falloc", "full"; only "off" with a backing
-    file, as qemu-img), ``compression_type`` ("zlib", "zstd").  raw takes ``preallocation``
-    only.  ``size`` may be None for a qcow2 image with a backing file: the backing file's
-    size (rounded up to 512) is used.  A file image's backing file is opened first, as
+    file, as qemu-img), ``compression_type`` ("zlib", "zstd"), ``lazy_refcounts`` (bool,
+    compat 1.1), ``extended_l2`` (bool: 32 subclusters per cluster, clusters of 16 KiB or
+    more), ``data_file`` (guest data in that file, its name relative to the image's folder;
+    created or emptied) and ``data_file_raw`` (bool: the data file is kept the raw disk).
+    raw takes ``preallocation`` only.  ``size`` may be None for a qcow2 image with a backing
+    file: the backing file's size (rounded up to 512) is used.  A file image's backing file
+    is opened first, as
     qemu-img does, so a missing one is an error (create.backing.checked) unless
     ``unsafe=True`` (qemu-img ``create -u``; a size is then required).  A file held by
     another process (QEMU-compatible locks) is left untouched: ImageInUseError.
@@ -162,26 +218,58 @@ def create_image(
         if size % 512:
             raise _invalid(f"qcow2 size {size} is not a multiple of 512")
         cs = 1 << qcow2.cluster_bits
-        if -(-size // (cs * cs // 8)) > MAX_L1_ENTRIES:
+        if -(-size // (cs * qcow2.l2_entries)) > MAX_L1_ENTRIES:
             raise _invalid(f"size {size} needs too large an L1 table for cluster_size {cs}")
     first_cluster = _cluster0(qcow2) if qcow2 is not None else b""
     owned = isinstance(target, (str, os.PathLike))
+    data_path = _data_file_path(target, qcow2.data_file) if qcow2 is not None else None
     storage = _fresh_storage(target)
+    data: Storage | None = None
     try:
         storage.resize(0)
         if qcow2 is None:
             storage.resize(size, prealloc)
         else:
-            _lay_out(storage, qcow2, first_cluster, size, prealloc)
+            if data_path is not None:
+                # As qemu-img: the data file is created (or emptied), then sized with the disk.
+                data = _fresh_storage(data_path)
+                data.resize(0)
+            _lay_out(storage, qcow2, first_cluster, size, prealloc, data)
+            if data is not None:
+                data.flush()
         storage.flush()
     finally:
-        if owned:
-            storage.close()
+        try:
+            if data is not None:
+                data.close()
+        finally:
+            if owned:
+                storage.close()
+
+
+def _data_file_path(target: object, name: str | None) -> str | None:
+    """Where the data file named ``name`` lies: relative to the image's folder, like a
+    backing file (qcow2.data-file.name)."""
+    if name is None or os.path.isabs(name):
+        return name
+    if not isinstance(target, (str, os.PathLike)):
+        raise _invalid(
+            f"data_file {name!r} is relative, and an image in a Storage has no folder: "
+            "give an absolute path"
+        )
+    return os.path.join(os.path.dirname(os.path.abspath(os.fspath(target))), name)
 
 
 def _cluster0(o: _Qcow2Options) -> bytes:
     cs = 1 << o.cluster_bits
     exts = [Extension(EXT_BACKING_FORMAT, o.backing_fmt.encode())] if o.backing_fmt else []
+    if o.data_file is not None:
+        exts.append(Extension(EXT_DATA_FILE, o.data_file.encode("utf-8", "surrogateescape")))
+    incompat = (
+        (Incompat.COMPRESSION if o.zstd else 0)
+        | (Incompat.EXTL2 if o.extended_l2 else 0)
+        | (Incompat.DATA_FILE if o.data_file is not None else 0)
+    )
     tail = encode_extensions(exts) if exts or o.version == 3 else b""
     name = o.backing_file.encode("utf-8", "surrogateescape") if o.backing_file else b""
     if len(name) > 1023:
@@ -197,7 +285,12 @@ def _cluster0(o: _Qcow2Options) -> bytes:
         reftable=Span(cs, 1),
         snapshots=Span(0, 0),
         backing=Span(hlen + len(tail) if name else 0, len(name)),
-        features=Features(incompatible=Incompat.COMPRESSION if o.zstd else 0),
+        features=Features(
+            incompatible=incompat,
+            # Compatible bit 0: lazy refcounts (pyimago.fast still updates them eagerly).
+            compatible=1 if o.lazy_refcounts else 0,
+            autoclear=AUTOCLEAR_DATA_FILE_RAW if o.data_file_raw else 0,
+        ),
         refcount_order=o.refcount_order,
         header_length=hlen,
         compression_type=1 if o.zstd else 0,
@@ -206,7 +299,12 @@ def _cluster0(o: _Qcow2Options) -> bytes:
 
 
 def _lay_out(
-    storage: Storage, o: _Qcow2Options, cluster0: bytes, size: int, prealloc: PreallocateMode
+    storage: Storage,
+    o: _Qcow2Options,
+    cluster0: bytes,
+    size: int,
+    prealloc: PreallocateMode,
+    data: Storage | None = None,
 ) -> None:
     """Clusters 0-2 (header, refcount table, one refcount block counting all three), then
     the rest through the layer's own resize."""
@@ -218,6 +316,8 @@ def _lay_out(
     reftable = (2 * cs).to_bytes(8, "big").ljust(cs, b"\0")
     storage.write(cluster0 + reftable + encode_refblock(counts, width), 0)
     layer = Qcow2Layer(storage, writable=True)
+    if data is not None:
+        layer.set_data_file(data)
     try:
         if size:
             layer.resize_grow(size, prealloc)

@@ -2,8 +2,7 @@
 
 Such images take this general path instead of :meth:`Qcow2Layer.map_run`'s tuned loops: it
 walks allocation units (subclusters of 1/32 cluster with extended L2 entries, clusters
-otherwise) and merges the units that continue one run.  Both features are read-only in
-pyimago.fast for now, so only reads and mappings come here.
+otherwise) and merges the units that continue one run; their writes are in :mod:`._general`.
 
 * Extended L2: an entry is two words, the standard descriptor (bit 0 unused) and a bitmap
   whose bit x marks subcluster x allocated and bit 32 + x marks it zero.
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from pyimago.reference._errors import CorruptImageError, InvalidRequestError
 
-from ._runs import K_COMP, K_DATA_RO, K_EOF, K_UNALLOC, K_ZERO
+from ._runs import K_COMP, K_DATA, K_DATA_RO, K_EOF, K_UNALLOC, K_ZERO
 
 if TYPE_CHECKING:
     from ._qcow2 import Qcow2Layer
@@ -29,6 +28,11 @@ _COMPRESSED = 1 << 62
 _ZERO_FLAG = 1
 _HOST = 0x00FFFFFFFFFFFE00
 _LOW32 = 0xFFFFFFFF
+
+
+def _data_kind(layer: Qcow2Layer, e: int) -> int:
+    """Data written in place when the image is writable and the cluster ours alone."""
+    return K_DATA if layer.writable and e & _COPIED else K_DATA_RO
 
 
 def _unit(layer: Qcow2Layer, pos: int) -> tuple[int, int, int]:
@@ -59,12 +63,11 @@ def _unit(layer: Qcow2Layer, pos: int) -> tuple[int, int, int]:
         if e & _ZERO_FLAG:
             return K_ZERO, 0, cluster_end
         if has_host:
-            return K_DATA_RO, host + (pos & layer._cmask), cluster_end
+            return _data_kind(layer, e), host + (pos & layer._cmask), cluster_end
         return K_UNALLOC, 0, cluster_end
     bitmap = tbl[j + 1]
     sbits = cbits - 5
     sc = (pos >> sbits) & 31
-    sub_end = ((pos >> sbits) + 1) << sbits
     alloc, zero = bitmap & _LOW32, bitmap >> 32
     if has_host:
         if alloc & zero:
@@ -77,11 +80,22 @@ def _unit(layer: Qcow2Layer, pos: int) -> tuple[int, int, int]:
             f"qcow2: extended L2 bitmap 0x{bitmap:016x} of guest cluster {c} marks subclusters "
             "allocated, but the entry has no host cluster"
         )
+    # The piece ends where the run of subclusters in this state does (one call per run,
+    # not per subcluster).
+    first = (pos >> sbits) << sbits
     if zero >> sc & 1:
-        return K_ZERO, 0, sub_end
+        return K_ZERO, 0, first + (_run_of_ones(zero >> sc, 32 - sc) << sbits)
     if alloc >> sc & 1:
-        return K_DATA_RO, host + (pos & layer._cmask), sub_end
-    return K_UNALLOC, 0, sub_end
+        run_end = first + (_run_of_ones(alloc >> sc, 32 - sc) << sbits)
+        return _data_kind(layer, e), host + (pos & layer._cmask), run_end
+    free = ~(alloc | zero) & _LOW32
+    return K_UNALLOC, 0, first + (_run_of_ones(free >> sc, 32 - sc) << sbits)
+
+
+def _run_of_ones(bits: int, limit: int) -> int:
+    """How many low bits of ``bits`` are set in a row (at most ``limit``)."""
+    run = ((bits + 1) & ~bits).bit_length() - 1
+    return min(run, limit)
 
 
 def map_run_general(layer: Qcow2Layer, offset: int, max_len: int) -> tuple[int, int, int]:
@@ -96,7 +110,7 @@ def map_run_general(layer: Qcow2Layer, offset: int, max_len: int) -> tuple[int, 
     if kind != K_COMP:
         while pos < end:
             k2, h2, nxt = _unit(layer, pos)
-            if k2 != kind or (kind == K_DATA_RO and h2 != host + (pos - offset)):
+            if k2 != kind or (kind <= K_DATA_RO and h2 != host + (pos - offset)):
                 break
             pos = nxt
     return kind, host, min(pos, end) - offset

@@ -175,8 +175,10 @@ class Header:
     def resized(self, size: int) -> Header:
         return replace(self, size=size)
 
-    def cleared_autoclear(self) -> Header:
-        return replace(self, features=replace(self.features, autoclear=0))
+    def cleared_autoclear(self, keep: int = 0) -> Header:
+        """A copy without the auto-clear bits, but those in ``keep``."""
+        feats = self.features
+        return replace(self, features=replace(feats, autoclear=feats.autoclear & keep))
 
     def with_incompatible(self, bits: int) -> Header:
         """A copy with incompatible feature ``bits`` set as well (v3)."""
@@ -287,11 +289,6 @@ def _place_tables(cs: int, file_size: int, l1: Span, rt: Span, snaps: Span) -> N
         raise _bad(f"the L1 table (0x{l1.at:x}) and the refcount table (0x{rt.at:x}) overlap")
 
 
-#: Known bits whose images are read but not written yet, with the name errors give them.
-_NOT_WRITTEN_YET = (
-    (Incompat.EXTL2, "extended L2 entries"),
-    (Incompat.DATA_FILE, "external data file"),
-)
 #: Bits that allow reading only, with what the user can do about them.
 _READ_ONLY = (
     (Incompat.CORRUPT, "corrupt bit",
@@ -319,13 +316,6 @@ def check_features(hdr: Header, names: dict[tuple[int, int], str], *, writable: 
         raise _refuse(what, f"the image needs features this implementation lacks: {what}")
     if hdr.crypt_method:
         raise _refuse("encryption", f"encryption (crypt_method {hdr.crypt_method}) is unsupported")
-    for flag, what in _NOT_WRITTEN_YET if writable else ():
-        if bits & flag:
-            raise _refuse(
-                what,
-                f"writing images with {what} (incompatible bit {flag.bit_length() - 1}) is not "
-                "supported yet: open it read-only",
-            )
     if bits & Incompat.EXTL2 and hdr.cluster_bits < 14:
         # 32 subclusters per cluster, none smaller than a 512-byte sector (QEMU's limit).
         raise CorruptImageError(

@@ -46,8 +46,10 @@ from pyimago.reference._storage import Storage, WritableBuffer
 
 from ._cache import TableCache
 from ._codec import decode_u64_table, encode_u64_table
+from ._compress_write import place_compressed
 from ._entries import COMPRESSED, COPIED, HOST_MASK, L1_RESERVED, L2_RESERVED, ZERO_FLAG
 from ._features import map_run_general
+from ._general import clear_general, grow_general, prepare_general, shrink_general
 from ._guard import MetadataGuard
 from ._header import (
     AUTOCLEAR_DATA_FILE_RAW,
@@ -199,7 +201,7 @@ class Qcow2Layer(MetadataGuard, LayerBase):
         )
         l2_limit = l2_cache_tables if l2_cache_tables is not None else (budget - budget // 5) // cs
         self._l2 = TableCache(l2_limit, self._store_l2, self._before_l2_store,
-                              self._release_pending)
+                              self._release_pending, entry_flag=COPIED)
         #: Clusters (first, count) to release once the table at a key (an L2 table's offset,
         #: or _AFTER_L1) is on storage.
         self._pending_frees: dict[int, list[tuple[int, int]]] = {}
@@ -209,9 +211,14 @@ class Qcow2Layer(MetadataGuard, LayerBase):
         self._unsettled: list[tuple[int, memoryview]] | None = None
         self._init_guard()
         self._last_inflated: tuple[int, bytes] | None = None
-        if writable and hdr.version >= 3 and hdr.features.autoclear:
+        #: Where the next compressed cluster may go: the byte after the last one, inside a
+        #: host cluster it shares (QEMU's free_byte_offset; 0: start a new cluster).
+        self.comp_next = 0
+        # qcow2.data-file.raw: the raw data file is kept raw, so its bit stays.
+        kept = AUTOCLEAR_DATA_FILE_RAW if hdr.has_data_file else 0
+        if writable and hdr.version >= 3 and hdr.features.autoclear & ~kept:
             # Unknown (or unmaintained: bitmaps) auto-clear bits go before the first write.
-            self.hdr = hdr.cleared_autoclear()
+            self.hdr = hdr.cleared_autoclear(keep=kept)
             self._write_header()
 
     # -- opening --------------------------------------------------------------------------
@@ -324,7 +331,10 @@ class Qcow2Layer(MetadataGuard, LayerBase):
             last = (at - at % 512) + (((e >> self._comp_shift) & self._comp_sectors) + 1) * 512
             return range(at >> cb, ((last - 1) >> cb) + 1)
         host = e & HOST_MASK
-        return range(host >> cb, (host >> cb) + 1) if host else range(0)
+        if not host or self.hdr.has_data_file:
+            # Data file clusters have no refcounts (qcow2.data-file.refcounts).
+            return range(0)
+        return range(host >> cb, (host >> cb) + 1)
 
     def _check_entry(self, c: int, e: int) -> None:
         """Refuse the L2 entry ``e`` of guest cluster ``c`` if it is malformed."""
@@ -402,8 +412,9 @@ class Qcow2Layer(MetadataGuard, LayerBase):
             # QEMU counts one per L1 table reaching them when it takes the snapshot, so
             # the active table's is already there.  Still shared, none of them is COPIED.
             new = array(old.typecode, old)
-            for j, x in enumerate(new):
-                new[j] = x & ~COPIED
+            # (Extended L2: entry words only; bit 63 of a bitmap word is a zero bit.)
+            for j in range(0, len(new), 1 << self._ext):
+                new[j] &= ~COPIED
         else:
             new = array(self._l1.typecode, bytes(self._cs))
         c, _ = self.refs.allocate(1, exact=True)
@@ -430,7 +441,7 @@ class Qcow2Layer(MetadataGuard, LayerBase):
         pending = self._unsettled
         if pending:
             for host, view in pending:
-                self.storage.write(view, host)
+                self.data.write(view, host)
             pending.clear()
 
     def _before_l2_store(self) -> None:
@@ -463,6 +474,9 @@ class Qcow2Layer(MetadataGuard, LayerBase):
                     if left > 0:
                         releasing[c] = left
                 self.refs.free(first, n)
+                if first <= self.comp_next >> self._cbits < first + n:
+                    # A freed cluster may be handed out as anything: pack no more into it.
+                    self.comp_next = 0
 
     def _store_l1(self) -> None:
         """Write the L1 table (and, first, every L2 table it may point at)."""
@@ -558,7 +572,7 @@ class Qcow2Layer(MetadataGuard, LayerBase):
     def to_mapping(self, kind: int, host: int, offset: int, ln: int) -> ShallowMapping:
         """The mapping object a run stands for (``SpecialMapping.layer`` left None)."""
         if kind == K_DATA:
-            return RawMapping(self.storage, host, self.writable)
+            return RawMapping(self.data, host, self.writable)
         if kind == K_DATA_RO:
             return RawMapping(self.data, host, False)
         if kind == K_ZERO:
@@ -673,6 +687,8 @@ class Qcow2Layer(MetadataGuard, LayerBase):
         Returns ``(host, n, written)``: ``written`` when ``data`` (the caller's bytes for
         the range) was already stored as part of a combined copy-on-write write.
         """
+        if self._general:
+            return prepare_general(self, offset, length, overwrite, data)
         cbits = self._cbits
         c = offset >> cbits
         tbl = self._l2_table(c >> self._l2bits)
@@ -737,14 +753,26 @@ class Qcow2Layer(MetadataGuard, LayerBase):
         g0 = c << cbits
         wend = min(end, (c + m) << cbits)
         written = False
+        # Clusters past the end of the file were never written: they read as zero already,
+        # so old content that reads zero is not copied there (16 times the bytes of a 4 KiB
+        # write into a fresh 64 KiB cluster); the file is only extended over them.
+        fresh = host >= self.storage.size()
+        head = in_c
+        tail = ((c + m) << cbits) - wend
         if not overwrite:
-            buf = memoryview(bytearray(m * cs))
-            for t in range(m):
-                self._old_content(buf[t * cs : (t + 1) * cs], g0 + t * cs, olds[t])
-            self.storage.write(buf, host)
+            if fresh and all(map(self._entry_reads_zero, olds)):
+                self.storage.write_zeroes(host, m * cs)
+            else:
+                buf = memoryview(bytearray(m * cs))
+                for t in range(m):
+                    self._old_content(buf[t * cs : (t + 1) * cs], g0 + t * cs, olds[t])
+                self.storage.write(buf, host)
+        elif (head or tail) and fresh and self._entry_reads_zero(olds[0]) and (
+            self._entry_reads_zero(olds[-1])
+        ):
+            if tail:
+                self.storage.write_zeroes(host + (m * cs - tail), tail)
         else:
-            head = in_c
-            tail = ((c + m) << cbits) - wend
             if (head or tail) and data is not None and m * cs <= _COW_IN_ONE:
                 buf = memoryview(bytearray(m * cs))
                 if head:
@@ -850,7 +878,7 @@ class Qcow2Layer(MetadataGuard, LayerBase):
         self.refuse_corrupt("write")
         n = len(view)
         pos = 0
-        storage = self.storage
+        storage = self.data
         # Deferred data writes are done before any table that maps them is written.
         self._unsettled = jobs
         try:
@@ -866,6 +894,16 @@ class Qcow2Layer(MetadataGuard, LayerBase):
         finally:
             self._unsettled = None
 
+    def write_compressed(self, view: memoryview, offset: int, blob: bytes | None) -> None:
+        """Write one cluster at guest ``offset`` (checked by the caller) as ``blob``, its
+        compressed form, or plainly where ``blob`` is None (compression did not pay)."""
+        self.refuse_corrupt("write_compressed")
+        if blob is None:
+            self.write(view, offset, None)
+            return
+        with self._lock:
+            place_compressed(self, offset, blob)
+
     def ensure_data_mapping(
         self, offset: int, length: int, overwrite: bool
     ) -> tuple[Storage, int, int]:
@@ -874,7 +912,7 @@ class Qcow2Layer(MetadataGuard, LayerBase):
         if offset >= self.size:
             raise InvalidRequestError(f"{self}: offset {offset} is past the disk end")
         host, n, _ = self.prepare(offset, min(length, self.size - offset), overwrite)
-        return self.storage, host, n
+        return self.data, host, n
 
     # -- zeroing and discarding -----------------------------------------------------------
 
@@ -895,6 +933,9 @@ class Qcow2Layer(MetadataGuard, LayerBase):
         stop = (end + self._cmask) >> cb
         whole_from = (offset + self._cmask) >> cb
         whole_to = max(whole_from, stop if end >= self.size else end >> cb)
+        if self._general:
+            clear_general(self, offset, length, how)
+            return
         with self._lock:
             if how is Clear.ANY or how is Clear.BACKING:
                 self._rewrite(whole_from, whole_to, 0)
@@ -988,7 +1029,7 @@ class Qcow2Layer(MetadataGuard, LayerBase):
             kind, _, n = self.map_run(start, end - start)
             if kind != K_ZERO:
                 host, n, _ = self.prepare(start, n, True)
-                self.storage.write_zeroes(host, n)
+                self.data.write_zeroes(host, n)
             start += n
 
     def _zero_v2_pieces(self, start: int, end: int, whole_lo: int, whole_hi: int) -> None:
@@ -1079,7 +1120,9 @@ class Qcow2Layer(MetadataGuard, LayerBase):
             # (the header written meanwhile keeps the old one) until the area is on storage.
             self.size = new_size
             try:
-                if prealloc is not PreallocateMode.NONE:
+                if self._general:
+                    grow_general(self, old, prealloc)
+                elif prealloc is not PreallocateMode.NONE:
                     self._prepare_new_area(old, prealloc)
                 self._commit()
             except BaseException:
@@ -1108,7 +1151,10 @@ class Qcow2Layer(MetadataGuard, LayerBase):
             self._zero_by_writing(head_end, new_size)
 
     def _reads_zero(self, c: int) -> bool:
-        e = self._entry(c)
+        return self._entry_reads_zero(self._entry(c))
+
+    def _entry_reads_zero(self, e: int) -> bool:
+        """Whether a cluster whose L2 entry is ``e`` reads as zero."""
         if e & COMPRESSED:
             return False
         return bool(e & ZERO_FLAG) or (not e & HOST_MASK and self.backing is None)
@@ -1151,7 +1197,10 @@ class Qcow2Layer(MetadataGuard, LayerBase):
             return
         with self._lock:
             cb = self._cbits
-            self._rewrite(-(-new_size >> cb), -(-self.size >> cb), 0)
+            if self._general:
+                shrink_general(self, new_size)
+            else:
+                self._rewrite(-(-new_size >> cb), -(-self.size >> cb), 0)
             # L2 tables wholly past the new end are unhooked and freed, as QEMU does: they
             # and what their old entries held go once the L1 table no longer points at them.
             for l1i in range(self._tables_for(new_size), self.hdr.l1.n):
@@ -1171,10 +1220,18 @@ class Qcow2Layer(MetadataGuard, LayerBase):
     # -- caches and lifetime --------------------------------------------------------------
 
     def flush(self) -> None:
+        if self.data is not self.storage:
+            # Guest data before the metadata that maps it.
+            self.data.flush()
         if self.writable and not self.closed:
             with self._lock:
                 self._commit()
         self.storage.flush()
+
+    def sync(self) -> None:
+        if self.data is not self.storage:
+            self.data.sync()
+        self.storage.sync()
 
     def invalidate_cache(self) -> None:
         with self._lock:
@@ -1183,6 +1240,7 @@ class Qcow2Layer(MetadataGuard, LayerBase):
             self._releasing.clear()
             self._unlinked.clear()
             self._last_inflated = None
+            self.comp_next = 0
             self._meta_moved()
             self.storage.invalidate_cache()
             self._file_end = self.storage.size()

@@ -10,6 +10,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
+from typing import Any
 
 from ._driver import FormatDriver
 from ._errors import DriverError, InvalidRequestError, ReadOnlyError, UnsupportedError
@@ -24,6 +25,7 @@ from ._mapping import (
     ZeroMapping,
 )
 from ._prealloc import PreallocateMode
+from ._snapshot import SnapshotInfo
 from ._storage import Buffer, Storage, WritableBuffer
 from ._stream import ImageStream
 
@@ -493,6 +495,65 @@ class FormatAccess:
             return
         with self._lock:
             self._driver.resize_shrink(new_size)
+
+    # -- format features beyond imago (issue 13): optional driver methods -----------------
+
+    def _optional(self, name: str) -> Callable[..., Any]:
+        method: Callable[..., Any] | None = getattr(self._driver, name, None)
+        if method is None:
+            raise UnsupportedError(f"{name}: {self._driver} does not support it")
+        return method
+
+    def write_compressed(self, data: Buffer, offset: int) -> None:
+        """Write one whole guest cluster (or the disk's partial last cluster) compressed by
+        the image's compression type, as ``qemu-img convert -c`` does; where it does not
+        compress, a normal write.  Only into clusters with no host cluster mapped."""
+        view = memoryview(data).cast("B")
+        offset, length = check_range(offset, len(view), "write_compressed")
+        self._check_writable("write_compressed")
+        self._check_within_disk(offset, length, "write_compressed")
+        method = self._optional("write_compressed")
+        with self._lock:
+            method(bytes(view), offset)
+
+    def snapshots(self) -> tuple[SnapshotInfo, ...]:
+        """This image's internal snapshots (the top image's, not its backing chain's)."""
+        listed: Any = getattr(self._driver, "snapshots", None)
+        if listed is None:
+            raise UnsupportedError(f"snapshots: {self._driver} does not support them")
+        return tuple(listed)
+
+    def create_snapshot(self, name: str) -> SnapshotInfo:
+        """Take an internal snapshot of the disk as it is now (``qemu-img snapshot -c``)."""
+        self._check_snapshot_key(name, "create_snapshot: name")
+        self._check_writable("create_snapshot")
+        method = self._optional("create_snapshot")
+        with self._lock:
+            info: SnapshotInfo = method(name)
+        return info
+
+    def apply_snapshot(self, name_or_id: str) -> None:
+        """Revert the disk to a snapshot, looked up by ID first, then by name
+        (``qemu-img snapshot -a``); the disk takes the snapshot's size."""
+        self._check_snapshot_key(name_or_id, "apply_snapshot: snapshot")
+        self._check_writable("apply_snapshot")
+        method = self._optional("apply_snapshot")
+        with self._lock:
+            method(name_or_id)
+
+    def delete_snapshot(self, name_or_id: str) -> None:
+        """Delete a snapshot, looked up by ID first, then by name (``qemu-img snapshot
+        -d``)."""
+        self._check_snapshot_key(name_or_id, "delete_snapshot: snapshot")
+        self._check_writable("delete_snapshot")
+        method = self._optional("delete_snapshot")
+        with self._lock:
+            method(name_or_id)
+
+    @staticmethod
+    def _check_snapshot_key(value: object, what: str) -> None:
+        if not isinstance(value, str) or not value:
+            raise InvalidRequestError(f"{what} must be a non-empty str, not {value!r}")
 
     # -- caches and lifetime ------------------------------------------------------------------
 

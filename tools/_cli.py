@@ -19,8 +19,6 @@ from ._check import render_check, timed_check, write_junit
 from ._common import (
     IMPLEMENTATIONS,
     ToolError,
-    backing_path,
-    open_chain,
     parse_options,
     parse_size,
     require_file,
@@ -31,6 +29,8 @@ from ._create import create, resize
 from ._info import image_info, render_info, render_snapshots
 from ._map import map_image, render_map
 from ._measure import measure, render_measure
+from ._progress import busy
+from ._snapshot import apply_snapshot, create_snapshot, delete_snapshot
 
 __all__ = [
     "COMMANDS",
@@ -254,13 +254,15 @@ def convert_main(argv: Sequence[str]) -> int:
     parser.add_argument("-n", dest="no_create", action="store_true",
                         help="the output exists: do not create it")
     parser.add_argument("-c", dest="compress", action="store_true",
-                        help="compress the output (not supported yet)")
+                        help="compress the output's data clusters (qcow2)")
     _progress_arg(parser)
     parser.add_argument("-S", dest="sparse_size", type=_size, default=4096,
                         help="zero runs this long become holes (default 4k; 0: never)")
     parser.add_argument("-m", dest="workers", type=int, default=4,
                         help="parallel read jobs (default 4)")
-    parser.add_argument("-l", dest="snapshot", help="snapshot to convert (not supported yet)")
+    parser.add_argument("-l", dest="snapshot",
+                        help="convert this internal snapshot of the source (ID or name, or "
+                             "snapshot.id=ID,snapshot.name=NAME)")
     parser.add_argument("-U", "--force-share", action="store_true",
                         help="accepted for qemu-img compatibility (pyimago takes no locks)")
     args = _parse(parser, argv, "source", "output", quiet=True)
@@ -268,8 +270,6 @@ def convert_main(argv: Sequence[str]) -> int:
         return args
 
     def body() -> int:
-        if args.snapshot is not None:
-            raise ToolError("converting an internal snapshot (-l) is not supported yet")
         opts = ConvertOptions(
             out_fmt=args.out_fmt,
             options=tuple(parse_options(args.options, args.out_fmt).items()),
@@ -280,6 +280,7 @@ def convert_main(argv: Sequence[str]) -> int:
             sparse_size=args.sparse_size,
             workers=args.workers,
             show_progress=args.progress and not args.quiet,
+            snapshot=args.snapshot,
         )
         convert(args.source, args.output, opts, impl=args.impl, fmt=args.fmt)
         return 0
@@ -352,6 +353,7 @@ def check_main(argv: Sequence[str]) -> int:
     parser.add_argument("-r", dest="repair", choices=("leaks", "all"),
                         help="repair leaks only, or everything that can be")
     parser.add_argument("--junit", help="also write the verdict as a JUnit XML file")
+    _progress_arg(parser)
     args = _parse(parser, argv, "image", quiet=True)
     if isinstance(args, int):
         return args
@@ -361,8 +363,9 @@ def check_main(argv: Sequence[str]) -> int:
             folder = os.path.dirname(os.path.abspath(args.junit))
             if not os.path.isdir(folder) or os.path.isdir(args.junit):
                 raise ToolError(f"--junit {args.junit!r}: not a file in an existing folder")
-        result, seconds = timed_check(args.image, repair=args.repair, impl=args.impl,
-                                      fmt=args.fmt)
+        with busy(args.progress and not args.quiet, f"check {args.image}"):
+            result, seconds = timed_check(args.image, repair=args.repair, impl=args.impl,
+                                          fmt=args.fmt)
         if not args.quiet:
             for problem in result.problems:
                 print(problem, file=sys.stderr)
@@ -378,28 +381,22 @@ def check_main(argv: Sequence[str]) -> int:
 
 
 def commit_main(argv: Sequence[str]) -> int:
-    """``pyimago commit [-f FMT] [-d] [-p] [-q] IMAGE``: the overlay's data into its backing."""
+    """``pyimago commit [-f FMT] [-d] [-b BASE] [-p] [-q] IMAGE``: the overlay's data into
+    its backing file (or into BASE, further down its chain)."""
     parser = _parser("commit", "Write an overlay's data into its backing file "
                                "(qemu-img commit).")
     parser.add_argument("-f", dest="fmt", choices=("qcow2", "raw"), help="image format")
     parser.add_argument("-d", dest="keep", action="store_true",
                         help="keep the overlay's data (do not empty it)")
-    parser.add_argument("-b", dest="base", help="the backing file to commit into (only the "
-                                                "overlay's own backing file is supported)")
+    parser.add_argument("-b", dest="base",
+                        help="commit into this image of the backing chain (implies -d)")
     _progress_arg(parser)
     args = _parse(parser, argv, "image", quiet=True)
     if isinstance(args, int):
         return args
 
     def body() -> int:
-        if args.base is not None:
-            with open_chain(args.image, impl=args.impl, fmt=args.fmt) as image:
-                named = image.info().backing_file
-            if named is None or os.path.realpath(backing_path(args.image, named)) != \
-                    os.path.realpath(args.base):
-                raise ToolError(f"-b {args.base!r}: committing past the image's own backing "
-                                "file is not supported yet")
-        commit(args.image, fmt=args.fmt, keep=args.keep, impl=args.impl,
+        commit(args.image, fmt=args.fmt, keep=args.keep, impl=args.impl, base=args.base,
                show_progress=args.progress and not args.quiet)
         if not args.quiet:
             print("Image committed.")
@@ -418,44 +415,53 @@ def rebase_main(argv: Sequence[str]) -> int:
                         help="format of the new backing file")
     parser.add_argument("-u", dest="unsafe", action="store_true",
                         help="only change the name: the contents are not compared")
-    parser.add_argument("-p", dest="progress", action="store_true",
-                        help="accepted for qemu-img compatibility")
+    _progress_arg(parser)
     args = _parse(parser, argv, "image", quiet=True)
     if isinstance(args, int):
         return args
 
     def body() -> int:
         rebase(args.image, args.backing, new_fmt=args.backing_fmt, unsafe=args.unsafe,
-               fmt=args.fmt, impl=args.impl)
+               fmt=args.fmt, impl=args.impl, show_progress=args.progress and not args.quiet)
         return 0
 
     return _run("rebase", body)
 
 
 def snapshot_main(argv: Sequence[str]) -> int:
-    """``pyimago snapshot -l IMAGE`` lists internal snapshots; -c, -a and -d are not
-    supported yet (no implementation writes snapshots)."""
-    parser = _parser("snapshot", "List an image's internal snapshots (qemu-img snapshot).")
+    """``pyimago snapshot [-f FMT] (-l | -c NAME | -a SNAPSHOT | -d NAME) [-q] IMAGE``."""
+    parser = _parser("snapshot", "List, create, apply or delete an image's internal snapshots "
+                                 "(qemu-img snapshot).")
     parser.add_argument("-f", dest="fmt", choices=("qcow2", "raw"), help="image format")
     action = parser.add_mutually_exclusive_group(required=True)
     action.add_argument("-l", dest="list", action="store_true", help="list the snapshots")
-    action.add_argument("-c", dest="create", metavar="NAME", help="(not supported yet)")
-    action.add_argument("-a", dest="apply", metavar="NAME", help="(not supported yet)")
-    action.add_argument("-d", dest="delete", metavar="NAME", help="(not supported yet)")
+    action.add_argument("-c", dest="create", metavar="NAME",
+                        help="create a snapshot of the current state")
+    action.add_argument("-a", dest="apply", metavar="SNAPSHOT",
+                        help="revert the disk to a snapshot (ID or name)")
+    action.add_argument("-d", dest="delete", metavar="NAME", help="delete the snapshot NAME")
     parser.add_argument("-U", "--force-share", action="store_true",
                         help="accepted for qemu-img compatibility (pyimago takes no locks)")
     args = _parse(parser, argv, "image", quiet=True)
     if isinstance(args, int):
         return args
+    for flag, value in (("-c", args.create), ("-a", args.apply), ("-d", args.delete)):
+        if value == "":
+            print(f"pyimago snapshot: error: {flag}: the snapshot name must not be empty",
+                  file=sys.stderr)
+            return _ERROR_EXIT
 
     def body() -> int:
-        if not args.list:
-            flag = "-c" if args.create else "-a" if args.apply else "-d"
-            raise ToolError(f"snapshot {flag} is not supported yet: no pyimago implementation "
-                            "writes internal snapshots (only -l works)")
-        records = image_info(args.image, impl=args.impl, fmt=args.fmt)
-        if not args.quiet:
-            sys.stdout.write(render_snapshots(records[0]))
+        if args.create is not None:
+            create_snapshot(args.image, args.create, impl=args.impl, fmt=args.fmt)
+        elif args.apply is not None:
+            apply_snapshot(args.image, args.apply, impl=args.impl, fmt=args.fmt)
+        elif args.delete is not None:
+            delete_snapshot(args.image, args.delete, impl=args.impl, fmt=args.fmt)
+        else:
+            records = image_info(args.image, impl=args.impl, fmt=args.fmt)
+            if not args.quiet:
+                sys.stdout.write(render_snapshots(records[0]))
         return 0
 
     return _run("snapshot", body)

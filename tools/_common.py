@@ -64,15 +64,17 @@ def require_file(path: str, what: str = "image") -> None:
 @contextmanager
 def open_chain(
     path: str, *, impl: Impl = "fast", fmt: str | None = None, writable: bool = False,
-    force_share: bool = False,
+    force_share: bool = False, snapshot: str | None = None,
 ) -> Iterator[Any]:
     """Open ``path`` (and its backing chain) with ``impl``; the image is closed afterwards.
-    ``force_share`` opens read-only without the shared-permission locks (qemu-img ``-U``)."""
+    ``force_share`` opens read-only without the shared-permission locks (qemu-img ``-U``);
+    ``snapshot`` (an internal snapshot's ID) opens that snapshot's contents, read-only."""
     require_file(path)
     module = implementation(impl)
+    extra = {} if snapshot is None else {"snapshot": snapshot}
     try:
         image = module.open_image(path, format=check_format(fmt), writable=writable,
-                                  force_share=force_share)
+                                  force_share=force_share, **extra)
     except (PyimagoError, OSError) as exc:
         # Name the image the user gave: the driver's message may only name a field.
         message = str(exc) if path in str(exc) else f"{path}: {exc}"
@@ -112,14 +114,17 @@ def allocated_size(path: str) -> int:
 _SIZE_OPTIONS = frozenset({"cluster_size", "size"})
 _INT_OPTIONS = frozenset({"refcount_bits"})
 _STR_OPTIONS = frozenset({"compat", "backing_file", "backing_fmt", "preallocation",
-                          "compression_type"})
+                          "compression_type", "data_file"})
+_BOOL_OPTIONS = frozenset({"extended_l2", "data_file_raw", "lazy_refcounts"})
 OPTION_NAMES = {
-    "qcow2": _SIZE_OPTIONS | _INT_OPTIONS | _STR_OPTIONS,
+    "qcow2": _SIZE_OPTIONS | _INT_OPTIONS | _STR_OPTIONS | _BOOL_OPTIONS,
     "raw": frozenset({"size", "preallocation"}),
 }
 #: qemu-img options pyimago knows but cannot honour (a clear "not supported" error).
-_UNSUPPORTED = frozenset({"encryption", "encrypt.format", "data_file", "data_file_raw",
-                          "extended_l2", "lazy_refcounts", "nocow", "extent_size_hint"})
+_UNSUPPORTED = frozenset({"encryption", "encrypt.format", "nocow", "extent_size_hint"})
+#: qapi_bool_parse: the words qemu-img takes for on and off.
+_BOOLS = {"on": True, "yes": True, "true": True, "y": True,
+          "off": False, "no": False, "false": False, "n": False}
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
           "p": 1 << 50, "e": 1 << 60}
@@ -161,6 +166,10 @@ def parse_options(texts: list[str], fmt: str) -> dict[str, object]:
                 raise ToolError(f"unknown {fmt} option {name!r} (known: {known})")
             if name in _SIZE_OPTIONS:
                 out[name] = parse_size(value, name)
+            elif name in _BOOL_OPTIONS:
+                if value not in _BOOLS:
+                    raise ToolError(f"{name} must be on or off, not {value!r}")
+                out[name] = _BOOLS[value]
             elif name in _INT_OPTIONS:
                 try:
                     out[name] = int(value)

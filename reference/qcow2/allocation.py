@@ -31,6 +31,9 @@ class ClusterAllocator:
         cs = 1 << cluster_bits
         self._end = -(-storage.size() // cs)
         self._free_hint = 0
+        # qcow2_alloc_bytes' free_byte_offset: where the next compressed cluster may start
+        # in a host cluster compressed data already uses (0: none).
+        self._free_byte_offset = 0
         self.refcounts: RefcountTable | None = None
         #: Called with ``(offset, length, what)`` before clusters are handed out; raises if
         #: they overlap metadata (qcow2.corrupt.overlap-check: "QEMU checks every
@@ -78,6 +81,31 @@ class ClusterAllocator:
             self._rc.set(index, 1)
         return first << self._cluster_bits
 
+    def allocate_bytes(self, size: int) -> int:
+        """Count ``size`` bytes (1..cluster size) for compressed data; return their offset.
+
+        QEMU's qcow2_alloc_bytes: compressed clusters are packed byte after byte into the
+        host cluster the previous one ended in while that cluster's refcount has room; data
+        that does not fit continues into a new cluster when that one directly follows,
+        else starts in the new one.  Every host cluster the bytes touch gains one reference
+        (qcow2.compressed.shared-sector).
+        """
+        cs = 1 << self._cluster_bits
+        offset = self._free_byte_offset
+        if offset and self.refcount(offset) >= self._rc.max_refcount:
+            offset = 0
+        if offset and cs - offset % cs >= size:
+            self.incref(offset)
+        else:
+            new = self.allocate(1)
+            if offset and -(-offset // cs) * cs == new:
+                self.incref(offset)
+            else:
+                offset = new
+        end = offset + size
+        self._free_byte_offset = end if end % cs else 0
+        return offset
+
     def _find_free_cluster(self) -> int | None:
         index = self._free_hint
         while index < self._end:
@@ -94,6 +122,9 @@ class ClusterAllocator:
         for index in range(first, first + n):
             if self._rc.add(index, -1) == 0:
                 self._free_hint = min(self._free_hint, index)
+                if self._free_byte_offset >> self._cluster_bits == index:
+                    # The cluster may be handed out whole now: pack nothing more into it.
+                    self._free_byte_offset = 0
 
     def incref(self, host_offset: int) -> None:
         self._rc.add(host_offset >> self._cluster_bits, 1)

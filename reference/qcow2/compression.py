@@ -12,7 +12,33 @@ import zlib
 from .._errors import CorruptImageError
 from .constants import COMPRESSION_TYPE_ZLIB, COMPRESSION_TYPE_ZSTD
 
-__all__ = ["decompress_cluster"]
+__all__ = ["compress_cluster", "decompress_cluster"]
+
+#: zstd's ZSTD_CLEVEL_DEFAULT, the level QEMU compresses with.
+_ZSTD_CLEVEL_DEFAULT = 3
+
+
+def compress_cluster(cluster: bytes, compression_type: int) -> bytes | None:
+    """Compress one whole cluster as QEMU does; None where the result would not fit in
+    ``len(cluster) - 1`` bytes (qcow2.compressed.write-fallback: QEMU's
+    qcow2_co_pwritev_compressed_task then writes a normal cluster instead).
+
+    zlib as QEMU's qcow2_compress: "deflateInit2(&strm, Z_DEFAULT_COMPRESSION, Z_DEFLATED,
+    -12, 9, Z_DEFAULT_STRATEGY)", a raw deflate stream with a 4 KiB window; zstd as
+    qcow2_zstd_compress, one frame at the default level.
+    """
+    limit = len(cluster) - 1
+    if compression_type == COMPRESSION_TYPE_ZLIB:
+        compressor = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12, 9,
+                                      zlib.Z_DEFAULT_STRATEGY)
+        out = compressor.compress(cluster) + compressor.flush()
+    elif compression_type == COMPRESSION_TYPE_ZSTD:
+        import zstandard  # imported lazily: only zstd images need it
+
+        out = zstandard.ZstdCompressor(level=_ZSTD_CLEVEL_DEFAULT).compress(cluster)
+    else:
+        raise CorruptImageError(f"qcow2 compression type {compression_type} is unknown")
+    return out if len(out) <= limit else None
 
 
 def decompress_cluster(data: bytes, cluster_size: int, compression_type: int) -> bytes:

@@ -12,7 +12,6 @@ import gzip
 import importlib
 import importlib.util
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -24,6 +23,7 @@ import pyimago_tests_damaged as damaged
 import pytest
 from pyimago.oracle.crash import RecordingStorage
 from pyimago.reference import MemoryStorage, create_image, open_image
+from pyimago_tests_qemu import peer_images_folder
 
 from .conftest import QEMU_TIMEOUT, require_qemu
 
@@ -38,7 +38,7 @@ FIELDS = (
     "compressed-clusters",
 )
 
-PEER_IMAGES = Path(os.environ.get("PYIMAGO_PEER_IMAGES", "/work/shared/peer-images"))
+PEER_IMAGES = peer_images_folder()
 
 #: Images pyimago refuses to open on purpose where QEMU opens them: check() says it cannot
 #: check them (exit 1) where qemu-img checks them.  Recorded in specs/ (the clause named).
@@ -46,7 +46,6 @@ REFUSED_ON_PURPOSE = {
     "backing-name-nul": "qcow2.header.backing-name: a NUL byte in the backing name is corrupt",
     "invalid-qcow-large-json.img": "qcow2.snapshots.table: a snapshot table over the header",
     "invalid-qcow-large-size.img": "qcow2.header.limits: a disk size past QEMU's limits",
-    "data-file.qcow2": "qcow2.corrupt.check: data-file images are read but not checked yet",
 }
 
 
@@ -208,7 +207,7 @@ def _peer_images() -> list[Path]:
     ids=lambda p: str(p.relative_to(PEER_IMAGES)) if p else "none",
 )
 def test_peer_image_checks_as_qemu_does(
-    check: Callable[..., Any], tmp_path: Path, peer: Path
+    check: Callable[..., Any], tmp_path: Path, peer: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     require_qemu()
     path = tmp_path / peer.name.removesuffix(".gz")
@@ -219,25 +218,92 @@ def test_peer_image_checks_as_qemu_does(
         shutil.copyfile(peer, path)
     if path.read_bytes()[:4] != b"QFI\xfb":
         pytest.skip(f"{peer.name} is not a qcow2 image")
+    data = peer.with_name(path.stem + ".bin.gz")
+    if data.exists():
+        # Its external data file: qemu-img opens it to check (QEMU 7.2 resolves the relative
+        # name against the working directory).
+        with gzip.open(data, "rb") as src, (tmp_path / data.stem).open("wb") as dst:
+            shutil.copyfileobj(src, dst)
+        monkeypatch.chdir(tmp_path)
     assert_agrees(check, path)
 
 
-@pytest.mark.clause("qcow2.corrupt.check")
-@pytest.mark.parametrize("options", ["data_file=data.bin", "extended_l2=on"])
-def test_images_read_but_not_checked_are_one_check_error(
-    check: Callable[..., Any], tmp_path: Path, options: str
+def _feature_image(folder: Path, options: str) -> tuple[Path, int, int]:
+    """A QEMU-made image with ``options`` and some data; returns it, the offset of its first
+    L2 table and the cluster size."""
+    path = folder / "img.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", options, str(path), "4M"],
+                   check=True, cwd=folder, timeout=QEMU_TIMEOUT)
+    cmds = ["write -P 7 0 64k", "write -P 8 100k 3k", "write -z 300k 40k",
+            "write -P 9 1M 1M", "discard 1100k 64k"]
+    for c in cmds:
+        subprocess.run(["qemu-io", "-c", c, str(path)], check=True, cwd=folder,
+                       capture_output=True, timeout=QEMU_TIMEOUT)
+    head = path.read_bytes()[:64]
+    cs = 1 << int.from_bytes(head[20:24], "big")
+    l1 = int.from_bytes(head[40:48], "big")
+    with path.open("rb") as f:
+        f.seek(l1)
+        l2 = int.from_bytes(f.read(8), "big") & 0x00FFFFFFFFFFFE00
+    return path, l2, cs
+
+
+#: (name, options, damage: L2 word index -> value, or None for a healthy image)
+_FEATURE_CASES = [
+    ("extl2", "extended_l2=on", None),
+    ("extl2-16k", "extended_l2=on,cluster_size=16k", None),
+    ("data-file", "data_file=data.bin,cluster_size=4k", None),
+    ("data-file-raw-extl2", "data_file=data.bin,data_file_raw=on,extended_l2=on", None),
+    ("extl2-alloc-and-zero", "extended_l2=on", {1: 0x0000000100000001}),
+    ("extl2-unallocated-with-bits", "extended_l2=on", {62: 0, 63: 0x3}),
+    ("extl2-compressed-bitmap", "extended_l2=on", {62: (1 << 62) | 0x50000, 63: 0x1}),
+    ("data-file-no-copied", "data_file=data.bin,cluster_size=4k", {1: 0x1000}),
+    ("data-file-compressed", "data_file=data.bin,cluster_size=4k", {40: (1 << 62) | 0x5000}),
+]
+
+
+@pytest.mark.clause("qcow2.check.features", "interop.qemu-check")
+@pytest.mark.parametrize(("name", "options", "damage"), _FEATURE_CASES,
+                         ids=[c[0] for c in _FEATURE_CASES])
+def test_feature_images_check_as_qemu_does(
+    check: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    name: str, options: str, damage: dict[int, int] | None,
 ) -> None:
-    """Data-file and extended-L2 images open for reading, but check() does not count them:
-    one check error and exit 1, never a miscount (or a repair) of a healthy image."""
+    """Extended L2 entries and external data files, healthy and damaged, checked and
+    repaired as qemu-img does."""
     require_qemu()
+    monkeypatch.chdir(tmp_path)
+    path, l2, _ = _feature_image(tmp_path, options)
+    if damage:
+        with path.open("r+b") as f:
+            for word, value in damage.items():
+                f.seek(l2 + 8 * word)
+                f.write(value.to_bytes(8, "big"))
+    for repair in (None, "leaks", "all"):
+        assert_agrees(check, path, repair)
+
+
+@pytest.mark.clause("qcow2.check.features", "interop.qemu-check")
+@pytest.mark.parametrize("options", [
+    {"extended_l2": True}, {"data_file": "d.raw"}, {"data_file": "d.raw", "data_file_raw": True},
+    {"data_file": "d.raw", "extended_l2": True},
+])
+def test_reference_written_feature_images_check_as_qemu_does(
+    check: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    options: dict[str, Any],
+) -> None:
+    """What the reference writes with these features, check() and qemu-img agree on (no
+    errors, no leaks, the same cluster statistics)."""
+    require_qemu()
+    monkeypatch.chdir(tmp_path)  # for qemu-img to find the data file
     path = tmp_path / "img.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", options, str(path), "1M"],
-                   check=True, cwd=tmp_path, timeout=QEMU_TIMEOUT)
-    subprocess.run(["qemu-io", "-c", "write -P 7 0 64k", str(path)], check=True,
-                   cwd=tmp_path, capture_output=True, timeout=QEMU_TIMEOUT)
-    before = path.read_bytes()
-    for repair in (None, "all"):
-        result = check(path, repair=repair)
-        assert (result.exit_code, result.check_errors, result.corruptions) == (1, 1, 0)
-        assert "does not check them yet" in str(result.problems[0])
-    assert path.read_bytes() == before
+    create_image(path, 2 * 1024 * 1024, cluster_size=32 * 1024, **options)
+    rng = random.Random(3)
+    with open_image(path, writable=True) as img:
+        for _ in range(40):
+            offset = rng.randrange(0, img.size - 70000)
+            if rng.random() < 0.7:
+                img.write(rng.randbytes(rng.randrange(1, 70000)), offset)
+            else:
+                img.write_zeroes(offset, rng.randrange(1, 70000))
+    assert_agrees(check, path)

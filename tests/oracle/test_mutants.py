@@ -27,6 +27,7 @@ from pyimago.oracle.targets import ImplementationTarget
 from pyimago.reference import (
     FormatAccess,
     IndirectMapping,
+    InvalidRequestError,
     Qcow2Driver,
     ShallowMapping,
     ZeroMapping,
@@ -179,6 +180,19 @@ class ParallelDropsLastJob(FormatAccess):
         FormatAccess._run(jobs, parallelization)
 
 
+class CompressedOverAllocated(Qcow2Driver):
+    """A compressed write into an allocated cluster is not refused but written plainly (a
+    fallback QEMU does not make: the content is right, the refusal is missing)."""
+
+    def write_compressed(self, data: bytes, offset: int) -> None:
+        try:
+            super().write_compressed(data, offset)
+        except InvalidRequestError as exc:
+            if "is allocated" not in str(exc):
+                raise
+            self._write_plain(data, offset)
+
+
 MUTANTS: dict[str, type[Any]] = {
     "no-copy-on-write": NoCopyOnWrite,
     "stale-discard-to-backing": StaleDiscardToBacking,
@@ -190,6 +204,7 @@ MUTANTS: dict[str, type[Any]] = {
     "sub-byte-refcount-packing": SubByteRefcountPacking,
     "readv-odd-offset": ReadvOddOffset,
     "parallel-drops-last-job": ParallelDropsLastJob,
+    "compressed-over-allocated": CompressedOverAllocated,
 }
 
 #: Mutants whose bug is a broken power-cut promise (killed by the crash rule).
@@ -206,6 +221,7 @@ CLAUSES = {
     "sub-byte-refcount-packing": ("qcow2.refcount.no-leaks",),
     "readv-odd-offset": ("access.read.no-short",),
     "parallel-drops-last-job": ("access.parallel.same-result",),
+    "compressed-over-allocated": ("qcow2.compressed.write-unallocated-only",),
 }
 
 

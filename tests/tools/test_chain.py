@@ -65,6 +65,49 @@ def test_commit_matches_qemu(impl: str, keep: bool, tmp_path: Path,
     assert bool(own) == keep
 
 
+def _deep_chain(folder: Path) -> Path:
+    """b0 <- b1 <- b2 <- top, all qcow2 (b0 and b1 1 MiB, b2 and top 2 MiB: the base may
+    need to grow), each layer holding data, zeroes or a discard over what lies below."""
+    folder.mkdir()
+    qemu_img("create", "-q", "-f", "qcow2", folder / "b0.qcow2", "1M")
+    _io(folder / "b0.qcow2", "write -P 0x10 0 1M")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", "-b", "b0.qcow2", "-F",
+             "qcow2", folder / "b1.qcow2", "1M", cwd=folder)
+    _io(folder / "b1.qcow2", "write -P 0x21 64k 100k", "write -z 300k 8k")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "b1.qcow2", "-F", "qcow2",
+             folder / "b2.qcow2", "2M", cwd=folder)
+    _io(folder / "b2.qcow2", "write -P 0x32 128k 4k", "write -z 0 64k",
+        "write -P 0x33 1536k 70k")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", "-b", "b2.qcow2", "-F",
+             "qcow2", folder / "top.qcow2", cwd=folder)
+    _io(folder / "top.qcow2", "write -P 0x44 1000 3000", "write -z 200k 1k",
+        "discard 1536k 4k")
+    return folder / "top.qcow2"
+
+
+@pytest.mark.clause("tools.commit.base")
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(("base", "how"), [("b0.qcow2", "name"), ("b1.qcow2", "path"),
+                                           ("b2.qcow2", "path")])
+def test_commit_into_a_deeper_base_matches_qemu(impl: str, base: str, how: str,
+                                                tmp_path: Path) -> None:
+    ours, theirs = _deep_chain(tmp_path / "ours"), _deep_chain(tmp_path / "qemu")
+    before = _raw(ours, tmp_path)
+    middle = {p.name: p.read_bytes() for p in ours.parent.iterdir()
+              if p.name not in (base, "top.qcow2")}
+    top_bytes = ours.read_bytes()
+    qemu_img("commit", "-q", "-b", base, theirs.name, cwd=theirs.parent)
+    given = base if how == "name" else str(ours.parent / base)
+    # A name as the chain records it is looked up from the overlay, not the current folder.
+    assert commit_main(["--impl", impl, "-q", "-b", given, str(ours)]) == 0
+    assert_qemu_check_clean(ours.parent / base)
+    assert _raw(ours.parent / base, tmp_path) == _raw(theirs.parent / base, tmp_path)
+    assert _raw(ours, tmp_path) == before
+    # -b implies -d: the overlay keeps its data; the layers between are not touched.
+    assert ours.read_bytes() == top_bytes
+    assert {n: (ours.parent / n).read_bytes() for n in middle} == middle
+
+
 @pytest.mark.clause("tools.rebase.backing")
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mode", ["safe", "unsafe", "standalone"])
@@ -107,9 +150,9 @@ def test_commit_and_rebase_refuse_up_front(tmp_path: Path,
         (rebase_main, ["-b", "nope.qcow2", "-F", "qcow2", str(top)]),  # missing backing
         (rebase_main, [str(top)]),                                     # no -b
         (rebase_main, ["-b", "", str(snap)]),                          # snapshots
-        (snapshot_main, ["-c", "s2", str(snap)]),
-        (snapshot_main, ["-d", "s1", str(snap)]),
-        (snapshot_main, ["-a", "s1", str(snap)]),
+        (snapshot_main, ["-c", "s1", str(snap)]),                     # name in use
+        (snapshot_main, ["-d", "1", str(snap)]),                      # -d takes a name
+        (snapshot_main, ["-a", "s2", str(snap)]),                     # no such snapshot
         (snapshot_main, [str(snap)]),                                  # no action
     ]
     for main, argv in calls:
