@@ -23,6 +23,7 @@ from pyimago.reference import (
     ZeroMapping,
 )
 
+from ._bitmaps import bitmap_clusters
 from ._common import Impl, ToolError, backing_path, open_chain
 
 __all__ = ["MapEntry", "block_status", "chain_length", "map_image", "render_map"]
@@ -81,7 +82,8 @@ def _metadata_preallocated(image: Any, filename: str, cluster_size: int,
 
     QEMU counts clusters with a non-zero refcount, which the public API does not show; the
     count here is a lower bound of it (distinct host data clusters, the header, L1 and L2
-    tables, one refcount table and block), so "yes" here is always QEMU's answer too.
+    tables, one refcount table and block, the persistent bitmaps' clusters), so "yes" here
+    is always QEMU's answer too.
     Clusters of an external data file (``data_in_file`` false) have no refcount: not counted.
     """
     st = os.stat(filename)
@@ -93,7 +95,7 @@ def _metadata_preallocated(image: Any, filename: str, cluster_size: int,
     l2_span = cluster_size * entries_per_l2
     size: int = image.size
     l1_entries = -(-size // l2_span)
-    used = 1 + -(-l1_entries * 8 // cluster_size) + 2
+    used = 1 + -(-l1_entries * 8 // cluster_size) + 2 + bitmap_clusters(filename, cluster_size)
     data: set[int] = set()
     tables: set[int] = set()
     pos = 0
