@@ -243,18 +243,6 @@ def test_invalid_subcluster_bitmaps_are_corrupt(
         img.read(cluster_index * 64 * KiB, 64 * KiB)
 
 
-@pytest.mark.clause("qcow2.features.extended-l2")
-def test_extended_l2_writes_refused(open_image: Opener, qemu: QemuTools, tmp_path: Path) -> None:
-    if open_image is fast.open_image:
-        pytest.skip("pyimago.fast writes them (tests/interop/test_qcow2_write_features.py)")
-    path = _extl2_image(qemu, tmp_path, cluster=64 * KiB, backing=False)
-    before = _sha(path)
-    with pytest.raises(UnsupportedFeatureError, match="not supported yet") as info:
-        open_image(path, writable=True)
-    assert info.value.feature == "extended L2 entries"
-    assert _sha(path) == before
-
-
 # -- external data files ---------------------------------------------------------------------------
 
 
@@ -329,21 +317,6 @@ def test_data_file_goes_through_the_gate(
     with pytest.raises(GateDeniedError):
         open_image(path, gate=Deny())
     assert seen == [(str(data), "raw")]
-
-
-@pytest.mark.clause("qcow2.features.external-data")
-def test_data_file_writes_refused(
-    open_image: Opener, qemu: QemuTools, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    if open_image is fast.open_image:
-        pytest.skip("pyimago.fast writes them (tests/interop/test_qcow2_write_features.py)")
-    monkeypatch.chdir(tmp_path)
-    path, data = _data_file_image(qemu, tmp_path, raw=True)
-    before = (_sha(path), _sha(data))
-    with pytest.raises(UnsupportedFeatureError, match="not supported yet") as info:
-        open_image(path, writable=True)
-    assert info.value.feature == "external data file"
-    assert (_sha(path), _sha(data)) == before
 
 
 def _gunzip(name: str, folder: Path) -> Path:

@@ -42,6 +42,7 @@ class Model:
     disk: bytearray
     snapshots: dict[str, tuple[str, bytes]] = field(default_factory=dict)  # name: (id, data)
     next_id: int = 1
+    cluster_size: int = 64 * KiB
 
 
 def _qemu_info(path: Path) -> dict[str, object]:
@@ -61,13 +62,17 @@ def _run(path: Path, ops: list[tuple[str, ...]], model: Model, who: str) -> None
     for i, op in enumerate(ops):
         ours = who == "ours" or (who == "mixed" and i % 2 == 0)
         kind = op[0]
-        if kind == "write":
-            off, n, pat = int(op[1]), int(op[2]), int(op[3])
+        if kind in ("write", "cwrite"):
+            # cwrite: one whole cluster, compressed, into an unallocated one.
+            off, pat = int(op[1]), int(op[-1])
+            n = int(op[2]) if kind == "write" else model.cluster_size
             if ours:
                 with open_image(path, writable=True) as img:
-                    img.write(bytes([pat]) * n, off)
+                    (img.write if kind == "write" else img.write_compressed)(
+                        bytes([pat]) * n, off)
             else:
-                qemu_io(path, f"write -P {pat} {off} {n}")
+                flag = "" if kind == "write" else "-c "
+                qemu_io(path, f"write {flag}-P {pat} {off} {n}")
             model.disk[off : off + n] = bytes([pat]) * n
         elif kind == "create":
             name = op[1]
@@ -126,7 +131,8 @@ def _verify(path: Path, model: Model, tmp: Path) -> None:
         assert _convert_snapshot(path, sid, tmp) == expected, f"snapshot {sid}"
     ours = check(path).to_json()
     report = json.loads(qemu_img("check", "--output=json", path).stdout)
-    for key in ("allocated-clusters", "total-clusters", "compressed-clusters",
+    for key in ("corruptions", "leaks", "check-errors", "allocated-clusters",
+                "total-clusters", "compressed-clusters", "fragmented-clusters",
                 "image-end-offset"):
         assert ours.get(key, 0) == report.get(key, 0), key
 
@@ -134,6 +140,7 @@ def _verify(path: Path, model: Model, tmp: Path) -> None:
 SCENARIO: list[tuple[str, ...]] = [
     ("write", "0", "70000", "1"),
     ("create", "base"),
+    ("cwrite", "786432", "11"),
     ("write", "4096", "9000", "2"),
     ("create", "second"),
     ("write", "300000", "65536", "3"),
@@ -143,6 +150,7 @@ SCENARIO: list[tuple[str, ...]] = [
     ("create", "third"),
     ("resize", str(2 * MiB)),
     ("write", str(MiB + 4096), "70000", "5"),
+    ("cwrite", str(MiB + 512 * KiB), "12"),
     ("create", "big"),
     ("apply", "third"),
     ("write", "65536", "4096", "6"),
@@ -166,10 +174,32 @@ def test_snapshot_sequences_agree_with_qemu(tmp_path: Path, who: str, cluster_si
                                             ) -> None:
     path = tmp_path / "t.qcow2"
     create_image(path, MiB, cluster_size=cluster_size)
-    model = Model(bytearray(MiB))
+    model = Model(bytearray(MiB), cluster_size=cluster_size)
     ops = SCENARIO if who != "mixed-qemu-first" else [("write", "0", "1", "9"), *SCENARIO]
     _run(path, ops, model, "ours" if who == "ours" else "mixed")
     _verify(path, model, tmp_path)
+
+
+@pytest.mark.clause("qcow2.snapshots.v2-no-resize", "qcow2.snapshots.create-refcounts")
+def test_v2_images(tmp_path: Path) -> None:
+    """compat=0.10: snapshots made, applied and deleted pass qemu-img check; resizing is
+    refused as QEMU refuses it."""
+    path = tmp_path / "v2.qcow2"
+    create_image(path, MiB, compat="0.10", cluster_size=4 * KiB)
+    model = Model(bytearray(MiB), cluster_size=4 * KiB)
+    ops = [op for op in SCENARIO
+           if op[0] != "resize" and op[1] != "big"
+           and int(op[1] if op[0] in ("write", "cwrite") else 0) < MiB]
+    _run(path, ops, model, "mixed")
+    _verify(path, model, tmp_path)
+    with open_image(path, writable=True) as img:
+        img.create_snapshot("last")
+        with pytest.raises(UnsupportedError, match="v2"):
+            img.resize(2 * MiB)
+        with pytest.raises(UnsupportedError, match="v2"):
+            img.resize(512 * KiB)
+        assert img.size == MiB
+    qemu_check(path)
 
 
 @pytest.mark.clause("qcow2.snapshots.create-refcounts", "qcow2.snapshots.extra-data")
@@ -306,3 +336,25 @@ def test_power_cut_during_snapshot_operation(op: str) -> None:
         assert not bad, f"{op}: cut after mutation {k} of {rec.mutations}: {bad}"
         assert _state(bytes(state)) in (before, after), f"{op}: cut {k}"
         assert _state(repaired) in (before, after), f"{op}: cut {k}, repaired"
+
+
+@pytest.mark.clause("qcow2.snapshots.create-refcounts", "qcow2.snapshots.apply-revert")
+def test_snapshots_of_an_overlay_act_on_the_top_image(tmp_path: Path) -> None:
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    create_image(base, MiB)
+    with open_image(base, writable=True) as img:
+        img.write(b"b" * 200_000, 0)
+    create_image(top, None, backing_file="base.qcow2", backing_fmt="qcow2")
+    with open_image(top, writable=True) as img:
+        img.write(b"t" * 5000, 100_000)
+        before = img.read(0, MiB)
+        img.create_snapshot("s")
+        img.write(b"u" * 5000, 150_000)
+        assert img.read(0, MiB) != before
+        img.apply_snapshot("s")
+        assert img.read(0, MiB) == before
+    with open_image(base) as img:
+        assert img.snapshots() == ()
+    qemu_check(top)
+    qemu_check(base)
+    assert _convert_snapshot(top, "1", tmp_path) == before
