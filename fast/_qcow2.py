@@ -1068,6 +1068,10 @@ class Qcow2Layer(MetadataGuard, LayerBase):
             )
         if self._tables_for(new_size) > MAX_L1_ENTRIES:
             raise InvalidRequestError(f"{self}: disk size {new_size} needs too large an L1 table")
+        if self.hdr.version < 3 and self.hdr.snapshots.n:
+            # qcow2.snapshots.v2-no-resize: "Can't resize a v2 image which has snapshots"
+            # (QEMU's qcow2_co_truncate).
+            raise UnsupportedError(f"{self}: a v2 image with snapshots cannot be resized")
 
     def grow_l1(self, entries: int) -> None:
         """Replace the L1 table by one of ``entries`` entries (used by image creation)."""

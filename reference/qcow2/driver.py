@@ -766,6 +766,10 @@ class Qcow2Driver(MetadataGuard, CompressedWrites, SnapshotWrites, SubclusterWri
         needed = required_l1_size(new_size, self._cluster_bits, self._entry_bytes)
         if needed * 8 > 0x2000000:
             raise InvalidRequestError(f"{self}: disk size {new_size} needs too large an L1 table")
+        if self.header.version < 3 and self.header.nb_snapshots:
+            # qcow2.snapshots.v2-no-resize: qcow2_co_truncate, "Can't resize a v2 image which
+            # has snapshots".
+            raise UnsupportedError(f"{self}: a v2 image with snapshots cannot be resized")
 
     def _grow_l1(self, new_l1_size: int) -> None:
         """qcow2.l1.growth: a new, larger L1 table is written, then the header switched to it,
