@@ -280,18 +280,8 @@ def _caught(target: ImplementationTarget) -> tuple[BaseException | None, RunStat
     return None, stats, time.monotonic() - start
 
 
-#: Killed within a few examples when this file runs alone, but survives the ci budget when
-#: other tests ran before it in the same worker: the example stream still depends on test
-#: order somewhere (issue 9, item 6). Not strict, so the kill is still seen and counted.
-_ORDER_DEPENDENT = {"lower-explicit-zero"}
-
-
 def _param(name: str) -> Any:
-    marks = [pytest.mark.clause(*CLAUSES[name])]
-    if name in _ORDER_DEPENDENT:
-        marks.append(pytest.mark.xfail(strict=False, reason="issue 9 item 6: survives only "
-                                       "after other tests in the same worker"))
-    return pytest.param(name, id=name, marks=marks)
+    return pytest.param(name, id=name, marks=[pytest.mark.clause(*CLAUSES[name])])
 
 
 _HELPERS = {"_shift", "_after_swap"}
