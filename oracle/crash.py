@@ -380,8 +380,11 @@ def benign_copied(lines: Iterable[str]) -> int:
     return sum(1 for line in lines if _COPIED_MISSING.search(line))
 
 
-def qemu_judge(qemu_img: str) -> CutJudge:
-    """``qemu-img check --output=json`` on a copy of the bytes (in /dev/shm when there)."""
+def qemu_judge(qemu_img: str, *, repair: bool = False) -> CutJudge:
+    """``qemu-img check --output=json`` on a copy of the bytes (in /dev/shm when there).
+
+    ``repair``: ``check -r all``, counting what is left after the repair (an image with lazy
+    refcounts promises only that: qcow2.features.lazy-refcounts)."""
 
     def judge(image: bytes) -> tuple[int, int, list[str]]:
         with tempfile.NamedTemporaryFile(suffix=".qcow2", dir=_TMP) as f:
@@ -391,7 +394,8 @@ def qemu_judge(qemu_img: str) -> CutJudge:
             spec = json.dumps({"driver": "qcow2", "backing": None,
                                "file": {"driver": "file", "filename": f.name}})
             proc = subprocess.run(
-                [qemu_img, "check", "--output=json", f"json:{spec}"],
+                [qemu_img, "check", *(("-r", "all") if repair else ()), "--output=json",
+                 f"json:{spec}"],
                 capture_output=True, text=True, check=False,
             )
         try:
