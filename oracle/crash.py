@@ -368,7 +368,8 @@ _TMP = "/dev/shm" if os.path.isdir("/dev/shm") else None
 
 #: qemu-img check's line for a COPIED flag that disagrees with a refcount of 1: the flag is
 #: missing (it is set on a refcount-1 cluster only).
-_COPIED_MISSING = re.compile(r"OFLAG_COPIED (L2|data) cluster: .*\brefcount=1\b")
+_COPIED_MISSING = re.compile(r"^(ERROR |corruption.*: )OFLAG_COPIED (L2|data) cluster: "
+                             r".*\brefcount=1$")
 
 
 def benign_copied(lines: Iterable[str]) -> int:
@@ -377,7 +378,7 @@ def benign_copied(lines: Iterable[str]) -> int:
     crash.power-cut does not count them: such a cluster is only copied on its next write
     (needlessly), never overwritten in place, and QEMU itself leaves them between dropping
     a snapshot's references and its pass restoring COPIED (qcow2_snapshot_delete)."""
-    return sum(1 for line in lines if _COPIED_MISSING.search(line))
+    return sum(1 for line in lines if _COPIED_MISSING.search(line.strip()))
 
 
 def qemu_judge(qemu_img: str, *, repair: bool = False) -> CutJudge:

@@ -133,3 +133,17 @@ def test_the_ci_run_meets_every_feature_the_reference_supports(tmp_path: Any) ->
     print(f"features: {support.summary()}\nhits: {summary['qcow2 features']}")
     missing = [w for w in stats.coverage_warnings() if w.endswith(" hit")]
     assert not missing, f"{missing}; hits: {summary['qcow2 features']}"
+
+
+@pytest.mark.clause("crash.power-cut")
+def test_a_missing_copied_flag_on_a_refcount_1_cluster_is_benign() -> None:
+    from pyimago.oracle.crash import benign_copied
+
+    lines = [
+        "ERROR OFLAG_COPIED L2 cluster: l1_index=0 l1_entry=20000 refcount=1",  # missing
+        "ERROR OFLAG_COPIED data cluster: l2_entry=8000000000030000 refcount=2",  # wrongly set
+        "Repairing OFLAG_COPIED data cluster: l2_entry=3c000 refcount=1",  # repaired already
+        "corruption at 0x4000: OFLAG_COPIED data cluster: l2_entry=3c000 refcount=1",
+        "corruption at 0x4000: OFLAG_COPIED data cluster: l2_entry=3c000 refcount=12",
+    ]
+    assert benign_copied(lines) == 2
