@@ -117,7 +117,13 @@ def test_qemu_made_lower_layers_read_back(options: dict[str, Any]) -> None:
         session.close()
 
 
+@pytest.mark.slow
+@pytest.mark.clause("qcow2.snapshots.apply-revert", "qcow2.snapshots.open",
+                    "qcow2.compressed.write-fallback", "qcow2.extended-l2.write",
+                    "qcow2.data-file.raw-kept", "crash.oracle-rule")
 def test_the_ci_run_meets_every_feature_the_reference_supports(tmp_path: Any) -> None:
+    # Issue 13: "the oracle's ci run exercises each feature (shown in its summary)": every
+    # feature the reference supports is hit (and the reference passes); ~4 min in ci.
     target = reference_target()
     qemu = shutil.which("qemu-img") is not None and shutil.which("qemu-io") is not None
     support = probe_features(target, qemu=qemu)
