@@ -113,10 +113,11 @@ class L2BoundaryOffByOne(Qcow2Driver):
         return super()._get_l2_entry(self._shift(guest_offset))
 
     def _set_l2_entry(
-        self, guest_offset: int, entry: L2Entry, *, write_through: bool, pinned: bool = False
+        self, guest_offset: int, entry: L2Entry, *, write_through: bool, pinned: bool = False,
+        bitmap: int | None = None,
     ) -> None:
         super()._set_l2_entry(self._shift(guest_offset), entry, write_through=write_through,
-                              pinned=pinned)
+                              pinned=pinned, bitmap=bitmap)
 
 
 class EntryBeforeData(Qcow2Driver):
@@ -125,9 +126,11 @@ class EntryBeforeData(Qcow2Driver):
     data-before-entry): a cut in between shows a cluster of zeroes."""
 
     def _set_l2_entry(
-        self, guest_offset: int, entry: L2Entry, *, write_through: bool, pinned: bool = False
+        self, guest_offset: int, entry: L2Entry, *, write_through: bool, pinned: bool = False,
+        bitmap: int | None = None,
     ) -> None:
-        super()._set_l2_entry(guest_offset, entry, write_through=True, pinned=pinned)
+        super()._set_l2_entry(guest_offset, entry, write_through=True, pinned=pinned,
+                              bitmap=bitmap)
 
 
 class _MsbFirstRefcounts(RefcountTable):
