@@ -51,20 +51,22 @@ def main() -> int:
     machine = hypothesis_seed(args.seed)(machine)
     run_settings = oracle_settings(settings.get_profile("dev"), max_examples=args.examples,
                                    stateful_step_count=args.steps, database=None)
-    start = time.monotonic()
+    start, cpu = time.monotonic(), time.process_time()
     error = None
     try:
         run_state_machine_as_test(machine, settings=run_settings)
     except Exception as exc:  # a failure still leaves a rate worth printing
         error = exc
-    wall = time.monotonic() - start
+    wall, cpu = time.monotonic() - start, time.process_time() - cpu
     seconds = stats.storage_seconds.get("memory", wall)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"target {target.name}{' (no power cuts)' if args.no_crash else ''}, load {load:.1f}")
     print(f"{stats.examples} examples, {stats.steps} steps in {wall:.1f} s wall, "
           f"{seconds:.1f} s in sessions")
     print(f"checked ops/s: {stats.steps / seconds:,.0f} (sessions), "
-          f"{stats.steps / wall:,.0f} (wall)")
+          f"{stats.steps / wall:,.0f} (wall), {stats.steps / cpu:,.0f} (CPU time of this "
+          "process: the figure to compare on a loaded machine; qemu-img runs not counted)")
+    print(f"distinct chains: {len(stats.chains)} of {stats.examples} examples")
     print(f"power cuts: {stats.crash_checks} checks, {stats.crash_states} cut states, "
           f"{stats.crash_judged} judged")
     if error is not None:

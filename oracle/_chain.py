@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from .session import Session
     from .targets import ImplementationTarget
 
-__all__ = ["Access", "ChainBuilder", "describe_chain", "traits_for"]
+__all__ = ["Access", "ChainBuilder", "chain_key", "describe_chain", "traits_for"]
 
 Access = Any
 """A FormatAccess-like object (the reference's, or any implementation's)."""
@@ -44,6 +44,11 @@ def describe_chain(chain: ChainSpec) -> str:
             )
     cache = f", L2 cache {chain.l2_cache_tables}" if chain.l2_cache_tables else ""
     return f"[{chain.storage}{cache}] " + " <- ".join(parts)
+
+
+def chain_key(chain: ChainSpec) -> str:
+    """A chain's identity for the diversity figure (its JSON, keys sorted)."""
+    return json.dumps(chain.to_json(), sort_keys=True)
 
 
 def traits_for(layer: LayerSpec) -> LayerTraits:
@@ -238,7 +243,7 @@ class ChainBuilder:
         top = self.chain.top
         if top.format == "qcow2":
             self.stats.refcount_widths[top.refcount_bits] += 1
-        self.stats.chains.add(json.dumps(self.chain.to_json(), sort_keys=True))
+        self.stats.chains.add(chain_key(self.chain))
         self._refcounts_at_start = self._top_refcounts()
         self._compressed = [
             (op.offset, op.offset + op.length)

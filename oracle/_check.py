@@ -6,6 +6,9 @@ is how every check (and the session) says the implementation disagreed with the 
 
 from __future__ import annotations
 
+import itertools
+import operator
+from dataclasses import dataclass
 from typing import Any
 
 from pyimago.reference import (
@@ -63,6 +66,24 @@ def content_failure(what: str, base: int, index: int, actual: bytes, expected: b
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _UnitKinds:
+    """The one kind each unit from ``first`` on maps as (see ``_shallow_units``)."""
+
+    first: int
+    kinds: list[Alloc]
+
+    def kind(self, unit: int) -> Alloc:
+        return self.kinds[unit - self.first]
+
+    def first_other(self, lo: int, hi: int, kind: Alloc) -> int | None:
+        """The first unit of ``[lo, hi)`` mapped as something else than ``kind``."""
+        run = self.kinds[lo - self.first : hi - self.first]
+        if run.count(kind) == len(run):
+            return None
+        return lo + next(i for i, k in enumerate(run) if k is not kind)
+
+
 def _shallow_kind(mapping: Any, offset: int) -> Alloc:
     if isinstance(mapping, (RawMapping, SpecialMapping)):
         return Alloc.DATA
@@ -108,13 +129,17 @@ def _require_eof(prefix: str, call: str, size: int, result: tuple[Any, int]) -> 
 
 
 def _shallow_units(
-    access: Access, model: FlatModel, start: int, end: int
-) -> dict[int, set[Alloc]]:
+    access: Access, model: FlatModel, start: int, end: int, what: str = "image"
+) -> list[Alloc]:
     """What the layer maps each allocation unit of ``[start, end)`` (unit-aligned, ``end``
-    at most the disk end) to, walking ``get_shallow_mapping``."""
+    at most the disk end) to, walking ``get_shallow_mapping``: one kind per unit, from
+    ``start``'s unit on.  A unit mapped as several kinds, or as a kind the model does not
+    allow there, is a failure."""
     size = model.size
     g = model.granularity
-    units: dict[int, set[Alloc]] = {u: set() for u in range(start // g, -(-end // g))}
+    first = start // g
+    kinds: list[Alloc] = []
+    allowed = model.alloc
     pos = start
     while pos < end:
         mapping, length = access.get_shallow_mapping(pos, end - pos)
@@ -123,12 +148,31 @@ def _shallow_units(
         if failure is not None:
             raise failure
         kind = _shallow_kind(mapping, pos)
-        for unit in range(pos // g, (pos + length - 1) // g + 1):
-            units[unit].add(kind)
+        lo, hi = pos // g, (pos + length - 1) // g + 1
+        if pos % g and lo - first < len(kinds):
+            # The unit this mapping starts in began with another mapping.
+            if kinds[-1] is not kind:
+                at = lo * g
+                names = ", ".join(sorted({kinds[-1].value, kind.value}))
+                raise OracleFailure(
+                    f"{what}: unit 0x{at:x} (of 0x{g:x} bytes) maps as several kinds: {names}",
+                    offset=at,
+                )
+            lo += 1
+        if lo < hi:
+            if not all(map(operator.contains, allowed[lo:hi], itertools.repeat(kind))):
+                unit = next(u for u in range(lo, hi) if kind not in allowed[u])
+                names = ", ".join(sorted(k.value for k in allowed[unit]))
+                raise OracleFailure(
+                    f"{what}: unit 0x{unit * g:x} (of 0x{g:x} bytes) maps as {kind.value}; "
+                    f"the model allows only {names}",
+                    offset=unit * g,
+                )
+            kinds.extend(itertools.repeat(kind, hi - lo))
         pos += length
     if end == size:
         _require_eof("", "get_shallow_mapping", size, access.get_shallow_mapping(size, g))
-    return units
+    return kinds
 
 
 def check_image(
@@ -172,24 +216,8 @@ def check_image(
             offset=start + bad,
         )
 
-    units = _shallow_units(access, model, start, end)
-    for unit, kinds in units.items():
-        at = unit * g
-        if len(kinds) != 1:
-            names = ", ".join(sorted(k.value for k in kinds))
-            raise OracleFailure(
-                f"{what}: unit 0x{at:x} (of 0x{g:x} bytes) maps as several kinds: {names}",
-                offset=at,
-            )
-        (kind,) = kinds
-        allowed = model.allowed(unit)
-        if kind not in allowed:
-            names = ", ".join(sorted(k.value for k in allowed))
-            raise OracleFailure(
-                f"{what}: unit 0x{at:x} (of 0x{g:x} bytes) maps as {kind.value}; the model "
-                f"allows only {names}",
-                offset=at,
-            )
+    units = _UnitKinds(start // model.granularity,
+                       _shallow_units(access, model, start, end, what))
 
     pos = start
     while pos < end:
@@ -214,7 +242,7 @@ def _check_mapping(
     pos: int,
     length: int,
     chunk: bytes,
-    units: dict[int, set[Alloc]] | None,
+    units: _UnitKinds | None,
     g: int,
 ) -> None:
     """One resolved mapping against what the guest reads there (``chunk``) and, when
@@ -228,16 +256,16 @@ def _check_mapping(
                 offset=pos + nonzero,
             )
         if mapping.explicit and units is not None:
-            for unit in range(pos // g, (pos + length - 1) // g + 1):
-                if units[unit] != {Alloc.ZERO}:
-                    raise OracleFailure(
-                        f"{what}: {call}(0x{pos:x}) reports an explicit zero, but "
-                        f"this layer maps unit 0x{unit * g:x} as "
-                        f"{'/'.join(k.value for k in units[unit])}: explicit zeroes "
-                        "may only come from the top layer",
-                        offset=max(pos, unit * g),
-                        clauses=("access.mapping.explicit-top-only",),
-                    )
+            unit = units.first_other(pos // g, (pos + length - 1) // g + 1, Alloc.ZERO)
+            if unit is not None:
+                raise OracleFailure(
+                    f"{what}: {call}(0x{pos:x}) reports an explicit zero, but "
+                    f"this layer maps unit 0x{unit * g:x} as "
+                    f"{units.kind(unit).value}: explicit zeroes "
+                    "may only come from the top layer",
+                    offset=max(pos, unit * g),
+                    clauses=("access.mapping.explicit-top-only",),
+                )
     elif isinstance(mapping, RawMapping):
         stored = mapping.storage.read(mapping.offset, length)
         if stored != chunk:
@@ -250,15 +278,15 @@ def _check_mapping(
                 clauses=("access.mapping.tiling",),
             )
         if mapping.writable and units is not None:
-            for unit in range(pos // g, (pos + length - 1) // g + 1):
-                if units[unit] != {Alloc.DATA}:
-                    raise OracleFailure(
-                        f"{what}: {call}(0x{pos:x}) reports {mapping} writable, but "
-                        f"this layer does not hold unit 0x{unit * g:x}: data reached "
-                        "through a read-only backing must not be writable",
-                        offset=max(pos, unit * g),
-                        clauses=("access.mapping.writable-gate",),
-                    )
+            unit = units.first_other(pos // g, (pos + length - 1) // g + 1, Alloc.DATA)
+            if unit is not None:
+                raise OracleFailure(
+                    f"{what}: {call}(0x{pos:x}) reports {mapping} writable, but "
+                    f"this layer does not hold unit 0x{unit * g:x}: data reached "
+                    "through a read-only backing must not be writable",
+                    offset=max(pos, unit * g),
+                    clauses=("access.mapping.writable-gate",),
+                )
     elif not isinstance(mapping, SpecialMapping):
         raise OracleFailure(f"{what}: {call}(0x{pos:x}) returned {mapping!r}", offset=pos)
 

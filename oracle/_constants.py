@@ -5,48 +5,40 @@ literals of every non-library module found in ``sys.modules`` at the time of the
 pool grows as modules are imported, so the ``ci`` profile's derandomised stream depended on
 what ran earlier in the process (a test that imported ``pyimago.cli`` changed every later
 machine's examples: a mutant killed in 26 examples alone survived the whole budget after it)
-and on the target (a third-party driver's module adds its literals).
+and on the target (a third-party driver's module adds its literals); its strings were kept
+in a set, whose order changes with each process's hash seed.
 
-:func:`pin_local_constants` replaces the pool, once per process, by a fixed one: the literals
-of pyimago's own source files, read in sorted order, whatever is imported.  The boundary
-values the pool exists for (cluster sizes, table entry masks) stay in it.
+:func:`pin_local_constants` replaces the pool, once per process, by a fixed one: the sizes
+and boundaries a disk image is made of (powers of two from a sector to 64 MiB, one either
+side of each; the qcow2 entry masks), ordered.  Being data, not whatever the source of the
+day holds, it also keeps the stream from moving when an unrelated literal is edited.
 """
 
 from __future__ import annotations
 
-import os
-import types
 from typing import Any
 
-__all__ = ["pin_local_constants", "pinned_constants"]
+__all__ = ["PINNED_INTEGERS", "pin_local_constants", "pinned_constants"]
+
+#: Sector to 64 MiB powers of two and their neighbours; qcow2's L1/L2 offset mask and flag
+#: bits, the refcount-table limits; the largest 63- and 64-bit values.
+PINNED_INTEGERS: tuple[int, ...] = tuple(sorted({
+    *(n for k in range(9, 27) for n in (2**k - 1, 2**k, 2**k + 1)),
+    0x00FFFFFFFFFFFE00, 0x00FFFFFFFFFFFF00, 1 << 62, 1 << 63, (1 << 63) - 1, (1 << 64) - 1,
+}))
 
 _pinned: Any = None
 
 
-def _pyimago_sources() -> list[str]:
-    import pyimago
-
-    root = os.path.dirname(os.path.abspath(pyimago.__file__))
-    found = []
-    for folder, dirs, files in os.walk(root, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__pycache__")))
-        found += [os.path.join(folder, f) for f in files if f.endswith(".py")]
-    return sorted(found, key=lambda p: os.path.relpath(p, root))
-
-
 def pinned_constants() -> Any:
-    """The fixed pool (a Hypothesis ``Constants``): the literals of pyimago's sources."""
+    """The fixed pool (a Hypothesis ``Constants``): :data:`PINNED_INTEGERS`, nothing else."""
     global _pinned
     if _pinned is None:
-        from hypothesis.internal.constants_ast import Constants, constants_from_module
+        from hypothesis.internal.constants_ast import Constants
+        from sortedcontainers import SortedSet  # type: ignore[import-untyped]
 
-        pool = Constants()
-        for path in _pyimago_sources():
-            # A stand-in module: Hypothesis reads (and caches, by content hash) its file.
-            stand_in = types.ModuleType("pyimago_source")
-            stand_in.__file__ = path
-            pool |= constants_from_module(stand_in)
-        _pinned = pool
+        _pinned = Constants(integers=SortedSet(PINNED_INTEGERS), floats=SortedSet(),
+                            bytes=SortedSet(), strings=SortedSet())
     return _pinned
 
 

@@ -91,7 +91,8 @@ class PowerCuts:
     def _point(self, model: FlatModel, *, durable: bool, label: str,
                extra: tuple[tuple[int, int], ...] = ()) -> TimelinePoint:
         assert self.rec is not None
-        content, known = model.read(0, model.size)
+        # One copy of the disk (the model moves on), none of the mask: only its runs are kept.
+        content, known = bytes(model.data), model.known
         # Sector-widened: the rule judges whole sectors.
         wide = tuple((a - a % SECTOR, -(-(a + n) // SECTOR) * SECTOR - (a - a % SECTOR))
                      for a, n in extra)

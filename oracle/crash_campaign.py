@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyimago.reference import MemoryStorage, PreallocateMode
+from pyimago.reference import MemoryStorage, PreallocateMode, UnsupportedError
 from pyimago.reference import create_image as ref_create
 from pyimago.reference import open_image as ref_open
 
@@ -225,13 +225,19 @@ def _apply(rng: random.Random, img: Any, size: int, cs: int, step: int,
         # Past the next L2-table boundary where that is cheap (small clusters).
         grow = rng.choice([512, cs, 3 * cs + 512, per_l2 + cs if per_l2 <= 2 << 20 else 8 * cs])
         mode = rng.choice(list(PreallocateMode))
-        img.resize(size + grow, mode)
+        try:
+            img.resize(size + grow, mode)
+        except UnsupportedError as exc:  # a v2 image with snapshots (QEMU refuses it too)
+            return f"grow +{grow} refused ({exc})", False, ()
         loose = ((size, grow),) if mode is PreallocateMode.NONE else ()
         return f"grow +{grow} {mode.name}", False, loose
     if r < 0.76 and size > 2 * cs:
         cut = rng.choice([512, cs, cs + 512])
         new_size = max(512, size - cut)
-        img.resize(new_size)
+        try:
+            img.resize(new_size)
+        except UnsupportedError as exc:
+            return f"shrink -{cut} refused ({exc})", False, ()
         # Until the new size is on storage, the part being cut off may read anything.
         return f"shrink -{cut}", False, ((new_size, size - new_size),)
     if r < 0.84:

@@ -295,26 +295,18 @@ class FlatModel:
         self._set(offset, data, b"\x01" * len(data))
         if self.traits.deallocates:
             touched = self._units_touched(offset, len(data))
-            if self.traits.subclusters and self.snapshots:
-                self._cow_span(touched)
+            if self.traits.subclusters and touched:
+                # qcow2.extended-l2.write: a write into a cluster that needs a new host
+                # cluster copies from its first allocated subcluster to its last
+                # (calculate_l2_meta), so the subclusters between, untouched, may become data
+                # too (holding what they read: the content is unchanged).
+                per = 32
+                first = touched[0] - touched[0] % per
+                last = min(len(self.alloc), touched[-1] - touched[-1] % per + per)
+                for unit in range(first, last):
+                    self.alloc[unit] = self.alloc[unit] | _DATA
             for unit in touched:
                 self.alloc[unit] = _DATA
-
-    def _cow_span(self, touched: range) -> None:
-        """Extended L2, a cluster a snapshot may share: QEMU copies it on write from its
-        first allocated subcluster (or the write) to its last (or the write), and marks all
-        of that allocated (calculate_l2_meta: "Skip all leading zero and unallocated
-        subclusters"; qcow2_alloc_cluster_link_l2 sets the range): the subclusters between
-        may become data, reading what they read."""
-        for first in range(touched.start - touched.start % 32, touched.stop, 32):
-            units = range(first, min(first + 32, len(self.alloc)))
-            held = [u for u in units if Alloc.DATA in self.alloc[u]]
-            if not held:
-                continue
-            lo = min(held[0], max(touched.start, first))
-            hi = max(held[-1], min(touched.stop, units.stop) - 1)
-            for unit in range(lo, hi + 1):
-                self.alloc[unit] = self.alloc[unit] | _DATA
 
     def _zeroed(self, offset: int, length: int, *, discard: bool) -> None:
         self._set_zero(offset, length)

@@ -17,17 +17,21 @@ from ._create import create, resize
 from ._info import image_info, render_info
 from ._map import MapEntry, map_image, render_map
 from ._measure import measure, render_measure
+from ._snapshot import apply_snapshot, create_snapshot, delete_snapshot
 
 __all__ = [
     "CompareResult",
     "ConvertOptions",
     "MapEntry",
     "ToolError",
+    "apply_snapshot",
     "check_json",
     "commit",
     "compare",
     "convert",
     "create",
+    "create_snapshot",
+    "delete_snapshot",
     "image_info",
     "implementation",
     "map_image",

@@ -12,6 +12,7 @@ qcow2.txt, "Bitmaps extension": "The fields of the bitmaps extension are: 0 - 3:
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from typing import Any
 
 from pyimago.reference.qcow2.constants import (
@@ -23,7 +24,7 @@ from pyimago.reference.qcow2.constants import (
 
 from ._common import ToolError
 
-__all__ = ["read_bitmaps"]
+__all__ = ["bitmap_clusters", "read_bitmaps"]
 
 #: block/qcow2-bitmap.c names.
 _BME_FLAG_IN_USE = 1 << 0
@@ -35,25 +36,64 @@ _EXT = struct.Struct(">II")
 _BITMAPS_EXT = struct.Struct(">I4xQQ")
 _ENTRY = struct.Struct(">QIIBBHI")  # table offset, table size, flags, type, gran. bits, name, extra
 _MAX_HEADER_BYTES = 1 << 20
+_BME_TABLE_ENTRY_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+#: block/qcow2-bitmap.c BME_MAX_TABLE_SIZE: QEMU refuses longer bitmap tables.
+_MAX_TABLE_ENTRIES = 0x8000000
 
 
 def _round8(n: int) -> int:
     return -(-n // 8) * 8
 
 
+@dataclass(frozen=True, slots=True)
+class _Directory:
+    """The bitmap directory: where it is, and per bitmap its info record and table."""
+
+    offset: int
+    size: int
+    records: list[dict[str, Any]]
+    tables: list[tuple[int, int]]  # (bitmap_table_offset, bitmap_table_size in entries)
+
+
 def read_bitmaps(path: str) -> list[dict[str, Any]]:
     """qemu-img info's ``bitmaps`` list of the qcow2 v3 image at ``path`` (empty: none)."""
+    found = _read_directory(path)
+    return [] if found is None else found.records
+
+
+def bitmap_clusters(path: str, cluster_size: int) -> int:
+    """How many clusters the persistent bitmaps hold (directory, tables, data): clusters
+    QEMU's refcounts count, as the metadata-preallocation detection of ``map`` needs."""
+    found = _read_directory(path)
+    if found is None:
+        return 0
+    used = set(range(found.offset // cluster_size,
+                     -(-(found.offset + found.size) // cluster_size)))
+    with open(path, "rb") as f:
+        for offset, entries in found.tables:
+            used.update(range(offset // cluster_size,
+                              -(-(offset + entries * 8) // cluster_size)))
+            f.seek(offset)
+            table = f.read(entries * 8)
+            for (entry,) in struct.iter_unpack(">Q", table[: len(table) // 8 * 8]):
+                # qcow2.txt, bitmap table entry: bits 9-55 "host cluster offset" (0: none).
+                if entry & _BME_TABLE_ENTRY_OFFSET_MASK:
+                    used.add((entry & _BME_TABLE_ENTRY_OFFSET_MASK) // cluster_size)
+    return len(used)
+
+
+def _read_directory(path: str) -> _Directory | None:
     with open(path, "rb") as f:
         head = f.read(_MAX_HEADER_BYTES)
         if len(head) < _V3_HEADER.size or head[:4] != QCOW_MAGIC.to_bytes(4, "big"):
-            return []
+            return None
         _, version, _, _, autoclear, _, header_length = _V3_HEADER.unpack_from(head)
         if version < 3 or not autoclear & QCOW2_AUTOCLEAR_BITMAPS:
             # "bitmaps extension [...] ignored" without the autoclear bit (qcow2_do_open).
-            return []
+            return None
         ext = _find_extension(head, header_length, path)
         if ext is None:
-            return []
+            return None
         nb_bitmaps, dir_size, dir_offset = _BITMAPS_EXT.unpack(ext[: _BITMAPS_EXT.size])
         if nb_bitmaps > _QCOW2_MAX_BITMAPS or dir_size > _QCOW2_MAX_BITMAP_DIRECTORY_SIZE:
             raise ToolError(f"{path}: bitmap directory of {nb_bitmaps} bitmaps, {dir_size} "
@@ -63,7 +103,8 @@ def read_bitmaps(path: str) -> list[dict[str, Any]]:
     if len(directory) < dir_size:
         raise ToolError(f"{path}: the bitmap directory at 0x{dir_offset:x} runs past the end "
                         "of the file")
-    return _entries(directory, nb_bitmaps, path)
+    records, tables = _entries(directory, nb_bitmaps, path)
+    return _Directory(dir_offset, dir_size, records, tables)
 
 
 def _find_extension(head: bytes, at: int, path: str) -> bytes | None:
@@ -83,13 +124,17 @@ def _find_extension(head: bytes, at: int, path: str) -> bytes | None:
     raise ToolError(f"{path}: the qcow2 header extensions run past the header")
 
 
-def _entries(directory: bytes, count: int, path: str) -> list[dict[str, Any]]:
+def _entries(directory: bytes, count: int, path: str
+             ) -> tuple[list[dict[str, Any]], list[tuple[int, int]]]:
     out: list[dict[str, Any]] = []
+    tables: list[tuple[int, int]] = []
     at = 0
     for index in range(count):
         if at + _ENTRY.size > len(directory):
             raise ToolError(f"{path}: bitmap directory entry {index} runs past the directory")
-        _, _, flags, _, granularity_bits, name_size, extra = _ENTRY.unpack_from(directory, at)
+        table_offset, table_size, flags, _, granularity_bits, name_size, extra = (
+            _ENTRY.unpack_from(directory, at))
+        tables.append((table_offset, min(table_size, _MAX_TABLE_ENTRIES)))
         name_at = at + _ENTRY.size + extra
         name = directory[name_at : name_at + name_size]
         if len(name) < name_size or granularity_bits > 63:
@@ -103,4 +148,4 @@ def _entries(directory: bytes, count: int, path: str) -> list[dict[str, Any]]:
         out.append({"flags": listed, "name": name.decode("utf-8", "replace"),
                     "granularity": 1 << granularity_bits})
         at = _round8(name_at + name_size)
-    return out
+    return out, tables

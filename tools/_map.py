@@ -23,6 +23,7 @@ from pyimago.reference import (
     ZeroMapping,
 )
 
+from ._bitmaps import bitmap_clusters
 from ._common import Impl, ToolError, backing_path, open_chain
 
 __all__ = ["MapEntry", "block_status", "chain_length", "map_image", "render_map"]
@@ -70,15 +71,20 @@ class _Layer:
     format: str
     #: qcow2 with metadata preallocation detected: data clusters in file holes read zero.
     holes_read_zero: bool
+    #: The file guest data lives in: the image's, or its external data file.
+    data_filename: str
 
 
-def _metadata_preallocated(image: Any, filename: str, cluster_size: int) -> bool:
+def _metadata_preallocated(image: Any, filename: str, cluster_size: int,
+                           data_in_file: bool = True) -> bool:
     """qcow2.c ``qcow2_detect_metadata_preallocation``: the image uses more clusters (by
     refcount) than the file has allocated blocks, by a margin (10 %, at least 2 clusters).
 
     QEMU counts clusters with a non-zero refcount, which the public API does not show; the
     count here is a lower bound of it (distinct host data clusters, the header, L1 and L2
-    tables, one refcount table and block), so "yes" here is always QEMU's answer too.
+    tables, one refcount table and block, the persistent bitmaps' clusters), so "yes" here
+    is always QEMU's answer too.
+    Clusters of an external data file (``data_in_file`` false) have no refcount: not counted.
     """
     st = os.stat(filename)
     real_clusters = st.st_blocks * 512 // cluster_size
@@ -89,7 +95,7 @@ def _metadata_preallocated(image: Any, filename: str, cluster_size: int) -> bool
     l2_span = cluster_size * entries_per_l2
     size: int = image.size
     l1_entries = -(-size // l2_span)
-    used = 1 + -(-l1_entries * 8 // cluster_size) + 2
+    used = 1 + -(-l1_entries * 8 // cluster_size) + 2 + bitmap_clusters(filename, cluster_size)
     data: set[int] = set()
     tables: set[int] = set()
     pos = 0
@@ -97,7 +103,7 @@ def _metadata_preallocated(image: Any, filename: str, cluster_size: int) -> bool
         mapping, n = image.get_shallow_mapping(pos, size - pos)
         if isinstance(mapping, EofMapping):
             break
-        if isinstance(mapping, RawMapping):
+        if isinstance(mapping, RawMapping) and data_in_file:
             first = mapping.offset // cluster_size
             data.update(range(first, -(-(mapping.offset + n) // cluster_size)))
         if not isinstance(mapping, IndirectMapping) and not (
@@ -112,10 +118,13 @@ def _layers(image: Any, filename: str) -> list[_Layer]:
     out: list[_Layer] = []
     while image is not None:
         info = image.info()
+        external = info.qcow2 is not None and info.qcow2.data_file is not None
+        # An external data file's name resolves like a backing file's (create.qcow2.data-file).
+        data_filename = backing_path(filename, info.qcow2.data_file) if external else filename
         prealloc = info.format == "qcow2" and _metadata_preallocated(
-            image, filename, info.cluster_size
+            image, filename, info.cluster_size, not external
         )
-        out.append(_Layer(image, filename, info.format, prealloc))
+        out.append(_Layer(image, filename, info.format, prealloc, data_filename))
         if info.backing_file is None:
             break
         filename = backing_path(filename, info.backing_file)
@@ -177,14 +186,14 @@ def _status(layers: list[_Layer], offset: int, length: int) -> MapEntry:
             depth += 1
             continue
         if isinstance(mapping, RawMapping):
+            where = layer.data_filename
             if layer.format == "raw" or layer.holes_read_zero:
-                n, is_data = next(_file_extents(layer.filename, mapping.offset, n))
+                n, is_data = next(_file_extents(where, mapping.offset, n))
                 if layer.format == "raw":
                     return MapEntry(offset, n, depth, True, not is_data, is_data,
-                                    mapping.offset, layer.filename)
-                return MapEntry(offset, n, depth, True, not is_data, True,
-                                mapping.offset, layer.filename)
-            return MapEntry(offset, n, depth, True, False, True, mapping.offset, layer.filename)
+                                    mapping.offset, where)
+                return MapEntry(offset, n, depth, True, not is_data, True, mapping.offset, where)
+            return MapEntry(offset, n, depth, True, False, True, mapping.offset, where)
         if isinstance(mapping, SpecialMapping):
             return MapEntry(offset, n, depth, True, False, True)
         if isinstance(mapping, ZeroMapping):

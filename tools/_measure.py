@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ._bitmaps import read_bitmaps
 from ._common import Impl, ToolError, check_format, open_chain
 from ._map import block_status
 
@@ -19,6 +20,7 @@ __all__ = ["measure", "qcow2_prealloc_size", "render_measure"]
 _L2E_SIZE = 8
 _L1E_SIZE = 8
 _REFTABLE_ENTRY_SIZE = 8
+_BME_TABLE_ENTRY_SIZE = 8
 _DEFAULT_CLUSTER = 65536
 _MAX_L1_BYTES = 32 << 20
 
@@ -56,6 +58,21 @@ def qcow2_prealloc_size(size: int, cluster_size: int, refcount_order: int,
     meta += _refcount_metadata_size((meta + aligned) // cluster_size, cluster_size,
                                     refcount_order)
     return meta + aligned
+
+
+def _bitmaps_size(bitmaps: list[dict[str, Any]], disk_size: int, cluster_size: int) -> int:
+    """qcow2_get_persistent_dirty_bitmap_size: every bitmap fully allocated (its clusters
+    and its bitmap table), plus the bitmap directory, in output clusters."""
+    total = directory = 0
+    for bitmap in bitmaps:
+        bits = -(-disk_size // bitmap["granularity"])
+        clusters = -(-_round_up(bits, 8) // 8 // cluster_size)
+        # "Assume the entire bitmap is allocated" / "reserve space for the bitmap table".
+        total += clusters * cluster_size + _round_up(clusters * _BME_TABLE_ENTRY_SIZE,
+                                                     cluster_size)
+        # calc_dir_entry_size: the 24-byte entry, the name, padded to 8 bytes.
+        directory += _round_up(24 + len(bitmap["name"].encode("utf-8")), 8)
+    return total + _round_up(directory, cluster_size)
 
 
 def _data_bytes(image: Any, filename: str, cluster_size: int) -> int:
@@ -121,14 +138,15 @@ def measure(
             raw = _round_up(size, 512)
         return {"required": raw, "fully-allocated": raw}
 
-    bitmaps = False
+    bitmaps: int | None = None
     if path is not None:
         with open_chain(path, impl=impl, fmt=fmt) as image:
             virtual = _round_up(image.size, cluster_size)
             required = virtual if has_backing else _data_bytes(image, path, cluster_size)
             # Only a qcow2 v3 source can hold persistent bitmaps.
             source = image.info()
-            bitmaps = source.qcow2 is not None and source.qcow2.compat == "1.1"
+            if source.qcow2 is not None and source.qcow2.compat == "1.1":
+                bitmaps = _bitmaps_size(read_bitmaps(path), image.size, cluster_size)
     else:
         assert size is not None
         virtual = _round_up(size, cluster_size)
@@ -142,9 +160,8 @@ def measure(
     full = qcow2_prealloc_size(virtual, cluster_size, refcount_bits.bit_length() - 1,
                                extended_l2)
     out: dict[str, int] = {}
-    if bitmaps and compat in ("1.1", "v3"):
-        # pyimago keeps no persistent bitmaps: their size is always 0.
-        out["bitmaps"] = 0
+    if bitmaps is not None and compat in ("1.1", "v3"):
+        out["bitmaps"] = bitmaps
     out["required"] = full - virtual + required
     out["fully-allocated"] = full
     return out

@@ -57,12 +57,6 @@ class CompressedWrites:
         """Write one guest cluster compressed (see the module docstring)."""
         self._begin("write_compressed")
         cs = self._cluster_size
-        if self.header.has_data_file:
-            # qcow2.data-file.no-compressed: QEMU's qcow2_co_pwritev_compressed_part
-            # returns -ENOTSUP with an external data file.
-            raise UnsupportedError(
-                f"{self}: compressed writes are not possible with an external data file"
-            )
         # qcow2.compressed.write-whole-cluster: "if (offset_into_cluster(s, offset)) return
         # -EINVAL", and a partial cluster only where it ends the disk.
         if offset % cs:
@@ -74,6 +68,14 @@ class CompressedWrites:
             raise InvalidRequestError(
                 f"{self}: a compressed write at {offset} takes exactly {expected} bytes "
                 f"(a whole cluster, or the disk's last partial cluster), not {len(data)}"
+            )
+        # The arguments are checked first (bad input is InvalidRequestError whatever the
+        # image), then the feature.
+        if self.header.has_data_file:
+            # qcow2.data-file.no-compressed: QEMU's qcow2_co_pwritev_compressed_part
+            # returns -ENOTSUP with an external data file.
+            raise UnsupportedError(
+                f"{self}: compressed writes are not possible with an external data file"
             )
         cluster = bytes(data).ljust(cs, b"\0")
         compressed = compress_cluster(cluster, self.header.compression_type)

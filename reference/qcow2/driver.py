@@ -46,7 +46,7 @@ from .constants import (
     QCOW_OFLAG_COPIED,
     V2_HEADER_LENGTH,
 )
-from .data_file import data_file_name
+from .data_file import DataFileWrites, data_file_name
 from .dirty import repair_if_dirty
 from .extensions import HeaderExtension, backing_format, feature_names, parse_extensions
 from .features import check_features
@@ -61,12 +61,7 @@ from .overlap import (
 from .refcounts import RefcountTable
 from .snapshot_write import SnapshotWrites
 from .snapshots import SnapshotEntry, find_snapshot, read_snapshot_table
-from .subcluster_write import (
-    encode_extended_entry,
-    subcluster_cow_range,
-    written_bitmap,
-    zeroed_bitmap,
-)
+from .subcluster_write import SubclusterWrites, encode_extended_entry
 from .subclusters import subcluster_entry
 from .tables import (
     ClusterType,
@@ -92,7 +87,8 @@ _ZERO_PLAIN = L2Entry(ClusterType.ZERO_PLAIN)
 _UNALLOCATED = L2Entry(ClusterType.UNALLOCATED)
 
 
-class Qcow2Driver(MetadataGuard, CompressedWrites, SnapshotWrites):
+class Qcow2Driver(MetadataGuard, CompressedWrites, SnapshotWrites, SubclusterWrites,
+                  DataFileWrites):
     """A qcow2 image (v2 or v3) on a storage, optionally over a backing ``FormatAccess``."""
 
     def __init__(
@@ -629,43 +625,6 @@ class Qcow2Driver(MetadataGuard, CompressedWrites, SnapshotWrites):
             return self._backing.read(guest_cluster, self._cluster_size)
         return bytes(self._cluster_size)
 
-    def _guest_content(self, offset: int, length: int) -> bytes:
-        """What the guest sees in ``[offset, offset + length)``, inside one cluster, read unit
-        by unit (subclusters with extended L2 entries)."""
-        parts = []
-        unit = 1 << self._unit_bits
-        end = offset + length
-        while offset < end:
-            n = min(unit - offset_in_cluster(offset, self._unit_bits), end - offset)
-            entry = self._get_unit(offset)
-            if entry.type is ClusterType.COMPRESSED:
-                pos = offset_in_cluster(offset, self._cluster_bits)
-                parts.append(self._read_compressed(entry)[pos : pos + n])
-            elif entry.type is ClusterType.NORMAL:
-                pos = offset_in_cluster(offset, self._unit_bits)
-                parts.append(self.data_storage.read(entry.host_offset + pos, n))
-            elif entry.type is ClusterType.UNALLOCATED and self._backing is not None:
-                parts.append(self._backing.read(offset, n))
-            else:
-                parts.append(bytes(n))
-            offset += n
-        return b"".join(parts)
-
-    def _allocate_data_cluster(self, guest_cluster: int) -> int:
-        """A host cluster for new guest data.
-
-        qcow2.data-file.offsets: "The offset field in the Standard Cluster Descriptor must
-        match the guest offset" in an external data file, where nothing is refcounted.
-        """
-        if self.header.has_data_file:
-            return guest_cluster
-        return self._allocator.allocate(1)
-
-    def _check_host_data(self, host: int) -> None:
-        """The overlap checks of a data cluster in the image file (none in a data file)."""
-        if not self.header.has_data_file:
-            self._check_data_cluster(host)
-
     def ensure_data_mapping(
         self, offset: int, length: int, overwrite: bool
     ) -> tuple[Storage, int, int]:
@@ -713,59 +672,6 @@ class Qcow2Driver(MetadataGuard, CompressedWrites, SnapshotWrites):
                             data_pending=True)
         return storage, host + in_cluster, chunk
 
-    def _data_cluster_end(self, guest_cluster: int) -> int:
-        """How much of a cluster holds guest data: all of it, but in a data file only up to
-        the disk end (a raw data file is exactly the disk; qcow2.data-file.raw)."""
-        if self.header.has_data_file:
-            return min(self._cluster_size, self._size - guest_cluster)
-        return self._cluster_size
-
-    def _ensure_subcluster_data(
-        self, offset: int, length: int, overwrite: bool
-    ) -> tuple[Storage, int, int]:
-        """ensure_data_mapping with extended L2 entries: allocation and copy-on-write per
-        subcluster (qcow2.extended-l2.write)."""
-        cs, sc_bits = self._cluster_size, self._unit_bits
-        in_cluster = offset_in_cluster(offset, self._cluster_bits)
-        chunk = min(length, cs - in_cluster)
-        guest_cluster = offset - in_cluster
-        first_sc, end_sc = in_cluster >> sc_bits, -(-(in_cluster + chunk) >> sc_bits)
-        try:
-            units = [self._get_unit(guest_cluster + (sc << sc_bits))
-                     for sc in range(first_sc, end_sc)]
-        except CorruptImageError as exc:
-            # QEMU: "Invalid cluster entry found" marks the image corrupt on a write path.
-            self._signal_corruption(str(exc))
-        entry = self._get_l2_entry(guest_cluster)
-        _, bitmap = self._raw_l2_entry(guest_cluster)
-        storage = self.data_storage
-        keep_old = entry.type is ClusterType.NORMAL and entry.copied
-        if keep_old and all(u.type is ClusterType.NORMAL for u in units):
-            # Every subcluster written is allocated in a cluster of ours: write in place.
-            self._check_host_data(entry.host_offset)
-            return storage, entry.host_offset + in_cluster, chunk
-        cow_from, cow_to = subcluster_cow_range(
-            entry, bitmap, in_cluster, in_cluster + chunk, sc_bits, keep_old=keep_old
-        )
-        cow_to = min(cow_to, self._data_cluster_end(guest_cluster))
-        if keep_old:
-            host = entry.host_offset
-            self._check_host_data(host)
-        else:
-            host = self._allocate_data_cluster(guest_cluster)
-        partial = in_cluster > cow_from or in_cluster + chunk < cow_to
-        if partial or not overwrite:
-            # The copy of what the guest sees now goes in one write, over the caller's range
-            # too: the table on storage may still show these subclusters of our own cluster
-            # as the data they held before (crash.power-cut, as for ZERO_ALLOC clusters).
-            storage.write(self._guest_content(guest_cluster + cow_from, cow_to - cow_from),
-                          host + cow_from)
-        old_bitmap = 0 if entry.type is ClusterType.COMPRESSED else bitmap
-        new_bitmap = written_bitmap(old_bitmap, cow_from >> sc_bits, -(-cow_to >> sc_bits))
-        self._replace_entry(guest_cluster, L2Entry(ClusterType.NORMAL, host, True),
-                            data_pending=True, bitmap=new_bitmap)
-        return storage, host + in_cluster, chunk
-
     # -- zeroing and discarding ---------------------------------------------------------------
 
     def _whole_clusters(self, offset: int, length: int) -> range:
@@ -790,22 +696,6 @@ class Qcow2Driver(MetadataGuard, CompressedWrites, SnapshotWrites):
                 self._replace_entry(guest, new)
         return clusters[0], end - clusters[0]
 
-    def _zero_raw_data(self, offset: int, length: int) -> None:
-        """qcow2.data-file.raw: with a raw external data file, what the guest sees as
-        zeros is zeros in the data file too, written before the tables say so (as QEMU's
-        qcow2_cluster_zeroize zeroes s->data_file first)."""
-        if self._data_file_raw:
-            self.data_storage.write_zeroes(offset, min(length, self._size - offset))
-
-    def _leave_raw(self, why: str) -> None:
-        """qcow2.data-file.raw-cleared: the raw external data bit is cleared (on storage,
-        before the change that breaks it) once the data file no longer reads as the disk."""
-        if self._data_file_raw:
-            flags = self.header.autoclear_features & ~QCOW2_AUTOCLEAR_DATA_FILE_RAW
-            self._write_field("autoclear_features", ">Q", flags)
-            self.header = replace(self.header, autoclear_features=flags)
-            self._data_file_raw = False
-
     def ensure_zero_mapping(self, offset: int, length: int) -> tuple[int, int]:
         """access.write-zeroes.no-free: v3 keeps host clusters, flagging them zero."""
         self._begin("write_zeroes")
@@ -823,47 +713,6 @@ class Qcow2Driver(MetadataGuard, CompressedWrites, SnapshotWrites):
             return _ZERO_PLAIN
 
         return self._apply(offset, length, rule)
-
-    def _zero_subclusters(self, offset: int, length: int) -> tuple[int, int]:
-        """qcow2.extended-l2.clear: whole clusters get an all-zero bitmap (keeping their host
-        cluster; a compressed one is freed), partial ones the zero bits of the whole
-        subclusters in range (QEMU's zero_in_l2_slice and zero_l2_subclusters); a partial
-        compressed cluster cannot be zeroed so (the caller writes zeroes there)."""
-        sc_bits, cs = self._unit_bits, self._cluster_size
-        units = whole_clusters(offset, min(offset + length, self._size) - offset, sc_bits,
-                               self._size)
-        if not units:
-            return offset, 0
-        pos, stop = units[0], min(units[-1] + (1 << sc_bits), offset + length, self._size)
-        self._zero_raw_data(pos, stop - pos)
-        done_from: int | None = None
-        while pos < stop:
-            guest_cluster = pos - offset_in_cluster(pos, self._cluster_bits)
-            c_end = min(guest_cluster + cs, stop)
-            entry = self._get_l2_entry(guest_cluster)
-            if pos == guest_cluster and c_end in (guest_cluster + cs, self._size):
-                if entry.type is ClusterType.NORMAL:
-                    self._replace_entry(guest_cluster, L2Entry(
-                        ClusterType.ZERO_ALLOC, entry.host_offset, entry.copied))
-                else:
-                    self._replace_entry(guest_cluster, _ZERO_PLAIN)
-            elif entry.type is ClusterType.COMPRESSED:
-                if done_from is None:
-                    pos = c_end
-                    continue
-                break
-            else:
-                _, bitmap = self._raw_l2_entry(guest_cluster)
-                first_sc = offset_in_cluster(pos, self._cluster_bits) >> sc_bits
-                end_sc = -(-(c_end - guest_cluster) >> sc_bits)
-                self._replace_entry(guest_cluster, entry,
-                                    bitmap=zeroed_bitmap(bitmap, first_sc, end_sc))
-            if done_from is None:
-                done_from = pos
-            pos = c_end
-        if done_from is None:
-            return offset, 0
-        return done_from, pos - done_from
 
     def _v2_unallocated_run(self, offset: int, length: int) -> tuple[int, int]:
         # v2 without a backing file: unallocated clusters already read as zero; allocated ones
@@ -889,6 +738,8 @@ class Qcow2Driver(MetadataGuard, CompressedWrites, SnapshotWrites):
             if self._backing is not None:
                 return offset, 0
             return self._apply(offset, length, lambda old: _UNALLOCATED)
+        if self._extended:
+            return self._discard_subclusters(offset, length, full=False)
         return self._apply(offset, length, lambda old: _ZERO_PLAIN)
 
     def discard_to_any(self, offset: int, length: int) -> tuple[int, int]:
@@ -897,9 +748,11 @@ class Qcow2Driver(MetadataGuard, CompressedWrites, SnapshotWrites):
 
     def discard_to_backing(self, offset: int, length: int) -> tuple[int, int]:
         self._begin("discard_to_backing")
-        if self._backing is not None and self._whole_clusters(offset, length):
+        if self._backing is not None and length >= 1 << self._unit_bits:
             # Unallocated clusters now show the backing image, not the data file's zeroes.
             self._leave_raw("a discard shows the backing image")
+        if self._extended:
+            return self._discard_subclusters(offset, length, full=True)
         return self._apply(offset, length, lambda old: _UNALLOCATED)
 
     # -- resize -------------------------------------------------------------------------------
@@ -913,10 +766,6 @@ class Qcow2Driver(MetadataGuard, CompressedWrites, SnapshotWrites):
         needed = required_l1_size(new_size, self._cluster_bits, self._entry_bytes)
         if needed * 8 > 0x2000000:
             raise InvalidRequestError(f"{self}: disk size {new_size} needs too large an L1 table")
-        if self.header.version < 3 and self.header.nb_snapshots:
-            # qcow2.snapshots.v2-no-resize: qcow2_co_truncate, "Can't resize a v2 image which
-            # has snapshots".
-            raise UnsupportedError(f"{self}: a v2 image with snapshots cannot be resized")
 
     def _grow_l1(self, new_l1_size: int) -> None:
         """qcow2.l1.growth: a new, larger L1 table is written, then the header switched to it,

@@ -8,17 +8,27 @@ case the allocation status bit must be unset."
 
 Small pure functions over one cluster, after QEMU's ``calculate_l2_meta`` and
 ``qcow2_alloc_cluster_link_l2`` (block/qcow2-cluster.c): the copy-on-write range of a write
-and the bitmap that results from it.  The driver (``Qcow2Driver``) does the I/O.
+and the bitmap that results from it.  ``SubclusterWrites`` (a mixin of ``Qcow2Driver``) does
+the I/O.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NoReturn
+
+from .._errors import CorruptImageError
+from .._storage import Storage
 from .constants import QCOW_OFLAG_COPIED
 from .subclusters import QCOW_EXTL2_SUBCLUSTERS_PER_CLUSTER, QCOW_L2_BITMAP_ALL_ALLOC
-from .tables import ClusterType, L2Entry
+from .tables import ClusterType, L2Entry, offset_in_cluster, whole_clusters
+
+if TYPE_CHECKING:
+    from ..access import FormatAccess
 
 __all__ = [
     "QCOW_L2_BITMAP_ALL_ZEROES",
+    "SubclusterWrites",
     "encode_extended_entry",
     "sub_alloc_range",
     "sub_zero_range",
@@ -132,3 +142,171 @@ def encode_extended_entry(entry: L2Entry, bitmap: int | None) -> tuple[int, int]
     if t is ClusterType.NORMAL:
         return entry.host_offset | copied, 0 if bitmap is None else bitmap
     raise AssertionError(f"compressed entries are encoded by encode_l2_entry, not {entry}")
+
+
+_ZERO_PLAIN = L2Entry(ClusterType.ZERO_PLAIN)
+_UNALLOCATED = L2Entry(ClusterType.UNALLOCATED)
+
+
+class SubclusterWrites:
+    """The qcow2 driver's write paths with extended L2 entries (qcow2.extended-l2.write,
+    qcow2.extended-l2.clear).  A mixin of ``Qcow2Driver``."""
+
+    _backing: FormatAccess | None
+    _cluster_bits: int
+    _cluster_size: int
+    _unit_bits: int
+    _size: int
+
+    if TYPE_CHECKING:  # provided by Qcow2Driver, DataFileWrites and MetadataGuard
+        @property
+        def data_storage(self) -> Storage: ...
+        def _get_unit(self, guest_offset: int) -> L2Entry: ...
+        def _get_l2_entry(self, guest_offset: int) -> L2Entry: ...
+        def _raw_l2_entry(self, guest_offset: int) -> tuple[int, int]: ...
+        def _read_compressed(self, entry: L2Entry) -> bytes: ...
+        def _replace_entry(self, guest_offset: int, new: L2Entry, *,
+                           data_pending: bool = False, bitmap: int | None = None) -> None: ...
+        def _signal_corruption(self, message: str) -> NoReturn: ...
+        def _allocate_data_cluster(self, guest_cluster: int) -> int: ...
+        def _check_host_data(self, host: int) -> None: ...
+        def _data_cluster_end(self, guest_cluster: int) -> int: ...
+        def _zero_raw_data(self, offset: int, length: int) -> None: ...
+
+    def _guest_content(self, offset: int, length: int) -> bytes:
+        """What the guest sees in ``[offset, offset + length)``, inside one cluster, read unit
+        by unit (subclusters with extended L2 entries)."""
+        parts = []
+        unit = 1 << self._unit_bits
+        end = offset + length
+        while offset < end:
+            n = min(unit - offset_in_cluster(offset, self._unit_bits), end - offset)
+            entry = self._get_unit(offset)
+            if entry.type is ClusterType.COMPRESSED:
+                pos = offset_in_cluster(offset, self._cluster_bits)
+                parts.append(self._read_compressed(entry)[pos : pos + n])
+            elif entry.type is ClusterType.NORMAL:
+                pos = offset_in_cluster(offset, self._unit_bits)
+                parts.append(self.data_storage.read(entry.host_offset + pos, n))
+            elif entry.type is ClusterType.UNALLOCATED and self._backing is not None:
+                parts.append(self._backing.read(offset, n))
+            else:
+                parts.append(bytes(n))
+            offset += n
+        return b"".join(parts)
+
+    def _ensure_subcluster_data(
+        self, offset: int, length: int, overwrite: bool
+    ) -> tuple[Storage, int, int]:
+        """ensure_data_mapping with extended L2 entries: allocation and copy-on-write per
+        subcluster (qcow2.extended-l2.write)."""
+        cs, sc_bits = self._cluster_size, self._unit_bits
+        in_cluster = offset_in_cluster(offset, self._cluster_bits)
+        chunk = min(length, cs - in_cluster)
+        guest_cluster = offset - in_cluster
+        first_sc, end_sc = in_cluster >> sc_bits, -(-(in_cluster + chunk) >> sc_bits)
+        try:
+            units = [self._get_unit(guest_cluster + (sc << sc_bits))
+                     for sc in range(first_sc, end_sc)]
+        except CorruptImageError as exc:
+            # QEMU: "Invalid cluster entry found" marks the image corrupt on a write path.
+            self._signal_corruption(str(exc))
+        entry = self._get_l2_entry(guest_cluster)
+        _, bitmap = self._raw_l2_entry(guest_cluster)
+        storage = self.data_storage
+        keep_old = entry.type is ClusterType.NORMAL and entry.copied
+        if keep_old and all(u.type is ClusterType.NORMAL for u in units):
+            # Every subcluster written is allocated in a cluster of ours: write in place.
+            self._check_host_data(entry.host_offset)
+            return storage, entry.host_offset + in_cluster, chunk
+        cow_from, cow_to = subcluster_cow_range(
+            entry, bitmap, in_cluster, in_cluster + chunk, sc_bits, keep_old=keep_old
+        )
+        cow_to = min(cow_to, self._data_cluster_end(guest_cluster))
+        if keep_old:
+            host = entry.host_offset
+            self._check_host_data(host)
+        else:
+            host = self._allocate_data_cluster(guest_cluster)
+        partial = in_cluster > cow_from or in_cluster + chunk < cow_to
+        if partial or not overwrite:
+            # The copy of what the guest sees now goes in one write, over the caller's range
+            # too: the table on storage may still show these subclusters of our own cluster
+            # as the data they held before (crash.power-cut, as for ZERO_ALLOC clusters).
+            storage.write(self._guest_content(guest_cluster + cow_from, cow_to - cow_from),
+                          host + cow_from)
+        old_bitmap = 0 if entry.type is ClusterType.COMPRESSED else bitmap
+        new_bitmap = written_bitmap(old_bitmap, cow_from >> sc_bits, -(-cow_to >> sc_bits))
+        self._replace_entry(guest_cluster, L2Entry(ClusterType.NORMAL, host, True),
+                            data_pending=True, bitmap=new_bitmap)
+        return storage, host + in_cluster, chunk
+
+    def _zero_subclusters(self, offset: int, length: int) -> tuple[int, int]:
+        """qcow2.extended-l2.clear: write_zeroes.  Whole clusters get an all-zero bitmap
+        (keeping their host cluster; a compressed one is freed), partial ones the zero bits of
+        the whole subclusters in range (QEMU's zero_in_l2_slice and zero_l2_subclusters)."""
+
+        def whole(old: L2Entry) -> L2Entry:
+            if old.type is ClusterType.NORMAL:
+                return L2Entry(ClusterType.ZERO_ALLOC, old.host_offset, old.copied)
+            return _ZERO_PLAIN
+
+        return self._subcluster_apply(offset, length, whole, zeroed_bitmap)
+
+    def _discard_subclusters(self, offset: int, length: int, *, full: bool) -> tuple[int, int]:
+        """qcow2.extended-l2.clear: the discards.  Whole clusters lose their host cluster
+        (``full``: entry and bitmap 0, the backing shows; else all zero bits); the whole
+        subclusters of a partial cluster lose their allocation bit and, with ``full``, their
+        zero bit too, or else get it (QEMU's discard_in_l2_slice and, since 9.1,
+        discard_l2_subclusters)."""
+        if full:
+            return self._subcluster_apply(
+                offset, length, lambda old: _UNALLOCATED,
+                lambda bitmap, first, end: bitmap & ~(sub_alloc_range(first, end)
+                                                      | sub_zero_range(first, end)))
+        return self._subcluster_apply(offset, length, lambda old: _ZERO_PLAIN, zeroed_bitmap)
+
+    def _subcluster_apply(
+        self, offset: int, length: int, whole: Callable[[L2Entry], L2Entry],
+        partial: Callable[[int, int, int], int],
+    ) -> tuple[int, int]:
+        """Change the entries of the whole subclusters in ``[offset, offset + length)``:
+        ``whole(old)`` for a whole cluster, ``partial(bitmap, first_sc, end_sc)`` the bitmap of
+        a partial one (a compressed one first becomes a normal cluster)."""
+        sc_bits, cs = self._unit_bits, self._cluster_size
+        units = whole_clusters(offset, min(offset + length, self._size) - offset, sc_bits,
+                               self._size)
+        if not units:
+            return offset, 0
+        pos, stop = units[0], min(units[-1] + (1 << sc_bits), offset + length, self._size)
+        self._zero_raw_data(pos, stop - pos)
+        done_from: int | None = None
+        while pos < stop:
+            guest_cluster = pos - offset_in_cluster(pos, self._cluster_bits)
+            c_end = min(guest_cluster + cs, stop)
+            entry = self._get_l2_entry(guest_cluster)
+            if pos == guest_cluster and c_end in (guest_cluster + cs, self._size):
+                self._replace_entry(guest_cluster, whole(entry))
+            elif entry.type is ClusterType.COMPRESSED:
+                # "Compressed clusters don't have subclusters": the cluster is first copied
+                # uncompressed into a new host cluster, every subcluster allocated (as a write
+                # into it does, qcow2.extended-l2.write), the data before the entry.
+                host = self._allocate_data_cluster(guest_cluster)
+                self.data_storage.write(self._read_compressed(entry), host)
+                first_sc = offset_in_cluster(pos, self._cluster_bits) >> sc_bits
+                end_sc = -(-(c_end - guest_cluster) >> sc_bits)
+                self._replace_entry(
+                    guest_cluster, L2Entry(ClusterType.NORMAL, host, True),
+                    bitmap=partial(QCOW_L2_BITMAP_ALL_ALLOC, first_sc, end_sc))
+            else:
+                _, bitmap = self._raw_l2_entry(guest_cluster)
+                first_sc = offset_in_cluster(pos, self._cluster_bits) >> sc_bits
+                end_sc = -(-(c_end - guest_cluster) >> sc_bits)
+                self._replace_entry(guest_cluster, entry,
+                                    bitmap=partial(bitmap, first_sc, end_sc))
+            if done_from is None:
+                done_from = pos
+            pos = c_end
+        if done_from is None:
+            return offset, 0
+        return done_from, pos - done_from

@@ -387,3 +387,29 @@ def test_raw_bit_kept_until_a_backing_shows_through(qemu: QemuTools, tmp_path: P
             assert img.read(0, 64 * KiB) == b"\5" * 64 * KiB
         assert qemu.info(path)[0]["format-specific"]["data"]["data-file-raw"] is False
     qemu.check(path)
+
+
+@pytest.mark.clause("qcow2.extended-l2.write", "qcow2.extended-l2.clear")
+def test_extended_l2_with_compressed_clusters_and_snapshots(qemu: QemuTools,
+                                                            tmp_path: Path) -> None:
+    """Subcluster writes over compressed clusters (the whole cluster is rewritten) and over
+    clusters a snapshot shares (copied to a new cluster), as qemu-img reads them."""
+    path = tmp_path / "x.qcow2"
+    create_image(path, MiB, extended_l2=True)
+    with open_image(path, writable=True) as img:
+        img.write(b"a" * 3000, 70000)
+        img.write_compressed(b"z" * 65536, 128 * KiB)
+        img.write(b"q" * 10, 128 * KiB + 100)
+        img.write_compressed(b"d" * 65536, 192 * KiB)
+        img.write_zeroes(196 * KiB, 4 * KiB)
+        before = img.read(0, MiB)
+        img.create_snapshot("s1")
+        img.write(b"after" * 1000, 2000)
+        img.write(b"more" * 1000, 70000)
+        img.write_zeroes(64 * KiB, 2 * KiB)
+        now = img.read(0, MiB)
+    qemu.check(path)
+    assert qemu.convert_raw(path) == now
+    snap = tmp_path / "s1.raw"
+    qemu.img("convert", "-l", "s1", "-O", "raw", path, snap)
+    assert snap.read_bytes() == before

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
-from pyimago.oracle._constants import pinned_constants
+from pyimago.oracle._constants import PINNED_INTEGERS, pinned_constants
 from pyimago.oracle.profiles import register_profiles
 from pyimago.oracle.strategies import chain_specs
 
@@ -57,11 +57,12 @@ def test_ci_stream_ignores_modules_imported_in_between(tmp_path: Path) -> None:
         sys.modules.pop(name, None)
 
 
-def test_pinned_pool_holds_pyimago_literals() -> None:
+def test_pinned_pool_is_the_disk_boundaries() -> None:
     pool = pinned_constants()
-    # qcow2's L2 entry offset mask and the 64 KiB default cluster size, from pyimago's source.
-    assert 65536 in pool.integers
-    assert 0x00FFFFFFFFFFFE00 in pool.integers
+    assert tuple(pool.integers) == PINNED_INTEGERS  # ordered, whatever the hash seed
+    # A sector, the 64 KiB default cluster and its neighbours, qcow2's L2 offset mask.
+    assert {512, 65535, 65536, 65537, 0x00FFFFFFFFFFFE00} <= set(pool.integers)
+    assert not (pool.strings or pool.bytes or pool.floats)
 
 
 @pytest.mark.parametrize("profile", ["ci"])

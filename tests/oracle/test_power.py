@@ -37,9 +37,11 @@ CHAIN = ChainSpec(
 
 class _EntryFirst(Qcow2Driver):
     def _set_l2_entry(
-        self, guest_offset: int, entry: L2Entry, *, write_through: bool, pinned: bool = False
+        self, guest_offset: int, entry: L2Entry, *, write_through: bool, pinned: bool = False,
+        bitmap: int | None = None,
     ) -> None:
-        super()._set_l2_entry(guest_offset, entry, write_through=True, pinned=pinned)
+        super()._set_l2_entry(guest_offset, entry, write_through=True, pinned=pinned,
+                              bitmap=bitmap)
 
 
 def _swapping(mutant: type[Qcow2Driver]) -> ImplementationTarget:

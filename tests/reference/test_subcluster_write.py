@@ -12,6 +12,7 @@ from pyimago.reference import (
     CorruptImageError,
     InvalidRequestError,
     MemoryStorage,
+    ZeroMapping,
     create_image,
     open_image,
 )
@@ -148,3 +149,41 @@ def test_relative_data_file_for_a_storage_object_is_refused() -> None:
     with pytest.raises(InvalidRequestError, match=r"d\.raw"):
         create_image(storage, 64 * KiB, data_file="d.raw")
     assert storage.size() == 0
+
+
+@pytest.mark.clause("qcow2.extended-l2.clear", "access.discard-to-backing.visible")
+def test_discards_work_on_whole_subclusters() -> None:
+    base = MemoryStorage()
+    create_image(base, 128 * KiB)
+    with open_image(base, writable=True, backing=None) as b:
+        b.write(b"B" * 128 * KiB, 0)
+    storage = MemoryStorage()
+    create_image(storage, 128 * KiB, extended_l2=True)
+    with open_image(base, backing=None) as backing, open_image(
+        storage, writable=True, backing=backing
+    ) as img:
+        img.write(b"a" * 128 * KiB, 0)
+        img.discard_to_backing(2 * KiB + 1, 6 * KiB)   # subclusters 2-3 whole, 1 and 4 partial
+        img.discard_to_zero(64 * KiB + 4 * KiB, 4 * KiB)  # subclusters 2-3 of cluster 1
+        assert img.read(0, 10 * KiB) == b"a" * 4 * KiB + b"B" * 4 * KiB + b"a" * 2 * KiB
+        assert img.read(64 * KiB, 10 * KiB) == b"a" * 4 * KiB + bytes(4 * KiB) + b"a" * 2 * KiB
+    (e0, b0), (_, b1) = _first_entries(storage, 2)
+    assert b0 == 0xFFFFFFFF & ~0b1100 and e0 & 1 << 63  # the host cluster stays
+    assert b1 == (0xFFFFFFFF & ~0b1100) | 0b1100 << 32
+
+
+@pytest.mark.clause("qcow2.extended-l2.clear", "access.discard-to-zero.frees")
+def test_partial_zeroing_of_a_compressed_cluster() -> None:
+    """A compressed cluster has no subclusters: zeroing part of it makes it a normal cluster
+    whose whole subclusters in range are zero subclusters (no data mapping there)."""
+    storage = MemoryStorage()
+    create_image(storage, 64 * KiB, extended_l2=True, cluster_size=32 * KiB)
+    with open_image(storage, writable=True) as img:
+        img.write_compressed(b"c" * 32 * KiB, 0)
+        img.discard_to_zero(1024, 5 * KiB)
+        assert img.read(0, 8 * KiB) == b"c" * 1024 + bytes(5 * KiB) + b"c" * 2 * KiB
+        mapping, _ = img.get_shallow_mapping(1024, 1024)
+        assert isinstance(mapping, ZeroMapping) and mapping.explicit
+    ((entry, bitmap),) = _first_entries(storage, 1)
+    assert not entry & 1 << 62 and entry & 1 << 63  # a normal cluster of ours now
+    assert bitmap == (0xFFFFFFFF & ~0b111110) | 0b111110 << 32

@@ -140,3 +140,29 @@ def test_convert_compressed_refusals(argv: list[str], tmp_path: Path,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "-c" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["SRC"]
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("impl", IMPLS)
+def test_convert_compressed_into_an_existing_image(impl: str, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """-c -n: into an empty image as qemu-img; into allocated clusters refused as qemu-img
+    refuses ("Compression can't overwrite anything"), one line, exit 2."""
+    _require_compressed_writes(impl, tmp_path)
+    src = tmp_path / "src.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", src, "2M")
+    subprocess.run(["qemu-io", "-c", "write -P 0x41 0 300k", "-c", "write -P 0 1M 64k",
+                    str(src)], check=True, capture_output=True, timeout=60)
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    for out in (ours, theirs):
+        qemu_img("create", "-q", "-f", "qcow2", out, "2M")
+    qemu_img("convert", "-c", "-n", "-O", "qcow2", src, theirs)
+    assert convert_main(["--impl", impl, "-c", "-n", "-O", "qcow2", str(src), str(ours)]) == 0
+    assert_qemu_check_clean(ours)
+    assert qemu_img("compare", ours, theirs).returncode == 0
+    assert _check(ours).get("compressed-clusters") == _check(theirs).get("compressed-clusters")
+    # Again: the clusters are allocated now.
+    assert qemu_img("convert", "-c", "-n", "-O", "qcow2", src, theirs, ok=(1,)).returncode
+    assert convert_main(["--impl", impl, "-c", "-n", "-O", "qcow2", str(src), str(ours)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert_qemu_check_clean(ours)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -65,3 +66,19 @@ def test_measure_bad_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFix
     assert measure_main(argv) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.count("\n") == 1
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_measure_counts_persistent_bitmaps_as_qemu(impl: str, tmp_path: Path) -> None:
+    image = tmp_path / "bm.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", image, "300M")
+    for args in (["b0"], ["--granularity", "512", "fine"],
+                 ["--granularity", "4M", "--disable", "a-rather-long-bitmap-name"]):
+        qemu_img("bitmap", "--add", *args[:-1], image, args[-1])
+    for opts in ("", "cluster_size=512", "cluster_size=2M,refcount_bits=1", "compat=0.10"):
+        theirs = qemu_json("measure", "-O", "qcow2", *(["-o", opts] if opts else []), image)
+        ours = measure(str(image), out_fmt="qcow2", impl=impl,
+                       options=parse_options([opts] if opts else [], "qcow2"))
+        assert ours == theirs, opts
+        assert ("bitmaps" in ours) == (opts != "compat=0.10"), opts  # v3 outputs only
+    assert measure(str(image), out_fmt="qcow2", impl=impl)["bitmaps"] > 3 * 512
