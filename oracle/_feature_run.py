@@ -260,6 +260,12 @@ def _write_compressed(access: Access, model: FlatModel, op: Op, step: int,
     model.write(op.offset, data)
 
 
+def _may_overflow(layer: LayerSpec, model: FlatModel) -> bool:
+    """Whether sharing the top's clusters once more may need a refcount its width lacks."""
+    limit = (1 << layer.refcount_bits) - 1
+    return layer.refcount_bits <= 8 or len(model.snapshots) + 2 > limit
+
+
 def run_feature_op(access: Access, model: FlatModel, op: Op, step: int,
                    open_snapshot: Callable[[str], Access], layer: LayerSpec) -> int:
     """Run one of :data:`FEATURE_KINDS` on the top layer (``layer``) and the model;
@@ -284,10 +290,11 @@ def run_feature_op(access: Access, model: FlatModel, op: Op, step: int,
         else:
             _by_name_or_id(access, model, op, layer)
     except PyimagoError:
-        if layer.refcount_bits != 1 or kind is OpKind.DELETE_SNAPSHOT:
+        if kind is OpKind.DELETE_SNAPSHOT or not _may_overflow(layer, model):
             raise
-        # 1-bit refcounts cannot count a cluster a snapshot shares: QEMU fails the
-        # operation (nothing changed: the checks after the step see to that).
+        # Narrow refcounts cannot count a cluster every snapshot shares (nor a host cluster
+        # of several compressed ones, shared again): QEMU fails the operation (nothing
+        # changed: the checks after the step see to that).
     check_snapshot_list(access, model, op.describe())
     return 0
 
