@@ -10,7 +10,12 @@ fuzz a third party's format driver (see :mod:`pyimago.oracle.fuzz`)::
     from pyimago.oracle import run_driver_conformance
     run_driver_conformance(my_driver.target())
 
-or from the command line: ``pyimago run`` (the reference, default budget), ``pyimago fuzz
+The machines generate the qcow2 features an implementation supports (extended L2 at
+subcluster granularity, external data files, lazy refcounts, zstd, compressed writes,
+internal snapshots: :func:`probe_features` finds out which), and put QEMU-made layers with
+the ones it only reads below the top of file chains.
+
+Or from the command line: ``pyimago run`` (the reference, default budget), ``pyimago fuzz
 module:target`` (a driver) and ``pyimago replay FILE`` (a recorded failure).
 
 The names below are imported on first use: the package is imported by its pytest plugin in
@@ -23,6 +28,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .features import FeatureSupport, probe_features
     from .fuzz import (
         ConformanceStats,
         DriverCapabilities,
@@ -55,6 +61,8 @@ _LAZY: dict[str, str] = {
     "Layout": "fuzz",
     "qcow2_layouts": "fuzz",
     "run_driver_conformance": "fuzz",
+    "FeatureSupport": "features",
+    "probe_features": "features",
     "make_machine": "machines",
     "ANY_ALLOC": "model",
     "Alloc": "model",
@@ -97,6 +105,7 @@ __all__ = [
     "ConformanceStats",
     "DriverCapabilities",
     "DriverTarget",
+    "FeatureSupport",
     "FlatModel",
     "ImplementationTarget",
     "LayerSpec",
@@ -118,6 +127,7 @@ __all__ = [
     "make_machine",
     "module_target",
     "pattern",
+    "probe_features",
     "qcow2_layouts",
     "reference_target",
     "register_profiles",

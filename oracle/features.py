@@ -213,33 +213,39 @@ def _qemu_create_options(spec: LayerSpec, backing: tuple[str, str] | None,
     return args
 
 
-def _write_commands(spec: LayerSpec, op: Op, source: str) -> list[str]:
+def _write_commands(spec: LayerSpec, op: Op, source: str, used: set[int]) -> list[str]:
     """qemu-io writes of ``op``'s data (in ``source``); a compressed one compresses the whole
-    clusters it covers (QEMU takes nothing else) and writes the rest plainly."""
+    clusters it covers that nothing wrote before (QEMU takes nothing else: "Compression
+    can't overwrite anything") and writes the rest plainly.  ``used``: the clusters earlier
+    operations touched (updated)."""
     end = op.offset + op.length
-    if op.mode != COMPRESSED_MODE:
-        return [f"write -q -s {source} {op.offset} {op.length}"]
     cs = spec.cluster_size
-    first = -(-op.offset // cs) * cs
-    last = end if end == spec.size else end - end % cs
-    if first >= last:
+    touched = range(op.offset // cs, -(-end // cs))
+    if op.mode != COMPRESSED_MODE:
+        used.update(touched)
         return [f"write -q -s {source} {op.offset} {op.length}"]
-    out = []
+    # Segments [start, stop) and whether they are compressed, merged where they agree.
+    segments: list[list[Any]] = []
+    for cluster in touched:
+        start, stop = max(cluster * cs, op.offset), min((cluster + 1) * cs, end)
+        whole = start == cluster * cs and (stop == (cluster + 1) * cs or stop == spec.size)
+        squeeze = whole and cluster not in used
+        if segments and segments[-1][2] == squeeze and not squeeze:
+            segments[-1][1] = stop
+        else:
+            segments.append([start, stop, squeeze])
+    used.update(touched)
     # Pieces of the source file: qemu-io's -s reads it from its start, so each piece gets
     # its own file cut from it.
     with open(source, "rb") as f:
         data = f.read()
-    for start, stop, flag in ((op.offset, first, ""), (first, last, "-c "), (last, end, "")):
-        if stop > start:
-            piece = f"{source}.{start}"
-            with open(piece, "wb") as f:
-                f.write(data[start - op.offset : stop - op.offset])
-            if flag:
-                # QEMU's compressed write refuses a cluster that has a host cluster ("Compression
-                # can't overwrite anything": EIO): earlier writes or preallocation gave it one.
-                # The discard frees it; the whole clusters are then rewritten.
-                out.append(f"discard -q {start} {stop - start}")
-            out.append(f"write -q {flag}-s {piece} {start} {stop - start}")
+    out = []
+    for start, stop, squeeze in segments:
+        piece = f"{source}.{start}"
+        with open(piece, "wb") as f:
+            f.write(data[start - op.offset : stop - op.offset])
+        flag = "-c " if squeeze else ""
+        out.append(f"write -q {flag}-s {piece} {start} {stop - start}")
     return out
 
 
@@ -270,17 +276,24 @@ def qemu_make_layer(
     if proc.returncode != 0:
         raise RuntimeError(f"qemu-img create failed: {proc.stderr.strip()}")
     commands: list[str] = []
+    # Clusters with a host cluster already (preallocation gives every one a host cluster).
+    used: set[int] = set(range(-(-spec.size // spec.cluster_size))) \
+        if spec.preallocation != "off" else set()
     with tempfile.TemporaryDirectory(prefix="pyimago-qemu-io-") as scratch:
         for op, step in zip(build, steps, strict=False):
             if op.kind is OpKind.WRITE:
                 source = os.path.join(scratch, f"{step}.bin")
                 with open(source, "wb") as f:
                     f.write(pattern(step, op.offset, op.length))
-                commands += _write_commands(spec, op, source)
+                commands += _write_commands(spec, op, source, used)
             elif op.kind is OpKind.WRITE_ZEROES:
                 commands.append(f"write -q -z {op.offset} {op.length}")
+                used.update(range(op.offset // spec.cluster_size,
+                                  -(-(op.offset + op.length) // spec.cluster_size)))
             elif op.kind is OpKind.DISCARD_TO_ZERO:
                 commands.append(f"write -q -z -u {op.offset} {op.length}")
+                used.update(range(op.offset // spec.cluster_size,
+                                  -(-(op.offset + op.length) // spec.cluster_size)))
             else:
                 raise ValueError(f"qemu-io cannot build {op.describe()}")
         if commands:

@@ -444,15 +444,38 @@ def make_machine(
             def _snapshot_key(self, data: st.DataObject) -> str:
                 # Existing IDs and names mostly, now and then one that does not exist.
                 assert self.session is not None
-                taken = [key for snap in self.session.model.snapshots
-                         for key in (snap.id, snap.name)]
-                return data.draw(st.sampled_from((*taken, *taken, "9", "zz")), label="snapshot")
+                snaps = self.session.model.snapshots
+                taken = [key for snap in snaps for key in (snap.id, snap.name)]
+                # A name that is another snapshot's ID: where looking up by ID first shows.
+                ids = {snap.id for snap in snaps}
+                clash = [s.name for s in snaps if s.name in ids and s.name != s.id]
+                return data.draw(st.sampled_from((*taken, *taken, *clash * 4, "9", "zz")),
+                                 label="snapshot")
 
             @precondition(lambda self: self._qcow2_top())
             @rule(data=st.data())
             def create_snapshot(self, data: st.DataObject) -> None:
-                name = data.draw(st.sampled_from(snapshot_names), label="name")
+                # Now and then an existing snapshot's ID as the name (names and IDs are
+                # separate: QEMU looks IDs up first).
+                assert self.session is not None
+                ids = tuple(s.id for s in self.session.model.snapshots)
+                name = data.draw(st.sampled_from((*snapshot_names, *ids, *ids)), label="name")
                 self._apply(Op(OpKind.CREATE_SNAPSHOT, mode=name))
+
+            @precondition(lambda self: self._qcow2_top())
+            @rule(data=st.data())
+            def snapshot_named_like_an_id(self, data: st.DataObject) -> None:
+                # A snapshot, then one named with its ID, a write, then that key applied or
+                # deleted: QEMU looks the ID up first (the other snapshot is not touched).
+                assert self.session is not None
+                model = self.session.model
+                self._apply(Op(OpKind.CREATE_SNAPSHOT, mode="x"))
+                key = model.snapshots[-1].id if model.snapshots else "1"
+                self._apply(Op(OpKind.CREATE_SNAPSHOT, mode=key))
+                self._apply(Op(OpKind.WRITE, 0, min(model.size, 512)))
+                kind = data.draw(st.sampled_from((OpKind.APPLY_SNAPSHOT, OpKind.DELETE_SNAPSHOT)),
+                                 label="then")
+                self._apply(Op(kind, mode=key))
 
             @precondition(lambda self: self._qcow2_top())
             @rule(data=st.data())

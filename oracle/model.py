@@ -71,7 +71,7 @@ class LayerTraits:
     """Whether explicit zero units exist (qcow2 v3)."""
     subclusters: bool = False
     """Units are subclusters (extended L2): preallocation gives them a host cluster but
-    leaves them unallocated, as QEMU does (qcow2.extended-l2.preallocation)."""
+    leaves them unallocated, as QEMU does (create.qcow2.extended-l2)."""
 
     @classmethod
     def raw(cls) -> LayerTraits:
@@ -226,6 +226,13 @@ class FlatModel:
         start, end = self.unit_span(unit)
         return offset <= start and offset + length >= end
 
+    def _cluster_whole(self, unit: int, offset: int, length: int) -> bool:
+        """Whether the whole cluster (32 subclusters) holding ``unit`` lies in the range."""
+        first = unit - unit % 32
+        start = first * self.traits.granularity
+        end = min((first + 32) * self.traits.granularity, self.size)
+        return offset <= start and offset + length >= end
+
     def in_range(self, offset: int, length: int) -> bool:
         """Whether a modifying request on ``[offset, offset+length)`` lies inside the disk."""
         return offset >= 0 and length >= 0 and offset + length <= self.size
@@ -367,7 +374,12 @@ class FlatModel:
             start, end = self.unit_span(unit)
             if not self._is_whole(unit, offset, length):
                 continue
-            if end - start == g:
+            if self.traits.subclusters and not self._cluster_whole(unit, offset, length):
+                # A whole subcluster of a partial cluster: QEMU 7.2 (and the reference) leave
+                # partial clusters alone, fast frees the subcluster (qcow2.extended-l2.clear).
+                self.alloc[unit] = self.alloc[unit] | _BACKING
+                self._either(start, *self._backing_read(start, end - start))
+            elif end - start == g:
                 self.alloc[unit] = _BACKING
                 self._show_backing(start, end - start)
             else:

@@ -113,9 +113,9 @@ class Session(Applier):
             return None  # raw has no metadata; a driver's own format is its own business
         if self.chain.top.lazy_refcounts:
             # crash.power-cut is QEMU's promise without lazy refcounts: with them a cut may
-            # leave refcounts a repair must rebuild; content and the read-only open still
-            # hold.
-            return None
+            # leave refcounts a repair must rebuild, so qemu-img check -r all judges what is
+            # left after repairing; content and the read-only open hold as ever.
+            return qemu_judge(self._qemu_img, repair=True) if self._qemu_img else None
         if self._qemu_img:
             return qemu_judge(self._qemu_img)
         return reference_judge()

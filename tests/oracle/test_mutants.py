@@ -196,6 +196,23 @@ class CompressedOverAllocated(Qcow2Driver):
             self._write_plain(data, offset)
 
 
+class SnapshotLookupNameFirst(Qcow2Driver):
+    """apply_snapshot and delete_snapshot look a snapshot up by name before ID (QEMU: ID
+    first), which shows when a snapshot is named like another's ID."""
+
+    def _name_first(self, key: str) -> str:
+        for entry in self._snapshots():
+            if entry.name == key:
+                return entry.id_str
+        return key
+
+    def apply_snapshot(self, key: str) -> None:
+        super().apply_snapshot(self._name_first(key))
+
+    def delete_snapshot(self, key: str) -> None:
+        super().delete_snapshot(self._name_first(key))
+
+
 MUTANTS: dict[str, type[Any]] = {
     "no-copy-on-write": NoCopyOnWrite,
     "stale-discard-to-backing": StaleDiscardToBacking,
@@ -208,6 +225,7 @@ MUTANTS: dict[str, type[Any]] = {
     "readv-odd-offset": ReadvOddOffset,
     "parallel-drops-last-job": ParallelDropsLastJob,
     "compressed-over-allocated": CompressedOverAllocated,
+    "snapshot-lookup-name-first": SnapshotLookupNameFirst,
 }
 
 #: Mutants whose bug is a broken power-cut promise (killed by the crash rule).
@@ -225,6 +243,7 @@ CLAUSES = {
     "readv-odd-offset": ("access.read.no-short",),
     "parallel-drops-last-job": ("access.parallel.same-result",),
     "compressed-over-allocated": ("qcow2.compressed.write-unallocated-only",),
+    "snapshot-lookup-name-first": ("qcow2.snapshots.lookup-id-then-name",),
 }
 
 
@@ -287,7 +306,7 @@ def _param(name: str) -> Any:
     return pytest.param(name, id=name, marks=[pytest.mark.clause(*CLAUSES[name])])
 
 
-_HELPERS = {"_shift", "_after_swap"}
+_HELPERS = {"_shift", "_after_swap", "_name_first"}
 
 
 @pytest.mark.parametrize("name", list(MUTANTS))
