@@ -352,9 +352,15 @@ def grow_general(layer: Qcow2Layer, old: int, prealloc: PreallocateMode) -> None
     NONE and ZERO also map it to host clusters.  The data file grows with the disk."""
     cb = layer._cbits
     new_size = layer.size
-    if layer.hdr.has_data_file and layer.data.size() < new_size:
-        mode = PreallocateMode.NONE if prealloc is PreallocateMode.FORMAT_ALLOCATE else prealloc
-        layer.data.resize(new_size, mode)
+    if layer.hdr.has_data_file:
+        have = layer.data.size()
+        if _raw_data_file(layer) and have > old:
+            # Bytes a longer data file holds past the old end would show in the raw disk.
+            layer.data.write_zeroes(old, min(have, new_size) - old)
+        if have < new_size:
+            mode = (PreallocateMode.NONE if prealloc is PreallocateMode.FORMAT_ALLOCATE
+                    else prealloc)
+            layer.data.resize(new_size, mode)
     head_end = min(-(-old >> cb) << cb, new_size)
     if head_end > old and not _reads_zero(layer, old, head_end):
         # The cluster the old end cut short may hold stale bytes past it.

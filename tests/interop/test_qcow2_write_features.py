@@ -334,3 +334,34 @@ def test_data_file_mappings_name_the_data_file(
         assert "d.raw" in str(m.storage)
         assert img.read(8192, 200) == bytes(100) + b"\x07" * 100
     assert (tmp_path / "d.raw").read_bytes()[:4096] == b"\x08" * 4096
+
+
+@pytest.mark.clause("qcow2.extended-l2.write", "interop.qemu-check", "interop.qemu-compare")
+def test_extended_l2_with_compressed_writes_and_snapshots(
+    qemu: QemuTools, tmp_path: Path
+) -> None:
+    """The other write features of pyimago.fast on an extended L2 image: compressed clusters
+    and an internal snapshot, then writes that copy them on write per subcluster."""
+    size = 2 * MiB
+    path = tmp_path / "x.qcow2"
+    fast.create_image(path, size, extended_l2=True, cluster_size=32768)
+    want = bytearray(size)
+    with fast.open_image(path, writable=True) as img:
+        for k in range(8):
+            data = bytes([k + 1]) * 32768
+            img.write_compressed(data, k * 3 * 32768)
+            want[k * 3 * 32768 : (k * 3 + 1) * 32768] = data
+        img.write(b"\x11" * 70000, 100000)
+        want[100000:170000] = b"\x11" * 70000
+        img.create_snapshot("s1")
+        snap = bytes(want)
+        _random_ops(img, want, 5, 80, 1024)
+    _judge(qemu, path, bytes(want), "after the snapshot")
+    out = tmp_path / "s1.raw"
+    qemu.img("convert", "-l", "s1", "-O", "raw", path, out)
+    assert_same_bytes(out.read_bytes(), snap, 0, "snapshot s1")
+    with fast.open_image(path, writable=True) as img:
+        img.delete_snapshot("s1")
+        img.write(b"\x55" * 40000, 0)
+        want[:40000] = b"\x55" * 40000
+    _judge(qemu, path, bytes(want), "after deleting the snapshot")
