@@ -171,6 +171,9 @@ def _prepare(
         end = max(hi, min(end, layer.size - g0))
     held = [e] if not keep and _holds(layer, e) else []
     layer._vet_releases(held)
+    more = 0
+    if not keep and overwrite and data is not None and hi == cs:
+        more = _fresh_after(layer, cur, j, c, (offset + length) >> cb)
     if keep:
         new_host = host
         if not dfile:
@@ -178,8 +181,11 @@ def _prepare(
     elif dfile:
         new_host = g0
     else:
-        hc, _ = layer.refs.allocate(1, exact=True)
+        hc, m = layer.refs.allocate(1 + more, exact=not more)
+        more = m - 1
         new_host = hc << cb
+    if more:
+        return _fresh_run(layer, c, cur, j, e, bm, comp, new_host, start, lo, more, held)
     written = _write_span(layer, new_host, g0, start, end, lo, hi, overwrite, data)
     sa, sb = start >> sbits, ((end - 1) >> sbits) + 1
     new_bm = ((0 if comp else bm) | alloc_range(sa, sb)) & ~zero_range(sa, sb)
@@ -188,6 +194,56 @@ def _prepare(
     if held:
         layer._drop_refs(tofs, held)
     return new_host + lo, hi - lo, written
+
+
+def _fresh_after(
+    layer: Qcow2Layer, tbl: array[int] | None, j: int, c: int, stop: int
+) -> int:
+    """How many guest clusters after ``c`` (before ``stop``, in the same L2 table) have no
+    host cluster and no allocated subcluster: a write covering them wholly maps them to
+    fresh host clusters with ``c``'s, in one run."""
+    stop = min(stop, ((c >> layer._l2bits) + 1) << layer._l2bits)
+    if tbl is None:
+        return max(0, stop - c - 1)
+    ext = layer._ext
+    step = 1 << ext
+    jj = j + step
+    k = 0
+    while c + 1 + k < stop and tbl[jj] == 0 and not (ext and tbl[jj + 1] & ALL_ALLOC):
+        k += 1
+        jj += step
+    return k
+
+
+def _fresh_run(
+    layer: Qcow2Layer, c: int, cur: array[int] | None, j: int, e: int, bm: int, comp: bool,
+    host: int, start: int, lo: int, more: int, held: list[int],
+) -> tuple[int, int, bool]:
+    """Map guest cluster ``c`` (written from ``lo`` to its end, copied on write from
+    ``start``) and the ``more`` unallocated clusters after it (written wholly) to the host
+    run at ``host``; the caller writes its data there."""
+    cb, cs = layer._cbits, layer._cs
+    sbits, _ = _geometry(layer)
+    g0 = c << cb
+    if lo > start:
+        # Not mapped yet: the copy and the caller's data may go in separate writes.
+        head = memoryview(bytearray(lo - start))
+        layer.readinto(head, g0 + start)
+        layer.data.write(head, host + start)
+    sa = start >> sbits
+    new_bm = ((0 if comp else bm) | alloc_range(sa, 32 if layer._ext else 1))
+    new_bm &= ~zero_range(sa, 32 if layer._ext else 1)
+    tofs, tbl = layer._writable_l2(c >> layer._l2bits, cur)
+    step = 1 << layer._ext
+    for t in range(more + 1):
+        entry, word = _encode(layer, (host + t * cs) | COPIED, ALL_ALLOC if t else new_bm)
+        tbl[j + t * step] = entry
+        if layer._ext:
+            tbl[j + t * step + 1] = word
+    layer._l2.touch(tofs, tbl)
+    if held:
+        layer._drop_refs(tofs, held)
+    return host + lo, (more + 1) * cs - lo, False
 
 
 def _in_place(
