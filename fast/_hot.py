@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 from pyimago.reference._storage import WritableBuffer
 
 from ._entries import COMPRESSED, HOST_MASK, ZERO_FLAG
-from ._storage import FastFileStorage
+from ._storage import MAP_MAX, FastFileStorage
 
 if TYPE_CHECKING:
     from ._qcow2 import Qcow2Layer
@@ -63,10 +63,13 @@ def hot_reader(layer: Qcow2Layer, slow: Readinto) -> Readinto | None:
                 if tbl is not None:
                     e = tbl[(offset >> cbits) & l2mask]
                     view = buf if type(buf) is memoryview else memoryview(buf)
-                    n = len(view)
+                    n = view.nbytes
                     inc = offset & cmask
                     if e and not e & not_plain and inc + n <= cs and offset + n <= layer.size:
                         host = (e & HOST_MASK) | inc
+                        if n > MAP_MAX:
+                            storage.readinto(view, host)  # (preadv: see _storage)
+                            return
                         # A map too short, released or missing, or a buffer of another
                         # shape or format, raises before a byte is copied.
                         view[:] = storage.mapped[host : host + n]  # type: ignore[index]

@@ -752,14 +752,26 @@ class Qcow2Layer(MetadataGuard, LayerBase):
         g0 = c << cbits
         wend = min(end, (c + m) << cbits)
         written = False
+        # Clusters past the end of the file were never written: they read as zero already,
+        # so old content that reads zero is not copied there (16 times the bytes of a 4 KiB
+        # write into a fresh 64 KiB cluster); the file is only extended over them.
+        fresh = host >= self.storage.size()
+        head = in_c
+        tail = ((c + m) << cbits) - wend
         if not overwrite:
-            buf = memoryview(bytearray(m * cs))
-            for t in range(m):
-                self._old_content(buf[t * cs : (t + 1) * cs], g0 + t * cs, olds[t])
-            self.storage.write(buf, host)
+            if fresh and all(map(self._entry_reads_zero, olds)):
+                self.storage.write_zeroes(host, m * cs)
+            else:
+                buf = memoryview(bytearray(m * cs))
+                for t in range(m):
+                    self._old_content(buf[t * cs : (t + 1) * cs], g0 + t * cs, olds[t])
+                self.storage.write(buf, host)
+        elif (head or tail) and fresh and self._entry_reads_zero(olds[0]) and (
+            self._entry_reads_zero(olds[-1])
+        ):
+            if tail:
+                self.storage.write_zeroes(host + (m * cs - tail), tail)
         else:
-            head = in_c
-            tail = ((c + m) << cbits) - wend
             if (head or tail) and data is not None and m * cs <= _COW_IN_ONE:
                 buf = memoryview(bytearray(m * cs))
                 if head:
@@ -1138,7 +1150,10 @@ class Qcow2Layer(MetadataGuard, LayerBase):
             self._zero_by_writing(head_end, new_size)
 
     def _reads_zero(self, c: int) -> bool:
-        e = self._entry(c)
+        return self._entry_reads_zero(self._entry(c))
+
+    def _entry_reads_zero(self, e: int) -> bool:
+        """Whether a cluster whose L2 entry is ``e`` reads as zero."""
         if e & COMPRESSED:
             return False
         return bool(e & ZERO_FLAG) or (not e & HOST_MASK and self.backing is None)

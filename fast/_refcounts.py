@@ -10,7 +10,7 @@ lies in the range the block describes, the block counts itself.
 from __future__ import annotations
 
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Set
 
 from pyimago.reference._errors import CorruptImageError, UnsupportedError
 from pyimago.reference._storage import Storage
@@ -68,6 +68,7 @@ class Refcounts:
         self.blocks = TableCache(max(2, cache_bytes // block_bytes), self._store_block)
         self.span = table
         self.table = decode_u64_table(read_meta(table.at, table.n * self._cs))
+        self._offsets = _block_offsets(self.table)
         self._table_dirty = False
         #: First cluster that may be free (nothing below it is).  It starts at 0, as QEMU's
         #: allocator does: a header whose refcount says free is caught by the overlap check.
@@ -81,6 +82,7 @@ class Refcounts:
         """Forget everything cached and read the table again (it may have changed)."""
         self.blocks.clear()
         self.table = decode_u64_table(self._read(self.span.at, self.span.n * self._cs))
+        self._offsets = _block_offsets(self.table)
         self._table_dirty = False
         self._hint = 0
         self.generation += 1
@@ -90,9 +92,10 @@ class Refcounts:
     def _store_block(self, ofs: int, blk: array[int]) -> None:
         self._storage.write(encode_refblock(blk, self._width), ofs)
 
-    def block_offsets(self) -> set[int]:
-        """Host offsets of every refcount block."""
-        return {e & REFTABLE_OFFSET_MASK for e in self.table} - {0}
+    def block_offsets(self) -> Set[int]:
+        """Host offsets of every refcount block (kept as blocks are added: O(1); the
+        caller must not change the set)."""
+        return self._offsets
 
     def _block(self, i: int) -> array[int] | None:
         """Refcount block ``i`` (None where the table has no block)."""
@@ -229,6 +232,7 @@ class Refcounts:
             self._mark(home >> self._shift)
         ofs = home << self._cbits
         self.table[i] = ofs
+        self._offsets.add(ofs)
         self._table_dirty = True
         self.blocks.add(ofs, blk, dirty=True)
         if self._placed_block is not None:
@@ -286,3 +290,8 @@ class Refcounts:
                 )
             blk[idx] += 1
             self._mark(cluster >> self._shift)
+
+
+def _block_offsets(table: array[int]) -> set[int]:
+    """The refcount-block offsets a refcount table points at."""
+    return {e & REFTABLE_OFFSET_MASK for e in table} - {0}

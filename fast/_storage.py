@@ -1,18 +1,23 @@
-"""File storage that reads data through ``mmap`` and writes with ``pwrite``.
+"""File storage that reads small requests through ``mmap``, large ones with ``preadv``, and
+writes with ``pwrite``.
 
-Measured on the project's machine (2 cores; a 256 MiB file in the page cache; one fresh
-process per row; MB/s on the first pass / on later passes over the same mapping):
+Measured on the project's machine (2 cores, a 256 MiB file in tmpfs, a fresh map per pass,
+CPU MB/s -- the machine is shared, so CPU time, not wall time, compares the two):
 
-    request     mmap copy        preadv
-    1 MiB       6500 / 9250      6400 / 6560
-    64 KiB      6600 / 9880      6000 / 6480
-    4 KiB rand  3260 / 4750      2470 / 2980
+    request        mmap copy   preadv
+    4 KiB seq      6250        5220
+    16 KiB seq     9190        9260
+    64 KiB seq     10030       11320
+    256 KiB seq    10370       12990
+    1 MiB seq      9300        11580
+    4 KiB random   4210        3520
 
-so single-threaded data reads go through the map.  A map's pages count in the process's
-RSS while mapped (reclaimable page cache, not private memory), and copies out of it hold the
-GIL: tables, decoded once, are read with :meth:`pread`; parallel readers that want the GIL
-released use :meth:`pread_into`.  Ranges the map does not cover (the file grew since it was
-mapped, or could not be mapped) are served by ``preadv`` too.
+A first touch of a mapped page costs a fault, a ``preadv`` costs a system call: from 16 KiB
+on the call is cheaper, so larger requests are read with ``preadv`` (which also releases the
+GIL and leaves nothing mapped) and smaller ones are copied out of the map.  A map's pages
+count in the process's RSS while mapped (reclaimable page cache, not private memory):
+tables, decoded once, are read with :meth:`pread`.  Ranges the map does not cover (the file
+grew since it was mapped, or could not be mapped) are served by ``preadv`` too.
 """
 
 from __future__ import annotations
@@ -35,10 +40,12 @@ from pyimago.reference._storage import Buffer, WritableBuffer
 
 from ._lock import lock_fd, validate
 
-__all__ = ["MAX_STORAGE_OFFSET", "FastFileStorage", "fill_zero"]
+__all__ = ["MAP_MAX", "MAX_STORAGE_OFFSET", "FastFileStorage", "fill_zero"]
 
 MAX_STORAGE_OFFSET = (1 << 63) - 1
 _ZEROS = memoryview(bytes(1 << 20))
+#: Requests up to this size are copied out of the map; larger ones are read with preadv.
+MAP_MAX = 16 << 10
 #: Remap only once the file outgrew the map by this much: remapping costs page faults.
 _REMAP_GROWTH = 64 << 20
 
@@ -172,14 +179,15 @@ class FastFileStorage:
 
     def readinto(self, buf: WritableBuffer, offset: int) -> None:
         view = buf if type(buf) is memoryview and buf.format == "B" else _bytes_of(buf)
-        end = offset + len(view)
+        n = len(view)
+        end = offset + n
         mv = self.mapped
-        if mv is not None and offset >= 0 and end <= self.mapped_size:
+        if n <= MAP_MAX and mv is not None and offset >= 0 and end <= self.mapped_size:
             view[:] = mv[offset:end]
             return
-        _in_bounds(offset, len(view))
+        _in_bounds(offset, n)
         outgrown = self._file_size - self.mapped_size >= max(_REMAP_GROWTH, self.mapped_size)
-        if self._use_mmap and outgrown and end <= self._file_size:
+        if n <= MAP_MAX and self._use_mmap and outgrown and end <= self._file_size:
             with self._lock:
                 self._remap()
         self.pread_into(view, offset)
@@ -207,6 +215,8 @@ class FastFileStorage:
 
     def read(self, offset: int, length: int) -> bytes:
         mv = self.mapped
+        if length > MAP_MAX:
+            return self.pread(offset, length)
         if mv is not None and offset >= 0 and length >= 0 and offset + length <= self.mapped_size:
             return mv[offset : offset + length].tobytes()
         buf = bytearray(length)

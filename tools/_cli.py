@@ -29,6 +29,7 @@ from ._create import create, resize
 from ._info import image_info, render_info, render_snapshots
 from ._map import map_image, render_map
 from ._measure import measure, render_measure
+from ._progress import busy
 from ._snapshot import apply_snapshot, create_snapshot, delete_snapshot
 
 __all__ = [
@@ -352,6 +353,7 @@ def check_main(argv: Sequence[str]) -> int:
     parser.add_argument("-r", dest="repair", choices=("leaks", "all"),
                         help="repair leaks only, or everything that can be")
     parser.add_argument("--junit", help="also write the verdict as a JUnit XML file")
+    _progress_arg(parser)
     args = _parse(parser, argv, "image", quiet=True)
     if isinstance(args, int):
         return args
@@ -361,8 +363,9 @@ def check_main(argv: Sequence[str]) -> int:
             folder = os.path.dirname(os.path.abspath(args.junit))
             if not os.path.isdir(folder) or os.path.isdir(args.junit):
                 raise ToolError(f"--junit {args.junit!r}: not a file in an existing folder")
-        result, seconds = timed_check(args.image, repair=args.repair, impl=args.impl,
-                                      fmt=args.fmt)
+        with busy(args.progress and not args.quiet, f"check {args.image}"):
+            result, seconds = timed_check(args.image, repair=args.repair, impl=args.impl,
+                                          fmt=args.fmt)
         if not args.quiet:
             for problem in result.problems:
                 print(problem, file=sys.stderr)

@@ -114,14 +114,17 @@ def allocated_size(path: str) -> int:
 _SIZE_OPTIONS = frozenset({"cluster_size", "size"})
 _INT_OPTIONS = frozenset({"refcount_bits"})
 _STR_OPTIONS = frozenset({"compat", "backing_file", "backing_fmt", "preallocation",
-                          "compression_type"})
+                          "compression_type", "data_file"})
+_BOOL_OPTIONS = frozenset({"extended_l2", "data_file_raw", "lazy_refcounts"})
 OPTION_NAMES = {
-    "qcow2": _SIZE_OPTIONS | _INT_OPTIONS | _STR_OPTIONS,
+    "qcow2": _SIZE_OPTIONS | _INT_OPTIONS | _STR_OPTIONS | _BOOL_OPTIONS,
     "raw": frozenset({"size", "preallocation"}),
 }
 #: qemu-img options pyimago knows but cannot honour (a clear "not supported" error).
-_UNSUPPORTED = frozenset({"encryption", "encrypt.format", "data_file", "data_file_raw",
-                          "extended_l2", "lazy_refcounts", "nocow", "extent_size_hint"})
+_UNSUPPORTED = frozenset({"encryption", "encrypt.format", "nocow", "extent_size_hint"})
+#: qapi_bool_parse: the words qemu-img takes for on and off.
+_BOOLS = {"on": True, "yes": True, "true": True, "y": True,
+          "off": False, "no": False, "false": False, "n": False}
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
           "p": 1 << 50, "e": 1 << 60}
@@ -163,6 +166,10 @@ def parse_options(texts: list[str], fmt: str) -> dict[str, object]:
                 raise ToolError(f"unknown {fmt} option {name!r} (known: {known})")
             if name in _SIZE_OPTIONS:
                 out[name] = parse_size(value, name)
+            elif name in _BOOL_OPTIONS:
+                if value not in _BOOLS:
+                    raise ToolError(f"{name} must be on or off, not {value!r}")
+                out[name] = _BOOLS[value]
             elif name in _INT_OPTIONS:
                 try:
                     out[name] = int(value)

@@ -135,7 +135,10 @@ def _zero_pieces(data: bytes, offset: int, sparse: int) -> Iterator[tuple[int, i
         yield offset + pos, len(data) - pos, False
 
 
-def _validate(src: str, dst: str, opts: ConvertOptions, module: Any) -> dict[str, object]:
+def _validate(src: str, dst: str, opts: ConvertOptions, module: Any
+              ) -> tuple[dict[str, object], bool]:
+    """The output's creation options, and whether only the source's top layer is copied
+    (the output has a backing file that supplies the rest)."""
     require_file(src, "source image")
     check_format(opts.out_fmt, "output format")
     if opts.compress:
@@ -157,21 +160,28 @@ def _validate(src: str, dst: str, opts: ConvertOptions, module: Any) -> dict[str
     if opts.sparse_size < 0 or opts.sparse_size % 512:
         raise ToolError(f"-S must be a multiple of 512, not {opts.sparse_size}")
     create = dict(opts.options)
-    if opts.backing is not None:
+    # qemu-img.c img_convert: a backing_file creation option is taken as -B ("out_baseimg =
+    # out_baseimg_param"): the output gets that backing file and only the top layer is copied.
+    backing, backing_fmt = opts.backing, opts.backing_fmt
+    if backing is not None and create.get("backing_file") is not None:
+        raise ToolError("give the output's backing file once: -B or -o backing_file")
+    if backing is None and create.get("backing_file") is not None:
+        backing = str(create["backing_file"])
+        backing_fmt = backing_fmt or create.get("backing_fmt")  # type: ignore[assignment]
+    if backing is not None:
         if opts.out_fmt != "qcow2":
             raise ToolError(f"a backing file (-B) needs -O qcow2, not {opts.out_fmt}")
-        if opts.no_create:
-            raise ToolError("-B and -n cannot be combined (the output exists already)")
-        if opts.backing_fmt is None:
+        if backing_fmt is None:
             # qemu-img 7.2: "Use of backing file requires explicit backing format".
-            raise ToolError(f"backing file (-B) {opts.backing!r} needs its format (-F)")
-        create["backing_file"] = opts.backing
-        create["backing_fmt"] = check_format(opts.backing_fmt, "backing format")
+            raise ToolError(f"backing file (-B) {backing!r} needs its format (-F)")
+        if not opts.no_create:  # with -n the output keeps the backing file it has
+            create["backing_file"] = backing
+            create["backing_fmt"] = check_format(str(backing_fmt), "backing format")
     if opts.no_create:
         require_file(dst, "output image")
     elif os.path.isdir(dst):
         raise ToolError(f"output {dst!r} is a directory")
-    return create
+    return create, backing is not None
 
 
 def convert(src: str, dst: str, opts: ConvertOptions | None = None, *, impl: Impl = "fast",
@@ -179,7 +189,7 @@ def convert(src: str, dst: str, opts: ConvertOptions | None = None, *, impl: Imp
     """Copy the guest contents of ``src`` into ``dst`` as ``qemu-img convert`` does."""
     opts = opts or ConvertOptions()
     module = implementation(impl)
-    create = _validate(src, dst, opts, module)
+    create, top_only = _validate(src, dst, opts, module)
     snapshot_id = None
     if opts.snapshot is not None:
         with open_chain(src, impl=module, fmt=fmt, force_share=True) as source:
@@ -198,7 +208,7 @@ def convert(src: str, dst: str, opts: ConvertOptions | None = None, *, impl: Imp
             if target.size < size:
                 raise ToolError(f"output {dst!r} ({target.size} bytes) is smaller than the "
                                 f"source ({size} bytes)")
-            _copy(source, src, target, opts, zero_init=fresh and opts.backing is None)
+            _copy(source, src, target, opts, top_only, zero_init=fresh and not top_only)
             target.flush()
             target.sync()
         finally:
@@ -244,10 +254,11 @@ def _on_clusters(runs: Iterator[tuple[int, int, str]], cluster: int, size: int
         yield lo, hi - lo, _DATA
 
 
-def _copy(source: Any, src: str, target: Any, opts: ConvertOptions, zero_init: bool) -> None:
+def _copy(source: Any, src: str, target: Any, opts: ConvertOptions, top_only: bool,
+          zero_init: bool) -> None:
     pending: deque[tuple[int, int, str, Future[bytes] | None]] = deque()
     window = 2 * opts.workers
-    runs = _runs(source, src, opts.backing is not None)
+    runs = _runs(source, src, top_only)
     if opts.compress:
         runs = _on_clusters(runs, target.info().cluster_size, source.size)
     write = _write_compressed if opts.compress else _write

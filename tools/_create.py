@@ -36,15 +36,21 @@ def formatting_line(path: str, fmt: str, size: int, options: dict[str, object]) 
         if "preallocation" in options:
             parts.append(f"preallocation={options['preallocation']}")
         return f"Formatting '{path}', {' '.join(parts)}"
-    parts = [f"fmt=qcow2 cluster_size={options.get('cluster_size', 65536)}", "extended_l2=off"]
+    def onoff(name: str) -> str:
+        return "on" if options.get(name) else "off"
+
+    parts = [f"fmt=qcow2 cluster_size={options.get('cluster_size', 65536)}",
+             f"extended_l2={onoff('extended_l2')}"]
     if "preallocation" in options:
         parts.append(f"preallocation={options['preallocation']}")
     parts.append(f"compression_type={options.get('compression_type', 'zlib')}")
     parts.append(f"size={size}")
-    for name in ("backing_file", "backing_fmt", "compat"):
+    for name in ("backing_file", "backing_fmt", "compat", "data_file"):
         if name in options:
             parts.append(f"{name}={options[name]}")
-    parts.append("lazy_refcounts=off")
+    if "data_file_raw" in options:
+        parts.append(f"data_file_raw={onoff('data_file_raw')}")
+    parts.append(f"lazy_refcounts={onoff('lazy_refcounts')}")
     parts.append(f"refcount_bits={options.get('refcount_bits', 16)}")
     return f"Formatting '{path}', {' '.join(parts)}"
 

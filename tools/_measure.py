@@ -42,13 +42,16 @@ def _refcount_metadata_size(clusters: int, cluster_size: int, refcount_order: in
     return (blocks + table) * cluster_size
 
 
-def qcow2_prealloc_size(size: int, cluster_size: int, refcount_order: int) -> int:
-    """qcow2_calc_prealloc_size: the file size of a fully allocated qcow2 image."""
+def qcow2_prealloc_size(size: int, cluster_size: int, refcount_order: int,
+                        extended_l2: bool = False) -> int:
+    """qcow2_calc_prealloc_size: the file size of a fully allocated qcow2 image (extended
+    L2 entries are twice as wide: L2E_SIZE_EXTENDED)."""
+    l2e = _L2E_SIZE * (2 if extended_l2 else 1)
     aligned = _round_up(size, cluster_size)
     meta = cluster_size  # the header
-    nl2e = _round_up(aligned // cluster_size, cluster_size // _L2E_SIZE)
-    meta += nl2e * _L2E_SIZE
-    nl1e = _round_up(nl2e * _L2E_SIZE // cluster_size, cluster_size // _L1E_SIZE)
+    nl2e = _round_up(aligned // cluster_size, cluster_size // l2e)
+    meta += nl2e * l2e
+    nl1e = _round_up(nl2e * l2e // cluster_size, cluster_size // _L1E_SIZE)
     meta += nl1e * _L1E_SIZE
     meta += _refcount_metadata_size((meta + aligned) // cluster_size, cluster_size,
                                     refcount_order)
@@ -100,6 +103,11 @@ def measure(
     has_backing = opts.pop("backing_file", None) is not None
     opts.pop("backing_fmt", None)
     opts.pop("compression_type", None)
+    # qcow2_measure reads extended_l2; data_file, data_file_raw and lazy_refcounts change
+    # nothing it counts (the data clusters are counted in the qcow2 file all the same).
+    extended_l2 = bool(opts.pop("extended_l2", False))
+    for ignored in ("data_file", "data_file_raw", "lazy_refcounts"):
+        opts.pop(ignored, None)
     opt_size = opts.pop("size", None)
     if size is None and opt_size is not None and path is None:
         size = int(opt_size)  # type: ignore[call-overload]
@@ -126,12 +134,13 @@ def measure(
         virtual = _round_up(size, cluster_size)
         required = 0
     # qcow2_measure: "Check that virtual disk size is valid" (QCOW_MAX_L1_SIZE, 32 MiB of L1).
-    l2_tables = -(-(virtual // cluster_size) // (cluster_size // _L2E_SIZE))
+    l2_tables = -(-(virtual // cluster_size) // (cluster_size // (_L2E_SIZE << extended_l2)))
     if l2_tables * _L1E_SIZE > _MAX_L1_BYTES:
         raise ToolError("The image size is too large (try using a larger cluster size)")
     if prealloc in ("full", "falloc"):
         required = virtual
-    full = qcow2_prealloc_size(virtual, cluster_size, refcount_bits.bit_length() - 1)
+    full = qcow2_prealloc_size(virtual, cluster_size, refcount_bits.bit_length() - 1,
+                               extended_l2)
     out: dict[str, int] = {}
     if bitmaps and compat in ("1.1", "v3"):
         # pyimago keeps no persistent bitmaps: their size is always 0.

@@ -169,3 +169,21 @@ def test_storage_growth_past_the_map_falls_back_to_pread(tmp_path: Path) -> None
         got = bytearray(4 * KiB)
         img.readinto(got, 7 * MiB)
         assert bytes(got) == data
+
+
+def test_large_requests_of_wide_items_stay_inside_their_cluster(tmp_path: Path) -> None:
+    """A buffer of 2-byte items counts 2 bytes an item: a 48 KiB request at 32 KiB into a
+    64 KiB cluster crosses into the next one, whose host cluster does not follow."""
+    path = tmp_path / "scattered.qcow2"
+    fast.create_image(str(path), MiB)
+    with fast.open_image(str(path), writable=True) as img:
+        for c in (0, 2, 1):  # host order: guest clusters 0, 2, 1
+            img.write(bytes([c + 1]) * CS, c * CS)
+    with fast.open_image(str(path)) as img:
+        img.readinto(bytearray(CS), 0)
+        words = array.array("H", bytes(48 * KiB))
+        img.readinto(words, 32 * KiB)
+        assert words.tobytes() == _truth(path, 32 * KiB, 48 * KiB)
+        big = bytearray(CS)
+        img.readinto(big, 0)  # one whole cluster: read with preadv
+        assert big == _truth(path, 0, CS)

@@ -259,6 +259,31 @@ def test_zeroing_keeps_and_discarding_frees_host_clusters() -> None:
         assert img.read(0, MiB) == bytes(MiB)
 
 
+def test_refcount_block_offsets_are_kept_as_blocks_come() -> None:
+    """block_offsets() is kept up to date as blocks are added and the table grows and
+    moves (issue 16: it used to be derived from the whole table each time), and the
+    overlap checks still see every block."""
+    store = _image(8 * MiB, cluster_size=512, refcount_bits=64)
+    with fast.open_image(store, writable=True) as img:
+        layer = img.driver
+        refs = layer.refs
+        table_at = refs.span.at
+        # 64-bit refcounts, 512-byte clusters: 64 clusters per block; the 4 MiB written
+        # here needs ~130 blocks, which outgrow the one-cluster table and move it.
+        for off in range(0, 4 * MiB, 64 * KiB):
+            img.write(os.urandom(64 * KiB), off)
+        derived = {e & 0x00FFFFFFFFFFFE00 for e in refs.table} - {0}
+        assert refs.span.at != table_at and len(derived) > 100
+        assert set(refs.block_offsets()) == derived
+        meta = layer._metadata()
+        assert all(meta.what(ofs >> 9) == "refcount block" for ofs in derived)
+        img.flush()
+        img.invalidate_cache()
+        assert set(refs.block_offsets()) == derived
+    result = fast.check(store)
+    assert result.clean and not result.leaks, result
+
+
 def test_metadata_cache_stays_within_its_budget() -> None:
     # 512-byte clusters: each L2 table covers 32 KiB, so 8 MiB of data touches 256 tables.
     store = _image(8 * MiB, cluster_size=512)
@@ -479,7 +504,7 @@ def test_preallocation_with_a_backing_file_is_refused() -> None:
 
 
 def test_zlib_serves_when_isal_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``isal`` is an optional extra: without it, zlib inflates the same clusters."""
+    """Where ``isal`` is missing, zlib inflates the same clusters."""
     import importlib
     import sys
     import zlib
@@ -497,3 +522,50 @@ def test_zlib_serves_when_isal_is_missing(monkeypatch: pytest.MonkeyPatch) -> No
     finally:
         monkeypatch.undo()
         importlib.reload(_inflate)
+
+
+class _CountingStorage(MemoryStorage):
+    """Counts the bytes ``write`` stores (write_zeroes past the end only extends)."""
+
+    written = 0
+
+    def write(self, data: object, offset: int) -> None:  # type: ignore[override]
+        self.written += len(memoryview(data).cast("B"))  # type: ignore[arg-type]
+        super().write(data, offset)  # type: ignore[arg-type]
+
+
+@pytest.mark.clause("access.cow.partial-cluster")
+@pytest.mark.parametrize("compat", ["0.10", "1.1"])
+def test_small_writes_into_fresh_clusters_store_only_their_bytes(compat: str) -> None:
+    """A cluster past the end of the file reads zero already: a 4 KiB write into a fresh
+    64 KiB cluster stores 4 KiB of data, not 60 KiB of zeroes besides (issue 16), and the
+    rest of the cluster reads zero; over a backing image the old content is still copied."""
+    store = _CountingStorage()
+    fast.create_image(store, 8 * MiB, compat=compat)
+    with fast.open_image(store, writable=True) as img:
+        before = store.written
+        for k in range(8):
+            img.write(b"d" * 4 * KiB, k * MiB + 12 * KiB + 100)
+        assert store.written - before == 8 * 4 * KiB
+        for k in range(8):
+            got = img.read(k * MiB, 64 * KiB)
+            assert got == bytes(12 * KiB + 100) + b"d" * 4 * KiB + bytes(48 * KiB - 100)
+        # ensure_data_mapping without overwrite: the cluster is mapped, nothing is stored.
+        before = store.written
+        _, host, n = img.ensure_data_mapping(5 * MiB + 64 * KiB, 64 * KiB, False)
+        assert store.written == before and store.size() >= host + n
+        assert img.read(5 * MiB + 64 * KiB, 64 * KiB) == bytes(64 * KiB)
+    assert fast.check(store).clean
+    # Over a backing image the head and tail come from the backing, so they are written.
+    base = MemoryStorage()
+    fast.create_image(base, 8 * MiB, compat=compat)
+    with fast.open_image(base, writable=True) as img:
+        img.write(b"b" * MiB, 0)
+    top = _CountingStorage()
+    fast.create_image(top, 8 * MiB, compat=compat)
+    with fast.open_image(top, writable=True) as img:
+        img.driver.set_backing(fast.open_image(base))
+        before = top.written
+        img.write(b"t" * 4 * KiB, 8 * KiB)
+        assert top.written - before == 64 * KiB
+        assert img.read(0, 64 * KiB) == b"b" * 8 * KiB + b"t" * 4 * KiB + b"b" * 52 * KiB

@@ -23,6 +23,17 @@ _ROOT = Path(__file__).resolve().parent.parent
 _CORPUS_SCRIPT = _ROOT / "fixtures" / "make_qemu_images.py"
 PEER_IMAGES = Path(os.environ.get("PYIMAGO_PEER_IMAGES", "/work/shared/peer-images"))
 IMPLS = ("fast", "reference")
+#: qemu-img create -o sets of the qcow2 features of issue 13 (for create and info tests; an
+#: external data file is named img.data, beside an image named img.qcow2).
+QCOW2_FEATURES = [
+    "extended_l2=on",
+    "extended_l2=on,cluster_size=16k,preallocation=metadata",
+    "lazy_refcounts=on,refcount_bits=1",
+    "data_file=img.data",
+    "data_file=img.data,data_file_raw=on",
+    "data_file=img.data,extended_l2=on,compression_type=zstd",
+    "compat=0.10",
+]
 
 
 def require_qemu() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -141,3 +142,44 @@ def test_convert_bad_arguments_exit_2_and_write_nothing(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert sorted(os.listdir(tmp_path)) == ["SRC"]
+
+
+def _layout(path: Path) -> list[tuple[int, int, int, bool, bool]]:
+    """qemu-img map's records without host offsets, merged: which layer holds what."""
+    out: list[tuple[int, int, int, bool, bool]] = []
+    for e in json.loads(qemu_img("map", "--output=json", path).stdout):
+        key = (e["depth"], e["zero"], e["data"])
+        if out and out[-1][2:] == key and out[-1][0] + out[-1][1] == e["start"]:
+            out[-1] = (out[-1][0], out[-1][1] + e["length"], *key)
+        else:
+            out.append((e["start"], e["length"], *key))
+    return out
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_convert_backing_option_and_existing_overlay_match_qemu(
+        qemu_corpus: list[Any], impl: str, tmp_path: Path) -> None:
+    """-o backing_file works as -B (qemu-img takes it as the output's base image); -n with
+    -B copies the top layer into an existing overlay, which keeps its backing file."""
+    spec = next(s for s in qemu_corpus if s.name == "chain-depth3")
+    mid = spec.path.parent / "mid.qcow2"
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    opts = ["-o", f"backing_file={mid},backing_fmt=qcow2"]
+    qemu_img("convert", "-O", "qcow2", *opts, spec.path, theirs)
+    assert convert_main(["--impl", impl, "-O", "qcow2", *opts, str(spec.path), str(ours)]) == 0
+    assert_qemu_check_clean(ours)
+    assert qemu_img("compare", spec.path, ours).returncode == 0
+    assert _layout(ours) == _layout(theirs)
+    for out in (ours, theirs):
+        out.unlink()
+        qemu_img("create", "-q", "-f", "qcow2", "-b", mid, "-F", "qcow2", out)
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x7e 0 1M", str(out)],
+                       check=True, capture_output=True, timeout=120)
+    backing = ["-B", str(mid), "-F", "qcow2"]
+    qemu_img("convert", "-n", "-O", "qcow2", *backing, spec.path, theirs)
+    assert convert_main(["--impl", impl, "-n", "-O", "qcow2", *backing, str(spec.path),
+                         str(ours)]) == 0
+    assert_qemu_check_clean(ours)
+    # What the source's top does not hold is left as the overlay had it (0x7e), as qemu-img.
+    assert qemu_img("compare", ours, theirs).returncode == 0
+    assert qemu_img("compare", spec.path, ours, ok=(1,)).returncode == 1

@@ -13,7 +13,7 @@ from pyimago.tools import image_info, render_info
 from pyimago.tools._cli import info_main
 from pyimago.tools._common import size_to_str
 
-from .conftest import IMPLS, peer_names, qemu_img, qemu_json
+from .conftest import IMPLS, QCOW2_FEATURES, peer_names, qemu_img, qemu_json
 
 pytestmark = pytest.mark.qemu
 
@@ -94,3 +94,21 @@ def test_info_errors_are_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureF
     assert info_main([str(garbage)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.clause("tools.info.json")
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("options", QCOW2_FEATURES)
+def test_info_shows_qcow2_features_as_qemu(impl: str, options: str, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    qemu_img("create", "-q", "-f", "qcow2", "-o", options, "img.qcow2", "1M", cwd=tmp_path)
+    subprocess.run(["qemu-io", "-c", "write -P 0x5c 0 64k", "img.qcow2"], cwd=tmp_path,
+                   check=True, capture_output=True, timeout=60)
+    monkeypatch.chdir(tmp_path)
+    for output in ("json", "human"):
+        theirs = qemu_img("info", f"--output={output}", "img.qcow2", cwd=tmp_path).stdout
+        ours = render_info(image_info("img.qcow2", impl=impl), output=output)
+        if output == "json":
+            assert json.loads(ours) == json.loads(theirs), options
+        else:
+            assert ours == theirs, options

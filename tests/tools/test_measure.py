@@ -21,6 +21,7 @@ _TARGETS = (
     ("qcow2", "compat=0.10,cluster_size=512"),
     ("qcow2", "preallocation=full"),
     ("qcow2", "backing_file=x"),
+    ("qcow2", "extended_l2=on,cluster_size=16k,lazy_refcounts=on,data_file=d.bin"),
 )
 
 
@@ -36,7 +37,8 @@ def test_measure_matches_qemu_on_corpus(qemu_corpus: list[Any], impl: str) -> No
 
 
 @pytest.mark.parametrize("size", ["0", "1", "512", "1M", "1G", "1.5G", "10T"])
-@pytest.mark.parametrize("opts", ["", "cluster_size=2M", "refcount_bits=1,cluster_size=512"])
+@pytest.mark.parametrize("opts", ["", "cluster_size=2M", "refcount_bits=1,cluster_size=512",
+                                  "extended_l2=on", "extended_l2=on,cluster_size=2M"])
 def test_measure_size_matches_qemu(size: str, opts: str, capsys: pytest.CaptureFixture[str]
                                    ) -> None:
     extra = ["-o", opts] if opts else []
@@ -56,7 +58,7 @@ def test_measure_size_matches_qemu(size: str, opts: str, capsys: pytest.CaptureF
     "argv",
     [["--size", "1G", "img"], [], ["-O", "vmdk", "--size", "1"], ["-o", "nope=1", "--size", "1"],
      ["-O", "qcow2", "-o", "cluster_size=3k", "--size", "1M"], ["--size", "-5"],
-     ["-O", "qcow2", "-o", "data_file=x", "--size", "1M"], ["/no/such/image"]],
+     ["-O", "qcow2", "-o", "extended_l2=sometimes", "--size", "1M"], ["/no/such/image"]],
 )
 def test_measure_bad_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]
                                       ) -> None:
