@@ -78,13 +78,15 @@ def _state(layer: Qcow2Layer, c: int, e: int, word: int) -> tuple[bool, bool, in
             return has_host, False, _ZERO_BIT
         return has_host, False, 1 if has_host else 0
     # qcow2.extended-l2.bitmap: QEMU's QCOW2_SUBCLUSTER_INVALID combinations.
+    # qcow2.extended-l2.invalid-write: QEMU's "Invalid cluster entry found" marks the image
+    # corrupt before anything is written.
     if word & ALL_ALLOC & (word >> 32):
-        raise CorruptImageError(
+        raise layer.mark_corrupt(
             f"qcow2: extended L2 bitmap 0x{word:016x} of guest cluster {c} marks a "
             "subcluster both allocated and zero"
         )
     if word & ALL_ALLOC and not has_host:
-        raise CorruptImageError(
+        raise layer.mark_corrupt(
             f"qcow2: extended L2 bitmap 0x{word:016x} of guest cluster {c} marks subclusters "
             "allocated, but the entry has no host cluster"
         )
@@ -307,16 +309,28 @@ def clear_general(layer: Qcow2Layer, offset: int, length: int, how: Clear) -> No
     entries): whole subclusters change through their bitmap bits, whole clusters through
     their entry; zeroing writes zeroes into the partial subclusters at either end."""
     sbits, _ = _geometry(layer)
-    u = 1 << sbits
+    discard = how is Clear.ANY or how is Clear.BACKING
+    # qcow2.extended-l2.zero: discards work on whole clusters, as QEMU's
+    # discard_in_l2_slice; zeroing on whole subclusters.
+    gbits = layer._cbits if discard else sbits
+    u = 1 << gbits
     end = offset + length
     size = layer.size
-    first_u = -(-offset // u)
-    stop_u = -(-end // u) if end >= size else end // u
-    # Whole subclusters [a, b); the partial ones before and after (a range inside one
-    # subcluster, or across one boundary, has none whole).
-    a = first_u << sbits
-    b = max(a, min(stop_u << sbits, size))
+    first_g = -(-offset // u)
+    stop_g = -(-end // u) if end >= size else end // u
+    # Whole units [a, b); the partial ones before and after (a range inside one unit, or
+    # across one boundary, has none whole).
+    a = first_g << gbits
+    b = max(a, min(stop_g << gbits, size))
+    first_u, stop_u = a >> sbits, -(-b >> sbits)
     with layer._lock:
+        if a < b and discard and layer.backing is not None and _raw_data_file(layer):
+            # qcow2.data-file.raw-cleared: the backing shows through where the data file
+            # holds zeroes, so the data file stops being the raw disk first.
+            feats = layer.hdr.features
+            layer.hdr = layer.hdr.cleared_autoclear(
+                keep=feats.autoclear & ~AUTOCLEAR_DATA_FILE_RAW)
+            layer._write_header()
         if a < b:
             if _raw_data_file(layer):
                 # qcow2.data-file.raw: "zero out s->data_file first" (QEMU's
@@ -356,10 +370,11 @@ def _apply_units(layer: Qcow2Layer, first_u: int, stop_u: int, how: Clear) -> No
         b = min(stop_u - (c << per), nsub)
         u = (c + 1) << per
         cur, j, e, word = _load(layer, c)
-        if cur is None and how in (Clear.ANY, Clear.BACKING):
+        if cur is None and (how is Clear.ANY or how is Clear.BACKING):
             continue
         has_host, comp, bm = _state(layer, c, e, word)
-        whole = a == 0 and b == nsub
+        # The disk's last cluster is whole when the range reaches the disk end.
+        whole = a == 0 and (b == nsub or (((c << per) + b) << sbits) >= layer.size)
         if comp and not whole:
             if how is Clear.ZERO_KEEP or how is Clear.ZERO_FREE:
                 g = c << cb
@@ -410,6 +425,9 @@ def grow_general(layer: Qcow2Layer, old: int, prealloc: PreallocateMode) -> None
     new_size = layer.size
     if layer.hdr.has_data_file:
         have = layer.data.size()
+        if _raw_data_file(layer) and prealloc is PreallocateMode.NONE:
+            # qcow2.data-file.raw-kept: the grown area is mapped over the grown data file.
+            prealloc = PreallocateMode.FORMAT_ALLOCATE
         if _raw_data_file(layer) and have > old:
             # Bytes a longer data file holds past the old end would show in the raw disk.
             layer.data.write_zeroes(old, min(have, new_size) - old)

@@ -245,7 +245,7 @@ def test_invalid_subcluster_bitmaps_are_corrupt(
 @pytest.mark.clause("qcow2.features.extended-l2")
 def test_extended_l2_writes_refused(open_image: Opener, qemu: QemuTools, tmp_path: Path) -> None:
     if open_image is fast.open_image:
-        pytest.skip("pyimago.fast writes them (tests/interop/test_qcow2_write_features.py)")
+        pytest.skip("pyimago.fast writes them (tests/interop/test_fast_write_features.py)")
     path = _extl2_image(qemu, tmp_path, cluster=64 * KiB, backing=False)
     before = _sha(path)
     with pytest.raises(UnsupportedFeatureError, match="not supported yet") as info:
@@ -335,7 +335,7 @@ def test_data_file_writes_refused(
     open_image: Opener, qemu: QemuTools, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if open_image is fast.open_image:
-        pytest.skip("pyimago.fast writes them (tests/interop/test_qcow2_write_features.py)")
+        pytest.skip("pyimago.fast writes them (tests/interop/test_fast_write_features.py)")
     monkeypatch.chdir(tmp_path)
     path, data = _data_file_image(qemu, tmp_path, raw=True)
     before = (_sha(path), _sha(data))

@@ -42,7 +42,7 @@ def _judge(qemu: QemuTools, path: Path, want: bytes, name: str) -> None:
 # -- create_image ------------------------------------------------------------------------------
 
 
-@pytest.mark.clause("create.qcow2.extended-l2", "create.qcow2.data-file")
+@pytest.mark.clause("qcow2.extended-l2.create", "qcow2.data-file.create")
 @pytest.mark.parametrize(
     ("options", "qemu_opts"),
     [
@@ -71,11 +71,12 @@ def test_create_refuses_what_qemu_refuses(
 
 @pytest.mark.parametrize("key", ["extended_l2", "data_file_raw"])
 def test_create_flags_must_be_bools(tmp_path: Path, key: str) -> None:
+    """A bool, or qemu-img's on/off: anything else is refused."""
     with pytest.raises(InvalidRequestError, match=key):
-        fast.create_image(tmp_path / "a.qcow2", MiB, data_file="d.raw", **{key: "on"})
+        fast.create_image(tmp_path / "a.qcow2", MiB, data_file="d.raw", **{key: "yes"})
 
 
-@pytest.mark.clause("create.qcow2.extended-l2", "create.qcow2.data-file", "create.layout")
+@pytest.mark.clause("qcow2.extended-l2.create", "qcow2.data-file.create", "create.layout")
 @pytest.mark.parametrize("prealloc", ["off", "metadata", "falloc", "full"])
 @pytest.mark.parametrize(
     "options",
@@ -143,8 +144,8 @@ def _random_ops(img: Any, want: bytearray, seed: int, count: int, sub: int) -> N
             want[off : off + n] = img.read(off, n)
 
 
-@pytest.mark.clause("qcow2.extended-l2.write", "qcow2.extended-l2.clear",
-                    "qcow2.data-file.write", "qcow2.data-file.raw", "interop.qemu-check",
+@pytest.mark.clause("qcow2.extended-l2.write-alloc", "qcow2.extended-l2.zero",
+                    "qcow2.data-file.write", "qcow2.data-file.raw-kept", "interop.qemu-check",
                     "interop.qemu-map")
 @pytest.mark.parametrize("seed", [1, 2])
 @pytest.mark.parametrize("config", sorted(_CONFIGS))
@@ -168,7 +169,7 @@ def test_random_operations_pass_qemu_check_and_compare(
         assert_same_bytes((tmp_path / "d.raw").read_bytes(), bytes(want), 0, "raw data file")
 
 
-@pytest.mark.clause("qcow2.extended-l2.write", "qcow2.extended-l2.clear", "interop.qemu-map")
+@pytest.mark.clause("qcow2.extended-l2.write-alloc", "qcow2.extended-l2.zero", "interop.qemu-map")
 @pytest.mark.parametrize("seed", [3, 4])
 def test_extended_l2_over_a_backing_file(
     qemu: QemuTools, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int
@@ -188,7 +189,7 @@ def test_extended_l2_over_a_backing_file(
     _judge(qemu, path, bytes(want), f"backed seed {seed}")
 
 
-@pytest.mark.clause("qcow2.extended-l2.write", "interop.qemu-map")
+@pytest.mark.clause("qcow2.extended-l2.write-alloc", "interop.qemu-map")
 def test_untouched_subclusters_stay_unallocated(
     qemu: QemuTools, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -210,7 +211,7 @@ def test_untouched_subclusters_stay_unallocated(
     _judge(qemu, path, bytes(want), "untouched")
 
 
-@pytest.mark.clause("qcow2.extended-l2.clear")
+@pytest.mark.clause("qcow2.extended-l2.zero")
 def test_zeroing_works_per_subcluster(
     qemu: QemuTools, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -218,20 +219,23 @@ def test_zeroing_works_per_subcluster(
     path = tmp_path / "a.qcow2"
     fast.create_image(path, MiB, extended_l2=True)
     with fast.open_image(path, writable=True) as img:
-        img.write(b"\x05" * 65536, 0)
+        img.write(b"\x05" * 3 * 65536, 0)
         img.write_zeroes(4096, 4096)  # subclusters 2 and 3: zero bits, no data written
-        img.discard_to_backing(16384, 2048)  # subcluster 8: unallocated again
+        img.discard_to_zero(16384, 2048 + 100)  # subcluster 8, and zeroes written into 9
+        img.discard_to_backing(65536 + 2048, 65536)  # only whole clusters are discarded
+        img.discard_to_backing(2 * 65536, 65536)
     entries = [(e["start"], e["length"], e["zero"], e["data"]) for e in qemu.map(path)]
-    assert entries[:5] == [(0, 4096, False, True), (4096, 4096, True, False),
+    assert entries[:6] == [(0, 4096, False, True), (4096, 4096, True, False),
                            (8192, 8192, False, True), (16384, 2048, True, False),
-                           (18432, 65536 - 18432, False, True)]
-    want = bytearray(b"\x05" * 65536 + bytes(MiB - 65536))
+                           (18432, 2 * 65536 - 18432, False, True),
+                           (2 * 65536, MiB - 2 * 65536, True, False)]
+    want = bytearray(b"\x05" * 2 * 65536 + bytes(MiB - 2 * 65536))
     want[4096:8192] = bytes(4096)
-    want[16384:18432] = bytes(2048)
+    want[16384:18532] = bytes(2148)
     _judge(qemu, path, bytes(want), "zeroing")
 
 
-@pytest.mark.clause("qcow2.extended-l2.write", "qcow2.data-file.write", "interop.qemu-read")
+@pytest.mark.clause("qcow2.extended-l2.write-alloc", "qcow2.data-file.write", "interop.qemu-read")
 @pytest.mark.parametrize("options", ["extended_l2=on,cluster_size=16k",
                                      "data_file=d.raw,cluster_size=4k",
                                      "data_file=d.raw,data_file_raw=on,extended_l2=on"])
@@ -254,7 +258,7 @@ def test_writing_qemu_made_images(
 # -- resize ------------------------------------------------------------------------------------
 
 
-@pytest.mark.clause("qcow2.data-file.resize", "qcow2.extended-l2.write")
+@pytest.mark.clause("qcow2.data-file.resize", "qcow2.extended-l2.write-alloc")
 @pytest.mark.parametrize("mode", list(PreallocateMode))
 @pytest.mark.parametrize("config", ["extl2-16k", "data-file-raw", "data-file-extl2"])
 def test_resize(
@@ -279,7 +283,7 @@ def test_resize(
         assert_same_bytes((tmp_path / "d.raw").read_bytes(), bytes(want), 0, "raw data file")
 
 
-@pytest.mark.clause("qcow2.extended-l2.write", "qcow2.extended-l2.clear", "interop.qemu-check")
+@pytest.mark.clause("qcow2.extended-l2.write-alloc", "qcow2.extended-l2.zero", "interop.qemu-check")
 @pytest.mark.parametrize("kind", ["compressed", "snapshot"])
 def test_extended_l2_over_compressed_and_shared_clusters(
     qemu: QemuTools, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
@@ -336,7 +340,7 @@ def test_data_file_mappings_name_the_data_file(
     assert (tmp_path / "d.raw").read_bytes()[:4096] == b"\x08" * 4096
 
 
-@pytest.mark.clause("qcow2.extended-l2.write", "interop.qemu-check", "interop.qemu-compare")
+@pytest.mark.clause("qcow2.extended-l2.write-alloc", "interop.qemu-check", "interop.qemu-compare")
 def test_extended_l2_with_compressed_writes_and_snapshots(
     qemu: QemuTools, tmp_path: Path
 ) -> None:
@@ -365,3 +369,52 @@ def test_extended_l2_with_compressed_writes_and_snapshots(
         img.write(b"\x55" * 40000, 0)
         want[:40000] = b"\x55" * 40000
     _judge(qemu, path, bytes(want), "after deleting the snapshot")
+
+
+@pytest.mark.clause("qcow2.data-file.raw-kept", "qcow2.data-file.create",
+                    "qcow2.extended-l2.create")
+@pytest.mark.parametrize("options", ["data_file=d.raw,data_file_raw=on",
+                                     "extended_l2=on,preallocation=metadata,backing_file=b.raw,"
+                                     "backing_fmt=raw"])
+def test_created_layout_maps_as_qemu_made_one(
+    qemu: QemuTools, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, options: str
+) -> None:
+    """A raw data file is mapped whole from the start (qemu-img: preallocation=metadata);
+    extended L2 preallocation over a backing file allocates no subcluster."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "b.raw").write_bytes(b"\x61" * MiB)
+    qemu.img("create", "-q", "-f", "qcow2", "-o", options, tmp_path / "q.qcow2", "1M")
+    kwargs: dict[str, Any] = {}
+    for item in options.split(","):
+        key, value = item.split("=")
+        kwargs[key] = {"on": True}.get(value, value)
+    fast.create_image(tmp_path / "f.qcow2", MiB, **kwargs)
+    strip = [{k: v for k, v in e.items() if k != "offset"} for e in qemu.map(tmp_path / "q.qcow2")]
+    ours = [{k: v for k, v in e.items() if k != "offset"} for e in qemu.map(tmp_path / "f.qcow2")]
+    assert ours == strip
+    with fast.open_image(tmp_path / "f.qcow2", writable=True) as img:
+        img.resize(2 * MiB)
+    if "data_file_raw" in options:
+        qemu.img("resize", tmp_path / "q.qcow2", "2M")
+        assert qemu.map(tmp_path / "f.qcow2") == qemu.map(tmp_path / "q.qcow2")
+
+
+@pytest.mark.clause("qcow2.data-file.raw-cleared")
+def test_raw_bit_cleared_when_a_backing_shows_through(
+    qemu: QemuTools, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "a.qcow2"
+    fast.create_image(path, MiB, data_file="d.raw", data_file_raw=True)
+    base = tmp_path / "b.raw"
+    base.write_bytes(b"\x62" * MiB)
+    with fast.open_image(base, format="raw") as below, \
+            fast.open_image(path, writable=True, backing=below) as img:
+        img.write(b"\x01" * 4096, 0)
+        img.discard_to_zero(0, 65536)
+        img.flush()
+        assert path.read_bytes()[88:96] == (2).to_bytes(8, "big")  # autoclear bit 1
+        img.discard_to_backing(65536, 65536)
+        assert img.read(65536, 4) == b"\x62" * 4
+        assert path.read_bytes()[88:96] == bytes(8)
+    assert qemu.info(path)[0]["format-specific"]["data"]["data-file-raw"] is False
