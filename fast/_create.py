@@ -114,12 +114,9 @@ def _qcow2_options(opts: dict[str, object]) -> _Qcow2Options:
 
 
 def _flag(opts: dict[str, object], key: str) -> bool:
-    """A bool option: a bool, or qemu-img's "on"/"off"."""
     value = opts.pop(key, False)
-    if value in ("on", "off"):
-        return value == "on"
     if type(value) is not bool:
-        raise _invalid(f"{key} must be a bool (or 'on'/'off'), not {value!r}")
+        raise _invalid(f"{key} must be a bool, not {value!r}")
     return value
 
 

@@ -310,7 +310,7 @@ def clear_general(layer: Qcow2Layer, offset: int, length: int, how: Clear) -> No
     their entry; zeroing writes zeroes into the partial subclusters at either end."""
     sbits, _ = _geometry(layer)
     discard = how is Clear.ANY or how is Clear.BACKING
-    # qcow2.extended-l2.zero: discards work on whole clusters, as QEMU's
+    # qcow2.extended-l2.clear: discards work on whole clusters, as QEMU's
     # discard_in_l2_slice; zeroing on whole subclusters.
     gbits = layer._cbits if discard else sbits
     u = 1 << gbits
@@ -426,7 +426,7 @@ def grow_general(layer: Qcow2Layer, old: int, prealloc: PreallocateMode) -> None
     if layer.hdr.has_data_file:
         have = layer.data.size()
         if _raw_data_file(layer) and prealloc is PreallocateMode.NONE:
-            # qcow2.data-file.raw-kept: the grown area is mapped over the grown data file.
+            # qcow2.data-file.raw: the grown area is mapped over the grown data file.
             prealloc = PreallocateMode.FORMAT_ALLOCATE
         if _raw_data_file(layer) and have > old:
             # Bytes a longer data file holds past the old end would show in the raw disk.

@@ -53,8 +53,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.mark.clause("qcow2.extended-l2.write-alloc", "qcow2.extended-l2.zero",
-                    "qcow2.data-file.write", "qcow2.data-file.raw-kept", "qcow2.data-file.resize")
+@pytest.mark.clause("qcow2.extended-l2.write", "qcow2.extended-l2.clear",
+                    "qcow2.data-file.write", "qcow2.data-file.raw", "qcow2.data-file.resize")
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     ops=st.lists(_op, max_size=12),

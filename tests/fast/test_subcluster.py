@@ -12,7 +12,7 @@ from pyimago.fast._subcluster import (
     zero_range,
 )
 
-pytestmark = pytest.mark.clause("qcow2.extended-l2.write-alloc")
+pytestmark = pytest.mark.clause("qcow2.extended-l2.write")
 
 CB = 16  # 64 KiB clusters
 SB = CB - 5  # 2 KiB subclusters
