@@ -410,9 +410,10 @@ def _apply_units(layer: Qcow2Layer, first_u: int, stop_u: int, how: Clear) -> No
 
 
 def _reads_zero(layer: Qcow2Layer, start: int, end: int) -> bool:
+    """Whether ``[start, end)`` is marked zero (or unallocated without a backing image)."""
     while start < end:
         kind, _, n = layer.map_run(start, end - start)
-        if kind != K_ZERO and not (kind == K_UNALLOC and layer._backing_zero(start, start + n)):
+        if kind != K_ZERO and not (kind == K_UNALLOC and layer.backing is None):
             return False
         start += n
     return True
@@ -435,17 +436,20 @@ def grow_general(layer: Qcow2Layer, old: int, prealloc: PreallocateMode) -> None
             mode = (PreallocateMode.NONE if prealloc is PreallocateMode.FORMAT_ALLOCATE
                     else prealloc)
             layer.data.resize(new_size, mode)
+    if prealloc is PreallocateMode.NONE:
+        # As the plain path: the new area is left unallocated.
+        return
     head_end = min(-(-old >> cb) << cb, new_size)
     if head_end > old and not _reads_zero(layer, old, head_end):
         # The cluster the old end cut short may hold stale bytes past it.
-        clear_general(layer, old, head_end - old, Clear.ZERO_KEEP)
+        layer._zero_by_writing(old, head_end)
     if head_end == new_size:
         return
     first, stop = head_end >> cb, -(-new_size >> cb)
     per = cb - _geometry(layer)[0]
     if prealloc is PreallocateMode.ZERO:
         _apply_units(layer, first << per, stop << per, Clear.ZERO_FREE)
-    elif prealloc is not PreallocateMode.NONE:
+    else:
         _preallocate(layer, first, stop, prealloc)
 
 
