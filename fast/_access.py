@@ -39,7 +39,7 @@ from pyimago.reference._stream import ImageStream
 from pyimago.reference.access import MAX_REQUEST_BYTES
 
 from ._compress_write import compress_cluster, refuse_compressed
-from ._hot import hot_reader
+from ._hot import hot_reader, hot_writer
 from ._layer import Clear
 from ._qcow2 import Qcow2Layer
 from ._raw import RawLayer
@@ -128,6 +128,9 @@ class FormatAccess:
             hot = hot_reader(driver, self.readinto)
             if hot is not None:
                 self.readinto = hot  # type: ignore[method-assign,assignment]
+            hot_write = hot_writer(driver, self.write)
+            if hot_write is not None:
+                self.write = hot_write  # type: ignore[method-assign,assignment]
 
     # -- what it is -----------------------------------------------------------------------
 

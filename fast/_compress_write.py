@@ -116,6 +116,8 @@ def place_compressed(layer: Qcow2Layer, offset: int, blob: bytes) -> None:
         # "if (has_subclusters(s)) set_l2_bitmap(s, l2_slice, l2_index, 0);"
         tbl[j + 1] = 0
     layer._l2.touch(tofs, tbl)
+    # The bytes at a reused offset are new: a cluster inflated from there before is stale.
+    layer._last_inflated = None
 
 
 def _alloc_bytes(layer: Qcow2Layer, size: int) -> int:

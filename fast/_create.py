@@ -47,7 +47,7 @@ _PREALLOC = {
     "full": PreallocateMode.WRITE_DATA,
 }
 #: qemu-img options this implementation knows it does not support.
-_UNSUPPORTED = frozenset({"encryption", "encrypt", "lazy_refcounts"})
+_UNSUPPORTED = frozenset({"encryption", "encrypt"})
 _COMPAT = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
 
 
@@ -68,6 +68,7 @@ class _Qcow2Options:
     extended_l2: bool = False
     data_file: str | None = None
     data_file_raw: bool = False
+    lazy_refcounts: bool = False
 
     @property
     def l2_entries(self) -> int:
@@ -107,9 +108,13 @@ def _qcow2_options(opts: dict[str, object]) -> _Qcow2Options:
             raise _invalid("backing_fmt given without backing_file")
     fmt_name = None if fmt is None else str(fmt)
     ext, dname, raw = _feature_options(opts, version, cs, name)
+    lazy = _flag(opts, "lazy_refcounts")
+    if lazy and version == 2:
+        # qemu-img: "Lazy refcounts only supported with compatibility level 1.1 and above"
+        raise _invalid("lazy_refcounts needs compat 1.1 (qcow2 v3)")
     return _Qcow2Options(
         cs.bit_length() - 1, version, bits.bit_length() - 1, name, fmt_name, ctype == "zstd",
-        ext, dname, raw,
+        ext, dname, raw, lazy,
     )
 
 
@@ -163,12 +168,13 @@ def create_image(
     qcow2: ``cluster_size`` (512..2 MiB, default 65536), ``compat`` ("0.10" or "1.1"),
     ``refcount_bits`` (1..64, default 16), ``backing_file``, ``backing_fmt``,
     ``preallocation`` ("off", "metadata", "falloc", "full"; only "off" with a backing
-    file, as qemu-img), ``compression_type`` ("zlib", "zstd"), ``extended_l2`` (bool: 32
-    subclusters per cluster, clusters of 16 KiB or more), ``data_file`` (guest data in that
-    file, its name relative to the image's folder; created or emptied) and ``data_file_raw``
-    (bool: the data file is kept the raw disk).  raw takes ``preallocation`` only.
-    ``size`` may be None for a qcow2 image with a backing file: the backing file's size
-    (rounded up to 512) is used.  A file image's backing file is opened first, as
+    file, as qemu-img), ``compression_type`` ("zlib", "zstd"), ``lazy_refcounts`` (bool,
+    compat 1.1), ``extended_l2`` (bool: 32 subclusters per cluster, clusters of 16 KiB or
+    more), ``data_file`` (guest data in that file, its name relative to the image's folder;
+    created or emptied) and ``data_file_raw`` (bool: the data file is kept the raw disk).
+    raw takes ``preallocation`` only.  ``size`` may be None for a qcow2 image with a backing
+    file: the backing file's size (rounded up to 512) is used.  A file image's backing file
+    is opened first, as
     qemu-img does, so a missing one is an error (create.backing.checked) unless
     ``unsafe=True`` (qemu-img ``create -u``; a size is then required).  A file held by
     another process (QEMU-compatible locks) is left untouched: ImageInUseError.
@@ -287,6 +293,8 @@ def _cluster0(o: _Qcow2Options) -> bytes:
         backing=Span(hlen + len(tail) if name else 0, len(name)),
         features=Features(
             incompatible=incompat,
+            # Compatible bit 0: lazy refcounts (pyimago.fast still updates them eagerly).
+            compatible=1 if o.lazy_refcounts else 0,
             autoclear=AUTOCLEAR_DATA_FILE_RAW if o.data_file_raw else 0,
         ),
         refcount_order=o.refcount_order,

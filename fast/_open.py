@@ -15,6 +15,7 @@ from pyimago.reference._open import AUTO as REFERENCE_AUTO
 from pyimago.reference._storage import Storage
 
 from ._access import FormatAccess
+from ._dirty import repair_if_dirty
 from ._header import MAGIC
 from ._lock import validate
 from ._probe import SECTOR, claimed_by
@@ -152,6 +153,9 @@ def _open(
             if snapshot is not None or data_file is not AUTO:
                 raise InvalidRequestError("snapshot= and data_file= apply to qcow2 images only")
             return FormatAccess(RawLayer(storage, writable=writable, probed=fmt is None))
+        if writable:
+            # qcow2.features.dirty: the refcounts are rebuilt before the first write.
+            repair_if_dirty(storage)
         layer = Qcow2Layer(
             storage, writable=writable, cache_bytes=cache[0], l2_cache_tables=cache[1],
             snapshot=snapshot,

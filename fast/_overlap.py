@@ -9,7 +9,7 @@ metadata" is one bisection however large the range or the image.
 from __future__ import annotations
 
 from bisect import bisect_left, insort
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 __all__ = ["MetadataIndex", "clusters_of"]
 
@@ -30,6 +30,9 @@ class MetadataIndex:
             for c in clusters:
                 self._what.setdefault(c, what)
         self._sorted = sorted(self._what)
+        #: Metadata cluster -> what it holds (read-only: change it with add/discard); the
+        #: hot write path asks ``cluster in index.clusters`` without a method call.
+        self.clusters: Mapping[int, str] = self._what
 
     def __len__(self) -> int:
         return len(self._sorted)

@@ -412,8 +412,9 @@ class Qcow2Layer(MetadataGuard, LayerBase):
             # QEMU counts one per L1 table reaching them when it takes the snapshot, so
             # the active table's is already there.  Still shared, none of them is COPIED.
             new = array(old.typecode, old)
-            for j, x in enumerate(new):
-                new[j] = x & ~COPIED
+            # (Extended L2: entry words only; bit 63 of a bitmap word is a zero bit.)
+            for j in range(0, len(new), 1 << self._ext):
+                new[j] &= ~COPIED
         else:
             new = array(self._l1.typecode, bytes(self._cs))
         c, _ = self.refs.allocate(1, exact=True)

@@ -71,9 +71,6 @@ class RawSnapshot:
     #: Extra data past the 24 bytes QEMU knows, kept as it is (qcow2.snapshots.extra-data).
     unknown_extra: bytes
 
-    def matches(self, key: str) -> bool:
-        return key.encode("utf-8", "surrogateescape") in (self.id, self.name)
-
 
 def read_raw_snapshots(
     read: Callable[[int, int], bytes], table: Span, disk_size: int
@@ -160,12 +157,17 @@ def _start(layer: Qcow2Layer, op: str) -> list[RawSnapshot]:
     return read_raw_snapshots(layer._meta_read, layer.hdr.snapshots, layer.hdr.size)
 
 
-def _pick(entries: list[RawSnapshot], key: object, op: str) -> int:
-    """Index of the snapshot with ID ``key``, else the first named ``key``
-    (find_snapshot_by_id_or_name)."""
+def _key(key: object, op: str) -> str:
+    """A snapshot ID or name argument, checked before anything else."""
     if type(key) is not str or not key:
         raise InvalidRequestError(f"{op}: a snapshot ID or name must be a non-empty str, "
                                   f"not {key!r}")
+    return key
+
+
+def _pick(entries: list[RawSnapshot], key: str, op: str) -> int:
+    """Index of the snapshot with ID ``key``, else the first named ``key``
+    (find_snapshot_by_id_or_name)."""
     raw = key.encode("utf-8", "surrogateescape")
     for field in ("id", "name"):
         for i, sn in enumerate(entries):
@@ -208,10 +210,7 @@ def create_snapshot(layer: Qcow2Layer, name: object) -> SnapshotInfo:
     # The active entries lose COPIED before their clusters become shared.
     cleared_l1 = array(l1.typecode, (e & ~COPIED for e in l1))
     for ofs, tbl in tables.items():
-        if any(e & COPIED for e in tbl):
-            for j, e in enumerate(tbl):
-                tbl[j] = e & ~COPIED
-            layer.storage.write(encode_u64_table(tbl), ofs)
+        _clear_copied(layer, ofs, tbl)
     if cleared_l1 != l1:
         layer.storage.write(encode_u64_table(cleared_l1[: hdr.l1.n]), hdr.l1.at)
     layer._l1 = cleared_l1
@@ -227,8 +226,9 @@ def create_snapshot(layer: Qcow2Layer, name: object) -> SnapshotInfo:
 
 def apply_snapshot(layer: Qcow2Layer, key: object) -> None:
     """qcow2_snapshot_goto: the active state becomes the snapshot's (disk size included)."""
+    name = _key(key, "apply_snapshot")
     entries = _start(layer, "apply_snapshot")
-    sn = entries[_pick(entries, key, "apply_snapshot")]
+    sn = entries[_pick(entries, name, "apply_snapshot")]
     sn_l1 = _snapshot_l1(layer, sn)
     sn_tables = _tables(layer, sn_l1)
     bumps = _references(layer, sn_l1, sn_tables)
@@ -245,10 +245,7 @@ def apply_snapshot(layer: Qcow2Layer, key: object) -> None:
     # What the snapshot reaches is shared now: none of its entries may claim otherwise
     # once they are active.
     for ofs, tbl in sn_tables.items():
-        if any(e & COPIED for e in tbl):
-            for j, e in enumerate(tbl):
-                tbl[j] = e & ~COPIED
-            layer.storage.write(encode_u64_table(tbl), ofs)
+        _clear_copied(layer, ofs, tbl)
     new_l1 = array(sn_l1.typecode, (e & ~COPIED for e in sn_l1))
     new_l1.extend(array(new_l1.typecode, bytes(8 * (new_n - len(new_l1)))))
     cs, cb = layer._cs, layer._cbits
@@ -274,8 +271,9 @@ def apply_snapshot(layer: Qcow2Layer, key: object) -> None:
 
 def delete_snapshot(layer: Qcow2Layer, key: object) -> None:
     """qcow2_snapshot_delete: the table without it first, then its references go."""
+    name = _key(key, "delete_snapshot")
     entries = _start(layer, "delete_snapshot")
-    i = _pick(entries, key, "delete_snapshot")
+    i = _pick(entries, name, "delete_snapshot")
     sn = entries[i]
     sn_l1 = _snapshot_l1(layer, sn)
     drops = _references(layer, sn_l1, _tables(layer, sn_l1))
@@ -369,6 +367,20 @@ def _check_room(layer: Qcow2Layer, bumps: Counter[int]) -> None:
             )
 
 
+def _clear_copied(layer: Qcow2Layer, ofs: int, tbl: array[int]) -> None:
+    """Clear COPIED in the entries of the L2 table at ``ofs`` and write it if that changed
+    anything (extended L2: the entry words only; bit 63 of a bitmap word is a zero bit)."""
+    step = 1 << layer._ext
+    changed = False
+    for j in range(0, len(tbl), step):
+        e = tbl[j]
+        if e & COPIED:
+            tbl[j] = e & ~COPIED
+            changed = True
+    if changed:
+        layer.storage.write(encode_u64_table(tbl), ofs)
+
+
 def _incref_n(layer: Qcow2Layer, cluster: int, n: int) -> None:
     for _ in range(n):
         layer.refs.incref(cluster)
@@ -406,6 +418,8 @@ def _reset(layer: Qcow2Layer) -> None:
     layer._l2.clear()
     layer._snapshots = None
     layer._snap_parts = None
+    layer._last_inflated = None
+    layer._file_size_now()
     layer._meta_moved()
 
 

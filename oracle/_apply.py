@@ -10,6 +10,13 @@ from pyimago.reference import InvalidRequestError
 
 from ._chain import Access
 from ._check import OracleFailure, check_small_mapping, content_failure
+from ._feature_run import (
+    FEATURE_KINDS,
+    open_snapshot,
+    resize_v2_with_snapshots,
+    run_feature_op,
+    v2_resize_refused,
+)
 from ._op_table import PAST_END_OPS, LogEntry
 from ._verify import Checker
 from .model import FlatModel, first_mismatch
@@ -28,7 +35,7 @@ class Applier(Checker):
         g = self.model.granularity
         start, end = op.offset, op.offset + op.length
         if self.chain.top.format == "qcow2" and op.kind is not OpKind.GET_MAPPING:
-            span = g * (g // 8)
+            span = self.chain.top.l2_span
             if start // span != (end - 1) // span:
                 self.stats.l2_crossings += 1
         reads = op.kind in (OpKind.READ, OpKind.READINTO, OpKind.READV)
@@ -123,6 +130,9 @@ class Applier(Checker):
             model.discard_to_backing(off, length)
         elif kind is OpKind.WRITE_PAST_END:
             self._past_end(access, model, op, step)
+        elif kind is OpKind.RESIZE and v2_resize_refused(self.chain.layers[layer], model,
+                                                         op.value) is not False:
+            resize_v2_with_snapshots(access, model, op)
         elif kind is OpKind.RESIZE:
             access.resize(op.value, op.prealloc)
             model.resize(op.value, op.prealloc)
@@ -173,6 +183,10 @@ class Applier(Checker):
             access.sync()
         elif kind is OpKind.POWER_CUT:
             self.check_power_cuts()
+        elif kind in FEATURE_KINDS:
+            self.stats.bytes_compared += run_feature_op(
+                access, model, op, step, lambda key: open_snapshot(self, key),
+                self.chain.layers[layer])
         else:  # pragma: no cover - every kind is handled above
             raise AssertionError(f"unhandled operation {kind}")
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from pyimago.reference import FileStorage, MemoryStorage, PreallocateMode
 
 from ._check import check_image
+from ._feature_run import create_prealloc, layer_options, qemu_create
 from ._probe import RefcountLayout, refcount_layout
 from ._run_stats import RunStats
 from .model import FlatModel, LayerTraits
@@ -50,7 +51,8 @@ def traits_for(layer: LayerSpec) -> LayerTraits:
     if layer.format == "raw":
         return LayerTraits.raw()
     if layer.format == "qcow2":
-        return LayerTraits.qcow2(layer.cluster_size, layer.compat)
+        return LayerTraits.qcow2(layer.cluster_size, layer.compat,
+                                 extended_l2=layer.extended_l2)
     # A driver target's own format: its layout's unit and zero clusters (see fuzz.Layout).
     return LayerTraits(layer.format, layer.cluster_size, layer.compat != "0.10")
 
@@ -129,11 +131,16 @@ class ChainBuilder:
             options["compat"] = spec.compat
             if spec.refcount_bits != 16 and spec.format == "qcow2":
                 options["refcount_bits"] = spec.refcount_bits
+            if spec.format == "qcow2":
+                options.update(layer_options(spec, index))
             if index > 0:
                 options["backing_file"] = self._layer_name(index - 1)
                 options["backing_fmt"] = self.chain.layers[index - 1].format
         if self.workdir is None:
             self._memory.append(MemoryStorage(name=self._layer_name(index)))
+        if spec.maker == "qemu":
+            qemu_create(self, index)  # made and filled by QEMU, the model kept in step
+            return
         self.target.create_image(self.layer_location(index), spec.size, **options)
 
     def _open_layer(self, index: int, *, writable: bool) -> Access:
@@ -192,14 +199,22 @@ class ChainBuilder:
         layers = self.chain.layers
         for index, spec in enumerate(layers):
             backing = self.models[-1].snapshot() if self.models else None
-            model = FlatModel(
-                spec.size, traits_for(spec), backing, prealloc=_CREATE_PREALLOC[spec.preallocation]
-            )
+            prealloc = create_prealloc(spec, _CREATE_PREALLOC[spec.preallocation])
+            model = FlatModel(spec.size, traits_for(spec), backing, prealloc=prealloc)
             # Current from the first layer on: a failure while building a lower layer is
             # torn down against the model of the layer being built, not an AttributeError.
             self.model = model
             self._create(index)
             self.models.append(model)
+            for name in spec.features():
+                where = "top" if index == len(layers) - 1 else "below"
+                self.stats.features[f"{name} ({where})"] += 1
+            if spec.maker == "qemu" and index < len(layers) - 1:
+                # qemu-io ran its build: the target reads it back.
+                access = self._open_layer(index, writable=False)
+                check_image(access, model, what=f"layer {index} (made by QEMU)")
+                self._close_all()
+                continue
             if index < len(layers) - 1 and spec.build:
                 access = self._open_layer(index, writable=True)
                 for op in spec.build:

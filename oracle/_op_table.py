@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from pyimago.reference import PreallocateMode
 
+from ._feature_run import FEATURE_CLAUSES
 from .ops import Op, OpKind
 
 __all__ = [
@@ -52,16 +53,18 @@ _OP_CLAUSES: dict[OpKind, tuple[str, ...]] = {
     OpKind.GET_MAPPING: ("access.mapping.tiling", "access.mapping.eof-top-only"),
     OpKind.SYNC: ("crash.power-cut",),
     OpKind.POWER_CUT: ("crash.power-cut",),
+    **FEATURE_CLAUSES,
 }
 
 # Operations that change neither the image nor its storage: no crash timeline point.
 PASSIVE = frozenset({OpKind.READ, OpKind.READ_PARALLEL, OpKind.WRITE_PARALLEL,
                       OpKind.POWER_CUT, OpKind.WRITE_PAST_END, OpKind.READINTO, OpKind.READV,
-                      OpKind.GET_MAPPING})
+                      OpKind.GET_MAPPING, OpKind.READ_SNAPSHOT})
 
 # After these the whole disk is checked; after the others, the range they touched and a
 # rotating slice (the whole disk is checked again at reopen and teardown).
-FULL_CHECK = frozenset({OpKind.RESIZE, OpKind.REOPEN, OpKind.INVALIDATE, OpKind.SWEEP})
+FULL_CHECK = frozenset({OpKind.RESIZE, OpKind.REOPEN, OpKind.INVALIDATE, OpKind.SWEEP,
+                        OpKind.APPLY_SNAPSHOT})
 #: The rotating slice: this fraction of the disk after every operation.
 SLICE_FRACTION = 8
 

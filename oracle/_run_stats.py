@@ -8,6 +8,16 @@ from dataclasses import dataclass, field
 
 __all__ = ["RunStats"]
 
+#: What a run must meet for each supported feature (others: a layer with that option).
+_FEATURE_HITS = {
+    "snapshots": ("create_snapshot", "apply_snapshot", "delete_snapshot"),
+    "snapshot_open": ("read_snapshot",),
+}
+#: Issue 13's operations: warned about by feature, when the target has them.
+_FEATURE_OPS = frozenset(
+    {"write_compressed", "create_snapshot", "apply_snapshot", "delete_snapshot", "read_snapshot"}
+)
+
 
 @dataclass(slots=True)
 class RunStats:
@@ -63,6 +73,12 @@ class RunStats:
     """Operations run with parallelization > 1 over two or more allocation units (jobs)."""
     chains: set[str] = field(default_factory=set)
     """The distinct chains built (their JSON), for the diversity figure."""
+    features: Counter[str] = field(default_factory=Counter)
+    """Issue 13's features met: layer options by chain (``extended_l2 (top)`` when the top
+    layer has it, ``extended_l2 (below)`` for a lower one), and the feature operations."""
+    features_expected: set[str] = field(default_factory=set)
+    """The features the target supports (``features.FEATURES`` names): a run that never
+    meets one of them warns."""
 
     def path_rows(self) -> list[tuple[str, str]]:
         """``(label, value)`` rows of the paths a run took, for the run and fuzz summaries."""
@@ -79,6 +95,8 @@ class RunStats:
             ("compressed clusters read", f"{self.compressed_reads:,}"),
             ("parallel jobs", f"{self.parallel_jobs:,} operations with 2+ jobs"),
             ("distinct chains", f"{distinct:,}{share}"),
+            ("qcow2 features", ", ".join(f"{k} {v}" for k, v in sorted(self.features.items()))
+             or "none"),
         ]
 
     def coverage_warnings(self) -> list[str]:
@@ -86,7 +104,7 @@ class RunStats:
         from .ops import OpKind as Kind
 
         hit = {name.split(" ")[0] for name in self.ops}
-        skip = {Kind.WRITE_PAST_END.value, Kind.SWEEP.value}
+        skip = {Kind.WRITE_PAST_END.value, Kind.SWEEP.value, *_FEATURE_OPS}
         missing = [f"no {k.value} call" for k in Kind if k.value not in hit | skip]
         figures = {
             "no crash state checked": self.crash_states,
@@ -96,6 +114,10 @@ class RunStats:
             "no parallel job run": self.parallel_jobs,
         }
         missing += [what for what, n in figures.items() if not n]
+        met = {name.split(" ")[0] for name, n in self.features.items() if n}
+        for name in sorted(self.features_expected):
+            needs = _FEATURE_HITS.get(name, (name,))
+            missing += [f"no {hit} hit" for hit in needs if hit not in met]
         widths = [b for b in (1, 2, 4, 8, 16, 32, 64) if not self.refcount_widths[b]]
         if widths:
             missing.append("no chain with refcount_bits " + ", ".join(map(str, widths)))

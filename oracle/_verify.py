@@ -147,6 +147,7 @@ class Checker(ChainBuilder):
                 capture_output=True,
                 text=True,
                 check=False,
+                cwd=self.workdir,  # QEMU 7 finds a relative data file name from there
             )
             self.stats.qemu_checks += 1
             if proc.returncode != 0:
@@ -167,6 +168,7 @@ class Checker(ChainBuilder):
                 capture_output=True,
                 text=True,
                 check=False,
+                cwd=self.workdir,
             )
             if proc.returncode != 0:
                 raise OracleFailure(

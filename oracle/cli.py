@@ -27,6 +27,7 @@ from hypothesis.stateful import run_state_machine_as_test
 from pyimago._args import CliParser, existing_dir, existing_file, fail, output_dir, positive_int
 
 from ._cli_support import add_import_paths, budget_note, format_failure, target_error
+from .features import probe_features
 from .machines import make_machine
 from .profiles import PROFILES, load_profile_from_env, oracle_settings, register_profiles
 from .replay import DEFAULT_FAILURES_DIR, ReplayFileError, load_replay, run_replay
@@ -166,9 +167,17 @@ def run_main(argv: Sequence[str]) -> int:
             fail("pyimago run", str(exc))
     run_settings = oracle_settings(base, **overrides)
     stats = RunStats()
+    # Issue 13's features the target supports: layer options and their operations; QEMU
+    # makes lower layers with the options it only reads (file chains, qemu-img around).
+    storages = _STORAGES[args.storage]
+    qemu_layers = not args.no_qemu and "file" in storages
+    support = probe_features(target, qemu=qemu_layers)
+    if qemu_layers:
+        stats.features_expected |= support.readable
     machine = make_machine(
         target,
-        chains=chain_specs(storages=_STORAGES[args.storage]),
+        features=support,
+        chains=chain_specs(storages=storages, features=support, qemu_layers=qemu_layers),
         failures_dir=args.failures_dir,
         stats=stats,
         qemu_img=None if args.no_qemu else "auto",

@@ -47,7 +47,8 @@ MutationKind = Literal["write", "write_zeroes", "discard", "resize"]
 @dataclass(frozen=True, slots=True)
 class Mutation:
     """One storage-level change: ``write`` carries ``data``; ``write_zeroes`` and ``discard``
-    cover ``[offset, offset + length)``; ``resize`` sets the size to ``offset``."""
+    cover ``[offset, offset + length)`` (a discard's ``data`` is what the storage held there
+    right after it, up to its end); ``resize`` sets the size to ``offset``."""
 
     kind: MutationKind
     offset: int
@@ -61,22 +62,20 @@ class Mutation:
 
 
 def apply_mutation(buf: bytearray, m: Mutation) -> None:
-    """Apply ``m`` to ``buf`` as a storage would (writes past the end extend it; a discard
-    reads back as zeroes, as a punched hole does)."""
+    """Apply ``m`` to ``buf`` as the storage did (writes past the end extend it; a discard
+    leaves what the storage read back after it, zeroes where none was recorded)."""
     if m.kind == "resize":
         if m.offset < len(buf):
             del buf[m.offset :]
         else:
             buf.extend(bytes(m.offset - len(buf)))
         return
-    end = m.offset + m.length
+    # A write, or a discard as the storage left it (its bytes read back right after it).
+    data = bytes(m.length) if m.data is None else m.data
+    end = m.offset + len(data)
     if end > len(buf):
         buf.extend(bytes(end - len(buf)))
-    if m.kind == "write":
-        assert m.data is not None
-        buf[m.offset : end] = m.data
-    else:
-        buf[m.offset : end] = bytes(m.length)
+    buf[m.offset : end] = data
 
 
 class RecordingStorage:
@@ -143,7 +142,12 @@ class RecordingStorage:
 
     def discard(self, offset: int, length: int) -> None:
         self.inner.discard(offset, length)
-        self.log.append(Mutation("discard", offset, length))
+        # What a discarded range reads back as is the storage's choice (a punched hole reads
+        # zeroes; FileStorage keeps the data, discarding being advisory): record what it now
+        # holds, so a cut state is one this storage can really be left in.
+        end = min(offset + length, self.inner.size())
+        after = self.inner.read(offset, end - offset) if end > offset else b""
+        self.log.append(Mutation("discard", offset, length, after))
 
     def resize(self, new_size: int, prealloc: PreallocateMode = PreallocateMode.NONE) -> None:
         self.inner.resize(new_size, prealloc)

@@ -28,6 +28,8 @@ from hypothesis.errors import InvalidArgument
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 from pyimago.reference import PreallocateMode
 
+from .features import FeatureSupport, probe_features
+from .model import Alloc
 from .ops import ChainSpec, Op, OpKind
 from .replay import DEFAULT_FAILURES_DIR, replay_record, write_replay
 from .session import RunStats, Session
@@ -71,6 +73,7 @@ def make_machine(
     echo_failures: bool = False,
     capabilities: Any = None,
     locality: bool = False,
+    features: FeatureSupport | None = None,
 ) -> type[RuleBasedStateMachine]:
     """A state machine class that checks ``target`` against the model.
 
@@ -86,9 +89,27 @@ def make_machine(
     else, so that operations meet on the same clusters more often than chance has them do on
     a disk of hundreds, and ranges end at boundaries (and one byte off them) as often as they
     start there (see ``Geometry.hot`` and ``Geometry.sharp``).
+    ``features``: what the target supports of issue 13 (default: probed, see
+    :func:`~pyimago.oracle.features.probe_features`); the default chains use its layer
+    options, and its operations get rules (compressed writes, snapshot operations).
     """
-    chain_strategy = chains if chains is not None else chain_specs()
+    if features is None:
+        features = probe_features(target, qemu=qemu_img is not None)
+        if getattr(target, "differential", False) and target.module != "pyimago.reference":
+            # The reference shadows every step: only what both support.
+            from .targets import reference_target
+
+            ref = probe_features(reference_target(), qemu=qemu_img is not None)
+            features = FeatureSupport(features.writable & ref.writable,
+                                      features.readable & ref.readable, features.reasons)
+    support = features
+    chain_strategy = chains if chains is not None else chain_specs(
+        features=support, qemu_layers=qemu_img is not None)
+    snapshot_names = ("a", "b", "c", "1", "2")
     run_stats = stats if stats is not None else RunStats()
+    run_stats.features_expected |= set(support.writable)
+    if chains is None and qemu_img is not None:
+        run_stats.features_expected |= set(support.readable)
     caps = capabilities if capabilities is not None else getattr(target, "capabilities", None)
     grow_modes = tuple(PreallocateMode)
     past_end_names: tuple[str, ...] = PAST_END_NAMES
@@ -157,7 +178,14 @@ def make_machine(
                 *(layer.size for layer in self.session.chain.layers),
             )
             hot = tuple(self.built + self.hot)
-            return Geometry(model.size, model.granularity, limit, hot, locality)
+            top = self.session.chain.top
+            span = top.l2_span if top.extended_l2 else 0
+            return Geometry(model.size, model.granularity, limit, hot, locality, span)
+
+        def _qcow2_top(self) -> bool:
+            session = self.session
+            return session is not None and session.chain.top.format == "qcow2" \
+                and session.model.size > 0
 
         # -- initialisation and teardown ------------------------------------------------------
 
@@ -354,6 +382,68 @@ def make_machine(
         @rule(n=st.integers(1, 4))
         def set_write_parallelization(self, n: int) -> None:
             self._apply(Op(OpKind.WRITE_PARALLEL, value=n))
+
+        if "write_compressed" in support.writable:
+
+            @precondition(lambda self: self._qcow2_top())
+            @rule(data=st.data())
+            def write_compressed(self, data: st.DataObject) -> None:
+                # One whole cluster (or the disk's partial tail), compressible or not.
+                assert self.session is not None
+                cluster = self.session.chain.top.cluster_size
+                model = self.session.model
+                size = model.size
+                per = cluster // model.granularity
+                # Mostly clusters the model knows to be unallocated: those take compressed
+                # data (an allocated one refuses it, which the other draws check).
+                free = [c for c in range(-(-size // cluster))
+                        if all(model.allowed(u) == {Alloc.BACKING}
+                               for u in range(c * per, min((c + 1) * per, len(model.alloc))))]
+                if free and data.draw(st.integers(0, 2), label="aim") > 0:
+                    first = data.draw(st.sampled_from(free), label="free cluster")
+                else:
+                    first = data.draw(st.integers(0, (size - 1) // cluster), label="cluster")
+                how = data.draw(st.sampled_from((None, None, "noise")), label="data")
+                offset = first * cluster
+                length = min(cluster, size - offset)
+                if data.draw(st.integers(0, 7), label="misaligned") == 0:
+                    # Not one whole cluster: refused before anything is written.
+                    offset, length = (offset + 512, length) if length > 512 and \
+                        data.draw(st.booleans(), label="where") else (offset, length - 1 or 2)
+                    length = min(length, size - offset)
+                self._apply(Op(OpKind.WRITE_COMPRESSED, offset, length, mode=how))
+
+        if "snapshots" in support.writable:
+
+            def _snapshot_key(self, data: st.DataObject) -> str:
+                # Existing IDs and names mostly, now and then one that does not exist.
+                assert self.session is not None
+                taken = [key for snap in self.session.model.snapshots
+                         for key in (snap.id, snap.name)]
+                return data.draw(st.sampled_from((*taken, *taken, "9", "zz")), label="snapshot")
+
+            @precondition(lambda self: self._qcow2_top())
+            @rule(data=st.data())
+            def create_snapshot(self, data: st.DataObject) -> None:
+                name = data.draw(st.sampled_from(snapshot_names), label="name")
+                self._apply(Op(OpKind.CREATE_SNAPSHOT, mode=name))
+
+            @precondition(lambda self: self._qcow2_top())
+            @rule(data=st.data())
+            def apply_snapshot(self, data: st.DataObject) -> None:
+                self._apply(Op(OpKind.APPLY_SNAPSHOT, mode=self._snapshot_key(data)))
+
+            @precondition(lambda self: self._qcow2_top())
+            @rule(data=st.data())
+            def delete_snapshot(self, data: st.DataObject) -> None:
+                self._apply(Op(OpKind.DELETE_SNAPSHOT, mode=self._snapshot_key(data)))
+
+            if "snapshot_open" in support.writable:
+
+                @precondition(lambda self: self._qcow2_top())
+                @rule(data=st.data())
+                def read_snapshot(self, data: st.DataObject) -> None:
+                    self._apply(Op(OpKind.READ_SNAPSHOT, mode=self._snapshot_key(data)))
 
         if locality:
 

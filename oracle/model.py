@@ -33,6 +33,7 @@ __all__ = [
     "BackingView",
     "FlatModel",
     "LayerTraits",
+    "SavedSnapshot",
     "first_mismatch",
 ]
 
@@ -68,6 +69,9 @@ class LayerTraits:
     """Allocation unit in bytes: the cluster size for qcow2, the sector for raw."""
     zero_flag: bool
     """Whether explicit zero units exist (qcow2 v3)."""
+    subclusters: bool = False
+    """Units are subclusters (extended L2): preallocation gives them a host cluster but
+    leaves them unallocated, as QEMU does (qcow2.extended-l2.preallocation)."""
 
     @classmethod
     def raw(cls) -> LayerTraits:
@@ -75,10 +79,18 @@ class LayerTraits:
         return cls("raw", 512, False)
 
     @classmethod
-    def qcow2(cls, cluster_size: int, compat: str = "1.1") -> LayerTraits:
-        """A qcow2 layer; ``compat`` ``"1.1"`` (v3) has zero clusters, ``"0.10"`` (v2) not."""
+    def qcow2(
+        cls, cluster_size: int, compat: str = "1.1", *, extended_l2: bool = False
+    ) -> LayerTraits:
+        """A qcow2 layer; ``compat`` ``"1.1"`` (v3) has zero clusters, ``"0.10"`` (v2) not.
+
+        With ``extended_l2`` the unit is the subcluster (qcow2.extended-l2.subclusters):
+        each of a cluster's 32 is allocated, zero or unallocated on its own.
+        """
         if cluster_size < 512 or cluster_size & (cluster_size - 1):
             raise ValueError(f"bad qcow2 cluster size {cluster_size}")
+        if extended_l2:
+            return cls("qcow2", cluster_size // 32, True, subclusters=True)
         return cls("qcow2", cluster_size, compat != "0.10")
 
     @property
@@ -111,6 +123,18 @@ class BackingView:
         """Whether the range is known to read as zeroes."""
         data, known = self.read(offset, length)
         return data.count(0) == length and known.count(_KNOWN) == length
+
+
+@dataclass(frozen=True, slots=True)
+class SavedSnapshot:
+    """What an internal snapshot of the top layer holds: the disk as it was when taken."""
+
+    id: str
+    name: str
+    size: int
+    data: bytes
+    known: bytes
+    alloc: tuple[frozenset[Alloc], ...]
 
 
 _EQ_TABLE = bytes([1] + [0] * 255)
@@ -174,6 +198,8 @@ class FlatModel:
         if prealloc is not None:
             self.resize(0)
             self.resize(size, prealloc)
+        self.snapshots: list[SavedSnapshot] = []
+        """The top layer's internal snapshots, in table order."""
 
     # -- geometry -----------------------------------------------------------------------------
 
@@ -376,12 +402,16 @@ class FlatModel:
                 self.alloc[last] = self.alloc[last] | _DATA | zero_flag
         for unit in range(len(self.alloc), self._units_for(new_size)):
             start, end = self.unit_span(unit)
+            freed = _BACKING if self._backing_zero(start, end - start) else _NONE
             if prealloc is PreallocateMode.NONE:
                 allowed = ANY_ALLOC
+            elif self.traits.subclusters:
+                # Host clusters are allocated, the subclusters left unallocated (reading
+                # zero) or, by an implementation that does, allocated as the mode says.
+                allowed = _DATA | zero_flag | freed
             elif prealloc is PreallocateMode.ZERO:
                 # Reads zero, need not allocate: zero units, or unallocated where that reads
                 # zero anyway, or (v2 over a backing) zeroes written as data.
-                freed = _BACKING if self._backing_zero(start, end - start) else _NONE
                 allowed = _DATA | zero_flag | freed
             elif prealloc is PreallocateMode.FORMAT_ALLOCATE:
                 # Mapped in this layer: data, or (v3) zero-flagged units keeping a host cluster.
@@ -390,3 +420,44 @@ class FlatModel:
                 # FULL_ALLOCATE / WRITE_DATA: host storage behind every unit, mapped as data.
                 allowed = _DATA
             self.alloc.append(allowed)
+
+    # -- internal snapshots (qcow2.snapshots.*) ----------------------------------------------
+
+    def next_snapshot_id(self) -> str:
+        """The ID QEMU gives a new snapshot: one more than the largest numeric ID."""
+        ids = [int(s.id) for s in self.snapshots if s.id.isdigit()]
+        return str(max(ids, default=0) + 1)
+
+    def find_snapshot(self, name_or_id: str) -> SavedSnapshot | None:
+        """The snapshot ``qemu-img snapshot -a/-d`` picks: by ID first, then by name."""
+        for snap in self.snapshots:
+            if snap.id == name_or_id:
+                return snap
+        for snap in self.snapshots:
+            if snap.name == name_or_id:
+                return snap
+        return None
+
+    def create_snapshot(self, name: str) -> SavedSnapshot:
+        """The disk saved under ``name``; the active disk does not change."""
+        snap = SavedSnapshot(self.next_snapshot_id(), name, self.size, bytes(self.data),
+                             bytes(self.known), tuple(self.alloc))
+        self.snapshots.append(snap)
+        return snap
+
+    def apply_snapshot(self, name_or_id: str) -> None:
+        """The disk reverts to the snapshot: content, size and what each unit maps to."""
+        snap = self.find_snapshot(name_or_id)
+        if snap is None:
+            raise KeyError(name_or_id)
+        self.size = snap.size
+        self.data = bytearray(snap.data)
+        self.known = bytearray(snap.known)
+        self.alloc = list(snap.alloc)
+
+    def delete_snapshot(self, name_or_id: str) -> None:
+        """The snapshot is gone; the active disk does not change."""
+        snap = self.find_snapshot(name_or_id)
+        if snap is None:
+            raise KeyError(name_or_id)
+        self.snapshots.remove(snap)

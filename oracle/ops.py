@@ -7,6 +7,7 @@ written to a replay file and run again without Hypothesis.
 from __future__ import annotations
 
 import enum
+import random
 import sys
 from array import array
 from dataclasses import dataclass, field
@@ -15,11 +16,13 @@ from typing import Any
 from pyimago.reference import PreallocateMode
 
 __all__ = [
+    "SNAPSHOT_OPS",
     "ChainSpec",
     "LayerSpec",
     "Op",
     "OpKind",
     "decode_word",
+    "noise",
     "pattern",
 ]
 
@@ -57,6 +60,18 @@ class OpKind(enum.Enum):
     """``flush()`` then ``sync()``: everything so far must survive a power cut."""
     POWER_CUT = "power_cut"
     """Check the states a power cut after each storage mutation since the last check leaves."""
+    WRITE_COMPRESSED = "write_compressed"
+    """``write_compressed`` of the cluster at ``offset`` (``length``: the cluster, or the
+    disk's tail); ``mode`` ``"noise"`` writes incompressible bytes (the plain-write
+    fallback), else :func:`pattern` data."""
+    CREATE_SNAPSHOT = "create_snapshot"
+    """``create_snapshot(mode)``: an internal snapshot of the top layer named ``mode``."""
+    APPLY_SNAPSHOT = "apply_snapshot"
+    """``apply_snapshot(mode)`` (``mode``: an ID or a name): the disk reverts to it."""
+    DELETE_SNAPSHOT = "delete_snapshot"
+    """``delete_snapshot(mode)`` (an ID or a name)."""
+    READ_SNAPSHOT = "read_snapshot"
+    """The snapshot ``mode`` opened read-only (``open_image(snapshot=...)``) and read whole."""
 
 
 RANGED = frozenset(
@@ -73,7 +88,13 @@ RANGED = frozenset(
         OpKind.WRITEV,
         OpKind.ENSURE_DATA_MAPPING,
         OpKind.GET_MAPPING,
+        OpKind.WRITE_COMPRESSED,
     }
+)
+
+#: Operations on internal snapshots; ``Op.mode`` names the snapshot.
+SNAPSHOT_OPS = frozenset(
+    {OpKind.CREATE_SNAPSHOT, OpKind.APPLY_SNAPSHOT, OpKind.DELETE_SNAPSHOT, OpKind.READ_SNAPSHOT}
 )
 
 
@@ -125,6 +146,8 @@ class Op:
             )
         if self.kind in (OpKind.READ_PARALLEL, OpKind.WRITE_PARALLEL):
             return f"{name:<20} {self.value}"
+        if self.kind in SNAPSHOT_OPS:
+            return f"{name:<20} {self.mode!r}"
         return name
 
     def touches(self, offset: int) -> bool:
@@ -179,6 +202,59 @@ class LayerSpec:
     refcount_bits: int = 16
     """qcow2 v3 refcount width (1..64 bits): narrow ones pack several refcounts per byte and
     fill refcount blocks fast (more blocks, a refcount table that must grow)."""
+    extended_l2: bool = False
+    """qcow2 v3 extended L2 entries: 32 subclusters per cluster, the model's unit."""
+    data_file: str = ""
+    """An external data file: ``""`` none, ``"file"`` one, ``"raw"`` one with
+    ``data_file_raw`` (QEMU then preallocates the metadata)."""
+    lazy_refcounts: bool = False
+    """qcow2 v3 lazy refcounts (the dirty bit while open)."""
+    compression_type: str = "zlib"
+    """``"zlib"`` or ``"zstd"`` (qcow2 v3): how compressed clusters are stored."""
+    maker: str = "target"
+    """Who creates and fills the layer: ``"target"`` (the implementation under test) or
+    ``"qemu"`` (``qemu-img create`` and ``qemu-io``, file chains below the top only)."""
+
+    @property
+    def granularity(self) -> int:
+        """The model's unit: the subcluster with extended L2, else the cluster (raw: 512)."""
+        if self.format == "raw":
+            return 512
+        return self.cluster_size // 32 if self.extended_l2 else self.cluster_size
+
+    @property
+    def l2_span(self) -> int:
+        """Guest bytes one L2 table maps (16-byte entries with extended L2, else 8)."""
+        return self.cluster_size * (self.cluster_size // (16 if self.extended_l2 else 8))
+
+    def features(self) -> tuple[str, ...]:
+        """The issue-13 features this layer uses (for summaries and capability checks)."""
+        out = []
+        if self.extended_l2:
+            out.append("extended_l2")
+        if self.data_file:
+            out.append("data_file_raw" if self.data_file == "raw" else "data_file")
+        if self.lazy_refcounts:
+            out.append("lazy_refcounts")
+        if self.compression_type != "zlib":
+            out.append("zstd")
+        return tuple(out)
+
+    def create_options(self, data_file_name: str = "data.bin") -> dict[str, Any]:
+        """The ``-o`` options of the features (qemu-img names, as ``create_image`` takes);
+        the data file (if any) is ``data_file_name``, relative to the layer's folder."""
+        options: dict[str, Any] = {}
+        if self.extended_l2:
+            options["extended_l2"] = True
+        if self.data_file:
+            options["data_file"] = data_file_name
+            if self.data_file == "raw":
+                options["data_file_raw"] = True
+        if self.lazy_refcounts:
+            options["lazy_refcounts"] = True
+        if self.compression_type != "zlib":
+            options["compression_type"] = self.compression_type
+        return options
 
     def describe(self) -> str:
         if self.format == "raw":
@@ -187,6 +263,10 @@ class LayerSpec:
         extra = f", preallocation={self.preallocation}" if self.preallocation != "off" else ""
         if self.refcount_bits != 16:
             extra += f", refcount_bits={self.refcount_bits}"
+        for name in self.features():
+            extra += f", {name}"
+        if self.maker != "target":
+            extra += f", made by {self.maker}"
         return f"qcow2 {version} {self.size:#x} bytes, {self.cluster_size} B clusters{extra}"
 
     def to_json(self) -> dict[str, Any]:
@@ -198,6 +278,11 @@ class LayerSpec:
             "preallocation": self.preallocation,
             "build": [op.to_json() for op in self.build],
             "refcount_bits": self.refcount_bits,
+            **{key: value for key, value in (
+                ("extended_l2", self.extended_l2), ("data_file", self.data_file),
+                ("lazy_refcounts", self.lazy_refcounts),
+                ("compression_type", self.compression_type), ("maker", self.maker),
+            ) if value != _LAYER_DEFAULTS[key]},
         }
 
     @classmethod
@@ -210,7 +295,19 @@ class LayerSpec:
             str(obj.get("preallocation", "off")),
             tuple(Op.from_json(o) for o in obj.get("build", ())),
             int(obj.get("refcount_bits", 16)),
+            bool(obj.get("extended_l2", False)),
+            str(obj.get("data_file", "")),
+            bool(obj.get("lazy_refcounts", False)),
+            str(obj.get("compression_type", "zlib")),
+            str(obj.get("maker", "target")),
         )
+
+
+# Only the features a layer uses go into replay files (older files read the same).
+_LAYER_DEFAULTS: dict[str, Any] = {
+    "extended_l2": False, "data_file": "", "lazy_refcounts": False,
+    "compression_type": "zlib", "maker": "target",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,6 +369,11 @@ def pattern(step: int, offset: int, length: int) -> bytes:
     buf[0::4] = bytes([_step_byte(step)]) * (last - first)
     skip = offset - first * 4
     return bytes(buf[skip : skip + length])
+
+
+def noise(step: int, offset: int, length: int) -> bytes:
+    """Incompressible bytes for step ``step`` at ``offset`` (a compressed write's fallback)."""
+    return random.Random(step * 1_000_003 + offset).randbytes(length)
 
 
 def decode_word(word: bytes) -> tuple[int, int] | None:

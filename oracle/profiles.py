@@ -24,6 +24,8 @@ from typing import Any
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis.database import DirectoryBasedExampleDatabase
 
+from ._constants import pin_local_constants
+
 __all__ = [
     "CI_MAX_EXAMPLES",
     "CI_STEP_COUNT",
@@ -56,7 +58,10 @@ _NO_EXPLAIN = (Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.
 
 
 def register_profiles() -> None:
-    """Register the ``ci``, ``dev`` and ``deep`` profiles (idempotent)."""
+    """Register the ``ci``, ``dev`` and ``deep`` profiles (idempotent), and pin Hypothesis's
+    local-constants pool so a derandomised stream depends on neither test order nor target
+    (see ``_constants``)."""
+    pin_local_constants()
     settings.register_profile(
         "ci",
         derandomize=True,

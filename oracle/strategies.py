@@ -10,12 +10,16 @@ step stays cheap.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from hypothesis import strategies as st
 from pyimago.reference import PreallocateMode
 
 from .ops import ChainSpec, LayerSpec, Op, OpKind
+
+if TYPE_CHECKING:
+    from .features import FeatureSupport
 
 __all__ = [
     "CLUSTER_SIZES",
@@ -64,11 +68,13 @@ class Geometry:
     sharp: bool = False
     """Ranges also *end* at the places ranges start at, and one byte either side of a
     boundary is drawn more often: off-by-one bugs live at both ends of a range."""
+    table_span: int = 0
+    """Guest bytes one L2 table maps, when the unit is not the cluster (extended L2)."""
 
     @property
     def l2_span(self) -> int:
         """Guest bytes one L2 table maps (``cluster_size / 8`` entries of a cluster each)."""
-        return self.granularity * (self.granularity // 8)
+        return self.table_span or self.granularity * (self.granularity // 8)
 
 
 def _sizes(cluster_size: int) -> st.SearchStrategy[int]:
@@ -320,13 +326,16 @@ def build_ops(
         OpKind.WRITE, OpKind.WRITE_ZEROES, OpKind.WRITE, OpKind.DISCARD_TO_ZERO
     ),
     compress: bool = False,
+    cluster: int = 0,
 ) -> tuple[Op, ...]:
     """What fills a lower layer: writes, plus zeroing (explicit zero clusters in v3).
 
     With ``compress``, some writes are marked :data:`COMPRESSED`: once the layer is built,
-    the whole clusters they cover are rewritten as compressed clusters.
+    the whole clusters they cover are rewritten as compressed clusters.  ``cluster``: the
+    cluster size when the unit is smaller (extended L2).
     """
     geo = Geometry(size, granularity, size)
+    cluster = cluster or granularity
     count = draw(st.integers(1, 5))
     ops = []
     for _ in range(count):
@@ -335,8 +344,8 @@ def build_ops(
         mode = None
         if compress and kind is OpKind.WRITE and draw(st.booleans()):
             # Whole clusters, so that something is left to compress.
-            offset -= offset % granularity
-            length = min(max(length, granularity) + draw(st.integers(0, 3)) * granularity,
+            offset -= offset % cluster
+            length = min(max(length, cluster) + draw(st.integers(0, 3)) * cluster,
                          size - offset)
             mode = COMPRESSED
         ops.append(Op(kind, offset, length, mode=mode))
@@ -371,6 +380,8 @@ def chain_specs(
     compress: bool = True,
     refcount_bits: tuple[int, ...] = REFCOUNT_BITS,
     refcount_growth: bool = True,
+    features: FeatureSupport | None = None,
+    qemu_layers: bool = False,
 ) -> ChainSpec:
     """Chains of 1 to 3 layers: a raw or qcow2 base under qcow2 overlays.
 
@@ -380,6 +391,11 @@ def chain_specs(
     among their build writes, the top one now and then).  With ``refcount_growth``, one
     chain in twelve is a single large qcow2 of 512-byte clusters and 32- or 64-bit refcounts,
     which the machine's ``fill_disk`` rule makes outgrow its refcount table.
+
+    ``features``: what the target supports of issue 13's layer options (see
+    :func:`pyimago.oracle.features.probe_features`); v3 layers it makes draw those it writes.
+    With ``qemu_layers``, layers below the top of file chains are now and then made by QEMU
+    (``LayerSpec.maker``), with any option the target reads.
     """
     if (refcount_growth and "1.1" in compats and "qcow2" in base_formats
             and draw(st.integers(0, 11)) == 0):
@@ -391,6 +407,7 @@ def chain_specs(
         layer = LayerSpec("qcow2", sectors * _SECTOR, 512, "1.1", refcount_bits=bits)
         return ChainSpec((layer,), "memory", draw(st.sampled_from(l2_cache_tables)))
     depth = draw(st.integers(*depths))
+    storage = draw(st.sampled_from(storages))
     layers: list[LayerSpec] = []
     for index in range(depth):
         fmt = draw(st.sampled_from(base_formats)) if index == 0 else "qcow2"
@@ -409,25 +426,66 @@ def chain_specs(
             prealloc = draw(st.sampled_from(("metadata", "falloc", "full")))
         build: tuple[Op, ...] = ()
         squeeze = compress and fmt == "qcow2"
-        if index < depth - 1:
-            build = draw(build_ops(size, cluster if fmt == "qcow2" else _SECTOR,
-                                  compress=squeeze))
-        elif squeeze and draw(st.integers(0, 2)) == 0:
-            build = draw(top_compressed_build(size, cluster))
         bits = 16
         if fmt == "qcow2" and compat == "1.1":
             bits = draw(st.sampled_from(refcount_bits))
-        layers.append(
-            LayerSpec(
-                format=fmt,
-                size=size,
-                cluster_size=cluster if fmt == "qcow2" else 65536,
-                compat=compat,
-                preallocation=prealloc,
-                build=build,
-                refcount_bits=bits,
-            )
+        layer = LayerSpec(
+            format=fmt,
+            size=size,
+            cluster_size=cluster if fmt == "qcow2" else 65536,
+            compat=compat,
+            preallocation=prealloc,
+            refcount_bits=bits,
         )
-    storage = draw(st.sampled_from(storages))
+        if features is not None and fmt == "qcow2" and compat == "1.1":
+            layer = draw(_layer_features(layer, features, index=index, top=index == depth - 1,
+                                         storage=storage, qemu=qemu_layers))
+            size = layer.size
+            # QEMU writes no compressed cluster into an external data file; the rewriting
+            # into compressed clusters (fuzz._compress) knows no extended L2 entries.
+            squeeze = squeeze and not layer.data_file and (
+                layer.maker == "qemu" or not layer.extended_l2)
+        g = layer.granularity
+        if index < depth - 1:
+            build = draw(build_ops(size, g, compress=squeeze, cluster=layer.cluster_size))
+        elif squeeze and draw(st.integers(0, 2)) == 0:
+            build = draw(top_compressed_build(size, layer.cluster_size))
+        layers.append(replace(layer, build=build))
     cache = draw(st.sampled_from(l2_cache_tables))
     return ChainSpec(tuple(layers), storage, cache)
+
+
+#: Cluster sizes for extended L2 (QEMU's minimum is 16 KiB: qcow2.extended-l2.min-cluster).
+EXTENDED_L2_CLUSTERS = (16384, 16384, 32768, 65536)
+
+
+@st.composite
+def _layer_features(
+    draw: st.DrawFn, layer: LayerSpec, support: FeatureSupport, *, index: int, top: bool,
+    storage: str, qemu: bool,
+) -> LayerSpec:
+    """Issue 13's options for a v3 qcow2 layer: those the target writes, or, for a layer
+    QEMU makes (file chains, below the top), those the target reads."""
+    maker = "target"
+    allowed = support.writable
+    if qemu and storage == "file" and not top and draw(st.booleans()):
+        maker, allowed = "qemu", support.readable
+    if not allowed and maker == "target":
+        return layer
+    options: dict[str, object] = {"maker": maker}
+    if "extended_l2" in allowed and draw(st.integers(0, 2)) == 0:
+        cluster = draw(st.sampled_from(EXTENDED_L2_CLUSTERS))
+        options.update(extended_l2=True, cluster_size=cluster,
+                       size=min(layer.size, max_disk_size(cluster)))
+    files = [f for f in ("data_file", "data_file_raw") if f in allowed]
+    if index > 0:
+        # QEMU: "Backing file and data-file-raw cannot be used at the same time".
+        files = [f for f in files if f != "data_file_raw"]
+    if storage == "file" and files and draw(st.integers(0, 2)) == 0:
+        options["data_file"] = "raw" if draw(st.sampled_from(files)) == "data_file_raw" \
+            else "file"
+    if "lazy_refcounts" in allowed and draw(st.integers(0, 3)) == 0:
+        options["lazy_refcounts"] = True
+    if "zstd" in allowed and draw(st.integers(0, 2)) == 0:
+        options["compression_type"] = "zstd"
+    return replace(layer, **options)  # type: ignore[arg-type]

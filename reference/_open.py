@@ -47,8 +47,7 @@ _PREALLOCATION = {
 }
 _COMPAT = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
 _COMPRESSION = {"zlib": COMPRESSION_TYPE_ZLIB, "zstd": COMPRESSION_TYPE_ZSTD}
-_UNSUPPORTED_OPTIONS = ("encryption", "encrypt", "data_file", "data_file_raw", "extended_l2",
-                        "lazy_refcounts")
+_UNSUPPORTED_OPTIONS = ("encryption", "encrypt")
 
 
 def probe_format(storage: Storage) -> str:
@@ -278,8 +277,12 @@ def create_image(
     qcow2 options: ``cluster_size`` (512..2 MiB, default 65536), ``compat`` ("0.10" or
     "1.1", default "1.1"), ``refcount_bits`` (1..64, default 16), ``backing_file``,
     ``backing_fmt``, ``preallocation`` ("off", "metadata", "falloc", "full"),
-    ``compression_type`` ("zlib", "zstd").  raw takes ``preallocation`` only.  ``size`` may
-    be None for a qcow2 image with a backing file: the backing file's size is used.
+    ``compression_type`` ("zlib", "zstd"), ``lazy_refcounts`` (bool, v3 only),
+    ``extended_l2`` (bool, v3 only, clusters of 16 KiB or more), ``data_file`` (the external
+    data file's name, resolved like a backing file name; the file is created empty) and
+    ``data_file_raw`` (bool: the data file stays the raw disk; implies "metadata"
+    preallocation).  raw takes ``preallocation`` only.  ``size`` may be None for a qcow2
+    image with a backing file: the backing file's size is used.
 
     For an image created in a file, the backing file must exist and open as ``backing_fmt``
     (create.backing.checked), as qemu-img checks it, unless ``unsafe=True`` (qemu-img
@@ -297,12 +300,20 @@ def create_image(
     prealloc = _PREALLOCATION[str(prealloc_name)]
     qopts = _qcow2_options(options) if fmt == "qcow2" else None
     has_backing = qopts is not None and qopts.backing_file is not None
-    if has_backing and prealloc is not PreallocateMode.NONE:
-        # create.preallocation: as qemu-img, preallocation would hide the backing file.
+    if has_backing and prealloc is not PreallocateMode.NONE and not (
+        qopts is not None and qopts.extended_l2
+    ):
+        # create.preallocation: as qemu-img, preallocation would hide the backing file
+        # ("Backing file and preallocation can only be used at the same time if extended_l2
+        # is on": preallocated subclusters stay unallocated, reading from the backing file).
         raise InvalidRequestError(
             f"create_image: preallocation={prealloc_name!r} cannot be combined with a "
-            "backing_file (only 'off')"
+            "backing_file (only 'off') unless extended_l2 is on"
         )
+    if qopts is not None and qopts.data_file_raw and prealloc is PreallocateMode.NONE:
+        # create.data-file: as qemu-img, a raw data file is mapped whole
+        # (preallocation=metadata), so that the tables read as the data file does.
+        prealloc = PreallocateMode.FORMAT_ALLOCATE
     if options:
         bad = sorted(options)
         if any(b in _UNSUPPORTED_OPTIONS for b in bad):
@@ -345,16 +356,45 @@ def create_image(
             access = FormatAccess(RawDriver(storage, writable=True))
         else:
             assert qopts is not None
+            data_storage = _create_data_file(target, qopts)
             write_initial_layout(storage, qopts)
             driver = Qcow2Driver(storage, writable=True)
+            if data_storage is not None:
+                driver.set_data_file(data_storage, owned=True)
             # The backing image is not needed to lay out the overlay (and may not exist yet).
             driver.set_backing(None)
             access = FormatAccess(driver)
-        access.resize_grow(size, prealloc)
-        access.flush()
+        try:
+            access.resize_grow(size, prealloc)
+            access.flush()
+        finally:
+            if isinstance(access.driver, Qcow2Driver):
+                access.driver.close_data_file()
     finally:
         if owned:
             storage.close()
+
+
+def _create_data_file(target: PathOrStorage, qopts: Qcow2CreateOptions) -> Storage | None:
+    """create.data-file: the external data file is created empty (as qemu-img creates it,
+    truncating an existing file), named relative to the image's folder like a backing file."""
+    if qopts.data_file is None:
+        return None
+    image = os.fspath(target) if isinstance(target, (str, os.PathLike)) else None
+    if image is None and not os.path.isabs(qopts.data_file):
+        raise InvalidRequestError(
+            f"create_image: data_file {qopts.data_file!r} is relative, but the image is a "
+            "storage object with no folder to resolve it against: give an absolute path"
+        )
+    path = resolve_backing_path(qopts.data_file, image)
+    make_image_file(path)
+    data = FileStorage(path, writable=True)
+    try:
+        data.resize(0)
+    except BaseException:
+        data.close()
+        raise
+    return data
 
 
 def _qcow2_options(options: dict[str, object]) -> Qcow2CreateOptions:
@@ -380,14 +420,61 @@ def _qcow2_options(options: dict[str, object]) -> Qcow2CreateOptions:
         raise InvalidRequestError(f"compression_type must be zlib or zstd, not {compression!r}")
     if version == 2 and compression != "zlib":
         raise InvalidRequestError("compat=0.10 supports only compression_type=zlib")
+    lazy_refcounts = options.pop("lazy_refcounts", False)
+    if not isinstance(lazy_refcounts, bool):
+        raise InvalidRequestError(f"lazy_refcounts must be a bool, not {lazy_refcounts!r}")
+    if lazy_refcounts and version == 2:
+        # qemu-img: "Lazy refcounts only supported with compatibility level 1.1 and above".
+        raise InvalidRequestError("lazy_refcounts=True needs compat=1.1 (qcow2 v3)")
+    extended_l2 = _bool_option(options.pop("extended_l2", False), "extended_l2")
+    if extended_l2 and version < 3:
+        # qemu-img: "Extended L2 entries are only supported with compatibility level 1.1 and
+        # above".
+        raise InvalidRequestError(
+            f"create_image: extended_l2 needs compat=1.1, not compat={compat!r}")
+    if extended_l2 and cluster_size < 16384:
+        # qcow2.extended-l2.min-cluster: subclusters of at least 512 bytes.
+        raise InvalidRequestError(
+            f"create_image: extended_l2 needs a cluster_size of at least 16384 bytes, not "
+            f"{cluster_size}"
+        )
+    data_file = options.pop("data_file", None)
+    if data_file is not None and (not isinstance(data_file, str) or not data_file
+                                  or "\0" in data_file):
+        raise InvalidRequestError(
+            f"create_image: data_file must be a non-empty str, not {data_file!r}")
+    data_file_raw = _bool_option(options.pop("data_file_raw", False), "data_file_raw")
+    if data_file_raw and data_file is None:
+        raise InvalidRequestError("create_image: data_file_raw=True requires data_file (qemu-img: "
+                                  "'data-file-raw requires data-file')")
+    if data_file_raw and backing_file is not None:
+        raise InvalidRequestError(
+            f"create_image: data_file_raw=True cannot be combined with backing_file "
+            f"{backing_file!r}"
+        )
+    if data_file is not None and version < 3:
+        raise InvalidRequestError(
+            f"create_image: data_file {data_file!r} needs compat=1.1, not compat={compat!r}"
+        )
     return Qcow2CreateOptions(
+        lazy_refcounts=lazy_refcounts,
         cluster_bits=cluster_size.bit_length() - 1,
         version=version,
         refcount_order=refcount_bits.bit_length() - 1,
         backing_file=backing_file,
         backing_fmt=backing_fmt,
         compression_type=_COMPRESSION[str(compression)],
+        extended_l2=extended_l2,
+        data_file=data_file,
+        data_file_raw=data_file_raw,
     )
+
+
+def _bool_option(value: object, what: str) -> bool:
+    """A boolean option (create.qcow2.extended-l2: "the flag must be a bool")."""
+    if isinstance(value, bool):
+        return value
+    raise InvalidRequestError(f"create_image: {what} must be a bool, not {value!r}")
 
 
 def _backing_size(target: PathOrStorage, qopts: Qcow2CreateOptions) -> int:

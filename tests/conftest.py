@@ -10,17 +10,20 @@ from pathlib import Path
 # also writes the per-clause report (--clause-report=FILE).
 pytest_plugins = ["pyimago.specs._pytest"]
 
-# QEMU's damaged-image cases (tests/fixtures/damaged.py), shared by the reference, fast and
-# interop tests: ``tests/`` is not a package (``--import-mode=importlib``), so the script is
-# registered under a private name once, here, and imported by that name.
-if "pyimago_tests_damaged" not in sys.modules:
-    _spec = importlib.util.spec_from_file_location(
-        "pyimago_tests_damaged", Path(__file__).parent / "fixtures" / "damaged.py"
-    )
-    assert _spec is not None and _spec.loader is not None
-    _damaged = importlib.util.module_from_spec(_spec)
-    sys.modules["pyimago_tests_damaged"] = _damaged
-    _spec.loader.exec_module(_damaged)
+# Shared fixture modules: QEMU's damaged-image cases (tests/fixtures/damaged.py, for the
+# reference, fast and interop tests) and the qemu-img helpers (tests/fixtures/qemu.py, for
+# the fast and tools tests).  ``tests/`` is not a package (``--import-mode=importlib``), so
+# each script is registered under a private name once, here, and imported by that name.
+for _name, _file in (("pyimago_tests_damaged", "damaged.py"),
+                     ("pyimago_tests_qemu", "qemu.py")):
+    if _name not in sys.modules:
+        _spec = importlib.util.spec_from_file_location(
+            _name, Path(__file__).parent / "fixtures" / _file
+        )
+        assert _spec is not None and _spec.loader is not None
+        _module = importlib.util.module_from_spec(_spec)
+        sys.modules[_name] = _module
+        _spec.loader.exec_module(_module)
 
 if importlib.util.find_spec("pyimago.oracle.profiles"):
     from pyimago.oracle.profiles import load_profile_from_env, register_profiles

@@ -213,6 +213,20 @@ def convert(src: str, dst: str, opts: ConvertOptions | None = None, *, impl: Imp
             target.sync()
         finally:
             target.close()
+    if opts.compress:
+        _align_end(dst)
+
+
+def _align_end(path: str) -> None:
+    """Grow the compressed output's file to a whole 512-byte sector, as qemu-img does.
+
+    qemu-img.c convert_do_copy ends -c with ``blk_pwrite_compressed(s->target, 0, NULL, 0)``:
+    qcow2_co_pwritev_compressed_part, "align end of file to a sector boundary to ease
+    reading with sector based I/Os".  The bytes added lie past every cluster in use.
+    """
+    size = os.path.getsize(path)
+    if size % 512:
+        os.truncate(path, size + 512 - size % 512)
 
 
 def _on_clusters(runs: Iterator[tuple[int, int, str]], cluster: int, size: int
@@ -261,6 +275,9 @@ def _copy(source: Any, src: str, target: Any, opts: ConvertOptions, top_only: bo
     runs = _runs(source, src, top_only)
     if opts.compress:
         runs = _on_clusters(runs, target.info().cluster_size, source.size)
+        # Compression is the cost of -c: let the implementation spread it over -m threads
+        # (zlib and zstd release the GIL), as qemu-img compresses in a thread pool.
+        target.set_write_parallelization(opts.workers)
     write = _write_compressed if opts.compress else _write
     with (ThreadPoolExecutor(max_workers=opts.workers, thread_name_prefix="convert") as pool,
           progress(opts.show_progress, source.size, "convert") as bar):
@@ -309,11 +326,31 @@ def _write_compressed(target: Any, offset: int, length: int, kind: str,
     assert job is not None
     data = job.result()
     cluster = target.info().cluster_size
+    run: list[bytes] = []  # consecutive clusters to compress, from ``run_at``
+    run_at = offset
     for at in range(0, len(data), cluster):
         piece = data[at : at + cluster]
         if piece.count(0) == len(piece):
+            _compress(target, run, run_at)
+            run = []
             if not zero_init:
                 target.write_zeroes(offset + at, len(piece))
             continue
-        whole = min(cluster, target.size - (offset + at))
-        target.write_compressed(piece.ljust(whole, b"\0"), offset + at)
+        if not run:
+            run_at = offset + at
+        run.append(piece.ljust(min(cluster, target.size - (offset + at)), b"\0"))
+    _compress(target, run, run_at)
+
+
+def _compress(target: Any, clusters: list[bytes], offset: int) -> None:
+    """Write consecutive whole clusters compressed: in one call where the implementation
+    compresses several at once (pyimago.fast's ``write_compressed_many``), else each."""
+    if not clusters:
+        return
+    many = getattr(target, "write_compressed_many", None)
+    if many is not None:
+        many(b"".join(clusters), offset)
+        return
+    for piece in clusters:
+        target.write_compressed(piece, offset)
+        offset += len(piece)

@@ -8,6 +8,7 @@ from typing import Any
 
 from pyimago.reference import ImageInfo, SnapshotInfo
 
+from ._bitmaps import read_bitmaps
 from ._common import Impl, allocated_size, backing_path, open_chain, size_to_str
 
 __all__ = ["image_info", "info_record", "render_info", "render_snapshots"]
@@ -47,6 +48,9 @@ def info_record(info: ImageInfo, filename: str) -> dict[str, Any]:
         data: dict[str, Any] = {"compat": q.compat, "compression-type": q.compression_type}
         if q.compat != "0.10":
             data["lazy-refcounts"] = q.lazy_refcounts
+            bitmaps = read_bitmaps(filename)
+            if bitmaps:
+                data["bitmaps"] = bitmaps
         data["refcount-bits"] = q.refcount_bits
         if q.data_file is not None:
             data["data-file"] = q.data_file
@@ -100,6 +104,23 @@ def _human_value(value: object) -> str:
     return str(value)
 
 
+def _human_field(label: str, value: object, indent: int) -> list[str]:
+    """One field as QEMU's human QAPI dump prints it (qapi/qmp-dispatch: lists as ``[i]:``
+    items, objects as nested fields, each level four spaces deeper)."""
+    pad = " " * indent
+    if isinstance(value, list):
+        lines = [f"{pad}{label}:"]
+        for index, item in enumerate(value):
+            lines.extend(_human_field(f"[{index}]", item, indent + 4))
+        return lines
+    if isinstance(value, dict):
+        lines = [f"{pad}{label}:"]
+        for key, item in value.items():
+            lines.extend(_human_field(key, item, indent + 4))
+        return lines
+    return [f"{pad}{label}: {_human_value(value)}"]
+
+
 def _snapshot_line(sn: dict[str, Any]) -> str:
     date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sn["date-sec"]))
     secs = sn["vm-clock-sec"]
@@ -147,7 +168,7 @@ def _human_one(rec: dict[str, Any]) -> str:
     if "format-specific" in rec:
         lines.append("Format specific information:")
         for key, value in rec["format-specific"]["data"].items():
-            lines.append(f"    {_FORMAT_SPECIFIC_LABELS.get(key, key)}: {_human_value(value)}")
+            lines.extend(_human_field(_FORMAT_SPECIFIC_LABELS.get(key, key), value, 4))
     return "\n".join(lines) + "\n"
 
 

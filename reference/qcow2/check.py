@@ -29,6 +29,7 @@ from .._check import CheckProblem, CheckResult, ProblemKind, RepairMode
 from .._errors import CorruptImageError, InvalidRequestError, UnsupportedError
 from .._open import probe_format
 from .._storage import FileStorage, Storage
+from .bitmaps import bitmap_extension, bitmap_regions
 from .constants import (
     L1E_OFFSET_MASK,
     L1E_RESERVED_MASK,
@@ -45,6 +46,7 @@ from .constants import (
     REFT_RESERVED_MASK,
 )
 from .driver import Qcow2Driver
+from .extensions import parse_extensions
 from .header import FIELD_OFFSETS, QCowHeader, parse_header
 from .overlap import (
     ACTIVE_L1,
@@ -58,6 +60,7 @@ from .overlap import (
 from .rebuild import rebuild_refcount_structure
 from .refcounts import get_block_entry, refcount_block_entries, set_block_entry
 from .snapshots import read_snapshot_table
+from .subclusters import QCOW_L2_BITMAP_ALL_ALLOC
 from .tables import decode_l2_entry
 
 __all__ = ["check", "check_image"]
@@ -111,6 +114,17 @@ class _Checker:
         self.entries = refcount_block_entries(self.cb, header.refcount_order)
         self.rebuild = False
         self.blocks: dict[int, bytearray] = {}
+        #: Words per L2 entry: 2 with extended L2 entries (entry, subcluster bitmap).
+        self.stride = header.l2_entry_bytes // 8
+        #: qcow2.data-file.write: data clusters live in the data file, uncounted.
+        self.data_file = header.has_data_file
+
+    def l2_entries(self, l2_offset: int) -> list[tuple[int, int]]:
+        """The (entry, bitmap) pairs of an L2 table (bitmap 0 without extended entries)."""
+        words = self._read_u64s(l2_offset, self.cs)
+        if self.stride == 1:
+            return [(w, 0) for w in words]
+        return list(zip(words[::2], words[1::2], strict=True))
 
     def _read_u64s(self, offset: int, length: int) -> list[int]:
         return [v for (v,) in struct.iter_unpack(">Q", self.storage.read(offset, length))]
@@ -148,8 +162,24 @@ class _Checker:
                 continue
             self.check_l1(t, sn.l1_table_offset, sn.l1_size, active=False)
         self.count(t, h.snapshots_offset, table_size)
+        self.count_bitmaps(t)
         self.count(t, h.refcount_table_offset, h.refcount_table_clusters * cs)
         self.check_refblocks(t)
+
+    def count_bitmaps(self, t: _Tally) -> None:
+        """qcow2_check_bitmaps_refcounts: with the bitmaps autoclear bit set, the bitmap
+        directory, tables and data clusters hold references too (qcow2.bitmaps.in-use)."""
+        h = self.h
+        cluster = self.storage.read(0, self.cs)
+        try:
+            exts = parse_extensions(cluster, h.header_length, h.backing_file_offset or self.cs)
+            ext = bitmap_extension(h, exts)
+            regions = bitmap_regions(self.storage, self.cs, ext) if ext is not None else []
+        except CorruptImageError as exc:
+            t.corrupt(None, str(exc))
+            return
+        for offset, length in regions:
+            self.count(t, offset, length)
 
     def check_l1(self, t: _Tally, offset: int, size: int, *, active: bool) -> None:
         if not size:
@@ -169,11 +199,20 @@ class _Checker:
 
     def check_l2(self, t: _Tally, l2_offset: int, *, active: bool) -> None:
         next_contiguous = 0
-        for raw in self._read_u64s(l2_offset, self.cs):
+        for raw, bitmap in self.l2_entries(l2_offset):
             if raw & QCOW_OFLAG_COMPRESSED:
                 if raw & QCOW_OFLAG_COPIED:
                     t.corrupt(None, "copied flag must never be set for compressed clusters")
                     raw &= ~QCOW_OFLAG_COPIED
+                # qcow2.check.features: as QEMU's check_refcounts_l2, a compressed cluster in
+                # a data file image, or with a subcluster bitmap, is one corruption, uncounted.
+                if self.data_file:
+                    t.corrupt(None, f"Compressed cluster {raw:x} with data file")
+                    continue
+                if bitmap:
+                    t.corrupt(None, f"Compressed cluster {raw:x} has non-zero subcluster "
+                                    "allocation bitmap")
+                    continue
                 entry = decode_l2_entry(raw, self.cb)
                 self.count(t, entry.host_offset, entry.compressed_length)
                 if active:
@@ -184,10 +223,18 @@ class _Checker:
             if raw & L2E_STD_RESERVED_MASK:
                 t.corrupt(None, f"found l2 entry with reserved bits set: {raw:x}")
             host = raw & L2E_OFFSET_MASK
-            if not host:
+            # qcow2.data-file.offsets: host offset 0 with COPIED is a data file cluster.
+            if not host and not (self.data_file and raw & QCOW_OFLAG_COPIED):
+                if bitmap & QCOW_L2_BITMAP_ALL_ALLOC:
+                    # qcow2.check.features: as QEMU's check_refcounts_l2.
+                    t.corrupt(None, "Unallocated cluster has non-zero subcluster allocation "
+                                    "map")
                 continue  # unallocated or a plain zero cluster
+            if bitmap & (bitmap >> 32) & QCOW_L2_BITMAP_ALL_ALLOC:
+                t.corrupt(host, f"offset={host:x}: Allocated cluster has corrupted subcluster "
+                                "allocation bitmap")
             if host % self.cs:
-                kind = "Preallocated" if raw & QCOW_OFLAG_ZERO else "Data"
+                kind = "Preallocated" if raw & QCOW_OFLAG_ZERO and self.stride == 1 else "Data"
                 t.corrupt(host, f"offset={host:x}: {kind} cluster is not properly aligned; L2 "
                           "entry corrupted.")
             if active:
@@ -195,7 +242,8 @@ class _Checker:
                 if next_contiguous and host != next_contiguous:
                     t.fragmented += 1
                 next_contiguous = host + self.cs
-            self.count(t, host, self.cs)
+            if not self.data_file:
+                self.count(t, host, self.cs)
 
     def check_refblocks(self, t: _Tally) -> None:
         for i, raw in enumerate(self.reftable):
@@ -345,10 +393,15 @@ class _Checker:
                     t.corrupt(l2_offset, message)
             table = self._read_u64s(l2_offset, self.cs)
             dirty: list[str] = []
-            for j, raw in enumerate(table):
-                if raw & QCOW_OFLAG_COMPRESSED or not raw & L2E_OFFSET_MASK:
+            for j in range(0, len(table), self.stride):
+                raw = table[j]
+                if raw & QCOW_OFLAG_COMPRESSED or not (
+                    raw & L2E_OFFSET_MASK or (self.data_file and raw & QCOW_OFLAG_COPIED)
+                ):
                     continue
-                refcount = self.stored((raw & L2E_OFFSET_MASK) >> self.cb)
+                # QEMU's check_oflag_copied: data file clusters count as refcount 1.
+                refcount = 1 if self.data_file else self.stored(
+                    (raw & L2E_OFFSET_MASK) >> self.cb)
                 if refcount is None:
                     continue
                 if (refcount == 1) != bool(raw & QCOW_OFLAG_COPIED):
@@ -452,17 +505,7 @@ def check_image(storage: Storage, name: str, repair: RepairMode | None) -> Check
     try:
         # qemu-img check opens the image first: what our open refuses, QEMU's refuses too
         # (header, extensions, backing name, table offsets, unsupported features).
-        opened = Qcow2Driver(storage, writable=False).header
-        if opened.has_data_file or opened.extended_l2:
-            # qcow2.corrupt.check: these images are read, but the counting below knows only
-            # standard L2 entries whose data clusters the image file's refcounts hold (data
-            # file clusters are not refcounted: counting them would report a healthy image
-            # corrupt, and a repair would damage it).
-            raise UnsupportedError(
-                f"check: {name} has "
-                f"{'an external data file' if opened.has_data_file else 'extended L2 entries'}"
-                ": pyimago reads such images but does not check them yet"
-            )
+        Qcow2Driver(storage, writable=False)
         header = _read_header(storage)
         first = _one_pass(storage, header, repair)
     except _CheckFailed as exc:

@@ -13,9 +13,14 @@ from .._errors import InvalidRequestError
 from .._storage import Storage
 from .constants import (
     COMPRESSION_TYPE_ZLIB,
+    QCOW2_AUTOCLEAR_DATA_FILE_RAW,
+    QCOW2_COMPAT_LAZY_REFCOUNTS,
     QCOW2_EXT_MAGIC_BACKING_FORMAT,
+    QCOW2_EXT_MAGIC_DATA_FILE,
     QCOW2_EXT_MAGIC_FEATURE_TABLE,
     QCOW2_INCOMPAT_COMPRESSION,
+    QCOW2_INCOMPAT_DATA_FILE,
+    QCOW2_INCOMPAT_EXTL2,
     V2_HEADER_LENGTH,
 )
 from .extensions import (
@@ -56,6 +61,13 @@ class Qcow2CreateOptions:
     backing_file: str | None = None
     backing_fmt: str | None = None
     compression_type: int = COMPRESSION_TYPE_ZLIB
+    #: Incompatible bit 4: 128-bit L2 entries with subcluster bitmaps.
+    extended_l2: bool = False
+    #: The external data file's name as the header extension records it (incompatible bit 2).
+    data_file: str | None = None
+    #: Autoclear bit 1: the data file reads as the disk without the qcow2 metadata.
+    data_file_raw: bool = False
+    lazy_refcounts: bool = False
 
 
 def write_initial_layout(storage: Storage, opts: Qcow2CreateOptions) -> None:
@@ -66,6 +78,11 @@ def write_initial_layout(storage: Storage, opts: Qcow2CreateOptions) -> None:
     exts: list[HeaderExtension] = []
     if opts.backing_fmt:
         exts.append(HeaderExtension(QCOW2_EXT_MAGIC_BACKING_FORMAT, opts.backing_fmt.encode()))
+    if opts.data_file is not None:
+        # qcow2.data-file.create: "External data file name string" (QEMU writes it after the
+        # backing format).
+        exts.append(HeaderExtension(QCOW2_EXT_MAGIC_DATA_FILE,
+                                    opts.data_file.encode("utf-8", "surrogateescape")))
     name = opts.backing_file.encode("utf-8", "surrogateescape") if opts.backing_file else b""
     with_table = [*exts, HeaderExtension(QCOW2_EXT_MAGIC_FEATURE_TABLE,
                                          pack_feature_table(_FEATURE_TABLE))]
@@ -76,7 +93,8 @@ def write_initial_layout(storage: Storage, opts: Qcow2CreateOptions) -> None:
     backing_offset = header_length + len(ext_bytes) if name else 0
     if header_length + len(ext_bytes) + len(name) > cs:
         raise InvalidRequestError(
-            f"backing file name of {len(name)} bytes does not fit in a {cs}-byte header cluster"
+            f"backing file name of {len(name)} bytes (and the header extensions) do not fit in "
+            f"a {cs}-byte header cluster"
         )
     header = QCowHeader(
         version=opts.version,
@@ -91,10 +109,17 @@ def write_initial_layout(storage: Storage, opts: Qcow2CreateOptions) -> None:
         refcount_table_clusters=1,
         nb_snapshots=0,
         snapshots_offset=0,
-        incompatible_features=QCOW2_INCOMPAT_COMPRESSION if opts.compression_type else 0,
+        incompatible_features=(
+            (QCOW2_INCOMPAT_COMPRESSION if opts.compression_type else 0)
+            | (QCOW2_INCOMPAT_EXTL2 if opts.extended_l2 else 0)
+            | (QCOW2_INCOMPAT_DATA_FILE if opts.data_file is not None else 0)
+        ),
+        autoclear_features=QCOW2_AUTOCLEAR_DATA_FILE_RAW if opts.data_file_raw else 0,
         refcount_order=opts.refcount_order,
         header_length=header_length if v3 else V2_HEADER_LENGTH,
         compression_type=opts.compression_type,
+        # qcow2.lazy-refcounts.create: compatible bit 0.
+        compatible_features=QCOW2_COMPAT_LAZY_REFCOUNTS if opts.lazy_refcounts else 0,
     )
     cluster0 = bytearray(cs)
     packed = pack_header(header) + ext_bytes + name

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from .._errors import (
@@ -30,6 +31,7 @@ from .._prealloc import PreallocateMode
 from .._snapshot import SnapshotInfo
 from .._storage import Storage, WritableBuffer
 from .allocation import ClusterAllocator
+from .bitmaps import autoclear_for_writing
 from .compressed_write import CompressedWrites
 from .compression import decompress_cluster
 from .constants import (
@@ -45,6 +47,7 @@ from .constants import (
     V2_HEADER_LENGTH,
 )
 from .data_file import data_file_name
+from .dirty import repair_if_dirty
 from .extensions import HeaderExtension, backing_format, feature_names, parse_extensions
 from .features import check_features
 from .guard import MetadataGuard
@@ -56,7 +59,14 @@ from .overlap import (
     snapshot_regions,
 )
 from .refcounts import RefcountTable
+from .snapshot_write import SnapshotWrites
 from .snapshots import SnapshotEntry, find_snapshot, read_snapshot_table
+from .subcluster_write import (
+    encode_extended_entry,
+    subcluster_cow_range,
+    written_bitmap,
+    zeroed_bitmap,
+)
 from .subclusters import subcluster_entry
 from .tables import (
     ClusterType,
@@ -82,7 +92,7 @@ _ZERO_PLAIN = L2Entry(ClusterType.ZERO_PLAIN)
 _UNALLOCATED = L2Entry(ClusterType.UNALLOCATED)
 
 
-class Qcow2Driver(MetadataGuard, CompressedWrites):
+class Qcow2Driver(MetadataGuard, CompressedWrites, SnapshotWrites):
     """A qcow2 image (v2 or v3) on a storage, optionally over a backing ``FormatAccess``."""
 
     def __init__(
@@ -109,6 +119,8 @@ class Qcow2Driver(MetadataGuard, CompressedWrites):
         self._data_storage: Storage | None = None
         self._own_data = False
 
+        if writable:
+            repair_if_dirty(storage)
         head = storage.read(0, V2_HEADER_LENGTH + 40)
         header = parse_header(head)
         cs = header.cluster_size
@@ -185,8 +197,8 @@ class Qcow2Driver(MetadataGuard, CompressedWrites):
         self._check_snapshot_table()
         #: qcow2.corrupt.mark: set once a write would have landed on metadata.
         self._corrupt = False
-        # The snapshots' metadata never changes here (we make no snapshots): read it once,
-        # for the overlap checks of a writable image.
+        # The snapshots' metadata, for the overlap checks of a writable image (read once;
+        # the snapshot operations refresh it).
         self._snapshot_metadata: list[MetadataRegion] = []
         if writable:
             snapshots, table_length = read_snapshot_table(
@@ -211,14 +223,20 @@ class Qcow2Driver(MetadataGuard, CompressedWrites):
             peek_end=self._allocator.peek_end,
             write_header=self._write_refcount_table_pointer,
         )
+        #: qcow2.data-file.raw: the raw external data bit holds, and we keep it so.
+        self._data_file_raw = bool(
+            header.has_data_file and header.autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW
+        )
         if writable:
             self._allocator.attach(self._refcounts)
             self._allocator.overlap_check = self._overlap_check
             if header.version >= 3 and header.autoclear_features:
-                # qcow2.features.autoclear-clear: "An implementation may only write to an image
-                # with unknown auto-clear features if it clears the respective bits from this
-                # field first."  We maintain no bitmaps either, so bit 0 goes too.
-                self._write_field("autoclear_features", ">Q", 0)
+                # qcow2.features.autoclear-clear, qcow2.bitmaps.in-use: unknown bits go,
+                # bitmaps are flagged in use as QEMU's writable open flags them.
+                autoclear = autoclear_for_writing(storage, header, self.extensions)
+                if autoclear != header.autoclear_features:
+                    self._write_field("autoclear_features", ">Q", autoclear)
+                    self.header = replace(self.header, autoclear_features=autoclear)
 
     def _snapshots(self) -> list[SnapshotEntry]:
         if self._snapshot_entries is None:
@@ -409,7 +427,7 @@ class Qcow2Driver(MetadataGuard, CompressedWrites):
 
     def _writable_l2(self, guest_offset: int) -> tuple[int, list[int]]:
         """The L2 table for ``guest_offset``, allocated or copied so that we may change it."""
-        l1_idx = l1_index(guest_offset, self._cluster_bits)
+        l1_idx = l1_index(guest_offset, self._cluster_bits, self._entry_bytes)
         entry = decode_l1_entry(self._l1[l1_idx], self._cluster_size)
         if entry.l2_offset and entry.copied:
             self._check_l2_table(entry.l2_offset)
@@ -420,7 +438,7 @@ class Qcow2Driver(MetadataGuard, CompressedWrites):
             self._check_l2_table(entry.l2_offset)
             table = list(self._load_l2(entry.l2_offset))
         else:
-            table = [0] * self._l2_entries
+            table = [0] * (self._cluster_size // 8)
         new_offset = self._allocator.allocate(1)
         # crash.order.new-structure-before-pointer: "A new L1 table, L2 table, refcount table
         # or refcount block is written completely, and its clusters are counted in refcounts
@@ -438,21 +456,35 @@ class Qcow2Driver(MetadataGuard, CompressedWrites):
         self._storage.write(struct.pack(">Q", raw), self._l1_offset + 8 * l1_idx)
 
     def _set_l2_entry(
-        self, guest_offset: int, entry: L2Entry, *, write_through: bool, pinned: bool = False
+        self, guest_offset: int, entry: L2Entry, *, write_through: bool, pinned: bool = False,
+        bitmap: int | None = None,
     ) -> None:
         """Change one L2 entry; ``write_through`` when a refcount drop follows, so that the
         entry no longer points at a cluster by the time it may be reused
-        (qcow2.refcount.order-of-updates); ``pinned`` while the data it maps is unwritten."""
+        (qcow2.refcount.order-of-updates); ``pinned`` while the data it maps is unwritten.
+        ``bitmap``: the subcluster bitmap of an extended entry (None: what ``entry`` implies)."""
         l2_offset, table = self._writable_l2(guest_offset)
-        table[l2_index(guest_offset, self._cluster_bits)] = encode_l2_entry(
-            entry, self._cluster_bits
+        i = l2_index(guest_offset, self._cluster_bits, self._entry_bytes) * (
+            self._entry_bytes // 8
         )
+        table[i : i + self._entry_bytes // 8] = self._encode_entry(entry, bitmap)
         self._l2.mark_dirty(l2_offset, pinned=pinned)
         if write_through:
             self._l2.write(l2_offset)
 
+    def _encode_entry(self, entry: L2Entry, bitmap: int | None) -> list[int]:
+        """The raw word(s) of an L2 entry: one, or two with extended L2 entries."""
+        if not self._extended or entry.type is ClusterType.COMPRESSED:
+            words = [encode_l2_entry(entry, self._cluster_bits)]
+            return [*words, 0] if self._extended else words
+        return list(encode_extended_entry(entry, bitmap))
+
     def _held_clusters(self, entry: L2Entry) -> range:
         """Host cluster offsets whose refcount counts this entry."""
+        if self.header.has_data_file:
+            # qcow2.data-file.write: "clusters in the external data file are not
+            # refcounted".
+            return range(0)
         cs = self._cluster_size
         if entry.type in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
             return range(entry.host_offset, entry.host_offset + cs, cs)
@@ -462,15 +494,20 @@ class Qcow2Driver(MetadataGuard, CompressedWrites):
             return range(first, entry.host_offset + entry.compressed_length, cs)
         return range(0)
 
-    def _replace_entry(self, guest_offset: int, new: L2Entry, *, data_pending: bool = False
-                       ) -> None:
+    def _replace_entry(self, guest_offset: int, new: L2Entry, *, data_pending: bool = False,
+                       bitmap: int | None = None) -> None:
         """Point the entry of ``guest_offset`` at ``new``, releasing what the old one held.
 
         With ``data_pending`` the caller has yet to write the data ``new`` maps: the entry
         stays in the cache (pinned) and the old clusters' refcounts drop only once it is on
-        storage (see ``_settle``).
+        storage (see ``_settle``).  ``bitmap``: the new subcluster bitmap of an extended entry
+        (None: what ``new`` implies, see ``encode_extended_entry``).
         """
         old = self._get_l2_entry(guest_offset)
+        if self._extended and list(self._raw_l2_entry(guest_offset)) == self._encode_entry(
+            new, bitmap
+        ):
+            return
         held = self._held_clusters(old)
         releases = bool(held) and not (new.host_offset and new.host_offset == old.host_offset)
         if releases:
@@ -484,11 +521,12 @@ class Qcow2Driver(MetadataGuard, CompressedWrites):
                         f"0x{host:x} whose refcount is 0"
                     )
         if data_pending:
-            self._set_l2_entry(guest_offset, new, write_through=False, pinned=True)
+            self._set_l2_entry(guest_offset, new, write_through=False, pinned=True,
+                               bitmap=bitmap)
             if releases:
                 self._pending_frees.extend(held)
             return
-        self._set_l2_entry(guest_offset, new, write_through=releases)
+        self._set_l2_entry(guest_offset, new, write_through=releases, bitmap=bitmap)
         if releases:
             for host in held:
                 self._allocator.free(host)
@@ -535,7 +573,8 @@ class Qcow2Driver(MetadataGuard, CompressedWrites):
             # is, but is never handed out as writable (qcow2.metadata.outside-file, overlap).
             if self.header.has_data_file:
                 # qcow2.data-file.offsets: the host offset is an offset into the data file.
-                return RawMapping(self.data_storage, entry.host_offset + in_cluster, False)
+                return RawMapping(self.data_storage, entry.host_offset + in_cluster,
+                                  self._writable and not self._corrupt and entry.copied)
             writable = (
                 self._writable
                 and not self._corrupt
@@ -583,12 +622,49 @@ class Qcow2Driver(MetadataGuard, CompressedWrites):
         """What the guest currently sees in a whole cluster (the source of copy-on-write)."""
         t = entry.type
         if t is ClusterType.NORMAL:
-            return self._storage.read(entry.host_offset, self._cluster_size)
+            return self.data_storage.read(entry.host_offset, self._cluster_size)
         if t is ClusterType.COMPRESSED:
             return self._read_compressed(entry)
         if t is ClusterType.UNALLOCATED and self._backing is not None:
             return self._backing.read(guest_cluster, self._cluster_size)
         return bytes(self._cluster_size)
+
+    def _guest_content(self, offset: int, length: int) -> bytes:
+        """What the guest sees in ``[offset, offset + length)``, inside one cluster, read unit
+        by unit (subclusters with extended L2 entries)."""
+        parts = []
+        unit = 1 << self._unit_bits
+        end = offset + length
+        while offset < end:
+            n = min(unit - offset_in_cluster(offset, self._unit_bits), end - offset)
+            entry = self._get_unit(offset)
+            if entry.type is ClusterType.COMPRESSED:
+                pos = offset_in_cluster(offset, self._cluster_bits)
+                parts.append(self._read_compressed(entry)[pos : pos + n])
+            elif entry.type is ClusterType.NORMAL:
+                pos = offset_in_cluster(offset, self._unit_bits)
+                parts.append(self.data_storage.read(entry.host_offset + pos, n))
+            elif entry.type is ClusterType.UNALLOCATED and self._backing is not None:
+                parts.append(self._backing.read(offset, n))
+            else:
+                parts.append(bytes(n))
+            offset += n
+        return b"".join(parts)
+
+    def _allocate_data_cluster(self, guest_cluster: int) -> int:
+        """A host cluster for new guest data.
+
+        qcow2.data-file.offsets: "The offset field in the Standard Cluster Descriptor must
+        match the guest offset" in an external data file, where nothing is refcounted.
+        """
+        if self.header.has_data_file:
+            return guest_cluster
+        return self._allocator.allocate(1)
+
+    def _check_host_data(self, host: int) -> None:
+        """The overlap checks of a data cluster in the image file (none in a data file)."""
+        if not self.header.has_data_file:
+            self._check_data_cluster(host)
 
     def ensure_data_mapping(
         self, offset: int, length: int, overwrite: bool
@@ -596,22 +672,25 @@ class Qcow2Driver(MetadataGuard, CompressedWrites):
         self._require_writable("ensure_data_mapping")
         if offset >= self._size:
             raise InvalidRequestError(f"{self}: offset {offset} is past the disk end")
+        if self._extended:
+            return self._ensure_subcluster_data(offset, length, overwrite)
         in_cluster = offset_in_cluster(offset, self._cluster_bits)
         chunk = min(length, self._cluster_size - in_cluster)
         guest_cluster = offset - in_cluster
-        entry = self._get_l2_entry(offset)
+        entry = self._get_unit(offset)
+        storage = self.data_storage
         if entry.type is ClusterType.NORMAL and entry.copied:
-            self._check_data_cluster(entry.host_offset)
-            return self._storage, entry.host_offset + in_cluster, chunk
+            self._check_host_data(entry.host_offset)
+            return storage, entry.host_offset + in_cluster, chunk
         # access.cow.partial-cluster: everything of the cluster the caller does not overwrite is
         # copied from what the guest sees now (backing, compressed data, zeroes).
-        keep = [(0, self._cluster_size)]
+        keep = [(0, self._data_cluster_end(guest_cluster))]
         if overwrite:
-            keep = [(0, in_cluster), (in_cluster + chunk, self._cluster_size)]
+            keep = [(0, in_cluster), (in_cluster + chunk, keep[0][1])]
         keep = [(a, b) for a, b in keep if b > a]
         if entry.type is ClusterType.ZERO_ALLOC and entry.copied:
             host = entry.host_offset
-            self._check_data_cluster(host)
+            self._check_host_data(host)
             # crash.power-cut: "every sector changed since reads either its durable value or
             # a value a later operation gave it". The table on storage may still map this
             # host cluster as the data it held before it was zeroed, so these writes show
@@ -619,15 +698,73 @@ class Qcow2Driver(MetadataGuard, CompressedWrites):
             # between two writes (half old data, half zeroes). The whole cluster is zeroed
             # in one write instead; the caller's data follows.
             if keep:
-                self._storage.write_zeroes(host, self._cluster_size)
+                storage.write_zeroes(host, self._data_cluster_end(guest_cluster))
         else:
             content = self._cluster_content(guest_cluster, entry) if keep else b""
-            host = self._allocator.allocate(1)
+            host = self._allocate_data_cluster(guest_cluster)
+            if keep and self.header.has_data_file:
+                # The cluster in the data file is where the guest data always was: the table
+                # on storage may still map it, so the copy goes in one write (crash.power-cut,
+                # as for ZERO_ALLOC clusters above); the caller's data follows.
+                keep = [(0, self._data_cluster_end(guest_cluster))]
             for a, b in keep:
-                self._storage.write(content[a:b], host + a)
+                storage.write(content[a:b], host + a)
         self._replace_entry(guest_cluster, L2Entry(ClusterType.NORMAL, host, True),
                             data_pending=True)
-        return self._storage, host + in_cluster, chunk
+        return storage, host + in_cluster, chunk
+
+    def _data_cluster_end(self, guest_cluster: int) -> int:
+        """How much of a cluster holds guest data: all of it, but in a data file only up to
+        the disk end (a raw data file is exactly the disk; qcow2.data-file.raw)."""
+        if self.header.has_data_file:
+            return min(self._cluster_size, self._size - guest_cluster)
+        return self._cluster_size
+
+    def _ensure_subcluster_data(
+        self, offset: int, length: int, overwrite: bool
+    ) -> tuple[Storage, int, int]:
+        """ensure_data_mapping with extended L2 entries: allocation and copy-on-write per
+        subcluster (qcow2.extended-l2.write)."""
+        cs, sc_bits = self._cluster_size, self._unit_bits
+        in_cluster = offset_in_cluster(offset, self._cluster_bits)
+        chunk = min(length, cs - in_cluster)
+        guest_cluster = offset - in_cluster
+        first_sc, end_sc = in_cluster >> sc_bits, -(-(in_cluster + chunk) >> sc_bits)
+        try:
+            units = [self._get_unit(guest_cluster + (sc << sc_bits))
+                     for sc in range(first_sc, end_sc)]
+        except CorruptImageError as exc:
+            # QEMU: "Invalid cluster entry found" marks the image corrupt on a write path.
+            self._signal_corruption(str(exc))
+        entry = self._get_l2_entry(guest_cluster)
+        _, bitmap = self._raw_l2_entry(guest_cluster)
+        storage = self.data_storage
+        keep_old = entry.type is ClusterType.NORMAL and entry.copied
+        if keep_old and all(u.type is ClusterType.NORMAL for u in units):
+            # Every subcluster written is allocated in a cluster of ours: write in place.
+            self._check_host_data(entry.host_offset)
+            return storage, entry.host_offset + in_cluster, chunk
+        cow_from, cow_to = subcluster_cow_range(
+            entry, bitmap, in_cluster, in_cluster + chunk, sc_bits, keep_old=keep_old
+        )
+        cow_to = min(cow_to, self._data_cluster_end(guest_cluster))
+        if keep_old:
+            host = entry.host_offset
+            self._check_host_data(host)
+        else:
+            host = self._allocate_data_cluster(guest_cluster)
+        partial = in_cluster > cow_from or in_cluster + chunk < cow_to
+        if partial or not overwrite:
+            # The copy of what the guest sees now goes in one write, over the caller's range
+            # too: the table on storage may still show these subclusters of our own cluster
+            # as the data they held before (crash.power-cut, as for ZERO_ALLOC clusters).
+            storage.write(self._guest_content(guest_cluster + cow_from, cow_to - cow_from),
+                          host + cow_from)
+        old_bitmap = 0 if entry.type is ClusterType.COMPRESSED else bitmap
+        new_bitmap = written_bitmap(old_bitmap, cow_from >> sc_bits, -(-cow_to >> sc_bits))
+        self._replace_entry(guest_cluster, L2Entry(ClusterType.NORMAL, host, True),
+                            data_pending=True, bitmap=new_bitmap)
+        return storage, host + in_cluster, chunk
 
     # -- zeroing and discarding ---------------------------------------------------------------
 
@@ -642,19 +779,41 @@ class Qcow2Driver(MetadataGuard, CompressedWrites):
         clusters = self._whole_clusters(offset, length)
         if not clusters:
             return offset, 0
+        end = min(clusters[-1] + self._cluster_size, offset + length)
+        self._zero_raw_data(clusters[0], end - clusters[0])
         for guest in clusters:
             old = self._get_l2_entry(guest)
             new = new_entry_for(old)
-            if new is not None and new != old:
+            # An extended entry's bitmap may differ where the decoded entries are equal;
+            # _replace_entry compares the raw words then.
+            if new is not None and (self._extended or new != old):
                 self._replace_entry(guest, new)
-        end = min(clusters[-1] + self._cluster_size, offset + length)
         return clusters[0], end - clusters[0]
+
+    def _zero_raw_data(self, offset: int, length: int) -> None:
+        """qcow2.data-file.raw: with a raw external data file, what the guest sees as
+        zeros is zeros in the data file too, written before the tables say so (as QEMU's
+        qcow2_cluster_zeroize zeroes s->data_file first)."""
+        if self._data_file_raw:
+            self.data_storage.write_zeroes(offset, min(length, self._size - offset))
+
+    def _leave_raw(self, why: str) -> None:
+        """qcow2.data-file.raw-cleared: the raw external data bit is cleared (on storage,
+        before the change that breaks it) once the data file no longer reads as the disk."""
+        if self._data_file_raw:
+            flags = self.header.autoclear_features & ~QCOW2_AUTOCLEAR_DATA_FILE_RAW
+            self._write_field("autoclear_features", ">Q", flags)
+            self.header = replace(self.header, autoclear_features=flags)
+            self._data_file_raw = False
 
     def ensure_zero_mapping(self, offset: int, length: int) -> tuple[int, int]:
         """access.write-zeroes.no-free: v3 keeps host clusters, flagging them zero."""
         self._begin("write_zeroes")
         if self.header.version < 3:
             return self._v2_unallocated_run(offset, length)
+
+        if self._extended:
+            return self._zero_subclusters(offset, length)
 
         def rule(old: L2Entry) -> L2Entry | None:
             if old.type is ClusterType.NORMAL and old.copied:
@@ -664,6 +823,47 @@ class Qcow2Driver(MetadataGuard, CompressedWrites):
             return _ZERO_PLAIN
 
         return self._apply(offset, length, rule)
+
+    def _zero_subclusters(self, offset: int, length: int) -> tuple[int, int]:
+        """qcow2.extended-l2.clear: whole clusters get an all-zero bitmap (keeping their host
+        cluster; a compressed one is freed), partial ones the zero bits of the whole
+        subclusters in range (QEMU's zero_in_l2_slice and zero_l2_subclusters); a partial
+        compressed cluster cannot be zeroed so (the caller writes zeroes there)."""
+        sc_bits, cs = self._unit_bits, self._cluster_size
+        units = whole_clusters(offset, min(offset + length, self._size) - offset, sc_bits,
+                               self._size)
+        if not units:
+            return offset, 0
+        pos, stop = units[0], min(units[-1] + (1 << sc_bits), offset + length, self._size)
+        self._zero_raw_data(pos, stop - pos)
+        done_from: int | None = None
+        while pos < stop:
+            guest_cluster = pos - offset_in_cluster(pos, self._cluster_bits)
+            c_end = min(guest_cluster + cs, stop)
+            entry = self._get_l2_entry(guest_cluster)
+            if pos == guest_cluster and c_end in (guest_cluster + cs, self._size):
+                if entry.type is ClusterType.NORMAL:
+                    self._replace_entry(guest_cluster, L2Entry(
+                        ClusterType.ZERO_ALLOC, entry.host_offset, entry.copied))
+                else:
+                    self._replace_entry(guest_cluster, _ZERO_PLAIN)
+            elif entry.type is ClusterType.COMPRESSED:
+                if done_from is None:
+                    pos = c_end
+                    continue
+                break
+            else:
+                _, bitmap = self._raw_l2_entry(guest_cluster)
+                first_sc = offset_in_cluster(pos, self._cluster_bits) >> sc_bits
+                end_sc = -(-(c_end - guest_cluster) >> sc_bits)
+                self._replace_entry(guest_cluster, entry,
+                                    bitmap=zeroed_bitmap(bitmap, first_sc, end_sc))
+            if done_from is None:
+                done_from = pos
+            pos = c_end
+        if done_from is None:
+            return offset, 0
+        return done_from, pos - done_from
 
     def _v2_unallocated_run(self, offset: int, length: int) -> tuple[int, int]:
         # v2 without a backing file: unallocated clusters already read as zero; allocated ones
@@ -693,10 +893,13 @@ class Qcow2Driver(MetadataGuard, CompressedWrites):
 
     def discard_to_any(self, offset: int, length: int) -> tuple[int, int]:
         self._begin("discard_to_any")
-        return self._apply(offset, length, lambda old: _UNALLOCATED)
+        return self.discard_to_backing(offset, length)
 
     def discard_to_backing(self, offset: int, length: int) -> tuple[int, int]:
         self._begin("discard_to_backing")
+        if self._backing is not None and self._whole_clusters(offset, length):
+            # Unallocated clusters now show the backing image, not the data file's zeroes.
+            self._leave_raw("a discard shows the backing image")
         return self._apply(offset, length, lambda old: _UNALLOCATED)
 
     # -- resize -------------------------------------------------------------------------------
@@ -707,9 +910,13 @@ class Qcow2Driver(MetadataGuard, CompressedWrites):
             raise InvalidRequestError(
                 f"{self}: qcow2 disk size {new_size} is not a multiple of 512"
             )
-        needed = required_l1_size(new_size, self._cluster_bits)
+        needed = required_l1_size(new_size, self._cluster_bits, self._entry_bytes)
         if needed * 8 > 0x2000000:
             raise InvalidRequestError(f"{self}: disk size {new_size} needs too large an L1 table")
+        if self.header.version < 3 and self.header.nb_snapshots:
+            # qcow2.snapshots.v2-no-resize: qcow2_co_truncate, "Can't resize a v2 image which
+            # has snapshots".
+            raise UnsupportedError(f"{self}: a v2 image with snapshots cannot be resized")
 
     def _grow_l1(self, new_l1_size: int) -> None:
         """qcow2.l1.growth: a new, larger L1 table is written, then the header switched to it,
@@ -736,7 +943,16 @@ class Qcow2Driver(MetadataGuard, CompressedWrites):
         old_size = self._size
         if new_size <= old_size:
             return
-        needed = required_l1_size(new_size, self._cluster_bits)
+        if self._data_file_raw and prealloc is PreallocateMode.NONE:
+            # qcow2.data-file.raw: as qemu-img, a raw data file is mapped whole
+            # (preallocation=metadata), so that the tables read as the data file does.
+            prealloc = PreallocateMode.FORMAT_ALLOCATE
+        if self.header.has_data_file:
+            # qcow2.data-file.resize: the data file grows with the disk (as QEMU grows it).
+            self.data_storage.resize(new_size, prealloc if prealloc in (
+                PreallocateMode.FULL_ALLOCATE, PreallocateMode.WRITE_DATA)
+                else PreallocateMode.NONE)
+        needed = required_l1_size(new_size, self._cluster_bits, self._entry_bytes)
         if needed > self._l1_size:
             self._grow_l1(needed)
         # crash.order.grow-size-last: "Growing prepares the whole new area first [...] and
@@ -770,10 +986,14 @@ class Qcow2Driver(MetadataGuard, CompressedWrites):
             self._preallocate(whole, prealloc)
 
     def _reads_zero(self, guest_cluster: int) -> bool:
-        t = self._get_l2_entry(guest_cluster).type
-        if t in (ClusterType.ZERO_PLAIN, ClusterType.ZERO_ALLOC):
-            return True
-        return t is ClusterType.UNALLOCATED and self._backing is None
+        end = min(guest_cluster + self._cluster_size, self._size)
+        for unit in range(guest_cluster, end, 1 << self._unit_bits):
+            t = self._get_unit(unit).type
+            if t not in (ClusterType.ZERO_PLAIN, ClusterType.ZERO_ALLOC) and not (
+                t is ClusterType.UNALLOCATED and self._backing is None
+            ):
+                return False
+        return True
 
     def _zero_new_clusters(self, clusters: range) -> None:
         for guest in clusters:
@@ -791,6 +1011,12 @@ class Qcow2Driver(MetadataGuard, CompressedWrites):
         if not clusters:
             return
         cs = self._cluster_size
+        if self.header.has_data_file:
+            # qcow2.data-file.offsets: each cluster maps its own place in the data file,
+            # which resize_grow extended (zeroes past its old end).
+            for guest in clusters:
+                self._replace_entry(guest, L2Entry(ClusterType.NORMAL, guest, True))
+            return
         first_host = self._allocator.allocate(len(clusters))
         if first_host < self._storage.size():
             # Reused clusters may hold stale data; fresh ones past the end of the storage read
@@ -815,10 +1041,10 @@ class Qcow2Driver(MetadataGuard, CompressedWrites):
         # access.resize.shrink-discards: clusters wholly past the new end are freed.
         first_gone = -(-new_size // cs) * cs
         for guest in self._mapped_clusters(first_gone, self._size):
-            if self._get_l2_entry(guest).type is not ClusterType.UNALLOCATED:
+            if self._extended or self._get_l2_entry(guest).type is not ClusterType.UNALLOCATED:
                 self._replace_entry(guest, _UNALLOCATED)
         # L2 tables wholly past the new end are unhooked and freed, as QEMU does.
-        keep = required_l1_size(new_size, self._cluster_bits)
+        keep = required_l1_size(new_size, self._cluster_bits, self._entry_bytes)
         for l1_idx in range(keep, self._l1_size):
             l2_offset = self._l1[l1_idx] & L1E_OFFSET_MASK
             if l2_offset:
@@ -826,6 +1052,12 @@ class Qcow2Driver(MetadataGuard, CompressedWrites):
                 self._l2.drop(l2_offset)
                 self._allocator.free(l2_offset)
         self._set_size(new_size)
+        if self.header.has_data_file:
+            # qcow2.data-file.resize: the data file shrinks with the disk, after the tables
+            # stopped mapping what it loses (as QEMU shrinks it).
+            self._settle()
+            self._l2.flush()
+            self.data_storage.resize(new_size)
 
     def _mapped_clusters(self, start: int, end: int) -> Iterator[int]:
         """Guest cluster offsets in [start, end) whose L1 entry has an L2 table."""
@@ -845,9 +1077,15 @@ class Qcow2Driver(MetadataGuard, CompressedWrites):
         if self._writable and not self._corrupt:
             self._settle()
             self._l2.flush()
+        # qcow2.data-file.write: "flush() and sync() flush the data file before the qcow2
+        # file" (the data before the entries that map it).
+        if self._data_storage is not None:
+            self._data_storage.flush()
         self._storage.flush()
 
     def sync(self) -> None:
+        if self._data_storage is not None:
+            self._data_storage.sync()
         self._storage.sync()
 
     def invalidate_cache(self) -> None:

@@ -8,8 +8,6 @@ from .constants import (
     MIN_CLUSTER_BITS,
     QCOW2_INCOMPAT_COMPRESSION,
     QCOW2_INCOMPAT_CORRUPT,
-    QCOW2_INCOMPAT_DATA_FILE,
-    QCOW2_INCOMPAT_DIRTY,
     QCOW2_INCOMPAT_EXTL2,
 )
 from .extensions import FEATURE_TYPE_INCOMPATIBLE
@@ -47,25 +45,12 @@ def check_features(
             f"qcow2 encryption (crypt_method {header.crypt_method}) is not supported",
             feature="encryption",
         )
-    if incompat & QCOW2_INCOMPAT_EXTL2:
-        if writable:
-            raise UnsupportedFeatureError(
-                "writing qcow2 images with extended L2 entries (incompatible bit 4) is not "
-                "supported yet; open it read-only",
-                feature="extended L2 entries",
-            )
-        # qcow2.extended-l2.subclusters: "Subclusters are 32 per cluster"; QEMU refuses a
-        # subcluster smaller than 512 bytes ("Unsupported subcluster size").
-        if header.cluster_bits - 5 < MIN_CLUSTER_BITS:
-            raise CorruptImageError(
-                f"qcow2 extended L2 entries need clusters of at least 16 KiB, not "
-                f"{header.cluster_size} (subclusters of {header.cluster_size // 32} bytes)"
-            )
-    if incompat & QCOW2_INCOMPAT_DATA_FILE and writable:
-        raise UnsupportedFeatureError(
-            "writing qcow2 images with an external data file (incompatible bit 2) is not "
-            "supported yet; open it read-only",
-            feature="external data file",
+    # qcow2.extended-l2.subclusters: "Subclusters are 32 per cluster"; QEMU refuses a
+    # subcluster smaller than 512 bytes ("Unsupported subcluster size").
+    if incompat & QCOW2_INCOMPAT_EXTL2 and header.cluster_bits - 5 < MIN_CLUSTER_BITS:
+        raise CorruptImageError(
+            f"qcow2 extended L2 entries need clusters of at least 16 KiB, not "
+            f"{header.cluster_size} (subclusters of {header.cluster_size // 32} bytes)"
         )
     # qcow2.txt: "Bit 3: Compression type bit. If this bit is set, a non-default compression
     # is used for compressed clusters. The compression_type field must be present and not
@@ -83,11 +68,6 @@ def check_features(
             "it with 'qemu-img check -r all'",
             feature="corrupt bit",
         )
-    if writable and incompat & QCOW2_INCOMPAT_DIRTY:
-        # qcow2.txt: "Bit 0: Dirty bit. If this bit is set then refcounts may be inconsistent,
-        # make sure to scan L1/L2 tables to repair refcounts before accessing the image."
-        raise UnsupportedFeatureError(
-            "qcow2 image is dirty (incompatible bit 0: refcounts may be inconsistent); open it "
-            "read-only or repair it with 'qemu-img check -r all'",
-            feature="dirty bit",
-        )
+    # qcow2.features.dirty: "Bit 0: Dirty bit. If this bit is set then refcounts may be
+    # inconsistent, make sure to scan L1/L2 tables to repair refcounts before accessing the
+    # image."  A writable open repairs them first (dirty.repair_if_dirty), as QEMU does.

@@ -45,6 +45,8 @@ FIELD_OFFSETS = {
     "l1_table_offset": 40,
     "refcount_table_offset": 48,
     "refcount_table_clusters": 56,
+    "nb_snapshots": 60,
+    "snapshots_offset": 64,
     "incompatible_features": 72,
     "compatible_features": 80,
     "autoclear_features": 88,

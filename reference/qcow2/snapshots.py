@@ -33,6 +33,7 @@ __all__ = [
     "QCOW_MAX_SNAPSHOT_EXTRA_DATA",
     "SnapshotEntry",
     "find_snapshot",
+    "pack_snapshot_table",
     "read_snapshot_table",
 ]
 
@@ -54,6 +55,12 @@ class SnapshotEntry:
     l1_table_offset: int
     l1_size: int
     info: SnapshotInfo
+    #: The entry's extra data as stored (qcow2.snapshots.extra-data: kept when the table
+    #: is rewritten, the fields QEMU knows updated).
+    extra_data: bytes = b""
+    #: ID and name as stored, so that a rewrite keeps bytes that are not UTF-8.
+    raw_id: bytes | None = None
+    raw_name: bytes | None = None
 
 
 def _info(sid: str, name: str, fixed: tuple[int, ...], extra: bytes, image_size: int
@@ -86,6 +93,9 @@ def read_snapshot_table(
     entries: list[SnapshotEntry] = []
     pos = offset
     for i in range(count):
+        # "offset = ROUND_UP(offset, 8)" before each entry: the table's length (QEMU's
+        # snapshots_size) has no padding after the last one.
+        pos += -(pos - offset) % 8
         head = storage.read(pos, _ENTRY.size)
         (l1_offset, l1_size, id_len, name_len, date_sec, date_nsec, vm_clock, vm_state,
          extra) = _ENTRY.unpack(head)
@@ -97,7 +107,6 @@ def read_snapshot_table(
         extra_data = storage.read(pos + _ENTRY.size, extra)
         strings = storage.read(pos + _ENTRY.size + extra, id_len + name_len)
         pos += _ENTRY.size + extra + id_len + name_len
-        pos += -(pos - offset) % 8
         if pos - offset > QCOW_MAX_SNAPSHOTS_SIZE:
             raise CorruptImageError(
                 f"qcow2 snapshot table at 0x{offset:x} is longer than QEMU's limit of "
@@ -107,8 +116,33 @@ def read_snapshot_table(
         name = strings[id_len:].decode("utf-8", "replace")
         info = _info(sid, name, (date_sec, date_nsec, vm_clock, vm_state), extra_data,
                      image_size)
-        entries.append(SnapshotEntry(sid, name, l1_offset, l1_size, info))
+        entries.append(SnapshotEntry(sid, name, l1_offset, l1_size, info, extra_data,
+                                     strings[:id_len], strings[id_len:]))
     return entries, pos - offset
+
+
+def pack_snapshot_table(entries: list[SnapshotEntry]) -> bytes:
+    """The snapshot table for ``entries``, as QEMU's qcow2_write_snapshots writes it.
+
+    Every entry gets at least the 24 bytes of extra data QEMU knows (VM state size, disk
+    size, icount: -1 where unknown); longer extra data keeps its unknown tail.  "If it
+    doesn't fit in 32 bit, older implementations should treat it as a disk-only snapshot
+    rather than truncate the VM state": the 32-bit VM state size is 0 then.
+    """
+    out = bytearray()
+    for e in entries:
+        info = e.info
+        out += bytes(-len(out) % 8)
+        sid = e.id_str.encode() if e.raw_id is None else e.raw_id
+        name = e.name.encode() if e.raw_name is None else e.raw_name
+        extra = _EXTRA.pack(info.vm_state_size, info.disk_size,
+                            -1 if info.icount is None else info.icount)
+        extra += e.extra_data[_EXTRA.size:]
+        vm_state32 = info.vm_state_size if info.vm_state_size <= 0xFFFFFFFF else 0
+        out += _ENTRY.pack(e.l1_table_offset, e.l1_size, len(sid), len(name), info.date_sec,
+                           info.date_nsec, info.vm_clock_nsec, vm_state32, len(extra))
+        out += extra + sid + name
+    return bytes(out)
 
 
 def find_snapshot(entries: list[SnapshotEntry], key: str) -> SnapshotEntry:

@@ -217,3 +217,23 @@ def test_a_cut_during_compressed_writes_leaks_at_most(tmp_path: Path) -> None:
         want = bytearray(data)
         want[4096 * 3 : 4096 * 3 + 4] = b"over"
         assert back.read(0, len(data)) == bytes(want)
+
+
+@pytest.mark.clause("qcow2.compressed.write-packing", "access.read.no-short")
+def test_a_reused_compressed_offset_is_never_read_from_the_inflate_cache() -> None:
+    # Found by the random snapshot sequences: a compressed cluster freed and a new one of
+    # the same compressed length placed at the same host offset has the same L2 entry; the
+    # one-entry inflate cache (keyed by the entry) returned the old data.
+    store = MemoryStorage()
+    fast.create_image(store, 8 * 4096, cluster_size=4096)
+    with fast.open_image(store, writable=True, format="qcow2") as img:
+        first = (b"\1" * 2048).ljust(4096, b"\0")
+        second = (b"\2" * 2048).ljust(4096, b"\0")
+        img.write_compressed(first, 0)
+        entry = img.driver._entry(0)
+        assert img.read(0, 4096) == first
+        img.discard_to_zero(0, 4096)
+        img.flush()
+        img.write_compressed(second, 0)
+        assert img.driver._entry(0) == entry  # the same descriptor...
+        assert img.read(0, 4096) == second  # ...for other data

@@ -13,7 +13,7 @@ import pytest
 from pyimago import fast, reference
 from pyimago.fast import CorruptImageError, InvalidRequestError
 
-from .conftest import require_qemu
+from .conftest import assert_qemu_check_clean, require_qemu
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -187,3 +187,139 @@ def test_large_requests_of_wide_items_stay_inside_their_cluster(tmp_path: Path) 
         big = bytearray(CS)
         img.readinto(big, 0)  # one whole cluster: read with preadv
         assert big == _truth(path, 0, CS)
+
+
+# -- writes ------------------------------------------------------------------------------
+
+
+def _forbid_slow_write(img: fast.FormatAccess, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object) -> None:
+        raise _NoSlowPath
+
+    monkeypatch.setattr(img.driver, "write", refuse)
+
+
+@pytest.mark.clause("access.write.no-short")
+def test_in_place_writes_take_the_hot_path_and_land(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _image(tmp_path)
+    want = bytearray(_truth(path, 0, 4 * MiB))
+    with fast.open_image(str(path), writable=True) as img:
+        img.write(b"w" * 512, 0)  # the full path: the table is cached, the index built
+        want[0:512] = b"w" * 512
+        _forbid_slow_write(img, monkeypatch)
+        for offset, data in ((8 * KiB, b"a" * 4 * KiB), (CS - 100, b"b" * 100),
+                             (2 * CS + 1, memoryview(b"c" * 3000)),
+                             (3 * CS, bytearray(b"d" * CS)),
+                             (4 * CS, array.array("H", b"ef" * 1000))):
+            img.write(data, offset)  # type: ignore[arg-type]
+            raw = bytes(memoryview(data).cast("B"))  # type: ignore[arg-type]
+            want[offset : offset + len(raw)] = raw
+        # Zero, unallocated, crossing a cluster end: the full path (refused here).
+        for offset, n in ((MiB, 512), (3 * MiB, 512), (CS - 100, 200)):
+            with pytest.raises(_NoSlowPath):
+                img.write(b"x" * n, offset)
+        monkeypatch.undo()
+        assert img.read(0, 4 * MiB) == bytes(want)
+    assert _truth(path, 0, 4 * MiB) == bytes(want)
+    assert fast.check(str(path)).clean
+
+
+@pytest.mark.clause("access.write.read-only", "access.write.past-end", "access.range.overflow")
+def test_bad_writes_are_refused_as_by_the_full_path(tmp_path: Path) -> None:
+    path = _image(tmp_path)
+    size = 4 * MiB + 3 * 512
+    with fast.open_image(str(path)) as img:
+        img.readinto(bytearray(512), 0)
+        with pytest.raises(fast.ReadOnlyError):
+            img.write(b"r" * 512, 0)
+    with fast.open_image(str(path), writable=True) as img:
+        img.write(b"w" * 512, 0)
+        for offset in (-512, True, 512.0):
+            with pytest.raises(InvalidRequestError):
+                img.write(b"x" * 512, offset)  # type: ignore[arg-type]
+        with pytest.raises(InvalidRequestError, match="past the disk end"):
+            img.write(b"x" * 1024, size - 512)
+        img.write(b"", 0)
+        img.close()
+        with pytest.raises(ValueError, match="closed"):
+            img.write(b"x" * 512, 0)
+    assert _truth(path, 0, 512) == b"w" * 512
+
+
+@pytest.mark.clause("qcow2.corrupt.overlap-check", "qcow2.corrupt.mark")
+def test_in_place_writes_onto_metadata_are_refused(tmp_path: Path) -> None:
+    """An L2 entry pointing at its own table (COPIED): the hot path must refuse the write
+    as the full path does -- the image is marked corrupt, the table is not overwritten."""
+    path = _image(tmp_path)
+    with fast.open_image(str(path)) as img:
+        l2 = img.driver._l1[0] & 0x00FFFFFFFFFFFE00  # type: ignore[union-attr]
+    with path.open("r+b") as f:
+        f.seek(l2 + 8)  # guest cluster 1 -> the L2 table itself
+        f.write(((1 << 63) | l2).to_bytes(8, "big"))
+    table = path.read_bytes()[l2 : l2 + CS]
+    with fast.open_image(str(path), writable=True) as img:
+        img.write(b"w" * 512, 0)  # in place, full path: the metadata index is built now
+        with pytest.raises(CorruptImageError, match="would overwrite the active L2"):
+            img.write(b"\xa5" * 512, CS)
+        with pytest.raises(CorruptImageError, match="marked corrupt"):
+            img.write(b"w" * 512, 0)
+    assert path.read_bytes()[l2 : l2 + CS] == table
+
+
+def test_clusters_shared_with_a_snapshot_are_copied(tmp_path: Path) -> None:
+    require_qemu()
+    path = _image(tmp_path)
+    subprocess.run(["qemu-img", "snapshot", "-c", "s1", str(path)], check=True)
+    before = _truth(path, 0, 2 * MiB)
+    with fast.open_image(str(path), writable=True) as img:
+        img.readinto(bytearray(512), 0)
+        img.write(b"n" * 512, 4 * KiB)
+    assert_qemu_check_clean(path)
+    subprocess.run(["qemu-img", "snapshot", "-a", "s1", str(path)], check=True)
+    assert _truth(path, 0, 2 * MiB) == before
+
+
+@pytest.mark.clause("backing.shorter", "access.mapping.eof-top-only")
+def test_unallocated_clusters_read_the_backing_through_its_hot_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A top cluster that is unallocated shows the backing (zeroes past its end); the
+    request goes straight to the backing image's own readinto."""
+    base = tmp_path / "base.qcow2"
+    fast.create_image(str(base), 2 * MiB)
+    base_data = os.urandom(2 * MiB)
+    with fast.open_image(str(base), writable=True) as img:
+        img.write(base_data, 0)
+    top = tmp_path / "top.qcow2"
+    fast.create_image(str(top), 4 * MiB, backing_file="base.qcow2", backing_fmt="qcow2")
+    with fast.open_image(str(top), writable=True) as img:
+        img.write(b"t" * CS, 0)  # cluster 0 is the top's; the table exists from here on
+    with fast.open_image(str(top)) as img:
+        img.readinto(bytearray(512), 0)
+        _forbid_slow_path(img, monkeypatch)
+        for offset, n in ((CS + 100, 4 * KiB), (2 * MiB - 512, 512), (3 * MiB, 4 * KiB),
+                          (5 * CS, CS)):
+            got = bytearray(n)
+            img.readinto(got, offset)
+            assert bytes(got) == (base_data + bytes(2 * MiB))[offset : offset + n]
+        got = bytearray(4 * KiB)
+        img.readinto(got, 4 * KiB)
+        assert got == b"t" * 4 * KiB
+
+
+def test_an_entry_with_only_the_copied_flag_is_unallocated(tmp_path: Path) -> None:
+    """QEMU reads an L2 entry with no host offset as unallocated, COPIED or not: zeroes
+    here (no backing), never the header at host offset 0."""
+    path = _image(tmp_path)
+    with fast.open_image(str(path)) as img:
+        l2 = img.driver._l1[0] & 0x00FFFFFFFFFFFE00  # type: ignore[union-attr]
+    with path.open("r+b") as f:
+        f.seek(l2 + 8)  # guest cluster 1
+        f.write((1 << 63).to_bytes(8, "big"))
+    with fast.open_image(str(path)) as img:
+        img.readinto(bytearray(512), 0)
+        got = bytearray(4 * KiB)
+        img.readinto(got, CS)
+        assert got == bytes(4 * KiB)

@@ -12,7 +12,6 @@ import gzip
 import importlib
 import importlib.util
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -24,6 +23,7 @@ import pyimago_tests_damaged as damaged
 import pytest
 from pyimago.oracle.crash import RecordingStorage
 from pyimago.reference import MemoryStorage, create_image, open_image
+from pyimago_tests_qemu import peer_images_folder
 
 from .conftest import QEMU_TIMEOUT, require_qemu
 
@@ -38,7 +38,7 @@ FIELDS = (
     "compressed-clusters",
 )
 
-PEER_IMAGES = Path(os.environ.get("PYIMAGO_PEER_IMAGES", "/work/shared/peer-images"))
+PEER_IMAGES = peer_images_folder()
 
 #: Images pyimago refuses to open on purpose where QEMU opens them: check() says it cannot
 #: check them (exit 1) where qemu-img checks them.  Recorded in specs/ (the clause named).
@@ -46,14 +46,7 @@ REFUSED_ON_PURPOSE = {
     "backing-name-nul": "qcow2.header.backing-name: a NUL byte in the backing name is corrupt",
     "invalid-qcow-large-json.img": "qcow2.snapshots.table: a snapshot table over the header",
     "invalid-qcow-large-size.img": "qcow2.header.limits: a disk size past QEMU's limits",
-    "data-file.qcow2": "qcow2.corrupt.check: data-file images are read but not checked yet",
 }
-#: Of those, the ones pyimago.fast checks (qcow2.check.features).
-CHECKED_BY_FAST = frozenset({"data-file.qcow2"})
-
-
-def _is_fast(check: Callable[..., Any]) -> bool:
-    return check.__module__.startswith("pyimago.fast")
 
 
 
@@ -93,8 +86,6 @@ def assert_agrees(check: Callable[..., Any], path: Path, repair: str | None = No
     result = check(ours_path, repair=repair)
     why = "\n".join(str(p) for p in result.problems[:12])
     refused = REFUSED_ON_PURPOSE.get(path.parent.name) or REFUSED_ON_PURPOSE.get(path.name)
-    if refused and _is_fast(check) and CHECKED_BY_FAST & {path.parent.name, path.name}:
-        refused = None
     if refused:
         assert result.exit_code == 1 and result.check_errors == 1, (refused, result)
         return
@@ -237,30 +228,6 @@ def test_peer_image_checks_as_qemu_does(
     assert_agrees(check, path)
 
 
-@pytest.mark.clause("qcow2.corrupt.check")
-@pytest.mark.parametrize("options", ["data_file=data.bin", "extended_l2=on"])
-def test_images_read_but_not_checked_are_one_check_error(
-    check: Callable[..., Any], tmp_path: Path, options: str
-) -> None:
-    """Data-file and extended-L2 images open for reading, but the reference's check() does not
-    count them: one check error and exit 1, never a miscount (or a repair) of a healthy
-    image.  (pyimago.fast checks them: the tests below.)"""
-    require_qemu()
-    if _is_fast(check):
-        pytest.skip("pyimago.fast checks these images (test_feature_images_check_as_qemu_does)")
-    path = tmp_path / "img.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", options, str(path), "1M"],
-                   check=True, cwd=tmp_path, timeout=QEMU_TIMEOUT)
-    subprocess.run(["qemu-io", "-c", "write -P 7 0 64k", str(path)], check=True,
-                   cwd=tmp_path, capture_output=True, timeout=QEMU_TIMEOUT)
-    before = path.read_bytes()
-    for repair in (None, "all"):
-        result = check(path, repair=repair)
-        assert (result.exit_code, result.check_errors, result.corruptions) == (1, 1, 0)
-        assert "does not check them yet" in str(result.problems[0])
-    assert path.read_bytes() == before
-
-
 def _feature_image(folder: Path, options: str) -> tuple[Path, int, int]:
     """A QEMU-made image with ``options`` and some data; returns it, the offset of its first
     L2 table and the cluster size."""
@@ -305,8 +272,6 @@ def test_feature_images_check_as_qemu_does(
     """Extended L2 entries and external data files, healthy and damaged, checked and
     repaired as qemu-img does."""
     require_qemu()
-    if not _is_fast(check):
-        pytest.skip("the reference's check() does not count these images yet")
     monkeypatch.chdir(tmp_path)
     path, l2, _ = _feature_image(tmp_path, options)
     if damage:
@@ -316,3 +281,29 @@ def test_feature_images_check_as_qemu_does(
                 f.write(value.to_bytes(8, "big"))
     for repair in (None, "leaks", "all"):
         assert_agrees(check, path, repair)
+
+
+@pytest.mark.clause("qcow2.check.features", "interop.qemu-check")
+@pytest.mark.parametrize("options", [
+    {"extended_l2": True}, {"data_file": "d.raw"}, {"data_file": "d.raw", "data_file_raw": True},
+    {"data_file": "d.raw", "extended_l2": True},
+])
+def test_reference_written_feature_images_check_as_qemu_does(
+    check: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    options: dict[str, Any],
+) -> None:
+    """What the reference writes with these features, check() and qemu-img agree on (no
+    errors, no leaks, the same cluster statistics)."""
+    require_qemu()
+    monkeypatch.chdir(tmp_path)  # for qemu-img to find the data file
+    path = tmp_path / "img.qcow2"
+    create_image(path, 2 * 1024 * 1024, cluster_size=32 * 1024, **options)
+    rng = random.Random(3)
+    with open_image(path, writable=True) as img:
+        for _ in range(40):
+            offset = rng.randrange(0, img.size - 70000)
+            if rng.random() < 0.7:
+                img.write(rng.randbytes(rng.randrange(1, 70000)), offset)
+            else:
+                img.write_zeroes(offset, rng.randrange(1, 70000))
+    assert_agrees(check, path)

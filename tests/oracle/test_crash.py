@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 from pyimago.oracle.crash import CrashTimeline, RecordingStorage, TimelinePoint
-from pyimago.reference import InvalidRequestError, MemoryStorage
+from pyimago.reference import FileStorage, InvalidRequestError, MemoryStorage
 
 
 def test_cut_states_replay_every_mutation_in_order() -> None:
@@ -27,6 +28,24 @@ def test_cut_states_replay_every_mutation_in_order() -> None:
     ]
     assert rec.synced == 1 and rec.syncs == [1]
     assert bytes(rec.state_after(4)) == inner.snapshot()
+
+
+def test_a_discard_is_rebuilt_as_the_storage_left_it(tmp_path: Path) -> None:
+    # FileStorage's discard is advisory (the data stays), MemoryStorage's zeroes: each cut
+    # state must be one the storage can really be left in.
+    path = tmp_path / "f"
+    path.write_bytes(b"abcdefgh")
+    inner = FileStorage(path, writable=True)
+    try:
+        rec = RecordingStorage(inner)
+        rec.discard(2, 4)
+        rec.discard(6, 10)  # past the end: nothing beyond it is made up
+        assert bytes(rec.state_after(2)) == b"abcdefgh" == inner.read(0, inner.size())
+    finally:
+        inner.close()
+    mem = RecordingStorage(MemoryStorage(b"abcdefgh"))
+    mem.discard(2, 4)
+    assert bytes(mem.state_after(1)) == b"ab\0\0\0\0gh"
 
 
 def test_checkpoint_keeps_numbering_and_refuses_forgotten_cuts() -> None:

@@ -59,3 +59,23 @@ def test_shrink_into_a_cluster_then_grow_zero_hides_old_tail() -> None:
             {"op": "resize", "value": 16384, "mode": "zero"},
         ],
     )
+
+
+@pytest.mark.clause("crash.power-cut")
+def test_cut_after_discard_on_a_file_keeps_what_the_file_kept() -> None:
+    # Found by the one-hour deep campaign (issue 15), against both implementations alike: the
+    # power-cut recorder rebuilt every discarded range as zeroes, but FileStorage's discard
+    # is advisory and keeps the data, which a "keep" ensure_data_mapping then made the
+    # model's known content; a cut after a later write into that range then "read" zeroes
+    # no operation had put there.  Fixed in RecordingStorage: a discard is recorded as the
+    # bytes the storage holds right after it.
+    _replay(
+        {"storage": "file", "layers": [{"format": "raw", "size": 4096}]},
+        [
+            {"op": "write", "offset": 0, "length": 4096},
+            {"op": "discard_to_any", "offset": 511, "length": 3584},
+            {"op": "ensure_data_mapping", "offset": 0, "length": 4096, "mode": "keep"},
+            {"op": "sync"},
+            {"op": "write", "offset": 511, "length": 166},
+        ],
+    )

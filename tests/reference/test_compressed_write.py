@@ -21,6 +21,7 @@ from pyimago.reference import (
     MemoryStorage,
     ReadOnlyError,
     UnsupportedError,
+    check,
     create_image,
     open_image,
 )
@@ -98,8 +99,12 @@ def test_mixed_writes_pass_qemu_check(
             img.write(b"overwritten", off)
             model[off : off + 11] = b"overwritten"
         assert img.read(0, size) == model
-    qemu_check(path)
+    report = qemu_check(path)
     _qemu_compare(path, bytes(model), tmp_path)
+    ours = check(path).to_json()
+    for key in ("corruptions", "leaks", "allocated-clusters", "compressed-clusters",
+                "fragmented-clusters", "image-end-offset"):
+        assert ours.get(key, 0) == report.get(key, 0), key
 
 
 @pytest.mark.clause("qcow2.compressed.write-fallback")

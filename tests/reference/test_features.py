@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 from pyimago.reference import (
     CorruptImageError,
+    InvalidRequestError,
     MemoryStorage,
     UnsupportedFeatureError,
+    create_image,
     open_image,
 )
 from pyimago.reference.qcow2.constants import QCOW2_EXT_MAGIC_FEATURE_TABLE
@@ -77,20 +79,23 @@ def test_encryption_refused(method: int) -> None:
 
 
 @pytest.mark.clause("qcow2.features.external-data")
-def test_external_data_file_refused_when_writable() -> None:
+def test_external_data_file_writable_open_needs_the_data_file() -> None:
+    """Writable opens are allowed; an image in a storage object that names no data file needs
+    data_file= (qcow2.data-file.open)."""
     data = _image(incompatible_features=1 << 2)
-    with pytest.raises(UnsupportedFeatureError) as info:
+    with pytest.raises(InvalidRequestError, match="data_file="):
         _open(data, True)
-    assert info.value.feature == "external data file"
-    assert "not supported yet" in str(info.value)
 
 
 @pytest.mark.clause("qcow2.features.extended-l2")
-def test_extended_l2_refused_when_writable() -> None:
-    with pytest.raises(UnsupportedFeatureError) as info:
-        _open(_image(incompatible_features=1 << 4), True)
-    assert info.value.feature == "extended L2 entries"
-    assert "not supported yet" in str(info.value)
+def test_extended_l2_opens_writable() -> None:
+    storage = MemoryStorage()
+    create_image(storage, 256 * KiB, extended_l2=True)
+    with open_image(storage, writable=True) as img:
+        img.write(b"sub", 70 * KiB)
+    with open_image(storage) as img:
+        assert img.read(70 * KiB, 3) == b"sub"
+        assert img.info().qcow2 is not None and img.info().qcow2.extended_l2
 
 
 @pytest.mark.qemu
@@ -99,8 +104,6 @@ def test_extended_l2_refused_when_writable() -> None:
 @pytest.mark.parametrize(
     ("opts", "feature", "writable"),
     [
-        ("extended_l2=on", "extended L2 entries", True),
-        ("data_file={dir}/data.raw", "external data file", True),
         ("encrypt.format=aes,encrypt.key-secret=sec0", "encryption", False),
     ],
 )
@@ -120,13 +123,16 @@ def test_qemu_images_with_unsupported_features(
             assert img.read(0, 4096) == bytes(4096)
 
 
-@pytest.mark.clause("qcow2.features.dirty")
-def test_dirty_refused_only_when_writable() -> None:
+@pytest.mark.clause("qcow2.features.dirty", "qcow2.dirty.repair-on-open")
+def test_dirty_repaired_only_when_writable() -> None:
     data = _image(incompatible_features=1 << 0)
-    _open(data, False)
-    with pytest.raises(UnsupportedFeatureError) as info:
-        _open(data, True)
-    assert info.value.feature == "dirty bit"
+    storage = MemoryStorage(data)
+    with open_image(storage, backing=None) as img:
+        assert img.read(0, 4) == b"data"
+    assert storage.snapshot() == data  # read-only: nothing written
+    with open_image(storage, writable=True, backing=None) as img:
+        assert header_of(storage.snapshot()).incompatible_features == 0
+        assert img.read(0, 4) == b"data"
 
 
 @pytest.mark.clause("qcow2.features.corrupt")

@@ -39,6 +39,7 @@ AREAS = {
     "tools",
     "qcow2-extended-l2",
     "qcow2-data-file",
+    "qcow2-lazy-refcounts",
 }
 
 # IDs that tests and code already cite: they are part of the contract and must never vanish.

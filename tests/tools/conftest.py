@@ -6,22 +6,20 @@ Tests that need qemu-img skip with a loud reason where it is missing, except und
 
 from __future__ import annotations
 
-import functools
 import gzip
-import json
-import os
-import runpy
 import shutil
-import subprocess
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pyimago_tests_qemu as _qemu  # tests/fixtures/qemu.py, registered by tests/conftest.py
 import pytest
 
-_ROOT = Path(__file__).resolve().parent.parent
-_CORPUS_SCRIPT = _ROOT / "fixtures" / "make_qemu_images.py"
-PEER_IMAGES = Path(os.environ.get("PYIMAGO_PEER_IMAGES", "/work/shared/peer-images"))
+# The qemu-img helpers the tool tests import from here (one copy, in tests/fixtures/qemu.py).
+assert_qemu_check_clean = _qemu.assert_qemu_check_clean
+qemu_img = _qemu.qemu_img
+qemu_json = _qemu.qemu_json
+
+PEER_IMAGES = _qemu.peer_images_folder()
 IMPLS = ("fast", "reference")
 #: qemu-img create -o sets of the qcow2 features of issue 13 (for create and info tests; an
 #: external data file is named img.data, beside an image named img.qcow2).
@@ -38,42 +36,7 @@ QCOW2_FEATURES = [
 
 def require_qemu() -> None:
     """Skip (or fail under CI=true) when qemu-img / qemu-io are missing."""
-    missing = [t for t in ("qemu-img", "qemu-io") if shutil.which(t) is None]
-    if not missing:
-        return
-    reason = f"QEMU INTEROP NOT TESTED for pyimago.tools: {', '.join(missing)} missing"
-    if os.environ.get("CI", "").strip().lower() == "true":
-        pytest.fail(f"{reason}; CI=true requires them", pytrace=False)
-    pytest.skip(reason)
-
-
-def qemu_img(*args: object, ok: Sequence[int] = (0,), cwd: Path | None = None
-             ) -> subprocess.CompletedProcess[str]:
-    """Run qemu-img; the test fails on an exit status outside ``ok``."""
-    cmd = ["qemu-img", *map(str, args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False,
-                          cwd=cwd)
-    if proc.returncode not in ok:
-        pytest.fail(f"exit {proc.returncode}: {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def qemu_json(*args: object, cwd: Path | None = None) -> Any:
-    return json.loads(qemu_img(*args, "--output=json", cwd=cwd).stdout)
-
-
-def assert_qemu_check_clean(path: Path | str, fmt: str = "qcow2") -> None:
-    """``qemu-img check``: no corruption, no leak, no check error."""
-    proc = qemu_img("check", "--output=json", "-f", fmt, path, ok=(0, 1, 2, 3))
-    report = json.loads(proc.stdout) if proc.stdout.strip() else {}
-    assert proc.returncode == 0, f"qemu-img check {path}: {report} {proc.stderr}"
-
-
-@functools.cache
-def _corpus_builder() -> Any:
-    return runpy.run_path(str(_CORPUS_SCRIPT), run_name="pyimago_tools_tests_corpus")[
-        "build_corpus"
-    ]
+    _qemu.require_qemu("pyimago.tools")
 
 
 @pytest.fixture(scope="session")
@@ -81,7 +44,7 @@ def qemu_corpus(tmp_path_factory: pytest.TempPathFactory) -> list[Any]:
     """Every image of the QEMU-made corpus (built once per worker), as ImageSpecs."""
     require_qemu()
     folder = tmp_path_factory.mktemp("tools-corpus")
-    return list(_corpus_builder()(folder))
+    return list(_qemu.corpus_builder()(folder))
 
 
 def peer_image_files() -> list[Path]:

@@ -12,7 +12,7 @@ import pytest
 from pyimago.tools import ConvertOptions, convert
 from pyimago.tools._cli import convert_main
 
-from .conftest import IMPLS, assert_qemu_check_clean, qemu_img
+from .conftest import IMPLS, QCOW2_FEATURES, assert_qemu_check_clean, qemu_img
 
 pytestmark = [pytest.mark.qemu, pytest.mark.clause("tools.convert.content")]
 
@@ -183,3 +183,31 @@ def test_convert_backing_option_and_existing_overlay_match_qemu(
     # What the source's top does not hold is left as the overlay had it (0x7e), as qemu-img.
     assert qemu_img("compare", ours, theirs).returncode == 0
     assert qemu_img("compare", spec.path, ours, ok=(1,)).returncode == 1
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("options", QCOW2_FEATURES)
+def test_convert_into_new_qcow2_features(qemu_corpus: list[Any], impl: str, options: str,
+                                         tmp_path: Path) -> None:
+    """-o with issue 13's create options: the output has the feature (qemu-img info says
+    so), reads as the source and passes qemu-img check."""
+    spec = next(s for s in qemu_corpus if s.name == "chain-depth3")
+    out = tmp_path / "img.qcow2"
+    status = convert_main(["--impl", impl, "-O", "qcow2", "-o", options, str(spec.path),
+                           str(out)])
+    if status == 2 and not out.exists():
+        pytest.skip(f"pyimago.{impl} does not create {options} images yet")
+    assert status == 0
+    # qemu-img 7.2 opens a relative data file name from the current folder (pyimago: from
+    # the image's folder, like a backing file): ask it from the image's folder.
+    assert qemu_img("check", out.name, cwd=tmp_path).returncode == 0
+    assert qemu_img("compare", spec.path, out.name, cwd=tmp_path).returncode == 0
+    data = json.loads(qemu_img("info", "--output=json", out.name, cwd=tmp_path).stdout)[
+        "format-specific"]["data"]
+    for item in options.split(","):
+        name, value = item.split("=")
+        key = name.replace("_", "-")
+        if key in data and value in ("on", "off"):
+            assert data[key] == (value == "on"), (name, data)
+        elif key in data:
+            assert str(data[key]) == value, (name, data)

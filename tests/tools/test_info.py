@@ -112,3 +112,36 @@ def test_info_shows_qcow2_features_as_qemu(impl: str, options: str, tmp_path: Pa
             assert json.loads(ours) == json.loads(theirs), options
         else:
             assert ours == theirs, options
+
+
+@pytest.mark.clause("tools.info.json")
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("options", ["cluster_size=64k", "extended_l2=on,cluster_size=16k"])
+def test_info_lists_persistent_bitmaps_as_qemu(impl: str, options: str, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    qemu_img("create", "-q", "-f", "qcow2", "-o", options, "img.qcow2", "4M", cwd=tmp_path)
+    for args in (["b0"], ["--granularity", "1M", "--disable", "second"],
+                 ["--granularity", "512", "n\u00e4me with spaces"]):
+        qemu_img("bitmap", "--add", *args[:-1], "img.qcow2", args[-1], cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)
+    theirs = qemu_json("info", "img.qcow2", cwd=tmp_path)
+    assert len(theirs["format-specific"]["data"]["bitmaps"]) == 3
+    assert json.loads(render_info(image_info("img.qcow2", impl=impl), output="json")) == theirs
+    assert render_info(image_info("img.qcow2", impl=impl)) == qemu_img(
+        "info", "img.qcow2", cwd=tmp_path).stdout
+
+
+@pytest.mark.clause("tools.cli.errors")
+def test_info_refuses_a_bitmap_directory_past_the_file(tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]
+                                                       ) -> None:
+    image = tmp_path / "img.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", image, "1M")
+    qemu_img("bitmap", "--add", image, "b0")
+    data = bytearray(image.read_bytes())
+    ext = data.index((0x23852875).to_bytes(4, "big"))
+    data[ext + 24 : ext + 32] = (1 << 40).to_bytes(8, "big")  # bitmap_directory_offset
+    image.write_bytes(bytes(data))
+    assert info_main([str(image)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bitmap directory" in err
