@@ -433,16 +433,21 @@ def grow_general(layer: Qcow2Layer, old: int, prealloc: PreallocateMode) -> None
             # Bytes a longer data file holds past the old end would show in the raw disk.
             layer.data.write_zeroes(old, min(have, new_size) - old)
         if have < new_size:
-            mode = (PreallocateMode.NONE if prealloc is PreallocateMode.FORMAT_ALLOCATE
-                    else prealloc)
-            layer.data.resize(new_size, mode)
+            full = (PreallocateMode.FULL_ALLOCATE, PreallocateMode.WRITE_DATA)
+            layer.data.resize(new_size, prealloc if prealloc in full else PreallocateMode.NONE)
     if prealloc is PreallocateMode.NONE:
         # As the plain path: the new area is left unallocated.
         return
     head_end = min(-(-old >> cb) << cb, new_size)
-    if head_end > old and not _reads_zero(layer, old, head_end):
-        # The cluster the old end cut short may hold stale bytes past it.
-        layer._zero_by_writing(old, head_end)
+    # Judged on the whole cluster, as the plain path's _reads_zero.
+    if head_end > old and not _reads_zero(layer, old >> cb << cb, head_end):
+        # The cluster the old end cut short may hold stale bytes past it: zeroes are written
+        # there (as the plain path and the reference do, the range becomes data).
+        pos = old
+        while pos < head_end:
+            host, n, _ = layer.prepare(pos, head_end - pos, True)
+            layer.data.write_zeroes(host, n)
+            pos += n
     if head_end == new_size:
         return
     first, stop = head_end >> cb, -(-new_size >> cb)

@@ -55,9 +55,9 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.mark.clause("qcow2.extended-l2.write", "qcow2.extended-l2.clear",
                     "qcow2.data-file.write", "qcow2.data-file.raw", "qcow2.data-file.resize")
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    ops=st.lists(_op, max_size=12),
+    ops=st.lists(_op, max_size=20),
     layout=st.sampled_from(sorted(_LAYOUTS)),
     backing=st.booleans(),
 )
