@@ -196,9 +196,15 @@ def create_image(
         if _UNSUPPORTED.intersection(unknown):
             raise UnsupportedError(f"create_image: unsupported option(s) {unknown}")
         raise _invalid(f"unknown option(s) for {format}: {unknown}")
-    if qcow2 is not None and qcow2.backing_file is not None and wanted != "off":
-        # As qemu-img: preallocated clusters would hide the backing file.
+    if (qcow2 is not None and qcow2.backing_file is not None and wanted != "off"
+            and not qcow2.extended_l2):
+        # As qemu-img: preallocated clusters would hide the backing file ("Backing file and
+        # preallocation can only be used at the same time if extended_l2 is on": extended
+        # L2 preallocation allocates no subcluster).
         raise _invalid(f"preallocation={wanted!r} cannot be combined with a backing file")
+    if qcow2 is not None and qcow2.data_file_raw and prealloc is PreallocateMode.NONE:
+        # qemu-img maps a raw data file whole: every cluster to its own offset in it.
+        prealloc = PreallocateMode.FORMAT_ALLOCATE
     named = qcow2.backing_file if qcow2 is not None else None
     if named is None:
         if size is None:

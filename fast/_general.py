@@ -78,13 +78,15 @@ def _state(layer: Qcow2Layer, c: int, e: int, word: int) -> tuple[bool, bool, in
             return has_host, False, _ZERO_BIT
         return has_host, False, 1 if has_host else 0
     # qcow2.extended-l2.bitmap: QEMU's QCOW2_SUBCLUSTER_INVALID combinations.
+    # qcow2.extended-l2.invalid-write: QEMU's "Invalid cluster entry found" marks the image
+    # corrupt before anything is written.
     if word & ALL_ALLOC & (word >> 32):
-        raise CorruptImageError(
+        raise layer.mark_corrupt(
             f"qcow2: extended L2 bitmap 0x{word:016x} of guest cluster {c} marks a "
             "subcluster both allocated and zero"
         )
     if word & ALL_ALLOC and not has_host:
-        raise CorruptImageError(
+        raise layer.mark_corrupt(
             f"qcow2: extended L2 bitmap 0x{word:016x} of guest cluster {c} marks subclusters "
             "allocated, but the entry has no host cluster"
         )
@@ -171,6 +173,9 @@ def _prepare(
         end = max(hi, min(end, layer.size - g0))
     held = [e] if not keep and _holds(layer, e) else []
     layer._vet_releases(held)
+    more = 0
+    if not keep and overwrite and data is not None and hi == cs:
+        more = _fresh_after(layer, cur, j, c, (offset + length) >> cb)
     if keep:
         new_host = host
         if not dfile:
@@ -178,8 +183,11 @@ def _prepare(
     elif dfile:
         new_host = g0
     else:
-        hc, _ = layer.refs.allocate(1, exact=True)
+        hc, m = layer.refs.allocate(1 + more, exact=not more)
+        more = m - 1
         new_host = hc << cb
+    if more:
+        return _fresh_run(layer, c, cur, j, e, bm, comp, new_host, start, lo, more, held)
     written = _write_span(layer, new_host, g0, start, end, lo, hi, overwrite, data)
     sa, sb = start >> sbits, ((end - 1) >> sbits) + 1
     new_bm = ((0 if comp else bm) | alloc_range(sa, sb)) & ~zero_range(sa, sb)
@@ -188,6 +196,56 @@ def _prepare(
     if held:
         layer._drop_refs(tofs, held)
     return new_host + lo, hi - lo, written
+
+
+def _fresh_after(
+    layer: Qcow2Layer, tbl: array[int] | None, j: int, c: int, stop: int
+) -> int:
+    """How many guest clusters after ``c`` (before ``stop``, in the same L2 table) have no
+    host cluster and no allocated subcluster: a write covering them wholly maps them to
+    fresh host clusters with ``c``'s, in one run."""
+    stop = min(stop, ((c >> layer._l2bits) + 1) << layer._l2bits)
+    if tbl is None:
+        return max(0, stop - c - 1)
+    ext = layer._ext
+    step = 1 << ext
+    jj = j + step
+    k = 0
+    while c + 1 + k < stop and tbl[jj] == 0 and not (ext and tbl[jj + 1] & ALL_ALLOC):
+        k += 1
+        jj += step
+    return k
+
+
+def _fresh_run(
+    layer: Qcow2Layer, c: int, cur: array[int] | None, j: int, e: int, bm: int, comp: bool,
+    host: int, start: int, lo: int, more: int, held: list[int],
+) -> tuple[int, int, bool]:
+    """Map guest cluster ``c`` (written from ``lo`` to its end, copied on write from
+    ``start``) and the ``more`` unallocated clusters after it (written wholly) to the host
+    run at ``host``; the caller writes its data there."""
+    cb, cs = layer._cbits, layer._cs
+    sbits, _ = _geometry(layer)
+    g0 = c << cb
+    if lo > start:
+        # Not mapped yet: the copy and the caller's data may go in separate writes.
+        head = memoryview(bytearray(lo - start))
+        layer.readinto(head, g0 + start)
+        layer.data.write(head, host + start)
+    sa = start >> sbits
+    new_bm = ((0 if comp else bm) | alloc_range(sa, 32 if layer._ext else 1))
+    new_bm &= ~zero_range(sa, 32 if layer._ext else 1)
+    tofs, tbl = layer._writable_l2(c >> layer._l2bits, cur)
+    step = 1 << layer._ext
+    for t in range(more + 1):
+        entry, word = _encode(layer, (host + t * cs) | COPIED, ALL_ALLOC if t else new_bm)
+        tbl[j + t * step] = entry
+        if layer._ext:
+            tbl[j + t * step + 1] = word
+    layer._l2.touch(tofs, tbl)
+    if held:
+        layer._drop_refs(tofs, held)
+    return host + lo, (more + 1) * cs - lo, False
 
 
 def _in_place(
@@ -251,16 +309,28 @@ def clear_general(layer: Qcow2Layer, offset: int, length: int, how: Clear) -> No
     entries): whole subclusters change through their bitmap bits, whole clusters through
     their entry; zeroing writes zeroes into the partial subclusters at either end."""
     sbits, _ = _geometry(layer)
-    u = 1 << sbits
+    discard = how is Clear.ANY or how is Clear.BACKING
+    # qcow2.extended-l2.clear: discards work on whole clusters, as QEMU's
+    # discard_in_l2_slice; zeroing on whole subclusters.
+    gbits = layer._cbits if discard else sbits
+    u = 1 << gbits
     end = offset + length
     size = layer.size
-    first_u = -(-offset // u)
-    stop_u = -(-end // u) if end >= size else end // u
-    # Whole subclusters [a, b); the partial ones before and after (a range inside one
-    # subcluster, or across one boundary, has none whole).
-    a = first_u << sbits
-    b = max(a, min(stop_u << sbits, size))
+    first_g = -(-offset // u)
+    stop_g = -(-end // u) if end >= size else end // u
+    # Whole units [a, b); the partial ones before and after (a range inside one unit, or
+    # across one boundary, has none whole).
+    a = first_g << gbits
+    b = max(a, min(stop_g << gbits, size))
+    first_u, stop_u = a >> sbits, -(-b >> sbits)
     with layer._lock:
+        if a < b and discard and layer.backing is not None and _raw_data_file(layer):
+            # qcow2.data-file.raw-cleared: the backing shows through where the data file
+            # holds zeroes, so the data file stops being the raw disk first.
+            feats = layer.hdr.features
+            layer.hdr = layer.hdr.cleared_autoclear(
+                keep=feats.autoclear & ~AUTOCLEAR_DATA_FILE_RAW)
+            layer._write_header()
         if a < b:
             if _raw_data_file(layer):
                 # qcow2.data-file.raw: "zero out s->data_file first" (QEMU's
@@ -300,10 +370,11 @@ def _apply_units(layer: Qcow2Layer, first_u: int, stop_u: int, how: Clear) -> No
         b = min(stop_u - (c << per), nsub)
         u = (c + 1) << per
         cur, j, e, word = _load(layer, c)
-        if cur is None and how in (Clear.ANY, Clear.BACKING):
+        if cur is None and (how is Clear.ANY or how is Clear.BACKING):
             continue
         has_host, comp, bm = _state(layer, c, e, word)
-        whole = a == 0 and b == nsub
+        # The disk's last cluster is whole when the range reaches the disk end.
+        whole = a == 0 and (b == nsub or (((c << per) + b) << sbits) >= layer.size)
         if comp and not whole:
             if how is Clear.ZERO_KEEP or how is Clear.ZERO_FREE:
                 g = c << cb
@@ -339,9 +410,10 @@ def _apply_units(layer: Qcow2Layer, first_u: int, stop_u: int, how: Clear) -> No
 
 
 def _reads_zero(layer: Qcow2Layer, start: int, end: int) -> bool:
+    """Whether ``[start, end)`` is marked zero (or unallocated without a backing image)."""
     while start < end:
         kind, _, n = layer.map_run(start, end - start)
-        if kind != K_ZERO and not (kind == K_UNALLOC and layer._backing_zero(start, start + n)):
+        if kind != K_ZERO and not (kind == K_UNALLOC and layer.backing is None):
             return False
         start += n
     return True
@@ -352,20 +424,37 @@ def grow_general(layer: Qcow2Layer, old: int, prealloc: PreallocateMode) -> None
     NONE and ZERO also map it to host clusters.  The data file grows with the disk."""
     cb = layer._cbits
     new_size = layer.size
-    if layer.hdr.has_data_file and layer.data.size() < new_size:
-        mode = PreallocateMode.NONE if prealloc is PreallocateMode.FORMAT_ALLOCATE else prealloc
-        layer.data.resize(new_size, mode)
+    if layer.hdr.has_data_file:
+        have = layer.data.size()
+        if _raw_data_file(layer) and prealloc is PreallocateMode.NONE:
+            # qcow2.data-file.raw: the grown area is mapped over the grown data file.
+            prealloc = PreallocateMode.FORMAT_ALLOCATE
+        if _raw_data_file(layer) and have > old:
+            # Bytes a longer data file holds past the old end would show in the raw disk.
+            layer.data.write_zeroes(old, min(have, new_size) - old)
+        if have < new_size:
+            full = (PreallocateMode.FULL_ALLOCATE, PreallocateMode.WRITE_DATA)
+            layer.data.resize(new_size, prealloc if prealloc in full else PreallocateMode.NONE)
+    if prealloc is PreallocateMode.NONE:
+        # As the plain path: the new area is left unallocated.
+        return
     head_end = min(-(-old >> cb) << cb, new_size)
-    if head_end > old and not _reads_zero(layer, old, head_end):
-        # The cluster the old end cut short may hold stale bytes past it.
-        clear_general(layer, old, head_end - old, Clear.ZERO_KEEP)
+    # Judged on the whole cluster, as the plain path's _reads_zero.
+    if head_end > old and not _reads_zero(layer, old >> cb << cb, head_end):
+        # The cluster the old end cut short may hold stale bytes past it: zeroes are written
+        # there (as the plain path and the reference do, the range becomes data).
+        pos = old
+        while pos < head_end:
+            host, n, _ = layer.prepare(pos, head_end - pos, True)
+            layer.data.write_zeroes(host, n)
+            pos += n
     if head_end == new_size:
         return
     first, stop = head_end >> cb, -(-new_size >> cb)
     per = cb - _geometry(layer)[0]
     if prealloc is PreallocateMode.ZERO:
         _apply_units(layer, first << per, stop << per, Clear.ZERO_FREE)
-    elif prealloc is not PreallocateMode.NONE:
+    else:
         _preallocate(layer, first, stop, prealloc)
 
 

@@ -218,16 +218,19 @@ def test_zeroing_works_per_subcluster(
     path = tmp_path / "a.qcow2"
     fast.create_image(path, MiB, extended_l2=True)
     with fast.open_image(path, writable=True) as img:
-        img.write(b"\x05" * 65536, 0)
+        img.write(b"\x05" * 3 * 65536, 0)
         img.write_zeroes(4096, 4096)  # subclusters 2 and 3: zero bits, no data written
-        img.discard_to_backing(16384, 2048)  # subcluster 8: unallocated again
+        img.discard_to_zero(16384, 2048 + 100)  # subcluster 8, and zeroes written into 9
+        img.discard_to_backing(65536 + 2048, 65536)  # only whole clusters are discarded
+        img.discard_to_backing(2 * 65536, 65536)
     entries = [(e["start"], e["length"], e["zero"], e["data"]) for e in qemu.map(path)]
-    assert entries[:5] == [(0, 4096, False, True), (4096, 4096, True, False),
+    assert entries[:6] == [(0, 4096, False, True), (4096, 4096, True, False),
                            (8192, 8192, False, True), (16384, 2048, True, False),
-                           (18432, 65536 - 18432, False, True)]
-    want = bytearray(b"\x05" * 65536 + bytes(MiB - 65536))
+                           (18432, 2 * 65536 - 18432, False, True),
+                           (2 * 65536, MiB - 2 * 65536, True, False)]
+    want = bytearray(b"\x05" * 2 * 65536 + bytes(MiB - 2 * 65536))
     want[4096:8192] = bytes(4096)
-    want[16384:18432] = bytes(2048)
+    want[16384:18532] = bytes(2148)
     _judge(qemu, path, bytes(want), "zeroing")
 
 
@@ -265,13 +268,19 @@ def test_resize(
     options = _CONFIGS[config]
     path = tmp_path / "a.qcow2"
     fast.create_image(path, MiB, **options)
+    cut = MiB - 70 * KiB - 512
     with fast.open_image(path, writable=True) as img:
         img.write(b"\x09" * (MiB - 1000), 500)
-        img.resize(MiB - 70 * KiB - 512)
+        img.resize(cut)
         img.resize(2 * MiB + 512, mode)
-        assert img.read(MiB - 70 * KiB - 512, MiB) == bytes(MiB)
+        grown = img.read(cut, 2 * MiB + 512 - cut)
+    if mode is not PreallocateMode.NONE or options.get("data_file_raw"):
+        # NONE leaves the area unspecified (the cut cluster's old bytes may show, as on
+        # plain images); a raw data file is mapped whole (preallocation=metadata).
+        assert grown == bytes(len(grown))
     want = bytearray(2 * MiB + 512)
-    want[500 : MiB - 70 * KiB - 512] = b"\x09" * (MiB - 70 * KiB - 1012)
+    want[500:cut] = b"\x09" * (cut - 500)
+    want[cut:] = grown
     _judge(qemu, path, bytes(want), f"{config} {mode}")
     if "data_file" in options:
         assert os.path.getsize(tmp_path / "d.raw") == 2 * MiB + 512
@@ -334,3 +343,83 @@ def test_data_file_mappings_name_the_data_file(
         assert "d.raw" in str(m.storage)
         assert img.read(8192, 200) == bytes(100) + b"\x07" * 100
     assert (tmp_path / "d.raw").read_bytes()[:4096] == b"\x08" * 4096
+
+
+@pytest.mark.clause("qcow2.extended-l2.write", "interop.qemu-check", "interop.qemu-compare")
+def test_extended_l2_with_compressed_writes_and_snapshots(
+    qemu: QemuTools, tmp_path: Path
+) -> None:
+    """The other write features of pyimago.fast on an extended L2 image: compressed clusters
+    and an internal snapshot, then writes that copy them on write per subcluster."""
+    size = 2 * MiB
+    path = tmp_path / "x.qcow2"
+    fast.create_image(path, size, extended_l2=True, cluster_size=32768)
+    want = bytearray(size)
+    with fast.open_image(path, writable=True) as img:
+        for k in range(8):
+            data = bytes([k + 1]) * 32768
+            img.write_compressed(data, k * 3 * 32768)
+            want[k * 3 * 32768 : (k * 3 + 1) * 32768] = data
+        img.write(b"\x11" * 70000, 100000)
+        want[100000:170000] = b"\x11" * 70000
+        img.create_snapshot("s1")
+        snap = bytes(want)
+        _random_ops(img, want, 5, 80, 1024)
+    _judge(qemu, path, bytes(want), "after the snapshot")
+    out = tmp_path / "s1.raw"
+    qemu.img("convert", "-l", "s1", "-O", "raw", path, out)
+    assert_same_bytes(out.read_bytes(), snap, 0, "snapshot s1")
+    with fast.open_image(path, writable=True) as img:
+        img.delete_snapshot("s1")
+        img.write(b"\x55" * 40000, 0)
+        want[:40000] = b"\x55" * 40000
+    _judge(qemu, path, bytes(want), "after deleting the snapshot")
+
+
+@pytest.mark.clause("qcow2.data-file.raw", "create.qcow2.data-file",
+                    "create.qcow2.extended-l2")
+@pytest.mark.parametrize("options", ["data_file=d.raw,data_file_raw=on",
+                                     "extended_l2=on,preallocation=metadata,backing_file=b.raw,"
+                                     "backing_fmt=raw"])
+def test_created_layout_maps_as_qemu_made_one(
+    qemu: QemuTools, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, options: str
+) -> None:
+    """A raw data file is mapped whole from the start (qemu-img: preallocation=metadata);
+    extended L2 preallocation over a backing file allocates no subcluster."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "b.raw").write_bytes(b"\x61" * MiB)
+    qemu.img("create", "-q", "-f", "qcow2", "-o", options, tmp_path / "q.qcow2", "1M")
+    kwargs: dict[str, Any] = {}
+    for item in options.split(","):
+        key, value = item.split("=")
+        kwargs[key] = {"on": True}.get(value, value)
+    fast.create_image(tmp_path / "f.qcow2", MiB, **kwargs)
+    strip = [{k: v for k, v in e.items() if k != "offset"} for e in qemu.map(tmp_path / "q.qcow2")]
+    ours = [{k: v for k, v in e.items() if k != "offset"} for e in qemu.map(tmp_path / "f.qcow2")]
+    assert ours == strip
+    with fast.open_image(tmp_path / "f.qcow2", writable=True) as img:
+        img.resize(2 * MiB)
+    if "data_file_raw" in options:
+        qemu.img("resize", tmp_path / "q.qcow2", "2M")
+        assert qemu.map(tmp_path / "f.qcow2") == qemu.map(tmp_path / "q.qcow2")
+
+
+@pytest.mark.clause("qcow2.data-file.raw-cleared")
+def test_raw_bit_cleared_when_a_backing_shows_through(
+    qemu: QemuTools, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "a.qcow2"
+    fast.create_image(path, MiB, data_file="d.raw", data_file_raw=True)
+    base = tmp_path / "b.raw"
+    base.write_bytes(b"\x62" * MiB)
+    with fast.open_image(base, format="raw") as below, \
+            fast.open_image(path, writable=True, backing=below) as img:
+        img.write(b"\x01" * 4096, 0)
+        img.discard_to_zero(0, 65536)
+        img.flush()
+        assert path.read_bytes()[88:96] == (2).to_bytes(8, "big")  # autoclear bit 1
+        img.discard_to_backing(65536, 65536)
+        assert img.read(65536, 4) == b"\x62" * 4
+        assert path.read_bytes()[88:96] == bytes(8)
+    assert qemu.info(path)[0]["format-specific"]["data"]["data-file-raw"] is False
