@@ -310,9 +310,9 @@ def clear_general(layer: Qcow2Layer, offset: int, length: int, how: Clear) -> No
     their entry; zeroing writes zeroes into the partial subclusters at either end."""
     sbits, _ = _geometry(layer)
     discard = how is Clear.ANY or how is Clear.BACKING
-    # qcow2.extended-l2.clear: discards work on whole clusters, as QEMU's
-    # discard_in_l2_slice; zeroing on whole subclusters.
-    gbits = layer._cbits if discard else sbits
+    # qcow2.extended-l2.clear: zeroing and discards work on whole subclusters (issue 13;
+    # QEMU 9.1's discard_l2_subclusters).
+    gbits = sbits
     u = 1 << gbits
     end = offset + length
     size = layer.size
