@@ -10,7 +10,13 @@ from pyimago.reference import InvalidRequestError
 
 from ._chain import Access
 from ._check import OracleFailure, check_small_mapping, content_failure
-from ._feature_run import FEATURE_KINDS, open_snapshot, run_feature_op
+from ._feature_run import (
+    FEATURE_KINDS,
+    open_snapshot,
+    resize_v2_with_snapshots,
+    run_feature_op,
+    v2_resize_refused,
+)
 from ._op_table import PAST_END_OPS, LogEntry
 from ._verify import Checker
 from .model import FlatModel, first_mismatch
@@ -124,6 +130,9 @@ class Applier(Checker):
             model.discard_to_backing(off, length)
         elif kind is OpKind.WRITE_PAST_END:
             self._past_end(access, model, op, step)
+        elif kind is OpKind.RESIZE and v2_resize_refused(self.chain.layers[layer], model,
+                                                         op.value) is not False:
+            resize_v2_with_snapshots(access, model, op)
         elif kind is OpKind.RESIZE:
             access.resize(op.value, op.prealloc)
             model.resize(op.value, op.prealloc)

@@ -31,6 +31,7 @@ __all__ = [
     "layer_options",
     "open_snapshot",
     "qemu_create",
+    "resize_v2_with_snapshots",
     "run_feature_op",
     "v2_resize_refused",
 ]
@@ -52,9 +53,9 @@ FEATURE_CLAUSES: dict[OpKind, tuple[str, ...]] = {
     OpKind.READ_SNAPSHOT: ("qcow2.snapshots.open",),
 }
 
-#: A v2 image is not resized by applying a snapshot of another size (QEMU: "Can't resize a
-#: v2 image which has snapshots"); pyimago's resize of such images is a recorded divergence.
-_V2_NO_RESIZE = "qcow2.snapshots.v2-apply-size"
+#: v2 images with snapshots are not resized (QEMU: "Can't resize a v2 image which has
+#: snapshots"), by a resize or by applying a snapshot of another size.
+_V2_NO_RESIZE = "qcow2.snapshots.v2-no-resize"
 
 Access = Any
 
@@ -123,11 +124,22 @@ def _create(access: Access, model: FlatModel, name: str) -> None:
 
 
 def v2_resize_refused(layer: LayerSpec, model: FlatModel, new_size: int) -> bool | None:
-    """Whether a v2 top with snapshots may not take ``new_size`` by applying a snapshot:
-    True (refused), False, or None (its own size: either)."""
+    """Whether resizing the top to ``new_size`` (by a resize, or by applying a snapshot)
+    must raise UnsupportedError (True), must not (False), or may (None: to its own size)."""
     if layer.format != "qcow2" or layer.compat != "0.10" or not model.snapshots:
         return False
     return True if new_size != model.size else None
+
+
+def resize_v2_with_snapshots(access: Access, model: FlatModel, op: Op) -> None:
+    """A resize of a v2 top with snapshots: refused (:data:`_V2_NO_RESIZE`), or a no-op."""
+    if op.value == model.size:
+        with contextlib.suppress(io.UnsupportedOperation):
+            access.resize(op.value, op.prealloc)
+        return
+    _expect_error(lambda: access.resize(op.value, op.prealloc),
+                  f"{op.describe()} (a v2 image with snapshots)", (io.UnsupportedOperation,),
+                  _V2_NO_RESIZE)
 
 
 def _by_name_or_id(access: Access, model: FlatModel, op: Op, layer: LayerSpec) -> None:
