@@ -2,14 +2,16 @@
 
 Both work field by field from the dataclass's own fields, so a counter added to
 :class:`ConformanceStats` is carried and summed without touching this module: integers add
-up, ``(key, count)`` tables add up by key, ``(label, text)`` rows keep each run's text
-(joined by `` | `` where the runs differ), lists of names concatenate; ``warnings`` (paths a
+up, ``(key, count)`` tables add up by key, ``(label, text)`` rows that write out a table
+(``"write 12, read 3"``) add up by name, other rows keep each run's text (joined by `` | ``
+where the runs differ), lists of names concatenate; ``warnings`` (paths a
 run never took) keeps the ones no run took.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -57,14 +59,33 @@ def _is_table(values: Sequence[Any]) -> bool:
     )
 
 
+_COUNT_ITEM = re.compile(r"^(\S.*?) (\d[\d,]*)$")
+
+
+def _sum_counts(texts: Sequence[str]) -> str | None:
+    """Rows that are tables written out (``"write 12, read 1,024"``) summed by name, most
+    frequent first; None when a text is not such a table."""
+    total: Counter[str] = Counter()
+    for text in texts:
+        for item in text.split(", "):
+            match = _COUNT_ITEM.match(item)
+            if match is None:
+                return None
+            total[match[1]] += int(match[2].replace(",", ""))
+    return ", ".join(f"{name} {count:,}" for name, count in total.most_common())
+
+
 def _merge_rows(values: Iterable[tuple[tuple[str, Any], ...]]) -> tuple[tuple[str, str], ...]:
     texts: dict[str, list[str]] = {}
     for rows in values:
         for label, text in rows:
-            seen = texts.setdefault(label, [])
-            if str(text) not in seen:
-                seen.append(str(text))
-    return tuple((label, " | ".join(seen)) for label, seen in texts.items())
+            texts.setdefault(label, []).append(str(text))
+    merged: list[tuple[str, str]] = []
+    for label, all_texts in texts.items():
+        summed = _sum_counts(all_texts) if len(all_texts) > 1 else None
+        distinct = list(dict.fromkeys(all_texts))
+        merged.append((label, summed if summed is not None else " | ".join(distinct)))
+    return tuple(merged)
 
 
 def _merge_table(name: str, values: Iterable[tuple[tuple[Any, int], ...]]) -> tuple[Any, ...]:

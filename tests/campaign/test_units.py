@@ -62,13 +62,20 @@ def test_merged_stats_add_up_and_keep_the_campaign_throughput() -> None:
 
 def test_text_rows_and_warnings_merge_as_text_and_as_paths_never_taken() -> None:
     a = dataclasses.replace(_stats(1, 5, 1.0, {"write": 1}),
-                            paths=(("refcount widths", "16: 2"), ("parallel jobs", "0")),
+                            paths=(("refcount widths", "16: 2"), ("parallel jobs", "0"),
+                                   ("calls by API", "write 1,200, read 3"),
+                                   ("chain", "raw over qcow2")),
                             warnings=("no sync call", "no L2-boundary crossing"))
     b = dataclasses.replace(_stats(1, 5, 1.0, {"read": 1}),
-                            paths=(("refcount widths", "1: 1, 16: 3"), ("parallel jobs", "0")),
+                            paths=(("refcount widths", "1: 1, 16: 3"), ("parallel jobs", "0"),
+                                   ("calls by API", "read 5, sync 1"),
+                                   ("chain", "qcow2 only")),
                             warnings=("no L2-boundary crossing",))
     merged = merge_stats([a, b], parallel=True)
-    assert merged.paths == (("refcount widths", "16: 2 | 1: 1, 16: 3"), ("parallel jobs", "0"))
+    # Rows that write out a table add up by name; other text is kept per run.
+    assert merged.paths == (("refcount widths", "16: 5, 1: 1"), ("parallel jobs", "0"),
+                            ("calls by API", "write 1,200, read 8, sync 1"),
+                            ("chain", "raw over qcow2 | qcow2 only"))
     assert merged.warnings == ("no L2-boundary crossing",)
     assert stats_from_json(json.loads(json.dumps(stats_to_json(merged)))) == merged
 
