@@ -196,11 +196,12 @@ class ZeroFlagInReservedBit(Qcow2Driver):
     _WRONG_ZERO = 1 << 1
 
     def _set_l2_entry(
-        self, guest_offset: int, entry: L2Entry, *, write_through: bool, pinned: bool = False
+        self, guest_offset: int, entry: L2Entry, *, write_through: bool, pinned: bool = False,
+        bitmap: int | None = None,
     ) -> None:
         if entry.type is not ClusterType.ZERO_PLAIN:
             super()._set_l2_entry(guest_offset, entry, write_through=write_through,
-                                  pinned=pinned)
+                                  pinned=pinned, bitmap=bitmap)
             return
         l2_offset, table = self._writable_l2(guest_offset)
         table[l2_index(guest_offset, self._cluster_bits)] = self._WRONG_ZERO
