@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import os
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import cast
 
 from pyimago.reference._check import CheckProblem, CheckResult, ProblemKind, RepairMode
 from pyimago.reference._errors import (
+    CorruptImageError,
     ImageNotFoundError,
     InvalidRequestError,
     PyimagoError,
@@ -36,6 +38,7 @@ from pyimago.reference._errors import (
 from pyimago.reference._storage import Storage
 
 from ._access import FormatAccess
+from ._bitmaps import read_directory
 from ._codec import (
     decode_refblock,
     decode_u64_table,
@@ -55,6 +58,7 @@ from ._entries import (
 )
 from ._header import (
     MAGIC,
+    Extension,
     Header,
     Incompat,
     Span,
@@ -134,9 +138,10 @@ class _Checker:
     """One pass of QEMU's check over one image."""
 
     def __init__(self, storage: Storage, hdr: Header, snaps: list[Snapshot], snaps_bytes: int,
-                 ) -> None:
+                 exts: Sequence[Extension] = ()) -> None:
         self.st = storage
         self.hdr = hdr
+        self.exts = exts
         self.snaps = snaps
         self.snaps_bytes = snaps_bytes
         self.cb = hdr.cluster_bits
@@ -253,9 +258,23 @@ class _Checker:
                 continue
             self.check_l1(res, sn.l1.at, sn.l1.n, fix, active=False)
         self.inc(res, hdr.snapshots.at, self.snaps_bytes)
+        self.count_bitmaps(res)
         self.inc(res, hdr.reftable.at, hdr.reftable.n * self.cs)
         self.check_refblocks(res, fix)
         return self.counts, self.rebuild
+
+    def count_bitmaps(self, res: _Result) -> None:
+        """qcow2_check_bitmaps_refcounts: while the bitmaps autoclear bit is set, the bitmap
+        directory, tables and data clusters hold references too (qcow2.bitmaps.in-use), so
+        check never calls them leaks and repair never frees them."""
+        try:
+            directory = read_directory(self.st, self.hdr, self.exts)
+            regions = directory.regions(self.st, self.cs) if directory is not None else []
+        except CorruptImageError as exc:
+            res.note(_C, None, str(exc))
+            return
+        for offset, length in regions:
+            self.inc(res, offset, length)
 
     def inc(self, res: _Result, offset: int, size: int) -> None:
         """qcow2_inc_refcounts_imrt: one reference to every cluster of the range."""
@@ -528,14 +547,15 @@ class _Checker:
         self.reload()
 
 
-def _run(storage: Storage, hdr: Header, fix: int) -> tuple[_Result, Header]:
+def _run(storage: Storage, hdr: Header, fix: int, exts: Sequence[Extension] = (),
+         ) -> tuple[_Result, Header]:
     """qcow2_check_refcounts, then check_oflag_copied; returns the result and the header
     (a rebuild moves the refcount table)."""
     if hdr.snapshots.n:
         snaps, snaps_bytes = read_snapshot_table(storage.read, hdr.snapshots, storage.size())
     else:
         snaps, snaps_bytes = [], 0
-    chk = _Checker(storage, hdr, snaps, snaps_bytes)
+    chk = _Checker(storage, hdr, snaps, snaps_bytes, exts)
     res = _Result()
     try:
         return _passes(storage, chk, res, fix)
@@ -635,9 +655,9 @@ def _check(storage: Storage, repair: RepairMode | None) -> CheckResult:
         # backing name, table placement, unknown or unsupported incompatible features) is
         # not checked.  The corrupt and dirty bits are what check is for: they do not stop it.
         layer = Qcow2Layer(storage, writable=False)
-        hdr = layer.hdr
+        hdr, exts = layer.hdr, layer.extensions
         layer.detach()
-        res, hdr = _run(storage, hdr, fix)
+        res, hdr = _run(storage, hdr, fix, exts)
     except (PyimagoError, _RepairRefused) as exc:
         failed = _Result()
         if isinstance(exc, _RepairRefused):
@@ -651,7 +671,7 @@ def _check(storage: Storage, repair: RepairMode | None) -> CheckResult:
                            problems=tuple(failed.problems))
     if res.leaks_fixed or res.corruptions_fixed:
         # As qemu-img: what is still wrong is what a second, read-only check finds.
-        again, hdr = _run(storage, hdr, 0)
+        again, hdr = _run(storage, hdr, 0, exts)
         again.leaks_fixed, again.corruptions_fixed = res.leaks_fixed, res.corruptions_fixed
         again.problems = [p for p in res.problems if p.repaired] + again.problems
         res = again

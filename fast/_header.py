@@ -17,8 +17,10 @@ from dataclasses import dataclass, replace
 from pyimago.reference._errors import CorruptImageError, UnsupportedFeatureError
 
 __all__ = [
+    "AUTOCLEAR_BITMAPS",
     "AUTOCLEAR_DATA_FILE_RAW",
     "EXT_BACKING_FORMAT",
+    "EXT_BITMAPS",
     "EXT_DATA_FILE",
     "EXT_FEATURE_TABLE",
     "LAYOUT",
@@ -77,10 +79,13 @@ class Incompat(enum.IntFlag):
     EXTL2 = 16
 
 
+#: Autoclear bit 0: the bitmaps extension is consistent (QCOW2_AUTOCLEAR_BITMAPS).
+AUTOCLEAR_BITMAPS = 1
 #: Autoclear bit 1: the external data file holds the raw guest disk.
 AUTOCLEAR_DATA_FILE_RAW = 2
 
 EXT_BACKING_FORMAT = 0xE2792ACA
+EXT_BITMAPS = 0x23852875
 EXT_FEATURE_TABLE = 0x6803F857
 EXT_DATA_FILE = 0x44415441
 #: Extension types an image may hold once only (two that disagree leave no way to choose).

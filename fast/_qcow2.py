@@ -44,6 +44,7 @@ from pyimago.reference._prealloc import PreallocateMode
 from pyimago.reference._snapshot import SnapshotInfo
 from pyimago.reference._storage import Storage, WritableBuffer
 
+from ._bitmaps import autoclear_for_writing
 from ._cache import TableCache
 from ._codec import decode_u64_table, encode_u64_table
 from ._compress_write import place_compressed
@@ -214,12 +215,13 @@ class Qcow2Layer(MetadataGuard, LayerBase):
         #: Where the next compressed cluster may go: the byte after the last one, inside a
         #: host cluster it shares (QEMU's free_byte_offset; 0: start a new cluster).
         self.comp_next = 0
-        # qcow2.data-file.raw: the raw data file is kept raw, so its bit stays.
-        kept = AUTOCLEAR_DATA_FILE_RAW if hdr.has_data_file else 0
-        if writable and hdr.version >= 3 and hdr.features.autoclear & ~kept:
-            # Unknown (or unmaintained: bitmaps) auto-clear bits go before the first write.
-            self.hdr = hdr.cleared_autoclear(keep=kept)
-            self._write_header()
+        if writable and hdr.version >= 3 and hdr.features.autoclear:
+            # Before the first write: bitmaps are flagged in use (their bit stays), unknown
+            # autoclear bits go, and the raw data file bit stays (qcow2.data-file.raw).
+            kept = autoclear_for_writing(storage, hdr, self.extensions)
+            if kept != hdr.features.autoclear:
+                self.hdr = hdr.cleared_autoclear(keep=kept)
+                self._write_header()
 
     # -- opening --------------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """pyimago.fast and the header's state bits when writing: lazy refcounts, the dirty bit (a
-writable open repairs first), the corrupt bit (writable opens refused with the reason) and
-the bitmaps extension's autoclear bit -- each against qemu-img."""
+writable open repairs first), and the corrupt bit (writable opens refused with the reason) -- each
+against qemu-img (the bitmaps extension: test_bitmaps.py)."""
 
 from __future__ import annotations
 
@@ -125,38 +125,3 @@ def test_a_dirty_image_that_cannot_be_repaired_is_not_opened_writable() -> None:
     # Still dirty (never written as clean), and it still opens read-only.
     assert struct.unpack_from(">Q", damaged.snapshot(), 72)[0] & 1
     fast.open_image(damaged).close()
-
-
-@pytest.mark.qemu
-@pytest.mark.clause("qcow2.features.autoclear-clear", "qcow2.extensions.preserved")
-def test_bitmaps_extension_kept_and_its_autoclear_bit_cleared_before_writing(
-    tmp_path: Path,
-) -> None:
-    path = tmp_path / "bm.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", path, "4M")
-    qemu_img("bitmap", "--add", path, "b0")
-    subprocess.run(["qemu-io", "-c", "write -P 1 0 64k", str(path)], check=True,
-                   capture_output=True, timeout=60)
-    assert _u64(path, 88) == 1
-    cluster0 = path.read_bytes()[:65536]
-    before = _sha(path)
-    with fast.open_image(path) as img:
-        assert img.read(0, 4) == b"\1" * 4
-    assert _sha(path) == before, "a read-only open touched the header"
-    with fast.open_image(path, writable=True) as img:
-        img.write(b"abc", 100000)
-    after = path.read_bytes()[:65536]
-    # "If the bitmaps extension is present but this bit is unset, the bitmaps extension
-    # data must be considered inconsistent": cleared; the extension itself is kept.
-    assert _u64(path, 88) == 0
-    assert after[112:] == cluster0[112:]
-    proc = subprocess.run(["qemu-img", "check", "--output=json", str(path)],
-                          capture_output=True, text=True, timeout=60, check=False)
-    out = json.loads(proc.stdout)
-    assert "inconsistent" in proc.stderr
-    # QEMU no longer counts the bitmap's clusters (it says so): leaks, nothing worse.
-    assert out.get("corruptions", 0) == 0 and out["check-errors"] == 0
-    assert out.get("leaks", 0) > 0
-    qemu_img("check", "-r", "leaks", path)
-    assert_qemu_check_clean(path)
-    assert qemu_raw_bytes(path, tmp_path)[100000:100003] == b"abc"
