@@ -25,6 +25,15 @@ from .ops import RANGED, Op, OpKind, pattern
 __all__ = ["Applier"]
 
 
+#: Operations the implementation and the flat model both take as ``name(offset, length)``.
+_CLEARS: dict[OpKind, str] = {
+    OpKind.WRITE_ZEROES: "write_zeroes",
+    OpKind.DISCARD_TO_ZERO: "discard_to_zero",
+    OpKind.DISCARD_TO_ANY: "discard_to_any",
+    OpKind.DISCARD_TO_BACKING: "discard_to_backing",
+}
+
+
 class Applier(Checker):
     """The operations part of a :class:`~pyimago.oracle.session.Session`."""
 
@@ -116,18 +125,10 @@ class Applier(Checker):
             data = pattern(step, off, length)
             access.write(data, off)
             model.write(off, data)
-        elif kind is OpKind.WRITE_ZEROES:
-            access.write_zeroes(off, length)
-            model.write_zeroes(off, length)
-        elif kind is OpKind.DISCARD_TO_ZERO:
-            access.discard_to_zero(off, length)
-            model.discard_to_zero(off, length)
-        elif kind is OpKind.DISCARD_TO_ANY:
-            access.discard_to_any(off, length)
-            model.discard_to_any(off, length)
-        elif kind is OpKind.DISCARD_TO_BACKING:
-            access.discard_to_backing(off, length)
-            model.discard_to_backing(off, length)
+        elif kind in _CLEARS:
+            # The implementation and the model take the same call (write_zeroes, discards).
+            getattr(access, _CLEARS[kind])(off, length)
+            getattr(model, _CLEARS[kind])(off, length)
         elif kind is OpKind.WRITE_PAST_END:
             self._past_end(access, model, op, step)
         elif kind is OpKind.RESIZE and v2_resize_refused(self.chain.layers[layer], model,
