@@ -12,6 +12,7 @@ from ._feature_run import FEATURE_CLAUSES
 from .ops import Op, OpKind
 
 __all__ = [
+    "BURST_SLICE_FRACTION",
     "FULL_CHECK",
     "PASSIVE",
     "PAST_END_OPS",
@@ -67,6 +68,8 @@ FULL_CHECK = frozenset({OpKind.RESIZE, OpKind.REOPEN, OpKind.INVALIDATE, OpKind.
                         OpKind.APPLY_SNAPSHOT})
 #: The rotating slice: this fraction of the disk after every operation.
 SLICE_FRACTION = 8
+#: The rotating slice after each operation of a burst (dozens run per step).
+BURST_SLICE_FRACTION = 32
 
 
 def op_clauses(op: Op, old_size: int) -> tuple[str, ...]:

@@ -21,7 +21,9 @@ from typing import Any
 from pyimago.reference import MemoryStorage
 
 from .crash import (
+    CHUNK,
     SECTOR,
+    ChunkedContent,
     CrashTimeline,
     CutJudge,
     RecordingStorage,
@@ -71,6 +73,11 @@ class PowerCuts:
         self.timeline: CrashTimeline | None = None
         self._checked = 0
         self._lower: list[tuple[str, Callable[[], bytes], bytes]] = []
+        # The last point's content and unknown ranges, chunk by chunk, and what they were
+        # taken from: the next point copies only the chunks the model marks changed.
+        self._chunks: list[bytes] = []
+        self._loose: list[tuple[tuple[int, int], ...]] = []
+        self._source: tuple[int, int] = (0, 0)
 
     # -- recording ----------------------------------------------------------------------------
 
@@ -91,13 +98,33 @@ class PowerCuts:
     def _point(self, model: FlatModel, *, durable: bool, label: str,
                extra: tuple[tuple[int, int], ...] = ()) -> TimelinePoint:
         assert self.rec is not None
-        # One copy of the disk (the model moves on), none of the mask: only its runs are kept.
-        content, known = bytes(model.data), model.known
+        content, loose = self._content(model)
         # Sector-widened: the rule judges whole sectors.
         wide = tuple((a - a % SECTOR, -(-(a + n) // SECTOR) * SECTOR - (a - a % SECTOR))
                      for a, n in extra)
-        return TimelinePoint(self.rec.mutations, content, durable,
-                             unknown_ranges(known) + wide, label)
+        return TimelinePoint(self.rec.mutations, content, durable, loose + wide, label)
+
+    def _content(self, model: FlatModel) -> tuple[ChunkedContent, tuple[tuple[int, int], ...]]:
+        """The model's content now, sharing the chunks no operation changed since the last
+        point (those the model marks changed are copied), and its unknown ranges."""
+        lo, hi = model.take_dirty()
+        size = model.size
+        chunks, loose = self._chunks, self._loose
+        source = (id(model), id(model.data))
+        if source != self._source or len(chunks) != -(-size // CHUNK) \
+                or (chunks and sum(map(len, chunks[-1:])) != size - (len(chunks) - 1) * CHUNK):
+            # Another model, a new disk (a snapshot applied) or a new size: all of it.
+            self._source = source
+            lo, hi = 0, size
+            chunks[:] = [b""] * -(-size // CHUNK)
+            loose[:] = [()] * len(chunks)
+        data, known = memoryview(model.data), memoryview(model.known)
+        for i in range(lo // CHUNK, min(-(-hi // CHUNK), len(chunks))):
+            a, b = i * CHUNK, min((i + 1) * CHUNK, size)
+            chunks[i] = bytes(data[a:b])
+            # Chunks are whole sectors, so each chunk's sector-widened runs stay inside it.
+            loose[i] = tuple((a + x, n) for x, n in unknown_ranges(bytes(known[a:b])))
+        return ChunkedContent(tuple(chunks)), tuple(r for part in loose for r in part)
 
     def point(self, model: FlatModel, label: str, *, durable: bool = False,
               unspecified: tuple[tuple[int, int], ...] = ()) -> None:

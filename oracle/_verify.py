@@ -11,8 +11,8 @@ from typing import Any
 from pyimago.reference import MemoryStorage
 
 from ._chain import Access, ChainBuilder
-from ._check import OracleFailure, check_image, content_failure
-from ._op_table import FULL_CHECK, SLICE_FRACTION
+from ._check import OracleFailure, check_image, check_small_mapping, content_failure
+from ._op_table import BURST_SLICE_FRACTION, FULL_CHECK, PASSIVE, SLICE_FRACTION
 from ._power import PowerCutFailure
 from .model import first_mismatch
 from .ops import RANGED, Op
@@ -20,18 +20,30 @@ from .targets import reference_target
 
 __all__ = ["Checker"]
 
+SECTOR = 512
+#: Up to this many bytes of whole units are checked after a burst operation even when the
+#: operation touched much less of them.
+_WHOLE_UNITS = 64 << 10
+
 
 class Checker(ChainBuilder):
     """The checking part of a :class:`~pyimago.oracle.session.Session`."""
 
-    def _check_after(self, op: Op, old_size: int) -> None:
+    def _check_after(self, op: Op, old_size: int, *, burst: bool = False) -> None:
         """The incremental check: the whole disk after a resize, reopen, cache drop or
         sweep (or when ``full_checks`` is set); else the units the operation touched, one
-        unit either side, plus a slice of the disk that rotates from step to step."""
+        unit either side, plus a slice of the disk that rotates from step to step.
+
+        ``burst``: an operation of a burst (see ``_burst``), many of which run per step: only
+        what a modifying one touched (a read compared what it returned already), and a
+        thinner slice (see :meth:`_burst_check`)."""
         model = self.model
         size = model.size
         if self.full_checks or op.kind in FULL_CHECK or size != old_size or size == 0:
             self.stats.bytes_compared += check_image(self.access, model, what="top")
+            return
+        if burst:
+            self._burst_check(op)
             return
         g = model.granularity
         if op.kind in RANGED and op.offset < size:
@@ -44,6 +56,40 @@ class Checker(ChainBuilder):
         self._slice = at + piece
         self.stats.bytes_compared += check_image(self.access, model, what="top",
                                                  start=at, end=at + piece)
+
+    def _burst_check(self, op: Op) -> None:
+        """After an operation of a burst: the units it touched (content, shallow and full
+        mappings), or, where units are much larger than the range (2 MiB clusters), the
+        range a sector either side and the mappings at both its ends; then the rotating
+        slice, a ``BURST_SLICE_FRACTION``-th of the disk per operation on average (a whole
+        unit every few operations when a unit is larger than that)."""
+        model = self.model
+        size, g = model.size, model.granularity
+        if op.kind not in PASSIVE and op.offset < size:
+            lo = max(op.offset - SECTOR, 0)
+            hi = min(op.offset + max(op.length, 1) + SECTOR, size)
+            units = min(-(-hi // g) * g, size) - lo // g * g
+            if units <= max(4 * (hi - lo), _WHOLE_UNITS):
+                self.stats.bytes_compared += check_image(self.access, model, what="top",
+                                                         start=lo, end=hi)
+            else:
+                actual = self.access.read(lo, hi - lo)
+                expected, known = model.read(lo, hi - lo)
+                bad = first_mismatch(actual, expected, known)
+                if bad is not None:
+                    raise OracleFailure(content_failure("top: content", lo, bad, actual,
+                                                        expected), offset=lo + bad)
+                self.stats.bytes_compared += hi - lo
+                check_small_mapping(self.access, model, op.offset, op.length)
+                check_small_mapping(self.access, model, hi - 1, 1)
+        self._slice_credit += -(-size // BURST_SLICE_FRACTION)
+        piece = max(-(-size // BURST_SLICE_FRACTION), g)
+        if self._slice_credit >= piece:
+            self._slice_credit -= piece
+            at = self._slice % size
+            self._slice = at + piece
+            self.stats.bytes_compared += check_image(self.access, model, what="top",
+                                                     start=at, end=at + piece)
 
     def check_power_cuts(self, *, final: bool = False) -> int:
         """Check the cut states since the last check (see :class:`PowerCuts`); ``final``:

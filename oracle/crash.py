@@ -28,6 +28,7 @@ from pyimago.reference import InvalidRequestError, MemoryStorage, PreallocateMod
 from pyimago.reference._storage import Buffer, Storage, WritableBuffer
 
 __all__ = [
+    "ChunkedContent",
     "CrashTimeline",
     "CutJudge",
     "CutVerdict",
@@ -250,8 +251,52 @@ class RecordingStorage:
 
 SECTOR = 512
 #: The crash rule compares whole chunks first and only the sectors of chunks no single point
-#: of the window matches one by one.
-_CHUNK = 64 * SECTOR
+#: of the window matches one by one; :class:`ChunkedContent` keeps points in such chunks.
+CHUNK = 64 * SECTOR
+
+
+class ChunkedContent:
+    """A guest view cut into pieces of ``CHUNK`` bytes (the last one may be short).
+
+    Points taken after consecutive operations share every piece an operation did not
+    change, so a timeline point costs a copy of what changed, not of the whole disk.  Reads
+    like the ``bytes`` it stands for: ``len``, slices, ``==`` with bytes.
+    """
+
+    __slots__ = ("chunks", "size")
+
+    def __init__(self, chunks: tuple[bytes, ...]) -> None:
+        self.chunks = chunks
+        self.size = sum(map(len, chunks))
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.chunks)
+
+    def __getitem__(self, key: slice) -> bytes:
+        start, stop, stride = key.indices(self.size)
+        if stride != 1:
+            return bytes(self)[key]
+        if start >= stop:
+            return b""
+        first, last = start // CHUNK, (stop - 1) // CHUNK
+        base = first * CHUNK
+        if first == last:
+            return self.chunks[first][start - base : stop - base]
+        return b"".join(self.chunks[first : last + 1])[start - base : stop - base]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ChunkedContent):
+            return self.chunks == other.chunks
+        if isinstance(other, (bytes, bytearray)):
+            return len(other) == self.size and all(
+                other[i * CHUNK : (i + 1) * CHUNK] == chunk
+                for i, chunk in enumerate(self.chunks))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,7 +311,7 @@ class TimelinePoint:
     """
 
     mutations: int
-    content: bytes
+    content: bytes | ChunkedContent
     durable: bool = False
     unspecified: tuple[tuple[int, int], ...] = ()
     label: str = ""
@@ -348,8 +393,8 @@ class CrashTimeline:
         """The sectors worth judging one by one: those of chunks no single point of the
         window matches whole (a chunk equal to one point has every sector right, and that
         compare runs at memcmp speed)."""
-        for start in range(0, size, _CHUNK):
-            end = min(start + _CHUNK, size)
+        for start in range(0, size, CHUNK):
+            end = min(start + CHUNK, size)
             actual = content[start:end]
             if any(end <= p.size and p.content[start:end] == actual for p in window):
                 continue

@@ -28,6 +28,7 @@ from hypothesis.errors import InvalidArgument
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 from pyimago.reference import PreallocateMode
 
+from ._burst import BURST_MIXES, burst_choices, decode_burst
 from ._constants import pin_local_constants
 from .features import FeatureSupport, probe_features
 from .model import Alloc
@@ -55,6 +56,8 @@ __all__ = ["make_machine"]
 
 # Where data was written is where zeroing, discarding, resizing and reading find bugs.
 _HOT_KINDS = frozenset({OpKind.WRITE})
+_CLEAR_KINDS = frozenset({OpKind.WRITE_ZEROES, OpKind.DISCARD_TO_ZERO, OpKind.DISCARD_TO_ANY,
+                          OpKind.DISCARD_TO_BACKING})
 
 #: The label of the empty span that closes a chain's branch (any constant will do).
 _CHAIN_BRANCH_LABEL = 0x50_79_69_6D_61_67_6F
@@ -84,6 +87,19 @@ def _close_chain_branch() -> None:
         return
     data.start_span(_CHAIN_BRANCH_LABEL)
     data.stop_span(discard=True)
+
+
+def _add_burst_rule(machine: type[Any], name: str, kinds: tuple[OpKind, ...],
+                    near: bool) -> None:
+    """One burst rule (see ``_burst.BURST_MIXES``) on the machine class, as ``name``."""
+
+    def run(self: Any, data: st.DataObject) -> None:
+        self._burst(data, kinds, near)
+
+    run.__name__ = run.__qualname__ = name
+    has_disk = precondition(lambda self: self.session is not None
+                            and self.session.model.size > 0)
+    setattr(machine, name, has_disk(rule(data=st.data())(run)))
 
 
 def make_machine(
@@ -184,13 +200,13 @@ def make_machine(
             if echo_failures:
                 print(log, file=sys.stderr)
 
-        def _apply(self, op: Op) -> None:
+        def _apply(self, op: Op, *, burst: bool = False) -> None:
             assert self.session is not None
             if locality and op.kind in _HOT_KINDS:
                 # Its first and last byte: the next range may start or end there.
                 self.hot = [*self.hot[-6:], op.offset, op.offset + max(op.length - 1, 0)]
             try:
-                self.session.apply(op)
+                self.session.apply(op, burst=burst)
             except Exception as exc:
                 self._report(exc)
                 raise
@@ -248,6 +264,14 @@ def make_machine(
                 run_stats.example_done()
 
         # -- rules ----------------------------------------------------------------------------
+
+        def _burst(self, data: st.DataObject, kinds: tuple[OpKind, ...], near: bool) -> None:
+            # Dozens of basic operations for one step's cost (see _burst): most of a run's
+            # checked operations come from the burst rules (added below the class).
+            geo = self._geometry()
+            raw = data.draw(burst_choices(len(kinds)), label="burst")
+            for op in decode_burst(raw, geo, kinds, near=near):
+                self._apply(op, burst=True)
 
         @rule(data=st.data())
         def read(self, data: st.DataObject) -> None:
@@ -546,6 +570,10 @@ def make_machine(
                     op = Op(OpKind.RESIZE, value=min(new * 512, geo.size),
                             mode=PreallocateMode.NONE.value)
                 self._apply(op)
+
+    for name, (kinds, near) in BURST_MIXES.items():
+        _add_burst_rule(OracleMachine, name, tuple(k for k in kinds if k not in _CLEAR_KINDS
+                                                   or k in clear_kinds), near)
 
     if caps is not None:
         # Rules for what the target does not claim are left out (before Hypothesis collects

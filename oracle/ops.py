@@ -350,6 +350,27 @@ def _step_byte(step: int) -> int:
     return step % 255 + 1
 
 
+#: Words of :func:`pattern` data (step byte 0) from guest offset 0 on, grown as needed: a
+#: pattern is a slice of it with the step byte stamped in, not a new range of numbers.
+_WORDS = bytearray()
+#: Indices wrap at 2^24 words (64 MiB); longer templates than this are not kept.
+_MAX_TEMPLATE_WORDS = 1 << 22
+
+
+def _template(last: int) -> bytearray | None:
+    global _WORDS
+    if last > _MAX_TEMPLATE_WORDS:
+        return None
+    have = len(_WORDS) // 4
+    if last > have:
+        want = min(max(last, 2 * have, 1 << 16), _MAX_TEMPLATE_WORDS)
+        words = array("I", range(have, want))
+        if sys.byteorder == "little":
+            words.byteswap()
+        _WORDS = _WORDS + words.tobytes()
+    return _WORDS
+
+
 def pattern(step: int, offset: int, length: int) -> bytes:
     """The bytes step ``step`` writes at guest ``offset`` (fsx-style, self-describing).
 
@@ -361,11 +382,15 @@ def pattern(step: int, offset: int, length: int) -> bytes:
         return b""
     first = offset // 4
     last = (offset + length + 3) // 4
-    # The step byte overwrites each word's top byte, so indices simply wrap at 2^24.
-    words = array("I", range(first & 0xFFFFFFFF, (first & 0xFFFFFFFF) + (last - first)))
-    if sys.byteorder == "little":
-        words.byteswap()
-    buf = bytearray(words.tobytes())
+    template = _template(last)
+    if template is not None:
+        buf = template[first * 4 : last * 4]
+    else:
+        # The step byte overwrites each word's top byte, so indices simply wrap at 2^24.
+        words = array("I", range(first & 0xFFFFFFFF, (first & 0xFFFFFFFF) + (last - first)))
+        if sys.byteorder == "little":
+            words.byteswap()
+        buf = bytearray(words.tobytes())
     buf[0::4] = bytes([_step_byte(step)]) * (last - first)
     skip = offset - first * 4
     return bytes(buf[skip : skip + length])

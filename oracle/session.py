@@ -97,6 +97,7 @@ class Session(Applier):
         self._compressed = []
         self._recording = False
         self._slice = 0
+        self._slice_credit = 0
         self.full_checks = False
         """Check the whole disk after every operation (replays do: exact, not fast)."""
         self.power = None
@@ -150,8 +151,9 @@ class Session(Applier):
 
     # -- operations ---------------------------------------------------------------------------
 
-    def apply(self, op: Op) -> None:
-        """Apply ``op`` to the top layer and the model, then check the whole image."""
+    def apply(self, op: Op, *, burst: bool = False) -> None:
+        """Apply ``op`` to the top layer and the model, then check the image (what it
+        touched and a rotating slice; ``burst``: an operation of a burst, checked lighter)."""
         self.applied.append(op)
         old_size = self.model.size
         unsupported = self.unsupported_reason(op, self.top_index, self.model) is not None
@@ -159,7 +161,7 @@ class Session(Applier):
             self._run(self.access, self.model, op, self.top_index)
             self.stats.steps += 1
             self.stats.ops[op.kind.value + (" (unsupported)" if unsupported else "")] += 1
-            self._check_after(op, old_size)
+            self._check_after(op, old_size, burst=burst)
             self._count(op)
             if op.kind in FEATURE_KINDS and not unsupported:
                 self.stats.features[op.kind.value] += 1
