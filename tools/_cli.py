@@ -243,7 +243,7 @@ def compare_main(argv: Sequence[str]) -> int:
 
 def convert_main(argv: Sequence[str]) -> int:
     """``pyimago convert [-f FMT] [-O FMT] [-o OPTS] [-B BACKING [-F FMT]] [-n] [-c] [-p]
-    [-S SIZE] [-m N] SOURCE OUTPUT``."""
+    [-S SIZE] [-m N] SOURCE [SOURCE...] OUTPUT`` (several sources are concatenated)."""
     parser = _parser("convert", "Copy an image's guest contents into another image "
                                 "(qemu-img convert).")
     parser.add_argument("-f", dest="fmt", choices=("qcow2", "raw"), help="source format")
@@ -265,7 +265,9 @@ def convert_main(argv: Sequence[str]) -> int:
                              "snapshot.id=ID,snapshot.name=NAME)")
     parser.add_argument("-U", "--force-share", action="store_true",
                         help="accepted for qemu-img compatibility (pyimago takes no locks)")
-    args = _parse(parser, argv, "source", "output", quiet=True)
+    parser.add_argument("sources", metavar="source", nargs="+",
+                        help="source image (several: copied one after the other)")
+    args = _parse(parser, argv, "output", quiet=True)
     if isinstance(args, int):
         return args
 
@@ -282,7 +284,7 @@ def convert_main(argv: Sequence[str]) -> int:
             show_progress=args.progress and not args.quiet,
             snapshot=args.snapshot,
         )
-        convert(args.source, args.output, opts, impl=args.impl, fmt=args.fmt)
+        convert(args.sources, args.output, opts, impl=args.impl, fmt=args.fmt)
         return 0
 
     return _run("convert", body)
