@@ -14,7 +14,7 @@ from typing import NoReturn
 
 from pyimago.reference import PyimagoError
 
-from ._chain import commit, rebase
+from ._chain import commit
 from ._check import render_check, timed_check, write_junit
 from ._common import (
     IMPLEMENTATIONS,
@@ -30,6 +30,7 @@ from ._info import image_info, render_info, render_snapshots
 from ._map import map_image, render_map
 from ._measure import measure, render_measure
 from ._progress import busy
+from ._rebase import rebase
 from ._snapshot import apply_snapshot, create_snapshot, delete_snapshot
 
 __all__ = [
