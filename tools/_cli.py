@@ -29,7 +29,7 @@ from ._create import create, resize
 from ._info import image_info, render_info, render_snapshots
 from ._map import map_image, render_map
 from ._measure import measure, render_measure
-from ._progress import busy
+from ._progress import progress
 from ._rebase import rebase
 from ._snapshot import apply_snapshot, create_snapshot, delete_snapshot
 
@@ -366,9 +366,11 @@ def check_main(argv: Sequence[str]) -> int:
             folder = os.path.dirname(os.path.abspath(args.junit))
             if not os.path.isdir(folder) or os.path.isdir(args.junit):
                 raise ToolError(f"--junit {args.junit!r}: not a file in an existing folder")
-        with busy(args.progress and not args.quiet, f"check {args.image}"):
+        # The bar counts the L1 entries check() has walked (of all L1 tables); a repair
+        # walks again from 0.  qemu-img check has no -p.
+        with progress(args.progress and not args.quiet, 0, f"check {args.image}") as bar:
             result, seconds = timed_check(args.image, repair=args.repair, impl=args.impl,
-                                          fmt=args.fmt)
+                                          fmt=args.fmt, progress=bar.update)
         if not args.quiet:
             for problem in result.problems:
                 print(problem, file=sys.stderr)
