@@ -444,9 +444,9 @@ def _limit_reader(
         return rd2
     floors = [_Floor(fd, populate=impl == FLOOR) for fd in fds]
     if one:
-        # (As a caller of fast calls it: one bound method, a buffer and an offset.)
-        floor = floors[0].readinto
-        return lambda h: floor(view, h)
+        # (Called as fast is: a method of an object, a buffer and an offset.)
+        floor = floors[0]
+        return lambda h: floor.readinto(view, h)
     return lambda r: floors[r[0]].readinto(view, r[1])
 
 
