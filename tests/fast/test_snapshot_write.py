@@ -27,17 +27,12 @@ from pyimago.fast import _snapshot_write as sw
 from pyimago.fast._entries import COMPRESSED, COPIED, HOST_MASK
 from pyimago.oracle.crash import RecordingStorage
 
-from .conftest import assert_qemu_check_clean, qemu_img, qemu_raw_bytes, require_qemu
+from .conftest import assert_qemu_check_clean, qemu_img, qemu_raw_bytes
 
-pytestmark = pytest.mark.usefixtures("_qemu")
+pytestmark = pytest.mark.usefixtures("needs_qemu")
 
 KiB = 1024
 MiB = 1024 * KiB
-
-
-@pytest.fixture
-def _qemu() -> None:
-    require_qemu()
 
 
 def _listing(path: Path) -> list[tuple[str, str, int]]:
