@@ -72,12 +72,12 @@ def rebase(path: str, new_backing: str, *, new_fmt: str | None = None,
     # Up front: the new name must fit in the header cluster, the new backing must open.
     _new_header_cluster(path, new_backing, new_fmt)
     if new_path is not None and not unsafe:
-        with open_chain(new_path, impl=module, fmt=new_fmt, force_share=True):
+        with open_chain(new_path, impl=module, fmt=new_fmt):
             pass
     if not unsafe:
         with open_chain(path, impl=module, fmt=fmt, writable=True) as top:
             new = (None if new_path is None else
-                   module.open_image(new_path, format=new_fmt, force_share=True))
+                   module.open_image(new_path, format=new_fmt))
             try:
                 with progress(show_progress, top.size, "rebase") as bar:
                     _copy_differences(top, new, bar)
