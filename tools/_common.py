@@ -18,6 +18,7 @@ __all__ = [
     "ToolError",
     "implementation",
     "open_chain",
+    "same_file",
     "size_to_str",
 ]
 
@@ -86,6 +87,13 @@ def open_chain(
         yield image
     finally:
         image.close()
+
+
+def same_file(a: str, b: str) -> bool:
+    """Whether paths ``a`` and ``b`` name the same file (one that may not exist yet)."""
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def backing_path(overlay: str, name: str) -> str:

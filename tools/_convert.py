@@ -23,7 +23,15 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
-from ._common import Impl, ToolError, check_format, implementation, open_chain, require_file
+from ._common import (
+    Impl,
+    ToolError,
+    check_format,
+    implementation,
+    open_chain,
+    require_file,
+    same_file,
+)
 from ._progress import progress
 from ._snapshot import find_snapshot, parse_snapshot_key
 from ._sources import BACKING as _BACKING
@@ -56,6 +64,8 @@ class ConvertOptions:
     #: An internal snapshot of the source to copy (``-l``: ID or name, or
     #: ``snapshot.id=ID,snapshot.name=NAME``).
     snapshot: str | None = None
+    #: Open the sources without the shared-permission lock checks (qemu-img ``-U``).
+    force_share: bool = False
 
 
 def _chunks(runs: Iterator[tuple[int, int, str]]) -> Iterator[tuple[int, int, str]]:
@@ -176,12 +186,11 @@ def _validate(sources: Sequence[str], dst: str, opts: ConvertOptions, module: An
         require_file(dst, "output image")
     elif os.path.isdir(dst):
         raise ToolError(f"output {dst!r} is a directory")
-    if os.path.exists(dst):
-        for src in sources:
-            # qemu-img fails on the image lock ("Failed to get "write" lock"); a fresh output
-            # would be created over the very source it is to be read from.
-            if os.path.samefile(src, dst):
-                raise ToolError(f"output {dst!r} is also a source image ({src!r})")
+    for src in sources:
+        # qemu-img fails on the image lock ("Failed to get "write" lock"); a fresh output
+        # would be created over the very source it is to be read from.
+        if same_file(src, dst):
+            raise ToolError(f"output {dst!r} is also a source image ({src!r})")
     return create, backing is not None
 
 
@@ -205,9 +214,9 @@ def convert(src: str | Sequence[str], dst: str, opts: ConvertOptions | None = No
             snapshot_id = find_snapshot(source.info().snapshots,
                                         parse_snapshot_key(opts.snapshot), sources[0]).id
     with ExitStack() as stack:
-        whole = Sources([(stack.enter_context(open_chain(path, impl=module, fmt=fmt,
-                                                         snapshot=snapshot_id)), path)
-                         for path in sources])
+        whole = Sources([(stack.enter_context(open_chain(
+            path, impl=module, fmt=fmt, snapshot=snapshot_id, force_share=opts.force_share)),
+            path) for path in sources])
         size = whole.size
         fresh = not opts.no_create
         if fresh:

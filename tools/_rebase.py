@@ -28,7 +28,15 @@ from pyimago.reference.qcow2.extensions import (
 )
 from pyimago.reference.qcow2.header import pack_header, parse_header
 
-from ._common import Impl, ToolError, backing_path, check_format, implementation, open_chain
+from ._common import (
+    Impl,
+    ToolError,
+    backing_path,
+    check_format,
+    implementation,
+    open_chain,
+    same_file,
+)
 from ._progress import Progress, progress
 
 __all__ = ["rebase"]
@@ -53,6 +61,10 @@ def rebase(path: str, new_backing: str, *, new_fmt: str | None = None,
         raise ToolError(f"{path}: backing file {new_backing!r} specified without backing "
                         "format (-F)")
     new_path = backing_path(path, new_backing) if new_backing else None
+    if new_path is not None and os.path.exists(path) and same_file(path, new_path):
+        # qemu-img fails on the lock in safe mode ("Could not open new backing file") and
+        # writes the loop with -u; neither leaves an image that opens.
+        raise ToolError(f"{path}: the new backing file {new_backing!r} is the image itself")
     with open_chain(path, impl=module, fmt=fmt, force_share=True, no_backing=unsafe) as probe:
         info = probe.info()
         if info.format != "qcow2" or info.qcow2 is None:
@@ -60,12 +72,12 @@ def rebase(path: str, new_backing: str, *, new_fmt: str | None = None,
     # Up front: the new name must fit in the header cluster, the new backing must open.
     _new_header_cluster(path, new_backing, new_fmt)
     if new_path is not None and not unsafe:
-        with open_chain(new_path, impl=module, fmt=new_fmt, force_share=True):
+        with open_chain(new_path, impl=module, fmt=new_fmt):
             pass
     if not unsafe:
         with open_chain(path, impl=module, fmt=fmt, writable=True) as top:
             new = (None if new_path is None else
-                   module.open_image(new_path, format=new_fmt, force_share=True))
+                   module.open_image(new_path, format=new_fmt))
             try:
                 with progress(show_progress, top.size, "rebase") as bar:
                     _copy_differences(top, new, bar)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from pyimago.tools._cli import rebase_main
 
-from .conftest import IMPLS, assert_qemu_check_clean, qemu_img, qemu_json
+from .conftest import IMPLS, assert_qemu_check_clean, held_by_qemu_io, qemu_img, qemu_json
 
 pytestmark = [pytest.mark.qemu, pytest.mark.clause("tools.rebase.snapshots")]
 
@@ -107,28 +107,11 @@ def test_rebase_of_a_locked_image_is_refused_and_changes_nothing(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     top = _snapshotted_chain(tmp_path / "c")
     before = top.read_bytes()
-    holder = subprocess.Popen(["qemu-io", "-f", "qcow2", str(top)], stdin=subprocess.PIPE,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_for_lock(top)
+    with held_by_qemu_io(top):
         assert rebase_main(["-b", "new.qcow2", "-F", "qcow2", str(top)]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "lock" in err and str(top) in err, err
-    finally:
-        assert holder.stdin is not None
-        holder.stdin.close()
-        holder.wait(timeout=30)
     assert top.read_bytes() == before
-
-
-def _wait_for_lock(path: Path) -> None:
-    """Until qemu-io holds ``path`` (qemu-img info without -U then fails on the lock)."""
-    for _ in range(200):
-        proc = qemu_img("info", "--output=json", path, ok=(0, 1))
-        if proc.returncode == 1:
-            return
-        subprocess.run(["sleep", "0.05"], check=True)
-    pytest.fail(f"qemu-io did not lock {path}")
 
 
 def test_rebase_backing_format_extension_layout_matches_qemu(tmp_path: Path) -> None:
