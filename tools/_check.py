@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 from xml.etree import ElementTree
@@ -32,14 +33,17 @@ def check_engine(impl: Impl) -> ModuleType:
 
 
 def run_check(path: str, *, repair: str | None = None, impl: Impl = "fast",
-              fmt: str | None = None) -> CheckResult:
-    """Check (and with ``repair`` "leaks" or "all", repair) the image at ``path``."""
+              fmt: str | None = None,
+              progress: Callable[[int, int], None] | None = None) -> CheckResult:
+    """Check (and with ``repair`` "leaks" or "all", repair) the image at ``path``;
+    ``progress`` is called with (L1 entries walked, L1 entries in all) as check goes."""
     require_file(path)
     if repair not in (None, "leaks", "all"):
         raise ToolError(f"-r must be 'leaks' or 'all', not {repair!r}")
     if fmt == "raw":
         raise ToolError(f"{path}: this image format (raw) does not support checks")
-    result: CheckResult = check_engine(impl).check(path, repair=repair)
+    extra = {} if progress is None else {"progress": progress}
+    result: CheckResult = check_engine(impl).check(path, repair=repair, **extra)
     return result
 
 

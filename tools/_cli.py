@@ -14,7 +14,7 @@ from typing import NoReturn
 
 from pyimago.reference import PyimagoError
 
-from ._chain import commit, rebase
+from ._chain import commit
 from ._check import render_check, timed_check, write_junit
 from ._common import (
     IMPLEMENTATIONS,
@@ -29,7 +29,8 @@ from ._create import create, resize
 from ._info import image_info, render_info, render_snapshots
 from ._map import map_image, render_map
 from ._measure import measure, render_measure
-from ._progress import busy
+from ._progress import progress
+from ._rebase import rebase
 from ._snapshot import apply_snapshot, create_snapshot, delete_snapshot
 
 __all__ = [
@@ -243,7 +244,7 @@ def compare_main(argv: Sequence[str]) -> int:
 
 def convert_main(argv: Sequence[str]) -> int:
     """``pyimago convert [-f FMT] [-O FMT] [-o OPTS] [-B BACKING [-F FMT]] [-n] [-c] [-p]
-    [-S SIZE] [-m N] SOURCE OUTPUT``."""
+    [-S SIZE] [-m N] SOURCE [SOURCE...] OUTPUT`` (several sources are concatenated)."""
     parser = _parser("convert", "Copy an image's guest contents into another image "
                                 "(qemu-img convert).")
     parser.add_argument("-f", dest="fmt", choices=("qcow2", "raw"), help="source format")
@@ -265,7 +266,9 @@ def convert_main(argv: Sequence[str]) -> int:
                              "snapshot.id=ID,snapshot.name=NAME)")
     parser.add_argument("-U", "--force-share", action="store_true",
                         help="accepted for qemu-img compatibility (pyimago takes no locks)")
-    args = _parse(parser, argv, "source", "output", quiet=True)
+    parser.add_argument("sources", metavar="source", nargs="+",
+                        help="source image (several: copied one after the other)")
+    args = _parse(parser, argv, "output", quiet=True)
     if isinstance(args, int):
         return args
 
@@ -282,7 +285,7 @@ def convert_main(argv: Sequence[str]) -> int:
             show_progress=args.progress and not args.quiet,
             snapshot=args.snapshot,
         )
-        convert(args.source, args.output, opts, impl=args.impl, fmt=args.fmt)
+        convert(args.sources, args.output, opts, impl=args.impl, fmt=args.fmt)
         return 0
 
     return _run("convert", body)
@@ -363,9 +366,11 @@ def check_main(argv: Sequence[str]) -> int:
             folder = os.path.dirname(os.path.abspath(args.junit))
             if not os.path.isdir(folder) or os.path.isdir(args.junit):
                 raise ToolError(f"--junit {args.junit!r}: not a file in an existing folder")
-        with busy(args.progress and not args.quiet, f"check {args.image}"):
+        # The bar counts the L1 entries check() has walked (of all L1 tables); a repair
+        # walks again from 0.  qemu-img check has no -p.
+        with progress(args.progress and not args.quiet, 0, f"check {args.image}") as bar:
             result, seconds = timed_check(args.image, repair=args.repair, impl=args.impl,
-                                          fmt=args.fmt)
+                                          fmt=args.fmt, progress=bar.update)
         if not args.quiet:
             for problem in result.problems:
                 print(problem, file=sys.stderr)

@@ -27,16 +27,16 @@ from pyimago.reference import (
 )
 from pyimago.reference.qcow2.compression import compress_cluster
 from pyimago.reference.qcow2.tables import ClusterType
-from pyimago_tests_reference_helpers import KiB, MiB, qemu_check, qemu_img, qemu_io
+from pyimago_tests_reference_helpers import (
+    KiB,
+    MiB,
+    assert_qemu_reads,
+    qemu_check,
+    qemu_img,
+    qemu_io,
+)
 
 pytestmark = pytest.mark.qemu
-
-
-def _qemu_compare(image: Path, model: bytes, tmp_path: Path) -> None:
-    raw = tmp_path / "model.raw"
-    raw.write_bytes(model)
-    proc = qemu_img("compare", "-f", "qcow2", "-F", "raw", image, raw, ok=(0, 1))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 @pytest.mark.clause("qcow2.compressed.write-packing", "qcow2.compressed.zlib")
@@ -47,7 +47,7 @@ def test_same_file_as_qemu_io_write_c(tmp_path: Path, cluster_size: int) -> None
     ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster_size}", theirs,
              str(MiB))
-    qemu_io(theirs, *(f"write -c -P {p} {c * cluster_size} {cluster_size}" for c, p in plan))
+    qemu_io(theirs, [f"write -c -P {p} {c * cluster_size} {cluster_size}" for c, p in plan])
     create_image(ours, MiB, cluster_size=cluster_size)
     with open_image(ours, writable=True) as img:
         for c, p in plan:
@@ -100,7 +100,7 @@ def test_mixed_writes_pass_qemu_check(
             model[off : off + 11] = b"overwritten"
         assert img.read(0, size) == model
     report = qemu_check(path)
-    _qemu_compare(path, bytes(model), tmp_path)
+    assert_qemu_reads(path, bytes(model), tmp_path)
     ours = check(path).to_json()
     for key in ("corruptions", "leaks", "allocated-clusters", "compressed-clusters",
                 "fragmented-clusters", "image-end-offset"):
