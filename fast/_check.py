@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import cast
 
@@ -137,6 +137,10 @@ _C = ProblemKind.CORRUPTION
 class _Checker:
     """One pass of QEMU's check over one image."""
 
+    #: check()'s progress callback: (L1 entries walked, L1 entries of all L1 tables).
+    progress: Callable[[int, int], None] | None = None
+    walked = to_walk = 0
+
     def __init__(self, storage: Storage, hdr: Header, snaps: list[Snapshot], snaps_bytes: int,
                  exts: Sequence[Extension] = ()) -> None:
         self.st = storage
@@ -245,6 +249,7 @@ class _Checker:
         self.counts = _zeros(nb)
         self.rebuild = False
         hdr = self.hdr
+        self.walked, self.to_walk = 0, hdr.l1.n + sum(sn.l1.n for sn in self.snaps)
         self.inc(res, 0, self.cs)
         self.check_l1(res, hdr.l1.at, hdr.l1.n, fix, active=True)
         for sn in self.snaps:
@@ -261,6 +266,8 @@ class _Checker:
         self.count_bitmaps(res)
         self.inc(res, hdr.reftable.at, hdr.reftable.n * self.cs)
         self.check_refblocks(res, fix)
+        if self.progress is not None:
+            self.progress(self.to_walk, self.to_walk)
         return self.counts, self.rebuild
 
     def count_bitmaps(self, res: _Result) -> None:
@@ -299,9 +306,11 @@ class _Checker:
         if not n:
             return
         self.inc(res, at, 8 * n)
-        for e in decode_u64_table(self.read(at, 8 * n)):
+        for i, e in enumerate(decode_u64_table(self.read(at, 8 * n))):
             if not e:
                 continue
+            if self.progress is not None:
+                self.progress(self.walked + i, self.to_walk)
             if e & L1_RESERVED:
                 res.note(_C, at, f"found L1 entry with reserved bits set: {e:x}")
             l2 = e & HOST_MASK
@@ -310,6 +319,7 @@ class _Checker:
                 res.note(_C, l2, f"l2_offset={l2:x}: Table is not cluster aligned; L1 entry "
                          "corrupted")
             self.check_l2(res, l2, fix, active)
+        self.walked += n
 
     def check_l2(self, res: _Result, ofs: int, fix: int, active: bool) -> None:
         cs = self.cs
@@ -548,7 +558,7 @@ class _Checker:
 
 
 def _run(storage: Storage, hdr: Header, fix: int, exts: Sequence[Extension] = (),
-         ) -> tuple[_Result, Header]:
+         progress: Callable[[int, int], None] | None = None) -> tuple[_Result, Header]:
     """qcow2_check_refcounts, then check_oflag_copied; returns the result and the header
     (a rebuild moves the refcount table)."""
     if hdr.snapshots.n:
@@ -556,6 +566,7 @@ def _run(storage: Storage, hdr: Header, fix: int, exts: Sequence[Extension] = ()
     else:
         snaps, snaps_bytes = [], 0
     chk = _Checker(storage, hdr, snaps, snaps_bytes, exts)
+    chk.progress = progress
     res = _Result()
     try:
         return _passes(storage, chk, res, fix)
@@ -600,10 +611,13 @@ def _passes(storage: Storage, chk: _Checker, res: _Result, fix: int) -> tuple[_R
     return res, chk.hdr
 
 
-def check(image: object, *, repair: RepairMode | None = None) -> CheckResult:
+def check(image: object, *, repair: RepairMode | None = None,
+          progress: Callable[[int, int], None] | None = None) -> CheckResult:
     """Check a qcow2 image (a path, a Storage, or an open FormatAccess) as ``qemu-img
     check`` does, and with ``repair="leaks"`` or ``"all"`` repair it as ``qemu-img check -r``
     does (a path is then opened writable; an open FormatAccess cannot be repaired).
+    ``progress``, if given, is called as the walk goes with (L1 entries walked, L1 entries
+    of the active and the snapshots' L1 tables), from 0 again in each pass of a repair.
 
     The counts in the result are what is still wrong (after a repair: what a second check
     finds); ``leaks_fixed`` and ``corruptions_fixed`` what the repair fixed.  An image that
@@ -630,7 +644,7 @@ def check(image: object, *, repair: RepairMode | None = None) -> CheckResult:
     else:
         raise InvalidRequestError(f"check: not an image, path or Storage: {image!r}")
     try:
-        return _check(storage, repair)
+        return _check(storage, repair, progress)
     finally:
         if owned:
             storage.close()
@@ -643,7 +657,8 @@ def _mark_corrupt(storage: Storage) -> None:
         storage.write(bits.to_bytes(8, "big"), 72)
 
 
-def _check(storage: Storage, repair: RepairMode | None) -> CheckResult:
+def _check(storage: Storage, repair: RepairMode | None,
+           progress: Callable[[int, int], None] | None = None) -> CheckResult:
     name = str(getattr(storage, "path", None) or storage.name)
     head = storage.read(0, min(512, storage.size()))
     if head[:4] != MAGIC:
@@ -657,7 +672,7 @@ def _check(storage: Storage, repair: RepairMode | None) -> CheckResult:
         layer = Qcow2Layer(storage, writable=False)
         hdr, exts = layer.hdr, layer.extensions
         layer.detach()
-        res, hdr = _run(storage, hdr, fix, exts)
+        res, hdr = _run(storage, hdr, fix, exts, progress)
     except (PyimagoError, _RepairRefused) as exc:
         failed = _Result()
         if isinstance(exc, _RepairRefused):
@@ -671,7 +686,7 @@ def _check(storage: Storage, repair: RepairMode | None) -> CheckResult:
                            problems=tuple(failed.problems))
     if res.leaks_fixed or res.corruptions_fixed:
         # As qemu-img: what is still wrong is what a second, read-only check finds.
-        again, hdr = _run(storage, hdr, 0, exts)
+        again, hdr = _run(storage, hdr, 0, exts, progress)
         again.leaks_fixed, again.corruptions_fixed = res.leaks_fixed, res.corruptions_fixed
         again.problems = [p for p in res.problems if p.repaired] + again.problems
         res = again

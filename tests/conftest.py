@@ -10,18 +10,27 @@ from pathlib import Path
 # also writes the per-clause report (--clause-report=FILE).
 pytest_plugins = ["pyimago.specs._pytest"]
 
-# Shared fixture modules: QEMU's damaged-image cases (tests/fixtures/damaged.py, for the
-# reference, fast and interop tests) and the qemu-img helpers (tests/fixtures/qemu.py, for
-# the fast and tools tests).  ``tests/`` is not a package (``--import-mode=importlib``), so
-# each script is registered under a private name once, here, and imported by that name.
-for _name, _file in (("pyimago_tests_damaged", "damaged.py"),
-                     ("pyimago_tests_qemu", "qemu.py")):
+# Shared helper modules, registered under private names once, here (``tests/`` is not a
+# package: pytest runs with ``--import-mode=importlib``), and imported by those names:
+# QEMU's damaged-image cases (for the reference, fast and interop tests), the qemu-img /
+# qemu-io helpers (for every folder that talks to QEMU), the QEMU-made image corpus, the
+# fast-against-reference differential, the reference driver's mutants (oracle and fuzz
+# tests), the reference tests' helpers and the interop tests' mapping comparison.
+_SHARED = (
+    ("pyimago_tests_damaged", "fixtures/damaged.py"),
+    ("pyimago_tests_qemu", "fixtures/qemu.py"),
+    ("pyimago_tests_make_qemu_images", "fixtures/make_qemu_images.py"),
+    ("pyimago_tests_differential", "fixtures/differential.py"),
+    ("pyimago_tests_reference_mutants", "fixtures/reference_mutants.py"),
+    ("pyimago_tests_reference_helpers", "reference/_helpers.py"),
+    ("pyimago_tests_interop_mapcheck", "interop/_mapcheck.py"),
+)
+for _name, _file in _SHARED:
     if _name not in sys.modules:
-        _spec = importlib.util.spec_from_file_location(
-            _name, Path(__file__).parent / "fixtures" / _file
-        )
+        _spec = importlib.util.spec_from_file_location(_name, Path(__file__).parent / _file)
         assert _spec is not None and _spec.loader is not None
         _module = importlib.util.module_from_spec(_spec)
+        # (dataclasses look their module up in sys.modules while a class body runs)
         sys.modules[_name] = _module
         _spec.loader.exec_module(_module)
 

@@ -8,7 +8,7 @@ public ``FormatAccess`` API of that implementation.  Their JSON uses qemu-img's 
 
 from __future__ import annotations
 
-from ._chain import commit, rebase
+from ._chain import commit
 from ._check import check_json, render_check, run_check, write_junit
 from ._common import ToolError, implementation
 from ._compare import CompareResult, compare
@@ -17,6 +17,7 @@ from ._create import create, resize
 from ._info import image_info, render_info
 from ._map import MapEntry, map_image, render_map
 from ._measure import measure, render_measure
+from ._rebase import rebase
 from ._snapshot import apply_snapshot, create_snapshot, delete_snapshot
 
 __all__ = [

@@ -1,17 +1,12 @@
-"""``commit`` and ``rebase``: move data between an overlay and its backing chain.
+"""``commit``: move an overlay's data into its backing chain.
 
 commit writes the overlay's own data into its backing file, then empties the overlay (-d
-keeps it).  rebase gives an overlay a new backing file: safely (every range whose contents
-would change is first copied into the overlay) or, with ``unsafe``, by changing the name
-only.  Both use the public FormatAccess calls only: rebase writes the rebased overlay as a
-new file next to the old one and renames it over it (so a crash leaves the old overlay or
-the new one, never a mix); an overlay with internal snapshots is refused (they would be lost).
+keeps it), with the public FormatAccess calls only.  (``rebase`` is in ``_rebase``.)
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,14 +16,13 @@ from ._common import (
     Impl,
     ToolError,
     backing_path,
-    check_format,
     implementation,
     open_chain,
     require_file,
 )
-from ._progress import Progress, progress
+from ._progress import progress
 
-__all__ = ["commit", "rebase"]
+__all__ = ["commit"]
 
 _CHUNK = 1 << 20
 
@@ -140,83 +134,3 @@ def commit(path: str, *, fmt: str | None = None, keep: bool = False, impl: Impl 
             top.flush()
             top.sync()
     return base_path
-
-
-def rebase(path: str, new_backing: str, *, new_fmt: str | None = None,
-           unsafe: bool = False, fmt: str | None = None, impl: Impl = "fast",
-           show_progress: bool = False) -> None:
-    """Give the qcow2 overlay ``path`` the backing file ``new_backing`` ("" for none).
-
-    Safe mode keeps the guest contents: ranges the overlay does not hold and the new backing
-    reads differently are copied into the overlay first.  ``unsafe`` only changes the name.
-    """
-    module = implementation(impl)
-    check_format(new_fmt, "backing format")
-    if new_backing and new_fmt is None:
-        raise ToolError(f"{path}: backing file {new_backing!r} specified without backing "
-                        "format (-F)")
-    with open_chain(path, impl=module, fmt=fmt) as top:
-        info = top.info()
-        if info.format != "qcow2" or info.qcow2 is None:
-            raise ToolError(f"{path}: only qcow2 images have a backing file to rebase")
-        if info.snapshots:
-            raise ToolError(f"{path}: rebasing an image with internal snapshots is not "
-                            "supported yet (they would be lost)")
-        options: dict[str, object] = {
-            "cluster_size": info.cluster_size,
-            "compat": info.qcow2.compat,
-            "refcount_bits": info.qcow2.refcount_bits,
-            "compression_type": info.qcow2.compression_type,
-        }
-        if new_backing:
-            options["backing_file"] = new_backing
-            options["backing_fmt"] = new_fmt
-        new_path = backing_path(path, new_backing) if new_backing else None
-        if new_path is not None and not unsafe:
-            require_file(new_path, "new backing file")
-        tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
-                           f".{os.path.basename(path)}.pyimago-rebase")
-        try:
-            module.create_image(tmp, top.size, format="qcow2", **options)
-            if unsafe or new_path is None:
-                out = module.open_image(tmp, format="qcow2", writable=True, backing=None)
-            else:
-                out = module.open_image(tmp, format="qcow2", writable=True)
-            try:
-                with progress(show_progress, top.size, "rebase") as bar:
-                    _rebase_copy(top, out, unsafe, new_path is None, bar)
-                out.flush()
-                out.sync()
-            finally:
-                out.close()
-            shutil.copymode(path, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-
-
-def _rebase_copy(top: Any, out: Any, unsafe: bool, standalone: bool, bar: Progress) -> None:
-    """Fill the rebased overlay ``out`` from the old one ``top``."""
-    cluster = out.info().cluster_size or 65536
-    pos = 0
-    while pos < top.size:
-        mapping, n = top.get_shallow_mapping(pos, top.size - pos)
-        if not isinstance(mapping, IndirectMapping):
-            _copy_range(top, out, pos, n, isinstance(mapping, ZeroMapping))
-        elif standalone:
-            # -b "": the overlay must hold everything its old backing chain showed (zeroes
-            # need no writing: without a backing file, unallocated reads as zero).
-            for at in range(pos, pos + n, _CHUNK):
-                data = top.read(at, min(_CHUNK, pos + n - at))
-                if data.count(0) != len(data):
-                    out.write(data, at)
-        elif not unsafe:
-            # Only what the new backing shows differently is copied, cluster by cluster.
-            for at in range(pos, pos + n, cluster):
-                m = min(cluster - at % cluster, pos + n - at)
-                old = top.read(at, m)
-                if old != out.read(at, m):
-                    out.write(old, at)
-        bar.advance(n)
-        pos += n

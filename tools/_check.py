@@ -11,13 +11,15 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from types import ModuleType
 from typing import Any
 from xml.etree import ElementTree
 
 from pyimago.reference import CheckResult
 
-from ._common import Impl, ToolError, implementation, require_file
+from ._common import Impl, ToolError, implementation, open_chain, require_file
 
 __all__ = ["check_engine", "check_json", "render_check", "run_check", "timed_check", "write_junit"]
 
@@ -32,14 +34,29 @@ def check_engine(impl: Impl) -> ModuleType:
 
 
 def run_check(path: str, *, repair: str | None = None, impl: Impl = "fast",
-              fmt: str | None = None) -> CheckResult:
-    """Check (and with ``repair`` "leaks" or "all", repair) the image at ``path``."""
+              fmt: str | None = None,
+              progress: Callable[[int, int], None] | None = None,
+              force_share: bool = False) -> CheckResult:
+    """Check (and with ``repair`` "leaks" or "all", repair) the image at ``path``;
+    ``progress`` is called with (L1 entries walked, L1 entries in all) as check goes;
+    ``force_share`` checks an image another process holds (qemu-img check -U)."""
     require_file(path)
     if repair not in (None, "leaks", "all"):
         raise ToolError(f"-r must be 'leaks' or 'all', not {repair!r}")
     if fmt == "raw":
         raise ToolError(f"{path}: this image format (raw) does not support checks")
-    result: CheckResult = check_engine(impl).check(path, repair=repair)
+    extra = {} if progress is None else {"progress": progress}
+    engine = check_engine(impl)
+    if force_share:
+        if repair is not None:
+            # qemu-img: "force-share=on can only be used with read-only images".
+            raise ToolError(f"-U (force share) cannot be used with -r {repair}: a repair "
+                            "writes to the image")
+        # check() takes an open image: opened read-only without the lock checks.
+        with open_chain(path, impl=engine, fmt=fmt, force_share=True, no_backing=True) as image:
+            shared: CheckResult = engine.check(image, **extra)
+        return replace(shared, filename=path)
+    result: CheckResult = engine.check(path, repair=repair, **extra)
     return result
 
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from pyimago.reference import PyimagoError
+from pyimago.reference import ImageInUseError, PyimagoError
 
-from ._chain import commit, rebase
+from ._chain import commit
 from ._check import render_check, timed_check, write_junit
 from ._common import (
     IMPLEMENTATIONS,
@@ -29,7 +30,8 @@ from ._create import create, resize
 from ._info import image_info, render_info, render_snapshots
 from ._map import map_image, render_map
 from ._measure import measure, render_measure
-from ._progress import busy
+from ._progress import progress
+from ._rebase import rebase
 from ._snapshot import apply_snapshot, create_snapshot, delete_snapshot
 
 __all__ = [
@@ -74,11 +76,31 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+#: The subcommands whose -U opens an image another process holds (read-only).
+_SHARING = frozenset({"info", "map", "measure", "compare", "convert", "check", "snapshot"})
+_LOCK = re.compile(r'failed to get (?:shared )?"[a-z ]+" lock')
+
+
+def _in_use(prog: str, exc: BaseException) -> str | None:
+    """The one line for an image another process holds, in the command line's terms (the
+    implementations' message names the Python API's force_share= and locking=)."""
+    cause = exc if isinstance(exc, ImageInUseError) else exc.__cause__
+    if not isinstance(cause, ImageInUseError):
+        return None
+    lock = _LOCK.search(str(cause))
+    what = f" ({lock.group(0)})" if lock else ""
+    # A reader fails on the lock that refuses sharing writes: -U lifts that (not a write).
+    reader = lock is not None and "shared" in lock.group(0)
+    hint = "; -U reads it anyway" if prog in _SHARING and reader else ""
+    return f"{cause.filename} is in use by another process{what}{hint}"
+
+
 def _run(prog: str, body: Callable[[], int]) -> int:
     try:
         return body()
     except (PyimagoError, OSError) as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        message = _in_use(prog, exc) or message
         print(f"pyimago {prog}: error: {message}", file=sys.stderr)
         return _ERROR_EXIT
     except KeyboardInterrupt:
@@ -115,7 +137,7 @@ def _reader_args(parser: _Parser, output: str | None) -> None:
         parser.add_argument("--output", choices=("human", "json"), default=output,
                             help=f"output format (default: {output})")
     parser.add_argument("-U", "--force-share", action="store_true",
-                        help="accepted for qemu-img compatibility (pyimago takes no locks)")
+                        help="open read-only even if another process holds the image (qemu-img -U)")
 
 
 def _creation_args(parser: _Parser, flag: str) -> None:
@@ -141,7 +163,7 @@ def info_main(argv: Sequence[str]) -> int:
 
     def body() -> int:
         records = image_info(args.image, impl=args.impl, fmt=args.fmt,
-                             backing_chain=args.backing_chain)
+                             backing_chain=args.backing_chain, force_share=args.force_share)
         sys.stdout.write(render_info(records, output=args.output,
                                      backing_chain=args.backing_chain))
         return 0
@@ -166,7 +188,8 @@ def map_main(argv: Sequence[str]) -> int:
 
     def body() -> int:
         entries = map_image(args.image, impl=args.impl, fmt=args.fmt,
-                            start_offset=args.start_offset, max_length=args.max_length)
+                            start_offset=args.start_offset, max_length=args.max_length,
+                            force_share=args.force_share)
         try:
             text = render_map(entries, output=args.output)
         except ToolError as exc:
@@ -201,7 +224,7 @@ def measure_main(argv: Sequence[str]) -> int:
         if args.image is not None:
             require_file(args.image)
         result = measure(args.image, size=args.size, out_fmt=args.out_fmt, options=options,
-                         impl=args.impl, fmt=args.fmt)
+                         impl=args.impl, fmt=args.fmt, force_share=args.force_share)
         sys.stdout.write(render_measure(result, output=args.output))
         return 0
 
@@ -221,7 +244,7 @@ def compare_main(argv: Sequence[str]) -> int:
                         help="a size or allocation difference is a difference")
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing")
     parser.add_argument("-U", "--force-share", action="store_true",
-                        help="accepted for qemu-img compatibility (pyimago takes no locks)")
+                        help="open read-only even if another process holds the image (qemu-img -U)")
     args = _parse(parser, argv, "image1", "image2")
     if isinstance(args, int):
         return args
@@ -230,7 +253,7 @@ def compare_main(argv: Sequence[str]) -> int:
         require_file(args.image1)
         require_file(args.image2)
         result = compare(args.image1, args.image2, fmt1=args.fmt1, fmt2=args.fmt2,
-                         strict=args.strict, impl=args.impl)
+                         strict=args.strict, impl=args.impl, force_share=args.force_share)
         if not args.quiet:
             sys.stdout.write("".join(f"{line}\n" for line in result.messages))
         return result.exit_code
@@ -243,7 +266,7 @@ def compare_main(argv: Sequence[str]) -> int:
 
 def convert_main(argv: Sequence[str]) -> int:
     """``pyimago convert [-f FMT] [-O FMT] [-o OPTS] [-B BACKING [-F FMT]] [-n] [-c] [-p]
-    [-S SIZE] [-m N] SOURCE OUTPUT``."""
+    [-S SIZE] [-m N] SOURCE [SOURCE...] OUTPUT`` (several sources are concatenated)."""
     parser = _parser("convert", "Copy an image's guest contents into another image "
                                 "(qemu-img convert).")
     parser.add_argument("-f", dest="fmt", choices=("qcow2", "raw"), help="source format")
@@ -264,8 +287,10 @@ def convert_main(argv: Sequence[str]) -> int:
                         help="convert this internal snapshot of the source (ID or name, or "
                              "snapshot.id=ID,snapshot.name=NAME)")
     parser.add_argument("-U", "--force-share", action="store_true",
-                        help="accepted for qemu-img compatibility (pyimago takes no locks)")
-    args = _parse(parser, argv, "source", "output", quiet=True)
+                        help="open read-only even if another process holds the image (qemu-img -U)")
+    parser.add_argument("sources", metavar="source", nargs="+",
+                        help="source image (several: copied one after the other)")
+    args = _parse(parser, argv, "output", quiet=True)
     if isinstance(args, int):
         return args
 
@@ -281,8 +306,9 @@ def convert_main(argv: Sequence[str]) -> int:
             workers=args.workers,
             show_progress=args.progress and not args.quiet,
             snapshot=args.snapshot,
+            force_share=args.force_share,
         )
-        convert(args.source, args.output, opts, impl=args.impl, fmt=args.fmt)
+        convert(args.sources, args.output, opts, impl=args.impl, fmt=args.fmt)
         return 0
 
     return _run("convert", body)
@@ -363,9 +389,12 @@ def check_main(argv: Sequence[str]) -> int:
             folder = os.path.dirname(os.path.abspath(args.junit))
             if not os.path.isdir(folder) or os.path.isdir(args.junit):
                 raise ToolError(f"--junit {args.junit!r}: not a file in an existing folder")
-        with busy(args.progress and not args.quiet, f"check {args.image}"):
+        # The bar counts the L1 entries check() has walked (of all L1 tables); a repair
+        # walks again from 0.  qemu-img check has no -p.
+        with progress(args.progress and not args.quiet, 0, f"check {args.image}") as bar:
             result, seconds = timed_check(args.image, repair=args.repair, impl=args.impl,
-                                          fmt=args.fmt)
+                                          fmt=args.fmt, progress=bar.update,
+                                          force_share=args.force_share)
         if not args.quiet:
             for problem in result.problems:
                 print(problem, file=sys.stderr)
@@ -441,7 +470,7 @@ def snapshot_main(argv: Sequence[str]) -> int:
                         help="revert the disk to a snapshot (ID or name)")
     action.add_argument("-d", dest="delete", metavar="NAME", help="delete the snapshot NAME")
     parser.add_argument("-U", "--force-share", action="store_true",
-                        help="accepted for qemu-img compatibility (pyimago takes no locks)")
+                        help="open read-only even if another process holds the image (qemu-img -U)")
     args = _parse(parser, argv, "image", quiet=True)
     if isinstance(args, int):
         return args
@@ -452,6 +481,9 @@ def snapshot_main(argv: Sequence[str]) -> int:
             return _ERROR_EXIT
 
     def body() -> int:
+        if args.force_share and args.list is not True:
+            # qemu-img: "force-share=on can only be used with read-only images".
+            raise ToolError("-U (force share) can only be used with -l: -c, -a and -d write")
         if args.create is not None:
             create_snapshot(args.image, args.create, impl=args.impl, fmt=args.fmt)
         elif args.apply is not None:
@@ -459,7 +491,8 @@ def snapshot_main(argv: Sequence[str]) -> int:
         elif args.delete is not None:
             delete_snapshot(args.image, args.delete, impl=args.impl, fmt=args.fmt)
         else:
-            records = image_info(args.image, impl=args.impl, fmt=args.fmt)
+            records = image_info(args.image, impl=args.impl, fmt=args.fmt,
+                                 force_share=args.force_share)
             if not args.quiet:
                 sys.stdout.write(render_snapshots(records[0]))
         return 0

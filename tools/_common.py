@@ -18,6 +18,7 @@ __all__ = [
     "ToolError",
     "implementation",
     "open_chain",
+    "same_file",
     "size_to_str",
 ]
 
@@ -64,14 +65,17 @@ def require_file(path: str, what: str = "image") -> None:
 @contextmanager
 def open_chain(
     path: str, *, impl: Impl = "fast", fmt: str | None = None, writable: bool = False,
-    force_share: bool = False, snapshot: str | None = None,
+    force_share: bool = False, snapshot: str | None = None, no_backing: bool = False,
 ) -> Iterator[Any]:
     """Open ``path`` (and its backing chain) with ``impl``; the image is closed afterwards.
     ``force_share`` opens read-only without the shared-permission locks (qemu-img ``-U``);
-    ``snapshot`` (an internal snapshot's ID) opens that snapshot's contents, read-only."""
+    ``snapshot`` (an internal snapshot's ID) opens that snapshot's contents, read-only;
+    ``no_backing`` opens the image alone, without its backing file."""
     require_file(path)
     module = implementation(impl)
-    extra = {} if snapshot is None else {"snapshot": snapshot}
+    extra: dict[str, Any] = {} if snapshot is None else {"snapshot": snapshot}
+    if no_backing:
+        extra["backing"] = None
     try:
         image = module.open_image(path, format=check_format(fmt), writable=writable,
                                   force_share=force_share, **extra)
@@ -83,6 +87,13 @@ def open_chain(
         yield image
     finally:
         image.close()
+
+
+def same_file(a: str, b: str) -> bool:
+    """Whether paths ``a`` and ``b`` name the same file (one that may not exist yet)."""
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def backing_path(overlay: str, name: str) -> str:

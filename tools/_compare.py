@@ -103,9 +103,11 @@ def compare(
     fmt2: str | None = None,
     strict: bool = False,
     impl: Impl = "fast",
+    force_share: bool = False,
 ) -> CompareResult:
     """Compare the guest contents of two images as ``qemu-img compare`` does."""
-    with open_chain(path1, impl=impl, fmt=fmt1) as a, open_chain(path2, impl=impl, fmt=fmt2) as b:
+    with (open_chain(path1, impl=impl, fmt=fmt1, force_share=force_share) as a,
+          open_chain(path2, impl=impl, fmt=fmt2, force_share=force_share) as b):
         messages: list[str] = []
         if a.size != b.size and strict:
             return CompareResult(False, ("Strict mode: Image size mismatch!",))

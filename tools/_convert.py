@@ -1,4 +1,5 @@
-"""``convert``: copy an image's guest contents into a new (or existing) image.
+"""``convert``: copy an image's guest contents (or several images', end to end) into a new
+(or existing) image.
 
 As ``qemu-img convert``: the source's block status decides what is copied; zero and
 unallocated ranges stay holes in a fresh output without a backing file (and so do runs of
@@ -16,17 +17,27 @@ from __future__ import annotations
 import os
 import re
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
-from pyimago.reference import IndirectMapping, ZeroMapping
-
-from ._common import Impl, ToolError, check_format, implementation, open_chain, require_file
-from ._map import block_status
+from ._common import (
+    Impl,
+    ToolError,
+    check_format,
+    implementation,
+    open_chain,
+    require_file,
+    same_file,
+)
 from ._progress import progress
 from ._snapshot import find_snapshot, parse_snapshot_key
+from ._sources import BACKING as _BACKING
+from ._sources import DATA as _DATA
+from ._sources import ZERO as _ZERO
+from ._sources import Sources, sector_span
 
 __all__ = ["ConvertOptions", "convert"]
 
@@ -35,7 +46,6 @@ _CHUNK = 2 << 20
 _SECTOR = 512
 #: Zero runs that can hold a whole sector, or end the buffer (the disk's partial last one).
 _ZERO_RUN = re.compile(b"\\x00{512,}|\\x00+\\Z")
-_DATA, _ZERO, _BACKING = "data", "zero", "backing"
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,25 +64,8 @@ class ConvertOptions:
     #: An internal snapshot of the source to copy (``-l``: ID or name, or
     #: ``snapshot.id=ID,snapshot.name=NAME``).
     snapshot: str | None = None
-
-
-def _runs(source: Any, path: str, top_only: bool) -> Iterator[tuple[int, int, str]]:
-    """(offset, length, kind) over the source: data to copy, zeroes, or left to a backing."""
-    if not top_only:
-        for e in block_status(source, path):
-            yield e.start, e.length, _ZERO if e.zero else _DATA
-        return
-    pos = 0
-    while pos < source.size:
-        mapping, n = source.get_shallow_mapping(pos, source.size - pos)
-        if isinstance(mapping, IndirectMapping):
-            kind = _BACKING
-        elif isinstance(mapping, ZeroMapping):
-            kind = _ZERO
-        else:
-            kind = _DATA
-        yield pos, n, kind
-        pos += n
+    #: Open the sources without the shared-permission lock checks (qemu-img ``-U``).
+    force_share: bool = False
 
 
 def _chunks(runs: Iterator[tuple[int, int, str]]) -> Iterator[tuple[int, int, str]]:
@@ -135,11 +128,14 @@ def _zero_pieces(data: bytes, offset: int, sparse: int) -> Iterator[tuple[int, i
         yield offset + pos, len(data) - pos, False
 
 
-def _validate(src: str, dst: str, opts: ConvertOptions, module: Any
+def _validate(sources: Sequence[str], dst: str, opts: ConvertOptions, module: Any
               ) -> tuple[dict[str, object], bool]:
     """The output's creation options, and whether only the source's top layer is copied
     (the output has a backing file that supplies the rest)."""
-    require_file(src, "source image")
+    if not sources:
+        raise ToolError("convert needs at least one source image")
+    for src in sources:
+        require_file(src, "source image")
     check_format(opts.out_fmt, "output format")
     if opts.compress:
         # qemu-img: "Compression not supported for this file format" (raw); a qcow2 image
@@ -155,6 +151,10 @@ def _validate(src: str, dst: str, opts: ConvertOptions, module: Any
                             "compressed clusters yet (no FormatAccess.write_compressed)")
     if opts.snapshot is not None:
         parse_snapshot_key(opts.snapshot)
+        if len(sources) > 1:
+            # qemu-img.c img_convert: "No support for concatenating multiple snapshot".
+            raise ToolError(f"-l {opts.snapshot!r}: a snapshot cannot be copied from "
+                            f"{len(sources)} concatenated source images (give one source)")
     if opts.workers < 1 or opts.workers > 64:
         raise ToolError(f"-m must be between 1 and 64, not {opts.workers}")
     if opts.sparse_size < 0 or opts.sparse_size % 512:
@@ -169,6 +169,11 @@ def _validate(src: str, dst: str, opts: ConvertOptions, module: Any
         backing = str(create["backing_file"])
         backing_fmt = backing_fmt or create.get("backing_fmt")  # type: ignore[assignment]
     if backing is not None:
+        if len(sources) > 1:
+            # qemu-img.c img_convert: "Having a backing file for the target makes no sense
+            # when concatenating multiple input images".
+            raise ToolError(f"backing file (-B) {backing!r}: the output cannot have a backing "
+                            f"file when {len(sources)} source images are concatenated")
         if opts.out_fmt != "qcow2":
             raise ToolError(f"a backing file (-B) needs -O qcow2, not {opts.out_fmt}")
         if backing_fmt is None:
@@ -181,34 +186,48 @@ def _validate(src: str, dst: str, opts: ConvertOptions, module: Any
         require_file(dst, "output image")
     elif os.path.isdir(dst):
         raise ToolError(f"output {dst!r} is a directory")
+    for src in sources:
+        # qemu-img fails on the image lock ("Failed to get "write" lock"); a fresh output
+        # would be created over the very source it is to be read from.
+        if same_file(src, dst):
+            raise ToolError(f"output {dst!r} is also a source image ({src!r})")
     return create, backing is not None
 
 
-def convert(src: str, dst: str, opts: ConvertOptions | None = None, *, impl: Impl = "fast",
-            fmt: str | None = None) -> None:
-    """Copy the guest contents of ``src`` into ``dst`` as ``qemu-img convert`` does."""
+def convert(src: str | Sequence[str], dst: str, opts: ConvertOptions | None = None, *,
+            impl: Impl = "fast", fmt: str | None = None) -> None:
+    """Copy the guest contents of ``src`` into ``dst`` as ``qemu-img convert`` does.
+
+    ``src`` may be several images (qemu-img convert's several FILENAMEs): they are copied
+    one after the other, each taking its size rounded up to whole 512-byte sectors, so the
+    output's disk is the sum of their sizes.  ``fmt`` is the format of every source.
+    """
     opts = opts or ConvertOptions()
+    sources = [src] if isinstance(src, str) else list(src)
     module = implementation(impl)
-    create, top_only = _validate(src, dst, opts, module)
+    create, top_only = _validate(sources, dst, opts, module)
     snapshot_id = None
     if opts.snapshot is not None:
-        with open_chain(src, impl=module, fmt=fmt, force_share=True) as source:
+        with open_chain(sources[0], impl=module, fmt=fmt, force_share=True) as source:
             if source.info().format != "qcow2":
-                raise ToolError(f"{src}: only qcow2 images have internal snapshots (-l)")
+                raise ToolError(f"{sources[0]}: only qcow2 images have internal snapshots (-l)")
             snapshot_id = find_snapshot(source.info().snapshots,
-                                        parse_snapshot_key(opts.snapshot), src).id
-    with open_chain(src, impl=module, fmt=fmt, snapshot=snapshot_id) as source:
-        size = source.size
+                                        parse_snapshot_key(opts.snapshot), sources[0]).id
+    with ExitStack() as stack:
+        whole = Sources([(stack.enter_context(open_chain(
+            path, impl=module, fmt=fmt, snapshot=snapshot_id, force_share=opts.force_share)),
+            path) for path in sources])
+        size = whole.size
         fresh = not opts.no_create
         if fresh:
-            target_size = -(-size // 512) * 512 if opts.out_fmt == "qcow2" else size
-            module.create_image(dst, target_size, format=opts.out_fmt, **create)
+            module.create_image(dst, size, format=opts.out_fmt, **create)
         target = module.open_image(dst, format=opts.out_fmt, writable=True)
         try:
-            if target.size < size:
+            # qemu-img.c: "output file is smaller than input file" (counted in sectors).
+            if sector_span(target.size) < size:
                 raise ToolError(f"output {dst!r} ({target.size} bytes) is smaller than the "
                                 f"source ({size} bytes)")
-            _copy(source, src, target, opts, top_only, zero_init=fresh and not top_only)
+            _copy(whole, target, opts, top_only, zero_init=fresh and not top_only)
             target.flush()
             target.sync()
         finally:
@@ -268,11 +287,11 @@ def _on_clusters(runs: Iterator[tuple[int, int, str]], cluster: int, size: int
         yield lo, hi - lo, _DATA
 
 
-def _copy(source: Any, src: str, target: Any, opts: ConvertOptions, top_only: bool,
+def _copy(source: Sources, target: Any, opts: ConvertOptions, top_only: bool,
           zero_init: bool) -> None:
     pending: deque[tuple[int, int, str, Future[bytes] | None]] = deque()
     window = 2 * opts.workers
-    runs = _runs(source, src, top_only)
+    runs = source.runs(top_only)
     if opts.compress:
         runs = _on_clusters(runs, target.info().cluster_size, source.size)
         # Compression is the cost of -c: let the implementation spread it over -m threads

@@ -15,6 +15,7 @@ from ._common import (
     implementation,
     open_chain,
     require_file,
+    same_file,
 )
 
 __all__ = ["PREALLOCATION", "create", "formatting_line", "parse_resize", "resize"]
@@ -86,6 +87,12 @@ def create(
                             "format (-F)")
         opts["backing_file"] = backing
         opts["backing_fmt"] = check_format(backing_fmt, "backing format")
+        # block.c bdrv_img_create: "Trying to create an image with the same filename as the
+        # backing file" (qemu-img compares the two names; the image would be its own backing
+        # file, and an existing one would be overwritten).
+        if same_file(path, backing_path(path, backing)):
+            raise ToolError(f"{path}: trying to create an image with the same filename as "
+                            f"its backing file {backing!r}")
     if os.path.isdir(path):
         raise ToolError(f"{path!r} is a directory")
     if backing is not None and not unsafe:

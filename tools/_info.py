@@ -68,12 +68,13 @@ def info_record(info: ImageInfo, filename: str) -> dict[str, Any]:
 
 
 def image_info(
-    path: str, *, impl: Impl = "fast", fmt: str | None = None, backing_chain: bool = False
+    path: str, *, impl: Impl = "fast", fmt: str | None = None, backing_chain: bool = False,
+    force_share: bool = False,
 ) -> list[dict[str, Any]]:
     """``qemu-img info --output=json`` records: the image's, then (with ``backing_chain``)
     each backing layer's, top first."""
     records: list[dict[str, Any]] = []
-    with open_chain(path, impl=impl, fmt=fmt) as image:
+    with open_chain(path, impl=impl, fmt=fmt, force_share=force_share) as image:
         layer: Any = image
         name = path
         while layer is not None:

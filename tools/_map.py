@@ -222,6 +222,7 @@ def map_image(
     fmt: str | None = None,
     start_offset: int = 0,
     max_length: int | None = None,
+    force_share: bool = False,
 ) -> list[MapEntry]:
     """``qemu-img map`` records for ``path`` from ``start_offset`` (merged as qemu-img does)."""
     if start_offset < 0:
@@ -229,7 +230,7 @@ def map_image(
     if max_length is not None and max_length < 0:
         raise ToolError(f"--max-length must not be negative: {max_length}")
     entries: list[MapEntry] = []
-    with open_chain(path, impl=impl, fmt=fmt) as image:
+    with open_chain(path, impl=impl, fmt=fmt, force_share=force_share) as image:
         end = None if max_length is None else start_offset + max_length
         for entry in block_status(image, path, start_offset, end):
             if entries and entries[-1].merges_with(entry):

@@ -98,6 +98,7 @@ def measure(
     options: dict[str, object] | None = None,
     impl: Impl = "fast",
     fmt: str | None = None,
+    force_share: bool = False,
 ) -> dict[str, int]:
     """``qemu-img measure --output=json`` for ``path`` (or an empty disk of ``size``)
     converted to ``out_fmt`` with create ``options``."""
@@ -131,7 +132,7 @@ def measure(
 
     if out_fmt == "raw":
         if path is not None:
-            with open_chain(path, impl=impl, fmt=fmt) as image:
+            with open_chain(path, impl=impl, fmt=fmt, force_share=force_share) as image:
                 raw: int = image.size
         else:
             assert size is not None
@@ -140,7 +141,7 @@ def measure(
 
     bitmaps: int | None = None
     if path is not None:
-        with open_chain(path, impl=impl, fmt=fmt) as image:
+        with open_chain(path, impl=impl, fmt=fmt, force_share=force_share) as image:
             virtual = _round_up(image.size, cluster_size)
             required = virtual if has_backing else _data_bytes(image, path, cluster_size)
             # Only a qcow2 v3 source can hold persistent bitmaps.

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import struct
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import cast
 
@@ -101,6 +102,10 @@ class _Checker:
     """One pass over one image: the references counted from all metadata, compared with the
     stored refcounts (and repaired, when asked)."""
 
+    #: check()'s progress callback: (L1 entries walked, L1 entries of all L1 tables).
+    progress: Callable[[int, int], None] | None = None
+    walked = to_walk = 0
+
     def __init__(self, storage: Storage, header: QCowHeader) -> None:
         self.storage = storage
         self.h = header
@@ -147,9 +152,10 @@ class _Checker:
     def calculate(self, t: _Tally) -> None:
         h, cs = self.h, self.cs
         self.count(t, 0, cs)
-        self.check_l1(t, h.l1_table_offset, h.l1_size, active=True)
         snapshots, table_size = read_snapshot_table(self.storage, h.snapshots_offset,
                                                     h.nb_snapshots)
+        self.walked, self.to_walk = 0, h.l1_size + sum(sn.l1_size for sn in snapshots)
+        self.check_l1(t, h.l1_table_offset, h.l1_size, active=True)
         for sn in snapshots:
             label = f"snapshot {sn.id_str} ({sn.name})"
             if sn.l1_table_offset % cs:
@@ -165,6 +171,8 @@ class _Checker:
         self.count_bitmaps(t)
         self.count(t, h.refcount_table_offset, h.refcount_table_clusters * cs)
         self.check_refblocks(t)
+        if self.progress is not None:
+            self.progress(self.to_walk, self.to_walk)
 
     def count_bitmaps(self, t: _Tally) -> None:
         """qcow2_check_bitmaps_refcounts: with the bitmaps autoclear bit set, the bitmap
@@ -185,9 +193,11 @@ class _Checker:
         if not size:
             return
         self.count(t, offset, size * 8)
-        for raw in self._read_u64s(offset, size * 8):
+        for index, raw in enumerate(self._read_u64s(offset, size * 8)):
             if not raw:
                 continue
+            if self.progress is not None:
+                self.progress(self.walked + index, self.to_walk)
             if raw & L1E_RESERVED_MASK:
                 t.corrupt(None, f"found L1 entry with reserved bits set: {raw:x}")
             l2_offset = raw & L1E_OFFSET_MASK
@@ -196,6 +206,7 @@ class _Checker:
                 t.corrupt(l2_offset, f"l2_offset={l2_offset:x}: Table is not cluster aligned; "
                           "L1 entry corrupted")
             self.check_l2(t, l2_offset, active=active)
+        self.walked += size
 
     def check_l2(self, t: _Tally, l2_offset: int, *, active: bool) -> None:
         next_contiguous = 0
@@ -419,9 +430,11 @@ class _Checker:
                     t.fixed(ProblemKind.CORRUPTION, l2_offset, message)
 
 
-def _one_pass(storage: Storage, header: QCowHeader, fix: RepairMode | None) -> _Tally:
+def _one_pass(storage: Storage, header: QCowHeader, fix: RepairMode | None,
+              progress: Callable[[int, int], None] | None = None) -> _Tally:
     t = _Tally()
     checker = _Checker(storage, header)
+    checker.progress = progress
     checker.calculate(t)
     before = replace(t, problems=list(t.problems))
     # A first comparison only looks (and finds whether the refcount structure itself must
@@ -500,14 +513,16 @@ def _read_header(storage: Storage) -> QCowHeader:
     return header
 
 
-def check_image(storage: Storage, name: str, repair: RepairMode | None) -> CheckResult:
-    """Check (and, with ``repair``, repair) the qcow2 image on ``storage``."""
+def check_image(storage: Storage, name: str, repair: RepairMode | None,
+                progress: Callable[[int, int], None] | None = None) -> CheckResult:
+    """Check (and, with ``repair``, repair) the qcow2 image on ``storage``; ``progress`` as
+    :func:`check` takes it."""
     try:
         # qemu-img check opens the image first: what our open refuses, QEMU's refuses too
         # (header, extensions, backing name, table offsets, unsupported features).
         Qcow2Driver(storage, writable=False)
         header = _read_header(storage)
-        first = _one_pass(storage, header, repair)
+        first = _one_pass(storage, header, repair, progress)
     except _CheckFailed as exc:
         # A repair that would have written over metadata: QEMU marks the image corrupt.
         header = _read_header(storage)
@@ -528,7 +543,7 @@ def check_image(storage: Storage, name: str, repair: RepairMode | None) -> Check
         return _result(name, first, header)
     # qemu-img check -r: "the image is checked once more" and that result is shown, with the
     # counts of what the repair fixed.
-    again = _one_pass(storage, _read_header(storage), None)
+    again = _one_pass(storage, _read_header(storage), None, progress)
     again.corruptions_fixed, again.leaks_fixed = first.corruptions_fixed, first.leaks_fixed
     again.problems = [*first.problems, *again.problems]
     return _result(name, again, header)
@@ -557,19 +572,22 @@ def open_for_check(target: object, repair: RepairMode | None) -> tuple[Storage, 
     raise UnsupportedError(f"check: not an image, path or storage: {target!r}")
 
 
-def check(image: object, *, repair: RepairMode | None = None) -> CheckResult:
+def check(image: object, *, repair: RepairMode | None = None,
+          progress: Callable[[int, int], None] | None = None) -> CheckResult:
     """Check a qcow2 image (a path, a Storage, or an open FormatAccess) as ``qemu-img
     check`` does, and with ``repair="leaks"`` or ``"all"`` repair it as ``qemu-img check -r``
     does (a path is then opened writable; an open FormatAccess cannot be repaired).
 
     The result's counts, ``exit_code`` and ``to_json()`` mean what qemu-img's do.
+    ``progress``, if given, is called as the walk goes with (L1 entries walked, L1 entries
+    of the active and the snapshots' L1 tables), from 0 again in each pass of a repair.
     """
     storage, name, owned = open_for_check(image, repair)
     try:
         if probe_format(storage) != "qcow2":
             raise UnsupportedError(f"check: {name} is not a qcow2 image (qemu-img: this image "
                                    "format does not support checks)")
-        return check_image(storage, name, repair)
+        return check_image(storage, name, repair, progress)
     finally:
         if owned:
             storage.close()

@@ -9,14 +9,10 @@ host cluster ("Compression can't overwrite anything").  A mixin of ``Qcow2Driver
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from .._errors import InvalidRequestError, UnsupportedError
-from .._storage import Storage
-from .allocation import ClusterAllocator
 from .compression import compress_cluster
 from .constants import QCOW2_COMPRESSED_SECTOR_SIZE
-from .header import QCowHeader
+from .driver_state import DriverState
 from .tables import ClusterType, L2Entry
 
 __all__ = ["CompressedWrites", "compressed_entry"]
@@ -33,25 +29,8 @@ def compressed_entry(host_offset: int, length: int) -> L2Entry:
     return L2Entry(ClusterType.COMPRESSED, host_offset, False, additional + 1)
 
 
-class CompressedWrites:
+class CompressedWrites(DriverState):
     """``write_compressed`` of the qcow2 driver."""
-
-    header: QCowHeader
-    _storage: Storage
-    _cluster_size: int
-    _cluster_bits: int
-    _size: int
-    _allocator: ClusterAllocator
-
-    if TYPE_CHECKING:  # provided by Qcow2Driver and MetadataGuard
-        def _begin(self, op: str) -> None: ...
-        def _get_l2_entry(self, guest_offset: int) -> L2Entry: ...
-        def _writable_l2(self, guest_offset: int) -> tuple[int, list[int]]: ...
-        def _replace_entry(self, guest_offset: int, new: L2Entry, *,
-                           data_pending: bool = False) -> None: ...
-        def _overlap_check(self, offset: int, length: int, what: str = "write") -> None: ...
-        def ensure_data_mapping(self, offset: int, length: int, overwrite: bool
-                                ) -> tuple[Storage, int, int]: ...
 
     def write_compressed(self, data: bytes, offset: int) -> None:
         """Write one guest cluster compressed (see the module docstring)."""

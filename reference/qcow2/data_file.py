@@ -9,14 +9,11 @@ compressed clusters nor internal snapshots are supported."
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 from .._errors import CorruptImageError
-from .._storage import Storage
-from .allocation import ClusterAllocator
 from .constants import QCOW2_AUTOCLEAR_DATA_FILE_RAW, QCOW2_EXT_MAGIC_DATA_FILE
+from .driver_state import DriverState
 from .extensions import HeaderExtension
-from .header import QCowHeader
 
 __all__ = ["DataFileWrites", "data_file_name"]
 
@@ -39,22 +36,9 @@ def data_file_name(exts: list[HeaderExtension]) -> str | None:
     return None
 
 
-class DataFileWrites:
+class DataFileWrites(DriverState):
     """Where the qcow2 driver's writes put guest data with an external data file
     (qcow2.data-file.write, qcow2.data-file.raw).  A mixin of ``Qcow2Driver``."""
-
-    header: QCowHeader
-    _allocator: ClusterAllocator
-    _cluster_size: int
-    _size: int
-    _data_file_raw: bool
-
-    if TYPE_CHECKING:  # provided by Qcow2Driver and MetadataGuard
-        @property
-        def data_storage(self) -> Storage: ...
-        def _check_data_cluster(self, host: int, *, what: str = "write to",
-                                in_file: bool = True) -> None: ...
-        def _write_field(self, name: str, fmt: str, *values: int) -> None: ...
 
     def _allocate_data_cluster(self, guest_cluster: int) -> int:
         """A host cluster for new guest data.

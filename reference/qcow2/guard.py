@@ -13,9 +13,9 @@ from dataclasses import replace
 from typing import NoReturn
 
 from .._errors import CorruptImageError, ReadOnlyError
-from .._storage import Storage
 from .constants import L1E_OFFSET_MASK, QCOW2_INCOMPAT_CORRUPT
-from .header import FIELD_OFFSETS, QCowHeader
+from .driver_state import DriverState
+from .header import FIELD_OFFSETS
 from .overlap import (
     ACTIVE_L1,
     ACTIVE_L2,
@@ -25,25 +25,12 @@ from .overlap import (
     MetadataRegion,
     first_overlap,
 )
-from .refcounts import RefcountTable
 
 __all__ = ["MetadataGuard"]
 
 
-class MetadataGuard:
+class MetadataGuard(DriverState):
     """Overlap checks, the corrupt bit and the metadata range checks of a qcow2 image."""
-
-    header: QCowHeader
-    _storage: Storage
-    _writable: bool
-    _cluster_size: int
-    _l1_offset: int
-    _l1_size: int
-    _l1: list[int]
-    _refcounts: RefcountTable
-    _snapshot_metadata: list[MetadataRegion]
-    _corrupt: bool
-    _pending_frees: list[int]
 
     def _check_metadata_range(
         self, what: str, offset: int, length: int, *, check_overlap: bool = True

@@ -25,17 +25,13 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 from .._errors import InvalidRequestError, UnsupportedError
 from .._prealloc import PreallocateMode
 from .._snapshot import SnapshotInfo
-from .._storage import Storage
-from .allocation import ClusterAllocator
 from .constants import L1E_OFFSET_MASK, QCOW_MAX_L1_SIZE, QCOW_MAX_SNAPSHOTS, QCOW_OFLAG_COPIED
-from .header import QCowHeader
-from .l2cache import L2Cache
-from .overlap import MetadataRegion, snapshot_regions
+from .driver_state import DriverState
+from .overlap import snapshot_regions
 from .snapshots import (
     QCOW_MAX_SNAPSHOTS_SIZE,
     SnapshotEntry,
@@ -43,7 +39,7 @@ from .snapshots import (
     pack_snapshot_table,
     read_snapshot_table,
 )
-from .tables import ClusterType, L2Entry, decode_l2_entry
+from .tables import ClusterType, decode_l2_entry
 
 __all__ = ["MAX_SNAPSHOT_NAME_BYTES", "SnapshotWrites", "next_snapshot_id"]
 
@@ -64,36 +60,8 @@ def next_snapshot_id(ids: list[str]) -> str:
     return str(highest + 1)
 
 
-class SnapshotWrites:
+class SnapshotWrites(DriverState):
     """``create_snapshot``, ``apply_snapshot`` and ``delete_snapshot`` of the qcow2 driver."""
-
-    header: QCowHeader
-    _storage: Storage
-    _cluster_size: int
-    _cluster_bits: int
-    _entry_bytes: int
-    _extended: bool
-    _size: int
-    _l1: list[int]
-    _l1_size: int
-    _l1_offset: int
-    _l2: L2Cache
-    _allocator: ClusterAllocator
-    _snapshot_entries: list[SnapshotEntry] | None
-    _snapshot_metadata: list[MetadataRegion]
-
-    if TYPE_CHECKING:  # provided by Qcow2Driver and MetadataGuard
-        def _begin(self, op: str) -> None: ...
-        def _snapshots(self) -> list[SnapshotEntry]: ...
-        def _set_l1_entry(self, l1_idx: int, raw: int) -> None: ...
-        def _grow_l1(self, new_l1_size: int) -> None: ...
-        def _check_l2_table(self, l2_offset: int) -> None: ...
-        def _check_metadata_range(self, what: str, offset: int, length: int, *,
-                                  check_overlap: bool = True) -> None: ...
-        def _write_field(self, name: str, fmt: str, *values: int) -> None: ...
-        def _held_clusters(self, entry: L2Entry) -> range: ...
-        def resize_grow(self, new_size: int, prealloc: PreallocateMode) -> None: ...
-        def resize_shrink(self, new_size: int) -> None: ...
 
     # -- the three operations -----------------------------------------------------------------
 

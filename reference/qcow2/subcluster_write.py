@@ -15,16 +15,20 @@ the I/O.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NoReturn
 
 from .._errors import CorruptImageError
 from .._storage import Storage
 from .constants import QCOW_OFLAG_COPIED
+from .driver_state import DriverState
 from .subclusters import QCOW_EXTL2_SUBCLUSTERS_PER_CLUSTER, QCOW_L2_BITMAP_ALL_ALLOC
-from .tables import ClusterType, L2Entry, offset_in_cluster, whole_clusters
-
-if TYPE_CHECKING:
-    from ..access import FormatAccess
+from .tables import (
+    UNALLOCATED,
+    ZERO_PLAIN,
+    ClusterType,
+    L2Entry,
+    offset_in_cluster,
+    whole_clusters,
+)
 
 __all__ = [
     "QCOW_L2_BITMAP_ALL_ZEROES",
@@ -144,34 +148,11 @@ def encode_extended_entry(entry: L2Entry, bitmap: int | None) -> tuple[int, int]
     raise AssertionError(f"compressed entries are encoded by encode_l2_entry, not {entry}")
 
 
-_ZERO_PLAIN = L2Entry(ClusterType.ZERO_PLAIN)
-_UNALLOCATED = L2Entry(ClusterType.UNALLOCATED)
 
 
-class SubclusterWrites:
+class SubclusterWrites(DriverState):
     """The qcow2 driver's write paths with extended L2 entries (qcow2.extended-l2.write,
     qcow2.extended-l2.clear).  A mixin of ``Qcow2Driver``."""
-
-    _backing: FormatAccess | None
-    _cluster_bits: int
-    _cluster_size: int
-    _unit_bits: int
-    _size: int
-
-    if TYPE_CHECKING:  # provided by Qcow2Driver, DataFileWrites and MetadataGuard
-        @property
-        def data_storage(self) -> Storage: ...
-        def _get_unit(self, guest_offset: int) -> L2Entry: ...
-        def _get_l2_entry(self, guest_offset: int) -> L2Entry: ...
-        def _raw_l2_entry(self, guest_offset: int) -> tuple[int, int]: ...
-        def _read_compressed(self, entry: L2Entry) -> bytes: ...
-        def _replace_entry(self, guest_offset: int, new: L2Entry, *,
-                           data_pending: bool = False, bitmap: int | None = None) -> None: ...
-        def _signal_corruption(self, message: str) -> NoReturn: ...
-        def _allocate_data_cluster(self, guest_cluster: int) -> int: ...
-        def _check_host_data(self, host: int) -> None: ...
-        def _data_cluster_end(self, guest_cluster: int) -> int: ...
-        def _zero_raw_data(self, offset: int, length: int) -> None: ...
 
     def _guest_content(self, offset: int, length: int) -> bytes:
         """What the guest sees in ``[offset, offset + length)``, inside one cluster, read unit
@@ -249,7 +230,7 @@ class SubclusterWrites:
         def whole(old: L2Entry) -> L2Entry:
             if old.type is ClusterType.NORMAL:
                 return L2Entry(ClusterType.ZERO_ALLOC, old.host_offset, old.copied)
-            return _ZERO_PLAIN
+            return ZERO_PLAIN
 
         return self._subcluster_apply(offset, length, whole, zeroed_bitmap)
 
@@ -261,10 +242,10 @@ class SubclusterWrites:
         discard_l2_subclusters)."""
         if full:
             return self._subcluster_apply(
-                offset, length, lambda old: _UNALLOCATED,
+                offset, length, lambda old: UNALLOCATED,
                 lambda bitmap, first, end: bitmap & ~(sub_alloc_range(first, end)
                                                       | sub_zero_range(first, end)))
-        return self._subcluster_apply(offset, length, lambda old: _ZERO_PLAIN, zeroed_bitmap)
+        return self._subcluster_apply(offset, length, lambda old: ZERO_PLAIN, zeroed_bitmap)
 
     def _subcluster_apply(
         self, offset: int, length: int, whole: Callable[[L2Entry], L2Entry],

@@ -26,6 +26,8 @@ from .constants import (
 )
 
 __all__ = [
+    "UNALLOCATED",
+    "ZERO_PLAIN",
     "ClusterType",
     "L1Entry",
     "L2Entry",
@@ -155,6 +157,7 @@ class L2Entry:
 
 
 UNALLOCATED = L2Entry(ClusterType.UNALLOCATED)
+ZERO_PLAIN = L2Entry(ClusterType.ZERO_PLAIN)
 
 
 def _compressed_shift(cluster_bits: int) -> int:

@@ -17,6 +17,7 @@ from pyimago.oracle.machines import make_machine
 from pyimago.oracle.profiles import CI_MAX_EXAMPLES, CI_STEP_COUNT
 from pyimago.oracle.session import RunStats
 from pyimago.oracle.targets import module_target
+from pyimago_tests_differential import assert_same_results, requests
 
 
 @pytest.mark.clause(
@@ -49,51 +50,7 @@ def test_oracle_machine_accepts_fast() -> None:
 _CS = 4096
 _SIZE = 16 * _CS + 1024
 
-_op = st.one_of(
-    st.tuples(
-        st.just("write"), st.integers(0, _SIZE), st.integers(0, 3 * _CS), st.integers(1, 255)
-    ),
-    st.tuples(st.just("zero"), st.integers(0, _SIZE), st.integers(0, 3 * _CS), st.just(0)),
-    st.tuples(st.just("dzero"), st.integers(0, _SIZE), st.integers(0, 3 * _CS), st.just(0)),
-    st.tuples(st.just("dback"), st.integers(0, _SIZE), st.integers(0, 3 * _CS), st.just(0)),
-    st.tuples(st.just("dany"), st.integers(0, _SIZE), st.integers(0, 3 * _CS), st.just(0)),
-    st.tuples(st.just("resize"), st.integers(0, 2 * _SIZE // 512), st.integers(0, 4), st.just(0)),
-)
-
-_MODES = list(reference.PreallocateMode)
-
-
-def _apply(img: object, op: tuple[str, int, int, int]) -> str:
-    kind, a, b, c = op
-    try:
-        if kind == "write":
-            img.write(bytes([c]) * b, a)  # type: ignore[attr-defined]
-        elif kind == "zero":
-            img.write_zeroes(a, b)  # type: ignore[attr-defined]
-        elif kind == "dzero":
-            img.discard_to_zero(a, b)  # type: ignore[attr-defined]
-        elif kind == "dback":
-            img.discard_to_backing(a, b)  # type: ignore[attr-defined]
-        elif kind == "dany":
-            img.discard_to_any(a, b)  # type: ignore[attr-defined]
-        else:
-            img.resize(a * 512, _MODES[b])  # type: ignore[attr-defined]
-    except reference.PyimagoError as exc:
-        return type(exc).__name__
-    return "ok"
-
-
-def _kinds(img: object) -> list[tuple[int, str]]:
-    """(offset, mapping kind) at every 512-byte step: runs may differ in length, not kind."""
-    out = []
-    size = img.size  # type: ignore[attr-defined]
-    for off in range(0, size, 512):
-        m, _ = img.get_mapping(off, 512)  # type: ignore[attr-defined]
-        name = type(m).__name__
-        if isinstance(m, reference.ZeroMapping):
-            name += "/explicit" if m.explicit else "/plain"
-        out.append((off, name))
-    return out
+_op = requests(_SIZE, 3 * _CS)
 
 
 @pytest.mark.clause(
@@ -128,9 +85,4 @@ def test_fast_matches_reference(
         store = reference.MemoryStorage()
         mod.create_image(store, _SIZE, cluster_size=_CS, compat=compat)
         images.append(mod.open_image(store, writable=True, backing=below))
-    ref, fst = images
-    for op in ops:
-        assert _apply(ref, op) == _apply(fst, op), op
-        assert ref.size == fst.size
-        assert ref.read(0, ref.size + 100) == fst.read(0, fst.size + 100), op
-    assert _kinds(ref) == _kinds(fst)
+    assert_same_results(*images, ops, read_past_end=100)

@@ -12,22 +12,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pyimago import fast, reference
-
-from .test_differential import _apply, _kinds
+from pyimago_tests_differential import assert_same_results, requests
 
 _CS = 16384  # the smallest extended L2 cluster: 512-byte subclusters
 _SIZE = 6 * _CS + 1024
 
-_op = st.one_of(
-    st.tuples(
-        st.just("write"), st.integers(0, _SIZE), st.integers(0, 2 * _CS), st.integers(1, 255)
-    ),
-    st.tuples(st.just("zero"), st.integers(0, _SIZE), st.integers(0, 2 * _CS), st.just(0)),
-    st.tuples(st.just("dzero"), st.integers(0, _SIZE), st.integers(0, 2 * _CS), st.just(0)),
-    st.tuples(st.just("dback"), st.integers(0, _SIZE), st.integers(0, 2 * _CS), st.just(0)),
-    st.tuples(st.just("dany"), st.integers(0, _SIZE), st.integers(0, 2 * _CS), st.just(0)),
-    st.tuples(st.just("resize"), st.integers(0, 2 * _SIZE // 512), st.integers(0, 4), st.just(0)),
-)
+_op = requests(_SIZE, 2 * _CS)
 
 _LAYOUTS: dict[str, dict[str, Any]] = {
     "extl2": {"extended_l2": True},
@@ -82,11 +72,7 @@ def test_fast_matches_reference_on_feature_images(
             images.append(mod.open_image(path, writable=True))
         ref, fst = images
         try:
-            for op in ops:
-                assert _apply(ref, op) == _apply(fst, op), op
-                assert ref.size == fst.size
-                assert ref.read(0, ref.size) == fst.read(0, fst.size), op
-            assert _kinds(ref) == _kinds(fst)
+            assert_same_results(ref, fst, ops)
         finally:
             ref.close()
             fst.close()

@@ -12,26 +12,21 @@ parametrized over every corpus image by name, with the image's spec clauses as m
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import os
 import shutil
 import subprocess
-import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
+import pyimago_tests_qemu as _qemu  # tests/fixtures/qemu.py, registered by tests/conftest.py
 import pytest
 
 __all__ = [
     "QEMU_TIMEOUT",
     "Corpus",
     "QemuTools",
-    "corpus_module",
     "qemu_compare",
     "qemu_convert_raw",
     "qemu_convert_raw_file",
@@ -43,177 +38,34 @@ __all__ = [
     "require_qemu",
 ]
 
-#: Seconds one qemu-img / qemu-io call may take.
-QEMU_TIMEOUT = 60.0
-
-_CORPUS_SCRIPT = Path(__file__).resolve().parent.parent / "fixtures" / "make_qemu_images.py"
-_CORPUS_MODULE = "pyimago_tests_make_qemu_images"
+_corpus = _qemu.corpus_module()
 
 
-def corpus_module() -> ModuleType:
-    """``tests/fixtures/make_qemu_images.py``, loaded by path.
+# -- availability and running the tools (one copy, in tests/fixtures/qemu.py) ------------------
 
-    ``tests/`` is not a package and pytest runs with ``--import-mode=importlib``, so the
-    module is loaded from its file and registered under a private name.
-    """
-    mod = sys.modules.get(_CORPUS_MODULE)
-    if mod is not None:
-        return mod
-    spec = importlib.util.spec_from_file_location(_CORPUS_MODULE, _CORPUS_SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    # dataclasses look their module up in sys.modules while the class body is processed
-    sys.modules[_CORPUS_MODULE] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-_corpus = corpus_module()
-
-_MAPCHECK = "pyimago_tests_interop_mapcheck"
-if _MAPCHECK not in sys.modules:
-    _spec = importlib.util.spec_from_file_location(
-        _MAPCHECK, Path(__file__).with_name("_mapcheck.py")
-    )
-    assert _spec is not None and _spec.loader is not None
-    _module = importlib.util.module_from_spec(_spec)
-    sys.modules[_MAPCHECK] = _module
-    _spec.loader.exec_module(_module)
-
-
-# -- availability --------------------------------------------------------------------------------
-
-
-def _missing_tools() -> list[str]:
-    return [tool for tool in ("qemu-img", "qemu-io") if shutil.which(tool) is None]
-
-
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() == "true"
+QEMU_TIMEOUT = _qemu.QEMU_TIMEOUT
+qemu_compare = _qemu.qemu_compare
+qemu_convert_raw = _qemu.qemu_convert_raw
+qemu_convert_raw_file = _qemu.qemu_convert_raw_file
+qemu_img = _qemu.qemu_img
+qemu_img_check = _qemu.qemu_check
+qemu_info = _qemu.qemu_info
+qemu_io = _qemu.qemu_io
+qemu_map = _qemu.qemu_map
 
 
 def require_qemu() -> None:
     """Skip (outside CI) or fail (``CI=true``) when qemu-img / qemu-io are missing."""
-    missing = _missing_tools()
-    if not missing:
-        return
-    reason = (
-        f"QEMU INTEROP NOT TESTED: {' and '.join(missing)} not found on PATH "
-        "(install Debian's qemu-utils)"
-    )
-    if _in_ci():
-        pytest.fail(f"{reason}; CI=true requires them", pytrace=False)
-    pytest.skip(reason)
+    _qemu.require_qemu("the interop tests")
 
 
 def pytest_report_header(config: pytest.Config) -> str:
-    missing = _missing_tools()
+    missing = [tool for tool in ("qemu-img", "qemu-io") if shutil.which(tool) is None]
     if not missing:
         return f"qemu interop: {shutil.which('qemu-img')}, {shutil.which('qemu-io')}"
-    what = "FAIL (CI=true)" if _in_ci() else "SKIP"
-    return f"qemu interop: {', '.join(missing)} MISSING -- interop tests will {what}"
-
-
-# -- running the tools ---------------------------------------------------------------------------
-
-
-def _run(
-    args: Sequence[str | Path], *, ok: Sequence[int] = (0,)
-) -> subprocess.CompletedProcess[str]:
-    cmd = [str(a) for a in args]
-    try:
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=QEMU_TIMEOUT, check=False
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"timed out after {QEMU_TIMEOUT}s: {' '.join(cmd)}")
-    if proc.returncode not in ok:
-        pytest.fail(
-            f"exit {proc.returncode}: {' '.join(cmd)}\nstdout: {proc.stdout}\n"
-            f"stderr: {proc.stderr}"
-        )
-    return proc
-
-
-def qemu_img(*args: str | Path, ok: Sequence[int] = (0,)) -> subprocess.CompletedProcess[str]:
-    """Run ``qemu-img ARGS`` with a timeout; fail the test on an exit status not in ``ok``."""
-    return _run(["qemu-img", *args], ok=ok)
-
-
-def qemu_io(path: Path, cmds: Sequence[str], fmt: str = "qcow2") -> str:
-    """Run qemu-io commands on ``path`` in one process; fail the test if any command fails."""
-    args: list[str | Path] = ["qemu-io", "-f", fmt]
-    for c in cmds:
-        args += ["-c", c]
-    args.append(path)
-    out = _run(args).stdout
-    # qemu-io reports failed commands on stdout and may still exit 0.
-    bad = [ln for ln in out.splitlines() if "fail" in ln.lower() or "error" in ln.lower()]
-    if bad:
-        pytest.fail(f"qemu-io on {path}: {'; '.join(bad)}")
-    return out
-
-
-def qemu_img_check(path: Path, fmt: str = "qcow2") -> dict[str, Any]:
-    """``qemu-img check --output=json``; asserts no corruptions, no leaks, no check errors."""
-    # 2: corruptions, 3: leaks -- still a report on stdout, which we assert on for a clear message
-    proc = qemu_img("check", "--output=json", "-f", fmt, path, ok=(0, 2, 3))
-    try:
-        report: dict[str, Any] = json.loads(proc.stdout)
-    except json.JSONDecodeError:
-        pytest.fail(f"qemu-img check {path}: no JSON report\n{proc.stdout}\n{proc.stderr}")
-    problems = {
-        k: report.get(k, 0)
-        for k in ("corruptions", "leaks", "check-errors", "corruptions-fixed", "leaks-fixed")
-        if report.get(k, 0)
-    }
-    assert not problems and proc.returncode == 0, (
-        f"qemu-img check {path}: {problems}, exit {proc.returncode}\n"
-        f"{json.dumps(report, indent=1)}\n{proc.stderr}"
-    )
-    return report
-
-
-def qemu_convert_raw_file(path: Path, out: Path, fmt: str | None = None) -> Path:
-    """``qemu-img convert -O raw`` into ``out`` (sparse where the image has holes)."""
-    args: list[str | Path] = ["convert", "-O", "raw"]
-    if fmt is not None:
-        args += ["-f", fmt]
-    qemu_img(*args, path, out)
-    return out
-
-
-def qemu_convert_raw(path: Path, fmt: str | None = None) -> bytes:
-    """The guest-visible content of ``path`` as QEMU sees it."""
-    with tempfile.TemporaryDirectory(prefix="pyimago-convert-") as tmp:
-        out = qemu_convert_raw_file(path, Path(tmp) / "out.raw", fmt)
-        return out.read_bytes()
-
-
-def qemu_map(path: Path, fmt: str | None = None) -> list[dict[str, Any]]:
-    """``qemu-img map --output=json``: start, length, depth, present, zero, data[, offset]."""
-    args: list[str | Path] = ["map", "--output=json"]
-    if fmt is not None:
-        args += ["-f", fmt]
-    entries: list[dict[str, Any]] = json.loads(qemu_img(*args, path).stdout)
-    return entries
-
-
-def qemu_info(path: Path, fmt: str | None = None) -> list[dict[str, Any]]:
-    """``qemu-img info --backing-chain --output=json``: one dict per layer, top first."""
-    args: list[str | Path] = ["info", "--backing-chain", "--output=json"]
-    if fmt is not None:
-        args += ["-f", fmt]
-    chain: list[dict[str, Any]] = json.loads(qemu_img(*args, path).stdout)
-    return chain
-
-
-def qemu_compare(image: Path, expected_raw: Path, fmt: str = "qcow2") -> None:
-    """Assert ``qemu-img compare`` finds ``image`` identical to the raw file ``expected_raw``."""
-    proc = qemu_img("compare", "-f", fmt, "-F", "raw", image, expected_raw, ok=(0, 1))
-    assert proc.returncode == 0, (
-        f"qemu-img compare {image} {expected_raw}: {proc.stdout.strip()} {proc.stderr.strip()}"
-    )
+    ci = os.environ.get("CI", "").strip().lower() == "true"
+    return f"qemu interop: {', '.join(missing)} MISSING -- interop tests will " + (
+        "FAIL (CI=true)" if ci else "SKIP")
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,7 @@ from pyimago.reference import (
     create_image,
     open_image,
 )
+from pyimago_tests_qemu import assert_qemu_reads
 
 if TYPE_CHECKING:
     from .conftest import QemuTools
@@ -159,9 +160,7 @@ def verify_with_qemu(qemu: QemuTools, path: Path, model: bytes | bytearray, tmp:
     qemu.check(path)
     size = qemu.info(path)[0]["virtual-size"]
     assert size == len(model), f"qemu sees {size} bytes, the model has {len(model)}"
-    expected = tmp / "expected.raw"
-    expected.write_bytes(model)
-    qemu.compare(path, expected)
+    assert_qemu_reads(path, bytes(model), tmp)
     # and our own reopen reads the same
     with open_image(path) as img:
         assert img.size == len(model)

@@ -26,6 +26,7 @@ from pyimago.reference import (
     create_image,
     open_image,
 )
+from pyimago_tests_qemu import assert_qemu_reads
 
 if TYPE_CHECKING:
     from .conftest import QemuTools
@@ -89,9 +90,7 @@ def _random_ops(img: FormatAccess, model: bytearray, seed: int, count: int, unit
 
 def _check_and_compare(qemu: QemuTools, path: Path, model: bytes, tmp_path: Path) -> None:
     qemu.check(path)
-    expected = tmp_path / "expected.raw"
-    expected.write_bytes(model)
-    qemu.compare(path, expected)
+    assert_qemu_reads(path, model, tmp_path)
 
 
 # -- create_image options ------------------------------------------------------------------------

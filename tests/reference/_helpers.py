@@ -1,23 +1,18 @@
 """Shared helpers of the tests of ``pyimago.reference``'s qcow2 modules.
 
-Loaded by ``conftest.py`` under the name ``pyimago_tests_reference_helpers`` (``tests/`` is
+Loaded by ``tests/conftest.py`` under the name ``pyimago_tests_reference_helpers`` (``tests/`` is
 not a package), so test modules import it by that name.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import struct
-import subprocess
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
-import pytest
+import pyimago_tests_qemu as _qemu  # tests/fixtures/qemu.py, registered by tests/conftest.py
 from pyimago.reference import MemoryStorage, create_image, open_image
 from pyimago.reference.qcow2.extensions import (
     HeaderExtension,
@@ -32,7 +27,9 @@ __all__ = [
     "KiB",
     "MiB",
     "assert_consistent",
+    "assert_qemu_reads",
     "counted_references",
+    "every_cut",
     "extensions_of",
     "get_u64",
     "header_of",
@@ -41,8 +38,10 @@ __all__ = [
     "patch_header",
     "put_u64",
     "qemu_check",
+    "qemu_check_bytes",
     "qemu_img",
     "qemu_io",
+    "qemu_json",
     "refblock_pos",
     "require_qemu",
     "set_extensions",
@@ -52,52 +51,20 @@ __all__ = [
 KiB = 1 << 10
 MiB = 1 << 20
 
-QEMU_TIMEOUT = 60.0
+# The qemu-img helpers the reference tests import from here (one copy, in
+# tests/fixtures/qemu.py, registered by tests/conftest.py).
+assert_qemu_reads = _qemu.assert_qemu_reads
+every_cut = _qemu.every_cut
+qemu_check = _qemu.qemu_check
+qemu_check_bytes = _qemu.qemu_check_bytes
+qemu_img = _qemu.qemu_img
+qemu_io = _qemu.qemu_io
+qemu_json = _qemu.qemu_json
 
 
 def require_qemu() -> None:
-    """Skip without qemu-img, except under ``CI=true`` where its absence fails the test."""
-    if shutil.which("qemu-img") and shutil.which("qemu-io"):
-        return
-    reason = "QEMU NOT TESTED: qemu-img / qemu-io not on PATH (install Debian's qemu-utils)"
-    if os.environ.get("CI", "").strip().lower() == "true":
-        pytest.fail(f"{reason}; CI=true requires them", pytrace=False)
-    pytest.skip(reason)
-
-
-def qemu_img(*args: str | Path, ok: Iterable[int] = (0,)) -> subprocess.CompletedProcess[str]:
-    """Run ``qemu-img`` (after require_qemu); fail the test on an unexpected exit status."""
-    require_qemu()
-    cmd = ["qemu-img", *(str(a) for a in args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=QEMU_TIMEOUT, check=False)
-    if proc.returncode not in tuple(ok):
-        pytest.fail(f"exit {proc.returncode}: {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def qemu_io(path: Path, *cmds: str) -> str:
-    require_qemu()
-    args = ["qemu-io", "-f", "qcow2"]
-    for c in cmds:
-        args += ["-c", c]
-    proc = subprocess.run(
-        [*args, str(path)], capture_output=True, text=True, timeout=QEMU_TIMEOUT, check=False
-    )
-    if proc.returncode or "fail" in proc.stdout.lower():
-        pytest.fail(f"qemu-io {cmds} on {path}: {proc.stdout}\n{proc.stderr}")
-    return proc.stdout
-
-
-def qemu_check(path: Path, *, allow_leaks: bool = False) -> dict[str, Any]:
-    """``qemu-img check``: assert no corruptions, leaks or check errors; return the report."""
-    proc = qemu_img("check", "--output=json", "-f", "qcow2", path, ok=(0, 2, 3))
-    report: dict[str, Any] = json.loads(proc.stdout)
-    kinds = ("corruptions", "check-errors") if allow_leaks else ("corruptions", "leaks",
-                                                                  "check-errors")
-    problems = {k: report.get(k) for k in kinds if report.get(k)}
-    ok = (0, 3) if allow_leaks else (0,)
-    assert not problems and proc.returncode in ok, (problems, proc.stdout, proc.stderr)
-    return report
+    """Skip (or fail under CI=true) when qemu-img / qemu-io are missing."""
+    _qemu.require_qemu("pyimago.reference")
 
 
 def get_u64(data: bytes | bytearray, pos: int) -> int:

@@ -8,10 +8,7 @@ leaves at most leaks.
 
 from __future__ import annotations
 
-import json
 import random
-import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -27,16 +24,17 @@ from pyimago.reference import (
 )
 from pyimago.reference.qcow2.compression import compress_cluster
 from pyimago.reference.qcow2.tables import ClusterType
-from pyimago_tests_reference_helpers import KiB, MiB, qemu_check, qemu_img, qemu_io
+from pyimago_tests_reference_helpers import (
+    KiB,
+    MiB,
+    assert_qemu_reads,
+    every_cut,
+    qemu_check,
+    qemu_img,
+    qemu_io,
+)
 
 pytestmark = pytest.mark.qemu
-
-
-def _qemu_compare(image: Path, model: bytes, tmp_path: Path) -> None:
-    raw = tmp_path / "model.raw"
-    raw.write_bytes(model)
-    proc = qemu_img("compare", "-f", "qcow2", "-F", "raw", image, raw, ok=(0, 1))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 @pytest.mark.clause("qcow2.compressed.write-packing", "qcow2.compressed.zlib")
@@ -47,7 +45,7 @@ def test_same_file_as_qemu_io_write_c(tmp_path: Path, cluster_size: int) -> None
     ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster_size}", theirs,
              str(MiB))
-    qemu_io(theirs, *(f"write -c -P {p} {c * cluster_size} {cluster_size}" for c, p in plan))
+    qemu_io(theirs, [f"write -c -P {p} {c * cluster_size} {cluster_size}" for c, p in plan])
     create_image(ours, MiB, cluster_size=cluster_size)
     with open_image(ours, writable=True) as img:
         for c, p in plan:
@@ -100,7 +98,7 @@ def test_mixed_writes_pass_qemu_check(
             model[off : off + 11] = b"overwritten"
         assert img.read(0, size) == model
     report = qemu_check(path)
-    _qemu_compare(path, bytes(model), tmp_path)
+    assert_qemu_reads(path, bytes(model), tmp_path)
     ours = check(path).to_json()
     for key in ("corruptions", "leaks", "allocated-clusters", "compressed-clusters",
                 "fragmented-clusters", "image-end-offset"):
@@ -160,16 +158,6 @@ def test_refused_requests_change_nothing() -> None:
         img.write_compressed(bytes(512), 0)
 
 
-def _corruptions(image: bytes) -> tuple[int, str]:
-    with tempfile.NamedTemporaryFile(suffix=".qcow2") as f:
-        f.write(image)
-        f.flush()
-        proc = subprocess.run(["qemu-img", "check", "--output=json", "-f", "qcow2", f.name],
-                              capture_output=True, text=True, check=False)
-    out = json.loads(proc.stdout) if proc.stdout.strip() else {"check-errors": 1}
-    return int(out.get("corruptions", 0)) + int(out.get("check-errors", 0)), proc.stdout
-
-
 @pytest.mark.clause("crash.power-cut", "qcow2.compressed.write-packing")
 def test_power_cut_during_compressed_writes() -> None:
     """A cut after any storage write of a run of compressed writes (packing across host
@@ -184,10 +172,7 @@ def test_power_cut_during_compressed_writes() -> None:
         for c, data in clusters.items():
             img.write_compressed(data, c * cs)
     assert rec.mutations > 6
-    for k, state in rec.cut_states(since=0):
-        image = bytes(state)
-        corrupt, why = _corruptions(image)
-        assert not corrupt, f"cut after mutation {k} of {rec.mutations}: {why}"
+    for k, image in every_cut(rec):
         with open_image(MemoryStorage(image, name="cut")) as img:
             for c, data in clusters.items():
                 assert img.read(c * cs, cs) in (data, bytes(cs)), f"cut {k}, cluster {c}"

@@ -207,7 +207,7 @@ def test_extensions_filling_cluster_without_end_marker_preserved() -> None:
 def test_qemu_bitmaps_extension_preserved(tmp_path: Path) -> None:
     path = tmp_path / "bm.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", path, "1M")
-    qemu_io(path, "write -P 0x11 0 64k")
+    qemu_io(path, ["write -P 0x11 0 64k"])
     qemu_img("bitmap", "--add", path, "bitmap0")
     qemu_img("bitmap", "--add", "--disable", path, "bitmap1")
     before = path.read_bytes()

@@ -112,7 +112,7 @@ def test_matches_qemu_layout(tmp_path: Path, refcount_bits: int) -> None:
     qemu_img("create", "-q", "-f", "qcow2", "-o",
              f"cluster_size=512,refcount_bits={refcount_bits}", path, "64K")
     # 5 data clusters + 1 L2 table: 10 clusters in use, not a multiple of 8.
-    qemu_io(path, "write -P 0x5a 0 2560")
+    qemu_io(path, ["write -P 0x5a 0 2560"])
     data = bytearray(path.read_bytes())
     h = header_of(data)
     order = h.refcount_order
@@ -152,7 +152,7 @@ def test_reads_qemu_refcount_two(tmp_path: Path, refcount_bits: int) -> None:
     path = tmp_path / "s.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", "-o",
              f"cluster_size=512,refcount_bits={refcount_bits}", path, "64K")
-    qemu_io(path, "write -P 0x5a 0 2048")
+    qemu_io(path, ["write -P 0x5a 0 2048"])
     qemu_img("snapshot", "-c", "snap", path)
     with open_image(path) as img:
         hosts = []
@@ -275,7 +275,7 @@ def test_refcount_table_growth_qemu_check(tmp_path: Path) -> None:
     raw.write_bytes(bytes(512) + payload + bytes(4 * MiB - 512 - len(payload)))
     qemu_img("compare", "-q", "-f", "qcow2", "-F", "raw", path, raw)
     # QEMU can keep writing into the grown structure.
-    qemu_io(path, "write -P 0x11 3584k 512k")
+    qemu_io(path, ["write -P 0x11 3584k 512k"])
     qemu_check(path)
     with open_image(path) as img:
         assert img.read(3584 * KiB, 512 * KiB) == b"\x11" * (512 * KiB)

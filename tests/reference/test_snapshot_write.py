@@ -30,7 +30,14 @@ from pyimago.reference import (
     create_image,
     open_image,
 )
-from pyimago_tests_reference_helpers import KiB, MiB, qemu_check, qemu_img, qemu_io
+from pyimago_tests_reference_helpers import (
+    KiB,
+    MiB,
+    qemu_check,
+    qemu_img,
+    qemu_io,
+    qemu_json,
+)
 
 pytestmark = pytest.mark.qemu
 
@@ -43,11 +50,6 @@ class Model:
     snapshots: dict[str, tuple[str, bytes]] = field(default_factory=dict)  # name: (id, data)
     next_id: int = 1
     cluster_size: int = 64 * KiB
-
-
-def _qemu_info(path: Path) -> dict[str, object]:
-    out: dict[str, object] = json.loads(qemu_img("info", "--output=json", path).stdout)
-    return out
 
 
 def _convert_snapshot(path: Path, sid: str, tmp: Path) -> bytes:
@@ -72,7 +74,7 @@ def _run(path: Path, ops: list[tuple[str, ...]], model: Model, who: str) -> None
                         bytes([pat]) * n, off)
             else:
                 flag = "" if kind == "write" else "-c "
-                qemu_io(path, f"write {flag}-P {pat} {off} {n}")
+                qemu_io(path, [f"write {flag}-P {pat} {off} {n}"])
             model.disk[off : off + n] = bytes([pat]) * n
         elif kind == "create":
             name = op[1]
@@ -121,7 +123,7 @@ def _verify(path: Path, model: Model, tmp: Path) -> None:
         assert img.read(0, img.size) == model.disk
         listed = [(s.id, s.name, s.disk_size) for s in img.snapshots()]
     assert listed == [(sid, name, len(data)) for name, (sid, data) in model.snapshots.items()]
-    info = _qemu_info(path)
+    info: dict[str, object] = qemu_json("info", path)
     theirs = [(s["id"], s["name"]) for s in info.get("snapshots", [])]  # type: ignore[attr-defined]
     assert theirs == [(sid, name) for name, (sid, _) in model.snapshots.items()]
     size = len(model.disk)

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import gzip
 import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -81,3 +85,47 @@ def peer_names() -> list[str]:
         rel = p.relative_to(PEER_IMAGES)
         names.append(str(rel.with_suffix("") if rel.suffix == ".gz" else rel))
     return names or ["(absent)"]
+
+
+def _locked(image: Path) -> bool:
+    """Whether a writable QEMU open holds its lock bytes on ``image``: 100, 101, 103, 201,
+    203 (see reference/locking.py), five OFD locks."""
+    inode = f":{image.stat().st_ino}"
+    held: set[int] = set()
+    with open("/proc/locks", encoding="ascii") as f:
+        for line in f:
+            fields = line.split()
+            # "5: OFDLCK ADVISORY READ -1 fe:00:2794959 100 101" (adjacent bytes merge)
+            if "OFDLCK" in fields and len(fields) >= 3 and fields[-3].endswith(inode):
+                held.update(range(int(fields[-2]), int(fields[-1]) + 1))
+    return held >= {100, 101, 103, 201, 203}
+
+
+@contextmanager
+def held_by_qemu_io(image: Path) -> Iterator[None]:
+    """``image`` held open read-write by a qemu-io process (interactive, waiting on its
+    stdin) until the block ends: its image locks are QEMU's own."""
+    holder = subprocess.Popen(["qemu-io", "-f", "qcow2", str(image)], stdin=subprocess.PIPE,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for _ in range(600):
+            if holder.poll() is not None:
+                err = holder.stderr.read() if holder.stderr else b""
+                pytest.fail(f"qemu-io exited {holder.returncode} before it locked {image}: "
+                            f"{err!r}")
+            # Watched in /proc/locks: a probe that opens the image (qemu-img info) would
+            # itself hold a lock that makes qemu-io's writable open fail.
+            if _locked(image):
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail(f"qemu-io did not lock {image}")
+        yield
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        try:
+            holder.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            holder.kill()
+            holder.wait(timeout=30)

@@ -149,7 +149,7 @@ def test_commit_and_rebase_refuse_up_front(tmp_path: Path,
         (rebase_main, ["-b", "base.qcow2", str(top)]),                 # no -F
         (rebase_main, ["-b", "nope.qcow2", "-F", "qcow2", str(top)]),  # missing backing
         (rebase_main, [str(top)]),                                     # no -b
-        (rebase_main, ["-b", "", str(snap)]),                          # snapshots
+        (rebase_main, ["-u", "-b", "x" * 1100, "-F", "raw", str(snap)]),  # name too long
         (snapshot_main, ["-c", "s1", str(snap)]),                     # name in use
         (snapshot_main, ["-d", "1", str(snap)]),                      # -d takes a name
         (snapshot_main, ["-a", "s2", str(snap)]),                     # no such snapshot

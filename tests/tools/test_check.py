@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
 from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
 
 import pytest
+from pyimago.tools import run_check
 from pyimago.tools._cli import check_main
 
 from .conftest import IMPLS, peer_names, qemu_img
@@ -97,3 +99,33 @@ def test_check_bad_arguments_exit_2(tmp_path: Path, capsys: pytest.CaptureFixtur
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "Traceback" not in err, argv
     assert not (tmp_path / "no").exists()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_check_progress_walks_every_l1_table_to_the_end(impl: str, tmp_path: Path) -> None:
+    """check(progress=) reports (L1 entries walked, L1 entries of the active and snapshot
+    L1 tables): non-decreasing, once per L2 table at least, ending at (total, total); a
+    repair walks again from 0 (its second, read-only check)."""
+    image = tmp_path / "img.qcow2"
+    # 512-byte clusters: an L2 table maps 64 clusters (32 KiB), so 16 MiB take 512 L1 entries.
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", image, "16M")
+    writes = [c for at in range(0, 16 << 20, 1 << 20) for c in ("-c", f"write {at} 4k")]
+    subprocess.run(["qemu-io", *writes, str(image)], check=True, capture_output=True,
+                   timeout=120)
+    qemu_img("snapshot", "-c", "s1", image)
+    calls: list[tuple[int, int]] = []
+    result = run_check(str(image), impl=impl, progress=lambda d, t: calls.append((d, t)))
+    assert result.exit_code == 0
+    totals = {t for _, t in calls}
+    # 16 MiB / (64 entries * 512 B) = 512 L1 entries, twice (active and the snapshot).
+    assert totals == {2 * 512}, totals
+    assert calls[-1] == (1024, 1024)
+    done = [d for d, _ in calls]
+    assert done == sorted(done)
+    assert len(calls) >= 2 * 16  # one L2 table per MiB written, in both L1 tables
+    _leak_one_cluster(image)
+    calls.clear()
+    assert run_check(str(image), impl=impl, repair="leaks",
+                     progress=lambda d, t: calls.append((d, t))).leaks_fixed == 1
+    ends = [i for i, c in enumerate(calls) if c[0] == c[1]]
+    assert len(ends) == 2 and calls[ends[0] + 1][0] < calls[ends[0]][0]  # a second walk

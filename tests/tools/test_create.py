@@ -174,3 +174,24 @@ def test_resize_refuses_before_changing_anything(tmp_path: Path,
         assert err.count("\n") == 1 and "Traceback" not in err, argv
     assert path.read_bytes() == before
     assert resize_main([str(tmp_path / "missing.qcow2"), "1M"]) == 2
+
+
+@pytest.mark.clause("tools.cli.errors")
+@pytest.mark.parametrize("backing", ["img.qcow2", "./img.qcow2", "sub/../img.qcow2"])
+def test_create_over_its_own_backing_file_is_refused_and_keeps_the_image(
+        backing: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """qemu-img: "Trying to create an image with the same filename as the backing file"
+    (pyimago also catches other spellings of the same file, which qemu-img would overwrite
+    with an image that is its own backing file)."""
+    (tmp_path / "sub").mkdir()
+    image = tmp_path / "img.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", image, "1M")
+    subprocess.run(["qemu-io", "-c", "write -P 0x3c 0 64k", str(image)], check=True,
+                   capture_output=True, timeout=60)
+    before = image.read_bytes()
+    assert create_main(["-f", "qcow2", "-b", backing, "-F", "qcow2", str(image)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "same filename" in err
+    assert image.read_bytes() == before
+    assert qemu_img("create", "-f", "qcow2", "-b", "img.qcow2", "-F", "qcow2", "img.qcow2",
+                    cwd=tmp_path, ok=(1,)).returncode == 1

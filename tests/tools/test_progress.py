@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from pyimago.tools._cli import check_main, commit_main, rebase_main
-from pyimago.tools._progress import busy, progress
+from pyimago.tools._progress import progress
 
 from .conftest import assert_qemu_check_clean, qemu_img
 
@@ -36,24 +36,6 @@ def test_progress_draws_on_a_terminal_only(monkeypatch: pytest.MonkeyPatch) -> N
         bar.advance(50)
         bar.advance(50)
     assert "convert" in terminal.getvalue()
-
-
-@pytest.mark.clause("tools.check.verdict")
-def test_busy_spinner_on_a_terminal_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("rich")
-    pipe = io.StringIO()
-    monkeypatch.setattr(sys, "stderr", pipe)
-    with busy(True, "check big.qcow2"):
-        pass
-    assert pipe.getvalue() == ""
-    terminal = _Terminal()
-    monkeypatch.setattr(sys, "stderr", terminal)
-    with busy(False, "check big.qcow2"):
-        pass
-    assert terminal.getvalue() == ""
-    with busy(True, "check big.qcow2"):
-        pass
-    assert "check big.qcow2" in terminal.getvalue()
 
 
 @pytest.mark.qemu
