@@ -30,6 +30,7 @@ from ._common import (
     implementation,
     open_chain,
     require_file,
+    require_room,
     same_file,
 )
 from ._progress import progress
@@ -220,6 +221,7 @@ def convert(src: str | Sequence[str], dst: str, opts: ConvertOptions | None = No
         size = whole.size
         fresh = not opts.no_create
         if fresh:
+            require_room(dst, size, create.get("preallocation"))
             module.create_image(dst, size, format=opts.out_fmt, **create)
         target = module.open_image(dst, format=opts.out_fmt, writable=True)
         try:
