@@ -67,6 +67,9 @@ class ConvertOptions:
     snapshot: str | None = None
     #: Open the sources without the shared-permission lock checks (qemu-img ``-U``).
     force_share: bool = False
+    #: The existing output (``-n``) reads as zeroes already: zero ranges are not written
+    #: (qemu-img ``--target-is-zero``).
+    target_is_zero: bool = False
 
 
 def _chunks(runs: Iterator[tuple[int, int, str]]) -> Iterator[tuple[int, int, str]]:
@@ -183,6 +186,12 @@ def _validate(sources: Sequence[str], dst: str, opts: ConvertOptions, module: An
         if not opts.no_create:  # with -n the output keeps the backing file it has
             create["backing_file"] = backing
             create["backing_fmt"] = check_format(str(backing_fmt), "backing format")
+    if opts.target_is_zero and not opts.no_create:
+        # qemu-img.c img_convert: "--target-is-zero requires use of -n flag".
+        raise ToolError("--target-is-zero needs -n (an existing output that reads as zeroes)")
+    if opts.target_is_zero and backing is not None:
+        raise ToolError("--target-is-zero cannot be used when the output has a backing file "
+                        f"({backing!r})")
     if opts.no_create:
         require_file(dst, "output image")
     elif os.path.isdir(dst):
@@ -229,7 +238,13 @@ def convert(src: str | Sequence[str], dst: str, opts: ConvertOptions | None = No
             if sector_span(target.size) < size:
                 raise ToolError(f"output {dst!r} ({target.size} bytes) is smaller than the "
                                 f"source ({size} bytes)")
-            _copy(whole, target, opts, top_only, zero_init=fresh and not top_only)
+            if opts.target_is_zero and target.info().backing_file is not None:
+                # qemu-img: "Cannot use --target-is-zero when the destination image has a
+                # backing file" (7.2 then exits 0 without copying; pyimago exits 2).
+                raise ToolError(f"--target-is-zero: output {dst!r} has a backing file, so "
+                                "its unallocated ranges need not read as zeroes")
+            zero_init = (fresh and not top_only) or opts.target_is_zero
+            _copy(whole, target, opts, top_only, zero_init=zero_init)
             target.flush()
             target.sync()
         finally:
