@@ -45,8 +45,9 @@ __all__ = ["ConvertOptions", "convert"]
 #: Bytes one read job copies.
 _CHUNK = 2 << 20
 _SECTOR = 512
-#: Zero runs that can hold a whole sector, or end the buffer (the disk's partial last one).
-_ZERO_RUN = re.compile(b"\\x00{512,}|\\x00+\\Z")
+_ZERO_SECTOR = bytes(_SECTOR)
+_ZERO_BLOCK = bytes(64 << 10)
+_NONZERO = re.compile(b"[^\\x00]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,11 +112,10 @@ def _zero_pieces(data: bytes, offset: int, sparse: int) -> Iterator[tuple[int, i
         yield offset, len(data), False
         return
     holes: list[tuple[int, int]] = []
-    for match in _ZERO_RUN.finditer(data):
+    for start, hi in _zero_runs(data):
         # Shrink the run inward to whole sectors of the guest's 512-byte grid (a partial
         # sector at the buffer's end counts whole: it is the disk's last one).
-        lo = match.start() + (-(offset + match.start()) % _SECTOR)
-        hi = match.end()
+        lo = start + (-(offset + start) % _SECTOR)
         if hi < len(data):
             hi -= (offset + hi) % _SECTOR
         # Leading and trailing zero sectors are always holes; inner runs from ``sparse``.
@@ -130,6 +130,26 @@ def _zero_pieces(data: bytes, offset: int, sparse: int) -> Iterator[tuple[int, i
         pos = hi
     if pos < len(data):
         yield offset + pos, len(data) - pos, False
+
+
+def _zero_runs(data: bytes) -> Iterator[tuple[int, int]]:
+    """(start, end) of the maximal runs of zero bytes at least a sector long, and of a
+    shorter run that ends ``data``.  Searched with C-speed bytes.find/startswith: a regular
+    expression stepping byte by byte over the data took most of a convert's time."""
+    pos, n = 0, len(data)
+    while pos < n:
+        start = data.find(_ZERO_SECTOR, pos)
+        if start < 0:
+            break
+        end = start + _SECTOR
+        while data.startswith(_ZERO_BLOCK, end):
+            end += len(_ZERO_BLOCK)
+        found = _NONZERO.search(data, end)
+        end = found.start() if found is not None else n
+        yield start, end
+        pos = end
+    if pos < n and data[-1] == 0:
+        yield len(data.rstrip(b"\0")), n
 
 
 def _validate(sources: Sequence[str], dst: str, opts: ConvertOptions, module: Any
