@@ -86,14 +86,15 @@ def hot_reader(layer: Qcow2Layer, slow: Readinto) -> Readinto | None:
     def readinto(buf: WritableBuffer, offset: int) -> None:
         if type(offset) is int and offset >= 0:
             try:
-                tbl = by_entry.get(layer._l1[offset >> l1_shift])
-                if tbl is not None:
-                    e = tbl[(offset >> cbits) & l2mask]
-                    view = buf if type(buf) is memoryview else memoryview(buf)
-                    n = view.nbytes
-                    inc = offset & cmask
-                    host = e & HOST_MASK
-                    if inc + n <= cs and offset + n <= layer.size:
+                view = buf if type(buf) is memoryview else memoryview(buf)
+                n = view.nbytes
+                inc = offset & cmask
+                # (Size first: a larger request skips the lookups.)
+                if inc + n <= cs and offset + n <= layer.size:
+                    tbl = by_entry.get(layer._l1[offset >> l1_shift])
+                    if tbl is not None:
+                        e = tbl[(offset >> cbits) & l2mask]
+                        host = e & HOST_MASK
                         if host and not e & not_plain:
                             host |= inc
                             if n > MAP_MAX:

@@ -541,11 +541,16 @@ class Qcow2Layer(MetadataGuard, LayerBase):
                 return K_ZERO, 0, min(pos, end) - offset
             h = e & HOST_MASK
             if h:
-                want = (h + cs) | (e & COPIED)
-                while pos < end and j < l2n and tbl[j] == want:
-                    pos += cs
-                    want += cs
-                    j += 1
+                if pos < end:
+                    # The entries that continue the run: ``e + cs`` and on (``e``, free of
+                    # bad bits, is ``h`` plus perhaps COPIED).  Iterating a slice of the
+                    # table costs two thirds of an indexed loop (a 1 MiB read: 16 entries).
+                    want = e + cs
+                    for nxt in tbl[j : j + ((end - pos + cs - 1) >> cbits)]:
+                        if nxt != want:
+                            break
+                        want += cs
+                    pos += want - e - cs
                 kind = K_DATA if e & COPIED else K_DATA_RO
                 return kind, h + (offset & self._cmask), min(pos, end) - offset
             while pos < end and j < l2n and not tbl[j] & _NOT_COPIED:

@@ -21,12 +21,13 @@ header points at it (crash.order.new-structure-before-pointer).
 
 from __future__ import annotations
 
+import re
 import struct
 import time
 from array import array
-from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from itertools import groupby
 from typing import TYPE_CHECKING
 
 from pyimago.reference._errors import (
@@ -53,6 +54,8 @@ _EXTRA = struct.Struct(">QQq")
 _MAX_SNAPSHOTS = 65536
 _MAX_TABLE_BYTES = 64 << 20
 _MAX_EXTRA = 1024
+#: Runs of referenced clusters in a ``_Tally``.
+_NONZERO = re.compile(rb"[^\x00]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,8 +218,7 @@ def create_snapshot(layer: Qcow2Layer, name: object) -> SnapshotInfo:
         layer.storage.write(encode_u64_table(cleared_l1[: hdr.l1.n]), hdr.l1.at)
     layer._l1 = cleared_l1
     layer._l1_dirty = False
-    for cluster, n in bumps.items():
-        _incref_n(layer, cluster, n)
+    _add_references(layer, bumps)
     layer.refs.write_back()
     new = RawSnapshot(snap_l1, new_id, raw_name, now // 1_000_000_000, now % 1_000_000_000,
                       0, 0, hdr.size, 0, b"")
@@ -239,8 +241,7 @@ def apply_snapshot(layer: Qcow2Layer, key: object) -> None:
                                 f"table of {new_n} entries")
     old_l1 = layer._l1[: layer.hdr.l1.n]
     old_tables = _tables(layer, old_l1)
-    for cluster, n in bumps.items():
-        _incref_n(layer, cluster, n)
+    _add_references(layer, bumps)
     layer.refs.write_back()
     # What the snapshot reaches is shared now: none of its entries may claim otherwise
     # once they are active.
@@ -261,8 +262,7 @@ def apply_snapshot(layer: Qcow2Layer, key: object) -> None:
     layer._l1_dirty = False
     _reset(layer)
     # The old active state lets go of what it held.
-    for cluster, n in _references(layer, old_l1, old_tables).items():
-        _free_n(layer, cluster, n)
+    _drop_references(layer, _references(layer, old_l1, old_tables))
     if old_span.n:
         layer.refs.free(old_span.at >> cb, max(1, -(-old_span.n * 8 // cs)))
     layer.refs.write_back()
@@ -279,8 +279,7 @@ def delete_snapshot(layer: Qcow2Layer, key: object) -> None:
     drops = _references(layer, sn_l1, _tables(layer, sn_l1))
     _write_table(layer, entries[:i] + entries[i + 1 :])
     # "If we fail after this point, we won't recover but just leak clusters."
-    for cluster, n in drops.items():
-        _free_n(layer, cluster, n)
+    _drop_references(layer, drops)
     if sn.l1.n:
         layer.refs.free(sn.l1.at >> layer._cbits, max(1, -(-sn.l1.n * 8 // layer._cs)))
     layer.refs.write_back()
@@ -326,45 +325,108 @@ def _tables(layer: Qcow2Layer, l1: array[int]) -> dict[int, array[int]]:
     return found
 
 
-def _references(layer: Qcow2Layer, l1: array[int], tables: dict[int, array[int]]) -> Counter[int]:
-    """Host cluster -> references an L1 table holds to it (qcow2_update_snapshot_refcount's
+class _Tally:
+    """References per host cluster: a byte per cluster of the file (a cluster referenced 255
+    times or more, or past the end of the file, is counted in a dict beside it), so that an
+    image of N clusters costs N bytes here, not a dict entry per cluster."""
+
+    __slots__ = ("counts", "over")
+
+    def __init__(self, clusters: int) -> None:
+        self.counts = bytearray(clusters)
+        self.over: dict[int, int] = {}
+
+    def add(self, cluster: int) -> None:
+        counts = self.counts
+        if cluster < len(counts) and counts[cluster] < 254:
+            counts[cluster] += 1
+        else:
+            self._add_over(cluster)
+
+    def _add_over(self, cluster: int) -> None:
+        # From 255 on the byte says "see the dict", which holds the whole count.
+        if cluster < len(self.counts) and self.counts[cluster] != 255:
+            self.over[cluster] = self.counts[cluster]
+            self.counts[cluster] = 255
+        self.over[cluster] = self.over.get(cluster, 0) + 1
+
+    def runs(self) -> Iterator[tuple[int, int, int]]:
+        """``(first cluster, clusters, references each)``: runs of clusters with the same
+        number of references, in ascending order."""
+        counts, over = self.counts, self.over
+        for m in _NONZERO.finditer(counts):
+            first = m.start()
+            for n, group in groupby(m.group()):
+                length = len(list(group))
+                if n == 255:
+                    for c in range(first, first + length):
+                        yield c, 1, over[c]
+                else:
+                    yield first, length, n
+                first += length
+        for c in sorted(c for c in over if c >= len(counts)):
+            yield c, 1, over[c]
+
+
+def _references(layer: Qcow2Layer, l1: array[int], tables: dict[int, array[int]]) -> _Tally:
+    """References an L1 table holds to each host cluster (qcow2_update_snapshot_refcount's
     walk: each L2 table once per L1 entry, each data or compressed cluster its entries
     touch)."""
-    refs: Counter[int] = Counter()
     cb = layer._cbits
+    tally = _Tally((layer._file_size_now() >> cb) + 1)
+    counts = tally.counts
+    add = tally.add
     step = 1 << layer._ext
+    # Entries that are not a plain reference to one cluster: compressed ones, and malformed
+    # ones (refused below, where they hold a host offset).
+    odd = COMPRESSED | layer._l2_bad
     for e in l1:
         ofs = e & HOST_MASK
         if not ofs:
             continue
-        refs[ofs >> cb] += 1
+        add(ofs >> cb)
         tbl = tables[ofs]
-        for j in range(0, len(tbl), step):
-            x = tbl[j]
-            if x & COMPRESSED:
-                for c in layer._held(x):
-                    refs[c] += 1
-            elif x & HOST_MASK:
-                layer._check_entry(j, x)
-                refs[(x & HOST_MASK) >> cb] += 1
-    return refs
+        words = tbl[::step] if step > 1 else tbl
+        for x in filter(None, words):
+            host = x & HOST_MASK
+            if x & odd:
+                if x & COMPRESSED:
+                    for c in layer._held(x):
+                        add(c)
+                    continue
+                if host:
+                    layer._check_entry(step * words.index(x), x)
+            if host:
+                c = host >> cb
+                # bytearray's own bounds: past the file or at 255 references the tally's
+                # dict takes over.
+                try:
+                    if counts[c] < 254:
+                        counts[c] += 1
+                        continue
+                except IndexError:
+                    pass
+                add(c)
+    return tally
 
 
-def _check_room(layer: Qcow2Layer, bumps: Counter[int]) -> None:
+def _check_room(layer: Qcow2Layer, bumps: _Tally) -> None:
     """Every refcount can take the references about to be added (else nothing changes)."""
     top = layer.refs.ceiling
-    for cluster, n in bumps.items():
-        have = layer.refs.count(cluster)
-        if have == 0:
-            raise layer.mark_corrupt(
-                f"qcow2: host cluster 0x{cluster << layer._cbits:x} is referenced but its "
-                "refcount is 0"
-            )
-        if have + n > top:
-            raise UnsupportedError(
-                f"qcow2: host cluster 0x{cluster << layer._cbits:x} would need refcount "
-                f"{have + n}, more than refcount_bits allow ({top}): no snapshot taken"
-            )
+    count = layer.refs.count
+    for first, length, n in bumps.runs():
+        for cluster in range(first, first + length):
+            have = count(cluster)
+            if have == 0:
+                raise layer.mark_corrupt(
+                    f"qcow2: host cluster 0x{cluster << layer._cbits:x} is referenced but its "
+                    "refcount is 0"
+                )
+            if have + n > top:
+                raise UnsupportedError(
+                    f"qcow2: host cluster 0x{cluster << layer._cbits:x} would need refcount "
+                    f"{have + n}, more than refcount_bits allow ({top}): no snapshot taken"
+                )
 
 
 def _clear_copied(layer: Qcow2Layer, ofs: int, tbl: array[int]) -> None:
@@ -381,14 +443,16 @@ def _clear_copied(layer: Qcow2Layer, ofs: int, tbl: array[int]) -> None:
         layer.storage.write(encode_u64_table(tbl), ofs)
 
 
-def _incref_n(layer: Qcow2Layer, cluster: int, n: int) -> None:
-    for _ in range(n):
-        layer.refs.incref(cluster)
+def _add_references(layer: Qcow2Layer, tally: _Tally) -> None:
+    for first, length, n in tally.runs():
+        for _ in range(n):
+            layer.refs.incref(first, length)
 
 
-def _free_n(layer: Qcow2Layer, cluster: int, n: int) -> None:
-    for _ in range(n):
-        layer.refs.free(cluster)
+def _drop_references(layer: Qcow2Layer, tally: _Tally) -> None:
+    for first, length, n in tally.runs():
+        for _ in range(n):
+            layer.refs.free(first, length)
 
 
 def _write_table(layer: Qcow2Layer, entries: list[RawSnapshot]) -> None:

@@ -191,26 +191,32 @@ class FastFileStorage:
         n = len(view)
         end = offset + n
         mv = self.mapped
-        if n <= MAP_MAX and mv is not None and offset >= 0 and end <= self.mapped_size:
-            view[:] = mv[offset:end]
-            return
-        _in_bounds(offset, n)
-        outgrown = self._file_size - self.mapped_size >= max(_REMAP_GROWTH, self.mapped_size)
-        if n <= MAP_MAX and self._use_mmap and outgrown and end <= self._file_size:
-            with self._lock:
-                self._remap()
+        if n <= MAP_MAX:
+            if mv is not None and offset >= 0 and end <= self.mapped_size:
+                view[:] = mv[offset:end]
+                return
+            _in_bounds(offset, n)
+            outgrown = self._file_size - self.mapped_size >= max(_REMAP_GROWTH, self.mapped_size)
+            if self._use_mmap and outgrown and end <= self._file_size:
+                with self._lock:
+                    self._remap()
+        else:
+            _in_bounds(offset, n)
         self.pread_into(view, offset)
 
     def pread_into(self, view: memoryview, offset: int) -> None:
         """Fill ``view`` with ``preadv`` (releases the GIL); zeroes past the end of file."""
-        fd = self._open_fd()
-        got = 0
-        while got < len(view):
-            n = os.preadv(fd, [view[got:]], offset + got)
-            if not n:
+        fd = self._fd
+        if fd is None:
+            fd = self._open_fd()  # (raises)
+        n = len(view)
+        got = os.preadv(fd, [view], offset)
+        while got < n:
+            more = os.preadv(fd, [view[got:]], offset + got)
+            if not more:
                 fill_zero(view[got:])
                 break
-            got += n
+            got += more
 
     def pread(self, offset: int, length: int) -> bytes:
         """Read with ``pread`` (not through the map): for data read once, e.g. tables."""

@@ -14,13 +14,14 @@ pytest_plugins = ["pyimago.specs._pytest"]
 # package: pytest runs with ``--import-mode=importlib``), and imported by those names:
 # QEMU's damaged-image cases (for the reference, fast and interop tests), the qemu-img /
 # qemu-io helpers (for every folder that talks to QEMU), the QEMU-made image corpus, the
-# fast-against-reference differential, the reference tests' helpers and the interop tests'
-# mapping comparison.
+# fast-against-reference differential, the reference driver's mutants (oracle and fuzz
+# tests), the reference tests' helpers and the interop tests' mapping comparison.
 _SHARED = (
     ("pyimago_tests_damaged", "fixtures/damaged.py"),
     ("pyimago_tests_qemu", "fixtures/qemu.py"),
     ("pyimago_tests_make_qemu_images", "fixtures/make_qemu_images.py"),
     ("pyimago_tests_differential", "fixtures/differential.py"),
+    ("pyimago_tests_reference_mutants", "fixtures/reference_mutants.py"),
     ("pyimago_tests_reference_helpers", "reference/_helpers.py"),
     ("pyimago_tests_interop_mapcheck", "interop/_mapcheck.py"),
 )

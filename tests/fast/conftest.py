@@ -25,6 +25,12 @@ def require_qemu() -> None:
     _qemu.require_qemu("pyimago.fast")
 
 
+@pytest.fixture
+def needs_qemu() -> None:
+    """For ``pytest.mark.usefixtures``: the test skips (fails under CI=true) without QEMU."""
+    require_qemu()
+
+
 @functools.cache
 def damaged_fixtures() -> dict[str, Any]:
     """The names of tests/fixtures/damaged.py (QEMU's damaged-image cases)."""

@@ -15,16 +15,11 @@ import pytest
 from pyimago import fast
 from pyimago.fast import CorruptImageError
 
-from .conftest import assert_qemu_check_clean, qemu_img, qemu_raw_bytes, require_qemu
+from .conftest import assert_qemu_check_clean, qemu_img, qemu_raw_bytes
 
-pytestmark = [pytest.mark.qemu, pytest.mark.usefixtures("_qemu")]
+pytestmark = [pytest.mark.qemu, pytest.mark.usefixtures("needs_qemu")]
 
 BITMAPS_EXT = 0x23852875
-
-
-@pytest.fixture
-def _qemu() -> None:
-    require_qemu()
 
 
 def _u64(path: Path, at: int) -> int:

@@ -21,17 +21,12 @@ from pyimago.fast import InvalidRequestError, MemoryStorage
 from pyimago.oracle.crash import RecordingStorage
 from pyimago.reference import CheckResult
 
-from .conftest import qemu_img, require_qemu
+from .conftest import qemu_img
 
-pytestmark = pytest.mark.usefixtures("_qemu")
+pytestmark = pytest.mark.usefixtures("needs_qemu")
 
 CS = 512
 MASK = 0x00FFFFFFFFFFFE00
-
-
-@pytest.fixture
-def _qemu() -> None:
-    require_qemu()
 
 
 def _u64(raw: bytearray, at: int) -> int:

@@ -8,8 +8,6 @@ by ``qemu-img check`` and read back.
 
 from __future__ import annotations
 
-import json
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,46 +15,23 @@ import pytest
 from pyimago import fast
 from pyimago.fast import MemoryStorage, PreallocateMode
 from pyimago.oracle.crash import RecordingStorage
+from pyimago_tests_qemu import every_cut
 
-from .conftest import qemu_img, require_qemu
+from .conftest import qemu_img
 
-pytestmark = pytest.mark.usefixtures("_qemu")
-
-
-@pytest.fixture
-def _qemu() -> None:
-    require_qemu()
+pytestmark = pytest.mark.usefixtures("needs_qemu")
 
 
-def qemu_check(image: bytes, tmp_path: Path) -> dict[str, int]:
-    """``qemu-img check --output=json`` of one image file's metadata (backing not opened)."""
-    path = tmp_path / "cut.qcow2"
-    path.write_bytes(image)
-    spec = json.dumps({"driver": "qcow2", "backing": None,
-                       "file": {"driver": "file", "filename": str(path)}})
-    proc = subprocess.run(["qemu-img", "check", "--output=json", f"json:{spec}"],
-                          capture_output=True, text=True, timeout=60, check=False)
-    out = json.loads(proc.stdout)
-    out["stderr"] = proc.stderr
-    return out
-
-
-def every_cut(
+def judge_every_cut(
     rec: RecordingStorage,
-    tmp_path: Path,
     since: int,
     judge_content: Callable[[int, bytes], None] | None = None,
     backing: fast.FormatAccess | None = None,
 ) -> int:
-    """Check every cut state after mutation ``since``: no corruption, and (with
-    ``judge_content``) the guest content the cut leaves (given the disk size and bytes)."""
-    for k in range(since, rec.mutations + 1):
-        state = bytes(rec.state_after(k))
-        out = qemu_check(state, tmp_path)
-        assert out.get("corruptions", 0) == 0 and out["check-errors"] == 0, (
-            f"cut after mutation {k}: {rec.log[k - 1].describe() if k else 'base'}\n"
-            f"{out['stderr']}"
-        )
+    """Check every cut state after mutation ``since``: no corruption (``every_cut``), and
+    (with ``judge_content``) the guest content the cut leaves (given the disk size and
+    bytes); the number of mutations judged."""
+    for _, state in every_cut(rec, since):
         if judge_content is not None:
             with fast.open_image(MemoryStorage(state), format="qcow2", backing=backing) as img:
                 judge_content(img.size, img.read(0, img.size))
@@ -83,7 +58,7 @@ def test_grow_l1_counts_the_new_l1_before_the_header_points_at_it(tmp_path: Path
     rec = RecordingStorage(store)
     img = fast.open_image(rec, writable=True, format="qcow2")
     img.resize(65536)
-    assert every_cut(rec, tmp_path, 0) >= 2
+    assert judge_every_cut(rec, 0) >= 2
     img.close()
 
 
@@ -114,7 +89,7 @@ def test_grow_writes_the_new_size_last(tmp_path: Path, mode: PreallocateMode) ->
         assert content[15000:16000] == b"\x01" * 1000
         assert content[16384:] == bytes(size - 16384)
 
-    assert every_cut(rec, tmp_path, since, judge, backing) >= 1
+    assert judge_every_cut(rec, since, judge, backing) >= 1
     img.close()
 
 
@@ -139,7 +114,7 @@ def test_copy_on_write_writes_data_before_the_entry(tmp_path: Path, snapshot: bo
         for s in range(0, size, 512):
             assert content[s : s + 512] in (old[s : s + 512], new[s : s + 512]), s
 
-    assert every_cut(rec, tmp_path, 0, judge) >= 3
+    assert judge_every_cut(rec, 0, judge) >= 3
     img.close()
 
 
@@ -162,7 +137,7 @@ def test_shrink_writes_no_l1_entry_for_a_table_only_in_the_cache(tmp_path: Path)
     def judge(size: int, content: bytes) -> None:
         assert content[:512] in (bytes(512), b"\x22" * 512)
 
-    every_cut(rec, tmp_path, 0, judge)
+    judge_every_cut(rec, 0, judge)
     img.close()
 
 
@@ -184,7 +159,7 @@ def test_shared_table_copy_writes_no_l1_entry_for_a_table_only_in_the_cache(
         assert content[512:1024] in (bytes(512), b"\x55" * 512)
         assert content[33792:34304] in (bytes(512), b"\x44" * 512)
 
-    every_cut(rec, tmp_path, 0, judge)
+    judge_every_cut(rec, 0, judge)
     img.close()
 
 
@@ -219,7 +194,7 @@ def test_write_into_a_zeroed_cluster_splits_no_sector(tmp_path: Path, cluster_si
             assert content[s : s + 512] in (old[s : s + 512], bytes(512), new[s : s + 512]), (
                 f"sector 0x{s:x} mixes values: {content[s : s + 512].hex()[:16]}..")
 
-    assert every_cut(rec, tmp_path, since, judge) >= 1
+    assert judge_every_cut(rec, since, judge) >= 1
     img.close()
 
 

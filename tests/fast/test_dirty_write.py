@@ -14,16 +14,11 @@ import pytest
 from pyimago import fast
 from pyimago.fast import InvalidRequestError, MemoryStorage, UnsupportedFeatureError
 
-from .conftest import assert_qemu_check_clean, qemu_img, qemu_raw_bytes, require_qemu
+from .conftest import assert_qemu_check_clean, qemu_img, qemu_raw_bytes
 
-pytestmark = pytest.mark.usefixtures("_qemu")
+pytestmark = pytest.mark.usefixtures("needs_qemu")
 
 KiB = 1024
-
-
-@pytest.fixture
-def _qemu() -> None:
-    require_qemu()
 
 
 def _sha(path: Path) -> str:

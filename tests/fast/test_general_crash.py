@@ -7,40 +7,17 @@ sector reads either its durable value or one a later operation gave it.
 
 from __future__ import annotations
 
-import json
-import subprocess
 from pathlib import Path
 
 import pytest
 from pyimago import fast
 from pyimago.fast import MemoryStorage
 from pyimago.oracle.crash import RecordingStorage
+from pyimago_tests_qemu import every_cut
 
-from .conftest import require_qemu
-
-pytestmark = pytest.mark.usefixtures("_qemu")
+pytestmark = pytest.mark.usefixtures("needs_qemu")
 
 KiB = 1024
-
-
-@pytest.fixture
-def _qemu() -> None:
-    require_qemu()
-
-
-def _qemu_check(image: bytes, tmp_path: Path, data_file: bytes | None) -> dict[str, int]:
-    path = tmp_path / "cut.qcow2"
-    path.write_bytes(image)
-    spec: dict[str, object] = {"driver": "qcow2", "backing": None,
-                               "file": {"driver": "file", "filename": str(path)}}
-    if data_file is not None:
-        (tmp_path / "cut.data").write_bytes(data_file)
-        spec["data-file"] = {"driver": "file", "filename": str(tmp_path / "cut.data")}
-    proc = subprocess.run(["qemu-img", "check", "--output=json", f"json:{json.dumps(spec)}"],
-                          capture_output=True, text=True, timeout=60, check=False)
-    out: dict[str, int] = json.loads(proc.stdout)
-    assert out.get("corruptions", 0) == 0 and out["check-errors"] == 0, proc.stderr
-    return out
 
 
 def _sectors_ok(content: bytes, old: bytes, new: bytes, what: str) -> None:
@@ -52,10 +29,8 @@ def _every_cut(
     rec: RecordingStorage, tmp_path: Path, old: bytes, new: bytes,
     backing: fast.FormatAccess | None = None, data: MemoryStorage | None = None,
 ) -> int:
-    for k in range(rec.mutations + 1):
-        state = bytes(rec.state_after(k))
-        data_bytes = bytes(data.read(0, data.size())) if data is not None else None
-        _qemu_check(state, tmp_path, data_bytes)
+    data_bytes = bytes(data.read(0, data.size())) if data is not None else None
+    for k, state in every_cut(rec, data_file=data_bytes):
         kwargs: dict[str, object] = {"backing": backing}
         if data is not None:
             kwargs["data_file"] = MemoryStorage(data_bytes or b"")

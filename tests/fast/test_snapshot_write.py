@@ -9,7 +9,10 @@ import random
 import re
 import shutil
 import subprocess
+from array import array
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pyimago import fast
@@ -20,19 +23,16 @@ from pyimago.fast import (
     ReadOnlyError,
     UnsupportedError,
 )
+from pyimago.fast import _snapshot_write as sw
+from pyimago.fast._entries import COMPRESSED, COPIED, HOST_MASK
 from pyimago.oracle.crash import RecordingStorage
 
-from .conftest import assert_qemu_check_clean, qemu_img, qemu_raw_bytes, require_qemu
+from .conftest import assert_qemu_check_clean, qemu_img, qemu_raw_bytes
 
-pytestmark = pytest.mark.usefixtures("_qemu")
+pytestmark = pytest.mark.usefixtures("needs_qemu")
 
 KiB = 1024
 MiB = 1024 * KiB
-
-
-@pytest.fixture
-def _qemu() -> None:
-    require_qemu()
 
 
 def _listing(path: Path) -> list[tuple[str, str, int]]:
@@ -514,3 +514,63 @@ def test_a_peer_image_snapshots_as_with_qemu_img(tmp_path: Path) -> None:
             qemu_img("convert", "-l", sid, "-O", "raw", ours, a)
             qemu_img("convert", "-l", sid, "-O", "raw", theirs, b)
             qemu_img("compare", "-f", "raw", "-F", "raw", a, b)
+
+
+# -- the reference tally of the snapshot operations --------------------------------------------
+
+
+def _counted(layer: Any, l1: array[int], tables: dict[int, array[int]]) -> Counter[int]:
+    """References per host cluster, counted one by one (what ``_references`` must tally)."""
+    cb = layer._cbits
+    step = 1 << layer._ext
+    refs: Counter[int] = Counter()
+    for e in l1:
+        if e & HOST_MASK:
+            refs[(e & HOST_MASK) >> cb] += 1
+            tbl = tables[e & HOST_MASK]
+            for j in range(0, len(tbl), step):
+                if tbl[j] & COMPRESSED:
+                    refs.update(layer._held(tbl[j]))
+                elif tbl[j] & HOST_MASK:
+                    refs[(tbl[j] & HOST_MASK) >> cb] += 1
+    return refs
+
+
+@pytest.mark.clause("qcow2.snapshots.create-refcounts")
+def test_reference_tally_counts_what_a_counter_counts() -> None:
+    """The compact tally of references (a byte per host cluster) holds what a Counter holds,
+    past 254 references to one cluster and for clusters past the end of the file too, and
+    gives them back in runs of ascending clusters."""
+    storage = MemoryStorage()
+    fast.create_image(storage, MiB, cluster_size=4096)
+    with fast.open_image(storage, writable=True) as img:
+        for off in range(0, 64 * 4096, 3 * 4096):
+            img.write(b"\1" * 700, off)
+        img.write_compressed(bytes(range(256)) * 16, 100 * 4096)
+        img.flush()
+        layer = img.driver
+        cb = layer._cbits
+        l1 = layer._l1
+        tables = sw._tables(layer, l1)
+        assert tables
+        # A made-up second L2 table: 300 entries sharing one data cluster, one entry past
+        # the end of the file, and the first table again.
+        shared = next(x for x in next(iter(tables.values())) if x & HOST_MASK) & HOST_MASK
+        past_end = (storage.size() >> cb) + 7
+        fake = array("Q", [shared | COPIED] * 300 + [past_end << cb] + [0] * 211)
+        fake_at = 1 << 40
+        tables = {**tables, fake_at: fake}
+        l1_more = array("Q", [*l1, fake_at, l1[0], fake_at])
+        for table_l1 in (l1, l1_more):
+            tally = sw._references(layer, table_l1, tables)
+            runs = list(tally.runs())
+            got = Counter({c: n for first, length, n in runs
+                           for c in range(first, first + length)})
+            assert got == _counted(layer, table_l1, tables)
+            firsts = [first for first, _, _ in runs]
+            assert firsts == sorted(firsts)
+            assert all(length == 1 or n < 255 for _, length, n in runs)
+        assert got[shared >> cb] == 602 and got[past_end] == 2  # 1 + 300 + 1 + 300
+        # the tally costs a byte per cluster of the file, beside the few counted apart
+        assert len(tally.counts) == (layer._file_size_now() >> cb) + 1
+        assert set(tally.over) == {shared >> cb, past_end, fake_at >> cb}

@@ -22,7 +22,7 @@ from pyimago.oracle.session import OracleFailure, RunStats, Session
 from pyimago.oracle.strategies import chain_specs
 from pyimago.oracle.targets import ImplementationTarget, reference_target
 from pyimago.reference import FormatAccess, Qcow2Driver, open_image
-from pyimago.reference.qcow2.tables import L2Entry
+from pyimago_tests_reference_mutants import EntryBeforeData
 
 pytestmark = pytest.mark.clause("crash.power-cut", "crash.oracle-rule")
 
@@ -33,15 +33,6 @@ CHAIN = ChainSpec(
     ),
     "memory",
 )
-
-
-class _EntryFirst(Qcow2Driver):
-    def _set_l2_entry(
-        self, guest_offset: int, entry: L2Entry, *, write_through: bool, pinned: bool = False,
-        bitmap: int | None = None,
-    ) -> None:
-        super()._set_l2_entry(guest_offset, entry, write_through=True, pinned=pinned,
-                              bitmap=bitmap)
 
 
 def _swapping(mutant: type[Qcow2Driver]) -> ImplementationTarget:
@@ -86,7 +77,7 @@ def test_an_entry_written_before_its_data_is_caught() -> None:
     # Over a backing full of data, a new cluster's L2 entry on storage before its data
     # shows a cluster of zeroes: neither the backing's bytes nor the write's.
     with pytest.raises(OracleFailure) as info:
-        _run(_swapping(_EntryFirst), [Op(OpKind.WRITE, 100, 1500), Op(OpKind.POWER_CUT)])
+        _run(_swapping(EntryBeforeData), [Op(OpKind.WRITE, 100, 1500), Op(OpKind.POWER_CUT)])
     assert crash_clauses(info.value) == ("crash.power-cut",)
     assert "power cut after storage mutation" in str(info.value)
 

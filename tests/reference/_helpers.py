@@ -29,6 +29,7 @@ __all__ = [
     "assert_consistent",
     "assert_qemu_reads",
     "counted_references",
+    "every_cut",
     "extensions_of",
     "get_u64",
     "header_of",
@@ -37,6 +38,7 @@ __all__ = [
     "patch_header",
     "put_u64",
     "qemu_check",
+    "qemu_check_bytes",
     "qemu_img",
     "qemu_io",
     "qemu_json",
@@ -52,7 +54,9 @@ MiB = 1 << 20
 # The qemu-img helpers the reference tests import from here (one copy, in
 # tests/fixtures/qemu.py, registered by tests/conftest.py).
 assert_qemu_reads = _qemu.assert_qemu_reads
+every_cut = _qemu.every_cut
 qemu_check = _qemu.qemu_check
+qemu_check_bytes = _qemu.qemu_check_bytes
 qemu_img = _qemu.qemu_img
 qemu_io = _qemu.qemu_io
 qemu_json = _qemu.qemu_json

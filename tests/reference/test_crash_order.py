@@ -8,10 +8,6 @@ reads.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,33 +20,16 @@ from pyimago.reference import (
     create_image,
     open_image,
 )
-from pyimago_tests_reference_helpers import KiB, header_of, qemu_img, require_qemu
+from pyimago_tests_reference_helpers import (
+    KiB,
+    every_cut,
+    header_of,
+    qemu_check_bytes,
+    qemu_img,
+    require_qemu,
+)
 
 pytestmark = pytest.mark.qemu
-
-
-def qemu_corruptions(image: bytes) -> tuple[int, str]:
-    """``qemu-img check``'s corruptions + check errors for an image file's bytes (its
-    backing, if any, is not opened)."""
-    with tempfile.NamedTemporaryFile(suffix=".qcow2") as f:
-        f.write(image)
-        f.flush()
-        spec = json.dumps({"driver": "qcow2", "backing": None,
-                           "file": {"driver": "file", "filename": f.name}})
-        proc = subprocess.run(["qemu-img", "check", "--output=json", f"json:{spec}"],
-                              capture_output=True, text=True, check=False)
-    out = json.loads(proc.stdout) if proc.stdout.strip() else {"check-errors": 1}
-    return int(out.get("corruptions", 0)) + int(out.get("check-errors", 0)), proc.stderr
-
-
-def every_cut(rec: RecordingStorage, since: int = 0) -> Iterator[tuple[int, bytes]]:
-    """Every cut state after mutation ``since``, each judged clean by qemu-img check."""
-    assert rec.mutations > since, "the scenario wrote nothing"
-    for k, state in rec.cut_states(since=since):
-        image = bytes(state)
-        corrupt, why = qemu_corruptions(image)
-        assert not corrupt, f"cut after mutation {k} of {rec.mutations}: {why}"
-        yield k, image
 
 
 def recorded(image: bytes) -> RecordingStorage:
@@ -229,24 +208,15 @@ def test_repair_cut_anywhere_leaves_no_corruption(repair: str) -> None:
                 img.discard_to_any((i * 3571) % (500 * KiB), 2048)
     # The first cut state with leaks to repair.
     leaky = next(bytes(s) for k, s in rec.cut_states(range(rec.mutations, 0, -1))
-                 if qemu_leaks(bytes(s)))
+                 if qemu_check_bytes(bytes(s)).get("leaks"))
     repaired = recorded(leaky)
     result = check(repaired, repair=repair)
     assert result.leaks_fixed and not result.corruptions, result
-    assert qemu_leaks(bytes(repaired.state_after(repaired.mutations))) == 0
+    assert not qemu_check_bytes(bytes(repaired.state_after(repaired.mutations))).get("leaks")
     cuts = 0
     for _ in every_cut(repaired):
         cuts += 1
     assert cuts == repaired.mutations + 1
-
-
-def qemu_leaks(image: bytes) -> int:
-    with tempfile.NamedTemporaryFile(suffix=".qcow2") as f:
-        f.write(image)
-        f.flush()
-        proc = subprocess.run(["qemu-img", "check", "--output=json", f.name],
-                              capture_output=True, text=True, check=False)
-    return int(json.loads(proc.stdout).get("leaks", 0))
 
 
 @pytest.mark.clause("crash.power-cut", "crash.order.data-before-entry")

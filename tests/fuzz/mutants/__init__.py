@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import pyimago_tests_reference_mutants as rm  # tests/fixtures/reference_mutants.py
 from pyimago.oracle import DriverTarget
 
 from . import _chunkmap as cm
@@ -53,20 +54,20 @@ _Q = "qcow2-"
 MUTANTS: dict[str, Mutant] = {
     m.name: m
     for m in (
-        _driver_mutant(f"{_Q}no-copy-on-write", q.NoCopyOnWrite,
+        _driver_mutant(f"{_Q}no-copy-on-write", rm.NoCopyOnWrite,
                        "access.cow.partial-cluster"),
-        _driver_mutant(f"{_Q}stale-discard-to-backing", q.StaleDiscardToBacking,
+        _driver_mutant(f"{_Q}stale-discard-to-backing", rm.StaleDiscardToBacking,
                        "access.discard-to-backing.visible"),
         _driver_mutant(f"{_Q}zero-flag-ignored-on-read", q.ZeroFlagIgnoredOnRead,
                        "qcow2.zero.flag", "access.write-zeroes.no-free"),
-        _driver_mutant(f"{_Q}lower-explicit-zero", q.LowerExplicitZero,
+        _driver_mutant(f"{_Q}lower-explicit-zero", rm.LowerExplicitZero,
                        "access.mapping.explicit-top-only"),
-        _driver_mutant(f"{_Q}regrow-keeps-old-tail", q.RegrowKeepsOldTail,
+        _driver_mutant(f"{_Q}regrow-keeps-old-tail", rm.RegrowKeepsOldTail,
                        "access.resize.shrink-discards", "access.resize.grow-zero"),
         _driver_mutant(f"{_Q}cluster-end-off-by-one", q.ClusterEndOffByOne,
                        "access.discard-to-backing.partial-kept", "access.write-zeroes.soft"),
-        _driver_mutant(f"{_Q}l2-boundary-off-by-one", q.L2BoundaryOffByOne, "qcow2.l2.index"),
-        _driver_mutant(f"{_Q}lose-dirty-l2-on-eviction", q.LoseDirtyL2OnEviction,
+        _driver_mutant(f"{_Q}l2-boundary-off-by-one", rm.L2BoundaryOffByOne, "qcow2.l2.index"),
+        _driver_mutant(f"{_Q}lose-dirty-l2-on-eviction", rm.LoseDirtyL2OnEviction,
                        "access.close.flushes", "access.invalidate-cache"),
         _driver_mutant(f"{_Q}refcount-not-raised", q.RefcountNotRaised,
                        "qcow2.refcount.no-leaks", "interop.qemu-check", qemu=True),

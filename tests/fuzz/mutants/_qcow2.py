@@ -14,7 +14,6 @@ from pyimago.oracle import DriverTarget
 from pyimago.reference import (
     EofMapping,
     FormatAccess,
-    IndirectMapping,
     PreallocateMode,
     Qcow2Driver,
     RawMapping,
@@ -26,7 +25,6 @@ from pyimago.reference import (
 )
 from pyimago.reference.access import check_range
 from pyimago.reference.qcow2.allocation import ClusterAllocator
-from pyimago.reference.qcow2.l2cache import L2Cache
 from pyimago.reference.qcow2.tables import (
     ClusterType,
     L2Entry,
@@ -36,26 +34,8 @@ from pyimago.reference.qcow2.tables import (
 )
 
 # -- qcow2 driver mutants -----------------------------------------------------------------
-
-
-class NoCopyOnWrite(Qcow2Driver):
-    """A partial-cluster write over an unallocated cluster does not copy the backing's data."""
-
-    def _cluster_content(self, guest_cluster: int, entry: L2Entry) -> bytes:
-        if entry.type is ClusterType.UNALLOCATED:
-            return bytes(self.cluster_size)
-        return super()._cluster_content(guest_cluster, entry)
-
-
-class StaleDiscardToBacking(Qcow2Driver):
-    """discard_to_backing forgets the last whole cluster of the range: its data stays."""
-
-    def discard_to_backing(self, offset: int, length: int) -> tuple[int, int]:
-        clusters = self._whole_clusters(offset, length)
-        if len(clusters) <= 1:
-            return super().discard_to_backing(offset, length)
-        done = super().discard_to_backing(offset, clusters[-1] - offset)
-        return done[0], min(offset + length, self.size) - done[0]
+# (and those the oracle's state machine must catch too, in
+# tests/fixtures/reference_mutants.py)
 
 
 class ZeroFlagIgnoredOnRead(Qcow2Driver):
@@ -68,26 +48,6 @@ class ZeroFlagIgnoredOnRead(Qcow2Driver):
         return super()._mapping_for(entry, offset, in_cluster)
 
 
-class LowerExplicitZero(Qcow2Driver):
-    """An unallocated cluster over a lower layer's zero cluster is reported as explicit zero."""
-
-    def get_mapping(self, offset: int, max_length: int) -> tuple[ShallowMapping, int]:
-        mapping, length = super().get_mapping(offset, max_length)
-        if isinstance(mapping, IndirectMapping) and isinstance(mapping.layer, FormatAccess):
-            below, below_length = mapping.layer.get_mapping(mapping.offset, length)
-            if isinstance(below, ZeroMapping) and below.explicit:
-                return ZeroMapping(True), min(length, below_length)
-        return mapping, length
-
-
-class RegrowKeepsOldTail(Qcow2Driver):
-    """A grow believes the cluster at the old end reads zero past it, so after a shrink to
-    mid-cluster the old tail comes back."""
-
-    def _reads_zero(self, guest_cluster: int) -> bool:
-        return True
-
-
 class ClusterEndOffByOne(Qcow2Driver):
     """Discards and zeroing take a range ending one byte short of a cluster boundary as
     covering that cluster whole (``<=`` for ``<``): its last byte is lost."""
@@ -97,43 +57,6 @@ class ClusterEndOffByOne(Qcow2Driver):
         if end < self.size and (end + 1) % self.cluster_size == 0:
             length += 1
         return super()._whole_clusters(offset, length)
-
-
-class L2BoundaryOffByOne(Qcow2Driver):
-    """The last cluster an L2 table maps is looked up one entry too far (the next table's
-    first entry), on the read and the write path alike."""
-
-    def _shift(self, guest_offset: int) -> int:
-        bits = self.cluster_size.bit_length() - 1
-        if l2_index(guest_offset, bits) == self.cluster_size // 8 - 1:
-            return guest_offset + self.cluster_size
-        return guest_offset
-
-    def _get_l2_entry(self, guest_offset: int) -> L2Entry:
-        return super()._get_l2_entry(self._shift(guest_offset))
-
-    def _set_l2_entry(
-        self, guest_offset: int, entry: L2Entry, *, write_through: bool, pinned: bool = False
-    ) -> None:
-        super()._set_l2_entry(self._shift(guest_offset), entry, write_through=write_through,
-                              pinned=pinned)
-
-
-class _LossyL2Cache(L2Cache):
-    def _evict(self) -> None:
-        for offset in [o for o in list(self._tables)[:-1] if o not in self._pinned]:
-            if len(self._tables) <= self._capacity:
-                return
-            self._dirty.discard(offset)
-            del self._tables[offset]
-
-
-class LoseDirtyL2OnEviction(Qcow2Driver):
-    """A dirty L2 table evicted from the cache is dropped instead of written back."""
-
-    def _load_l2(self, l2_offset: int) -> list[int]:
-        self._l2.__class__ = _LossyL2Cache
-        return super()._load_l2(l2_offset)
 
 
 class NoRefcountAllocator(ClusterAllocator):
