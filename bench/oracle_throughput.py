@@ -38,6 +38,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--no-crash", action="store_true",
                         help="turn the target's crash_safe off (no power-cut checks)")
+    parser.add_argument("--no-bursts", action="store_true",
+                        help="no burst rules (the machine as the test suite runs it)")
     args = parser.parse_args()
     register_profiles()
     from hypothesis import settings
@@ -47,7 +49,7 @@ def main() -> int:
         target = dataclasses.replace(target, crash_safe=False)
     stats = RunStats()
     machine = make_machine(target, chains=chain_specs(storages=("memory",)), stats=stats,
-                           failures_dir=None, qemu_img="auto")
+                           failures_dir=None, qemu_img="auto", bursts=not args.no_bursts)
     machine = hypothesis_seed(args.seed)(machine)
     run_settings = oracle_settings(settings.get_profile("dev"), max_examples=args.examples,
                                    stateful_step_count=args.steps, database=None)
@@ -60,7 +62,9 @@ def main() -> int:
     wall, cpu = time.monotonic() - start, time.process_time() - cpu
     seconds = stats.storage_seconds.get("memory", wall)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"target {target.name}{' (no power cuts)' if args.no_crash else ''}, load {load:.1f}")
+    modes = [m for m, on in (("no power cuts", args.no_crash), ("no bursts", args.no_bursts)) if on]
+    suffix = f" ({', '.join(modes)})" if modes else ""
+    print(f"target {target.name}{suffix}, load {load:.1f}")
     print(f"{stats.examples} examples, {stats.steps} steps in {wall:.1f} s wall, "
           f"{seconds:.1f} s in sessions")
     print(f"checked ops/s: {stats.steps / seconds:,.0f} (sessions), "

@@ -83,13 +83,14 @@ _SPLIT = frozenset({OpKind.READV, OpKind.WRITEV})
 
 
 def burst_choices(kinds: int) -> st.SearchStrategy[list[list[Choice]]]:
-    """The raw draws of one burst: groups of operations (about 25 in all, 1 to 96).
+    """The raw draws of one burst: groups of operations (about 50 in all, 1 to 288).
 
-    Lists of lists: a flat list averages 6 elements whatever its bound; the groups give
+    Nested lists: a flat list averages 6 elements whatever its bound; the groups give
     longer bursts and keep what lists shrink best at (dropping elements).
     """
     one = st.integers(0, kinds * _AUX * _LENGTH * _PLACE - 1)
-    return st.lists(st.lists(one, min_size=1, max_size=12), min_size=1, max_size=8)
+    group = st.lists(st.lists(one, min_size=1, max_size=12), min_size=1, max_size=6)
+    return st.lists(group, min_size=1, max_size=4).map(lambda parts: [g for p in parts for g in p])
 
 
 def _deltas(g: int) -> tuple[int, ...]:

@@ -109,6 +109,7 @@ class ChainBuilder:
     _compressed: list[tuple[int, int]]
     _recording: bool
     _slice: int
+    _slice_credit: int
 
     def _run(self, access: Access, model: FlatModel, op: Op, layer: int) -> None:
         raise NotImplementedError  # the session's operations part (see _apply.Applier)

@@ -72,6 +72,9 @@ def _run_parser() -> CliParser:
                      help="also import the target from DIR (the current folder always is)")
     run.add_argument("--no-qemu", action="store_true", help="skip the qemu-img teardown checks")
     run.add_argument("--no-progress", action="store_true", help="no progress display")
+    run.add_argument("--no-bursts", action="store_true",
+                     help="only single-operation steps (no burst rules: the machine as the "
+                          "test suite runs it)")
     run.add_argument("--database", metavar="URL", default=None,
                      help="example database shared by every run: a directory or "
                           "redis://host:port/N; its failures are replayed first")
@@ -181,6 +184,7 @@ def run_main(argv: Sequence[str]) -> int:
         failures_dir=args.failures_dir,
         stats=stats,
         qemu_img=None if args.no_qemu else "auto",
+        bursts=not args.no_bursts,
     )
     if args.seed is not None:
         machine = hypothesis_seed(args.seed)(machine)

@@ -113,6 +113,7 @@ def make_machine(
     capabilities: Any = None,
     locality: bool = False,
     features: FeatureSupport | None = None,
+    bursts: bool = False,
 ) -> type[RuleBasedStateMachine]:
     """A state machine class that checks ``target`` against the model.
 
@@ -131,6 +132,9 @@ def make_machine(
     ``features``: what the target supports of issue 13 (default: probed, see
     :func:`~pyimago.oracle.features.probe_features`); the default chains use its layer
     options, and its operations get rules (compressed writes, snapshot operations).
+    ``bursts``: add the burst rules (see ``_burst``): steps of about 25 basic operations
+    each, drawn cheaply, for campaigns (``pyimago run``) where checked operations per
+    second count; off, the machine and its derandomised ``ci`` stream are as they were.
     """
     # The derandomised stream must not depend on what the process imported before.
     pin_local_constants()
@@ -571,7 +575,7 @@ def make_machine(
                             mode=PreallocateMode.NONE.value)
                 self._apply(op)
 
-    for name, (kinds, near) in BURST_MIXES.items():
+    for name, (kinds, near) in BURST_MIXES.items() if bursts else ():
         _add_burst_rule(OracleMachine, name, tuple(k for k in kinds if k not in _CLEAR_KINDS
                                                    or k in clear_kinds), near)
 
