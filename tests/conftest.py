@@ -21,7 +21,7 @@ _SHARED = (
     ("pyimago_tests_qemu", "fixtures/qemu.py"),
     ("pyimago_tests_make_qemu_images", "fixtures/make_qemu_images.py"),
     ("pyimago_tests_differential", "fixtures/differential.py"),
-    ("pyimago_tests_reference_mutants", "fixtures/reference_mutants.py"),
+    ("pyimago_tests_reference_mutants", "fuzz/mutants/_reference.py"),
     ("pyimago_tests_reference_helpers", "reference/_helpers.py"),
     ("pyimago_tests_interop_mapcheck", "interop/_mapcheck.py"),
 )

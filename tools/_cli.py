@@ -265,8 +265,9 @@ def compare_main(argv: Sequence[str]) -> int:
 
 
 def convert_main(argv: Sequence[str]) -> int:
-    """``pyimago convert [-f FMT] [-O FMT] [-o OPTS] [-B BACKING [-F FMT]] [-n] [-c] [-p]
-    [-S SIZE] [-m N] SOURCE [SOURCE...] OUTPUT`` (several sources are concatenated)."""
+    """``pyimago convert [-f FMT] [-O FMT] [-o OPTS] [-B BACKING [-F FMT]] [-n
+    [--target-is-zero]] [-c] [-p] [-S SIZE] [-m N] SOURCE [SOURCE...] OUTPUT`` (several
+    sources are concatenated)."""
     parser = _parser("convert", "Copy an image's guest contents into another image "
                                 "(qemu-img convert).")
     parser.add_argument("-f", dest="fmt", choices=("qcow2", "raw"), help="source format")
@@ -278,6 +279,8 @@ def convert_main(argv: Sequence[str]) -> int:
                         help="the output exists: do not create it")
     parser.add_argument("-c", dest="compress", action="store_true",
                         help="compress the output's data clusters (qcow2)")
+    parser.add_argument("--target-is-zero", action="store_true",
+                        help="with -n: the output reads as zeroes, zero ranges are skipped")
     _progress_arg(parser)
     parser.add_argument("-S", dest="sparse_size", type=_size, default=4096,
                         help="zero runs this long become holes (default 4k; 0: never)")
@@ -307,6 +310,7 @@ def convert_main(argv: Sequence[str]) -> int:
             show_progress=args.progress and not args.quiet,
             snapshot=args.snapshot,
             force_share=args.force_share,
+            target_is_zero=args.target_is_zero,
         )
         convert(args.sources, args.output, opts, impl=args.impl, fmt=args.fmt)
         return 0

@@ -18,6 +18,7 @@ __all__ = [
     "ToolError",
     "implementation",
     "open_chain",
+    "require_room",
     "same_file",
     "size_to_str",
 ]
@@ -87,6 +88,28 @@ def open_chain(
         yield image
     finally:
         image.close()
+
+
+#: Preallocation modes that take the disk's bytes from the file system up front.
+_ALLOCATING = frozenset({"falloc", "full"})
+
+
+def require_room(path: str, needed: int, preallocation: object) -> None:
+    """Refuse a ``falloc``/``full`` preallocation of ``needed`` bytes for ``path`` that the
+    file system cannot hold, before anything is written (qemu-img starts, fills the file
+    system and fails on ENOSPC, leaving the file behind)."""
+    if preallocation not in _ALLOCATING or needed <= 0:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        fs = os.statvfs(folder)
+    except OSError:
+        return  # no folder: the create itself reports it
+    free = fs.f_bavail * fs.f_frsize
+    if needed > free:
+        raise ToolError(f"preallocation={preallocation} of {path}: {needed} bytes "
+                        f"({size_to_str(needed)}) do not fit in the {free} bytes "
+                        f"({size_to_str(free)}) free on its file system")
 
 
 def same_file(a: str, b: str) -> bool:

@@ -15,6 +15,7 @@ from ._common import (
     implementation,
     open_chain,
     require_file,
+    require_room,
     same_file,
 )
 
@@ -101,8 +102,33 @@ def create(
                 size = int(base.size)
     if size is None:
         raise ToolError("a size is needed (no backing file to take it from)")
-    module.create_image(path, size, format=fmt, unsafe=unsafe, **opts)
+    _require_room_for(path, size, fmt, opts)
+    existed = os.path.exists(path)
+    try:
+        module.create_image(path, size, format=fmt, unsafe=unsafe, **opts)
+    except OSError as exc:
+        # A file system that refuses the image's size (EFBIG) or runs out of room: name the
+        # image, and take away the partial file this call made (nothing was there before).
+        if not existed and os.path.isfile(path):
+            os.unlink(path)
+        raise ToolError(f"{path}: cannot create the image: {exc.strerror or exc}") from exc
     return formatting_line(path, fmt, size, {k: v for k, v in opts.items()})
+
+
+def _require_room_for(path: str, size: int, fmt: str, opts: dict[str, object]) -> None:
+    """The bytes a preallocated create takes up front must fit on the file system: the
+    whole disk (falloc, full) or, for qcow2 metadata preallocation, every L2 table and
+    refcount block of a fully allocated image (as qemu-img measure counts them)."""
+    prealloc = opts.get("preallocation")
+    if fmt == "qcow2" and prealloc == "metadata":
+        from ._measure import measure
+
+        layout = {k: v for k, v in opts.items()
+                  if k in ("cluster_size", "refcount_bits", "extended_l2", "compat")}
+        sizes = measure(size=size, out_fmt="qcow2", options=layout)
+        require_room(path, sizes["fully-allocated"] - size, "full")
+        return
+    require_room(path, size, prealloc)
 
 
 def parse_resize(text: str, current: int) -> int:
@@ -149,7 +175,12 @@ def resize(
             raise ToolError("Use the --shrink option to perform a shrink operation.")
         if new < current and preallocation not in (None, "off"):
             raise ToolError("--preallocation applies to growing only")
-        image.resize(new, PREALLOCATION[preallocation or "off"])
+        require_room(path, new - current, preallocation)
+        try:
+            image.resize(new, PREALLOCATION[preallocation or "off"])
+        except OSError as exc:  # EFBIG, ENOSPC: name the image and the size
+            raise ToolError(f"{path}: cannot resize to {new} bytes: "
+                            f"{exc.strerror or exc}") from exc
         image.flush()
         image.sync()
     return new

@@ -69,10 +69,13 @@ class Sources:
         """(offset, length, kind) over the whole: ``DATA`` to copy, ``ZERO``, or (with
         ``top_only``) ``BACKING``, left to the output's backing file."""
         for part in self._parts:
+            kind = ZERO
             for offset, length, kind in _image_runs(part.image, part.path, top_only):
                 yield part.start + offset, length, kind
             if part.span > part.size:
-                yield part.start + part.size, part.span - part.size, ZERO
+                # QEMU reads the last sector whole: after data, the padding is part of that
+                # data sector (read as zeroes), never a hole a zero target would skip.
+                yield part.start + part.size, part.span - part.size, DATA if kind == DATA else ZERO
 
 
 def _image_runs(image: Any, path: str, top_only: bool) -> Iterator[tuple[int, int, str]]:

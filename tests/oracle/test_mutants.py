@@ -43,7 +43,7 @@ from pyimago_tests_reference_mutants import (
 )
 
 # -- the mutants ----------------------------------------------------------------------------
-# (those the driver fuzzer's kill rate uses too live in tests/fixtures/reference_mutants.py)
+# (those the driver fuzzer's kill rate uses too live in tests/fuzz/mutants/_reference.py)
 
 
 class _MsbFirstRefcounts(RefcountTable):

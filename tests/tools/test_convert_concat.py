@@ -118,7 +118,10 @@ def test_one_source_of_an_odd_size_is_padded_to_a_sector_as_qemu_does(tmp_path: 
      (["SRC", "missing-source", "o"], "missing-source"),
      (["-f", "qcow2", "SRC", "RAW", "o"], "RAW"),
      (["SRC", "RAW", "RAW"], "also a source"),
-     (["SRC", "SRC"], "also a source")],
+     (["SRC", "SRC"], "also a source"),
+     (["--target-is-zero", "SRC", "o"], "-n"),
+     (["--target-is-zero", "-n", "-O", "qcow2", "-B", "RAW", "-F", "raw", "SRC", "SRC"],
+      "backing file")],
 )
 def test_bad_several_source_calls_exit_2_and_write_nothing(
     argv: list[str], needle: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
@@ -134,3 +137,39 @@ def test_bad_several_source_calls_exit_2_and_write_nothing(
     assert needle in err
     assert sorted(os.listdir(tmp_path)) == ["RAW", "SRC"]
     assert {p: (tmp_path / p).read_bytes() for p in ("SRC", "RAW")} == before
+
+
+@pytest.mark.clause("tools.convert.content")
+@pytest.mark.parametrize("impl", IMPLS)
+def test_target_is_zero_skips_the_zero_ranges(sources: list[str], impl: str,
+                                              tmp_path: Path) -> None:
+    """--target-is-zero -n: zero ranges are not written.  Into a fresh (zero) image the
+    output reads as the sources (as qemu-img's does); into one that does not read zero, a
+    sector differs from the sources only where the sources' sector is all zeroes (skipped,
+    as qemu-img skips them), and somewhere it does (the option took effect)."""
+    size = sum(qemu_json("info", s)["virtual-size"] for s in sources)
+    whole = tmp_path / "whole.raw"
+    qemu_img("convert", "-O", "raw", *sources, whole)
+    expected = whole.read_bytes()
+    for fill in (None, 0x5A):
+        out = tmp_path / "ours.qcow2"
+        qemu_img("create", "-q", "-f", "qcow2", out, size)
+        if fill is not None:
+            subprocess.run(["qemu-io", "-c", f"write -P {fill} 0 {size}", str(out)],
+                           check=True, capture_output=True, timeout=120)
+        args = ["--target-is-zero", "-n", "-O", "qcow2", *sources, str(out)]
+        assert convert_main(["--impl", impl, *args]) == 0
+        assert_qemu_check_clean(out)
+        raw = tmp_path / "ours.raw"
+        qemu_img("convert", "-O", "raw", out, raw)
+        got = raw.read_bytes()
+        if fill is None:
+            assert got == expected
+            continue
+        skipped = 0
+        for at in range(0, len(expected), 512):
+            want, have = expected[at : at + 512], got[at : at + 512]
+            if want != have:
+                assert want.count(0) == len(want), at  # only zero sectors are skipped
+                skipped += 1
+        assert skipped

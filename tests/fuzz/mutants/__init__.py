@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import pyimago_tests_reference_mutants as rm  # tests/fixtures/reference_mutants.py
 from pyimago.oracle import DriverTarget
 
 from . import _chunkmap as cm
 from . import _qcow2 as q
+from . import _reference as rm
 
 __all__ = ["MUTANTS", "Mutant"]
 

@@ -34,8 +34,7 @@ from pyimago.reference.qcow2.tables import (
 )
 
 # -- qcow2 driver mutants -----------------------------------------------------------------
-# (and those the oracle's state machine must catch too, in
-# tests/fixtures/reference_mutants.py)
+# (and those the oracle's state machine must catch too, in _reference.py)
 
 
 class ZeroFlagIgnoredOnRead(Qcow2Driver):
