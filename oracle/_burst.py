@@ -64,6 +64,11 @@ BURST_MIXES: dict[str, tuple[tuple[OpKind, ...], bool]] = {
                           True),
     "burst_read": ((OpKind.READ, OpKind.READINTO, OpKind.READV, OpKind.GET_MAPPING,
                     OpKind.WRITE), False),
+    "burst_vectored": ((OpKind.READV, OpKind.WRITEV, OpKind.READINTO, OpKind.WRITE,
+                        OpKind.DISCARD_TO_BACKING), True),
+    "burst_mapping": ((OpKind.GET_MAPPING, OpKind.ENSURE_DATA_MAPPING, OpKind.WRITE,
+                       OpKind.WRITE_ZEROES, OpKind.DISCARD_TO_ZERO, OpKind.DISCARD_TO_ANY),
+                      True),
 }
 
 #: One operation as drawn: ``kind + kinds * (aux + 2^10 * (length + 2^16 * place))`` (see

@@ -100,7 +100,7 @@ def test_a_failing_burst_shrinks_and_replays(tmp_path: Any) -> None:
     machine = make_machine(target, failures_dir=str(tmp_path), qemu_img=None, bursts=True,
                            chains=chain_specs(storages=("memory",), depths=(1, 1),
                                               cluster_sizes=(512, 1024), compress=False))
-    run_settings = oracle_settings(max_examples=200, stateful_step_count=8, database=None,
+    run_settings = oracle_settings(max_examples=100, stateful_step_count=4, database=None,
                                    phases=(Phase.generate, Phase.shrink))
     with pytest.raises(AssertionError):
         run_state_machine_as_test(seed(5)(settings(run_settings)(machine)),
