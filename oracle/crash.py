@@ -372,16 +372,13 @@ class CrashTimeline:
         loose = [r for p in window for r in p.unspecified]
         problems: list[str] = []
         for at in self._suspect_sectors(window, size, content):
-            actual = content[at : at + SECTOR]
-            if any(p.content[at : at + SECTOR] == actual for p in window if at < p.size):
-                continue
             if any(a <= at and at + SECTOR <= a + n for a, n in loose):
                 continue
             durable = window[0]
             problems.append(
                 f"cut after mutation {cut}: sector at guest 0x{at:x} reads "
-                f"{actual[:8].hex()}.. which no operation from {durable.label!r} (durable) to "
-                f"{window[-1].label!r} put there"
+                f"{content[at : at + 8].hex()}.. which no operation from {durable.label!r} "
+                f"(durable) to {window[-1].label!r} put there"
             )
             if len(problems) >= limit:
                 break
@@ -390,15 +387,37 @@ class CrashTimeline:
     @staticmethod
     def _suspect_sectors(window: list[TimelinePoint], size: int,
                          content: bytes) -> Iterator[int]:
-        """The sectors worth judging one by one: those of chunks no single point of the
-        window matches whole (a chunk equal to one point has every sector right, and that
-        compare runs at memcmp speed)."""
-        for start in range(0, size, CHUNK):
+        """The sectors no point of the window had: a chunk equal to one point's is right
+        whole (that compare runs at memcmp speed); only the sectors of other chunks are
+        compared one by one."""
+        for index, start in enumerate(range(0, size, CHUNK)):
             end = min(start + CHUNK, size)
             actual = content[start:end]
-            if any(end <= p.size and p.content[start:end] == actual for p in window):
+            # Consecutive points share the pieces an operation did not change: each distinct
+            # piece is compared once (by identity; the dict keeps them alive, so no id is
+            # reused while it is in use).
+            pieces: dict[int, bytes] = {}
+            for p in window:
+                if start < p.size:
+                    piece = _piece(p.content, index, start, min(end, p.size))
+                    pieces.setdefault(id(piece), piece)
+            if any(len(piece) == end - start and piece == actual
+                   for piece in pieces.values()):
                 continue
-            yield from range(start, end, SECTOR)
+            for off in range(0, end - start, SECTOR):
+                sector = actual[off : off + SECTOR]
+                if not any(piece[off : off + SECTOR] == sector
+                           for piece in pieces.values() if off < len(piece)):
+                    yield start + off
+
+
+def _piece(content: bytes | ChunkedContent, index: int, start: int, end: int) -> bytes:
+    """``content[start:end]`` of chunk ``index``, without a copy when it is a whole chunk."""
+    if isinstance(content, ChunkedContent):
+        chunks = content.chunks
+        if index < len(chunks) and len(chunks[index]) == end - start:
+            return chunks[index]
+    return content[start:end]
 
 
 def unknown_ranges(known: bytes | bytearray) -> tuple[tuple[int, int], ...]:
