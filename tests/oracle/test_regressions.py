@@ -116,3 +116,30 @@ def test_zeroing_edges_before_a_shared_extended_cluster_is_copied(
     )
     result = run_replay(replay, resolve_target(target))
     assert not result.failed, result.log
+
+
+@pytest.mark.clause("access.resize.grow-format-allocate")
+@pytest.mark.parametrize("target", ["pyimago.reference", "pyimago.fast"])
+def test_format_allocate_on_extended_l2_hides_a_longer_backing(target: str) -> None:
+    # Found by the machine against both implementations alike: growing an extended-L2
+    # overlay with FORMAT_ALLOCATE mapped the new cluster to a host cluster but left its
+    # subclusters unallocated (as QEMU's preallocate_co links it), so the longer backing's
+    # data showed at 0x8000.  Fixed as QEMU does it (the grown range of an overlay is zeroed
+    # when the backing reaches past the old end): the subclusters are made zero.
+
+    replay = Replay.from_json({
+        "format": "pyimago-replay", "version": 1,
+        "chain": {
+            "storage": "memory",
+            "l2_cache_tables": 1,
+            "layers": [
+                {"format": "qcow2", "size": 655360, "cluster_size": 65536,
+                 "build": [{"op": "write", "offset": 0, "length": 65536}]},
+                {"format": "qcow2", "size": 32768, "cluster_size": 16384,
+                 "extended_l2": True},
+            ],
+        },
+        "ops": [{"op": "resize", "value": 33280, "mode": "format-allocate"}],
+    })
+    result = run_replay(replay, resolve_target(target))
+    assert not result.failed, result.log
