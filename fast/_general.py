@@ -442,12 +442,19 @@ def grow_general(layer: Qcow2Layer, old: int, prealloc: PreallocateMode) -> None
     # Judged on the whole cluster, as the plain path's _reads_zero.
     if head_end > old and not _reads_zero(layer, old >> cb << cb, head_end):
         # The cluster the old end cut short may hold stale bytes past it: zeroes are written
-        # there (as the plain path and the reference do, the range becomes data).
+        # to the subcluster the old end cuts (as the plain path and the reference do, the
+        # range becomes data); the whole subclusters past it get their zero bits (QEMU's
+        # qcow2_co_truncate: "Use zero clusters as much as we can"), so that a COW of a
+        # shared cluster does not turn the old range's zero subclusters into data.
+        sbits = _geometry(layer)[0]
+        zero_from = min(-(-old >> sbits) << sbits, head_end)
         pos = old
-        while pos < head_end:
-            host, n, _ = layer.prepare(pos, head_end - pos, True)
+        while pos < zero_from:
+            host, n, _ = layer.prepare(pos, zero_from - pos, True)
             layer.data.write_zeroes(host, n)
             pos += n
+        if head_end > zero_from:
+            _apply_units(layer, zero_from >> sbits, -(-head_end >> sbits), Clear.ZERO_KEEP)
     if head_end == new_size:
         return
     first, stop = head_end >> cb, -(-new_size >> cb)

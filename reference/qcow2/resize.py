@@ -103,8 +103,17 @@ class Resize(DriverState):
         cs = self._cluster_size
         head_end = min(-(-old_size // cs) * cs, new_size)
         if head_end > old_size and not self._reads_zero(old_size - old_size % cs):
-            storage, host, n = self.ensure_data_mapping(old_size, head_end - old_size, True)
-            storage.write_zeroes(host, n)
+            # With extended L2 entries only the subcluster the old end cuts is written; the
+            # whole ones past it get their zero bits (QEMU's qcow2_co_truncate: "Use zero
+            # clusters as much as we can"), so that a write's COW of a shared cluster does
+            # not turn the old range's zero or unallocated subclusters into data.
+            unit = 1 << self._unit_bits
+            zero_from = min(-(-old_size // unit) * unit, head_end) if self._extended else head_end
+            if zero_from > old_size:
+                storage, host, n = self.ensure_data_mapping(old_size, zero_from - old_size, True)
+                storage.write_zeroes(host, n)
+            if head_end > zero_from:
+                self._zero_subclusters(zero_from, head_end - zero_from)
         whole = range(head_end, new_size, cs)
         if prealloc is PreallocateMode.ZERO:
             # access.resize.grow-zero: "Does not necessarily allocate data, but has to ensure

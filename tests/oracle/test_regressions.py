@@ -81,6 +81,17 @@ def test_cut_after_discard_on_a_file_keeps_what_the_file_kept() -> None:
     )
 
 
+def _replay_against(target: str, chain: dict[str, Any], ops: list[dict[str, Any]]) -> None:
+    """``_replay`` against the implementation module ``target``."""
+    from pyimago.oracle.targets import resolve_target
+
+    replay = Replay.from_json(
+        {"format": "pyimago-replay", "version": 1, "chain": chain, "ops": ops}
+    )
+    result = run_replay(replay, resolve_target(target))
+    assert not result.failed, result.log
+
+
 @pytest.mark.clause("access.resize.grow-format-allocate")
 @pytest.mark.parametrize("target", ["pyimago.reference", "pyimago.fast"])
 def test_format_allocate_on_extended_l2_hides_a_longer_backing(target: str) -> None:
@@ -89,11 +100,9 @@ def test_format_allocate_on_extended_l2_hides_a_longer_backing(target: str) -> N
     # subclusters unallocated (as QEMU's preallocate_co links it), so the longer backing's
     # data showed at 0x8000.  Fixed as QEMU does it (the grown range of an overlay is zeroed
     # when the backing reaches past the old end): the subclusters are made zero.
-    from pyimago.oracle.targets import resolve_target
-
-    replay = Replay.from_json({
-        "format": "pyimago-replay", "version": 1,
-        "chain": {
+    _replay_against(
+        target,
+        {
             "storage": "memory",
             "l2_cache_tables": 1,
             "layers": [
@@ -103,7 +112,33 @@ def test_format_allocate_on_extended_l2_hides_a_longer_backing(target: str) -> N
                  "extended_l2": True},
             ],
         },
-        "ops": [{"op": "resize", "value": 33280, "mode": "format-allocate"}],
-    })
-    result = run_replay(replay, resolve_target(target))
-    assert not result.failed, result.log
+        [{"op": "resize", "value": 33280, "mode": "format-allocate"}],
+    )
+
+
+@pytest.mark.clause("access.resize.grow-zero")
+@pytest.mark.parametrize("target", ["pyimago.reference", "pyimago.fast"])
+def test_grow_zero_keeps_the_old_subclusters_of_a_shared_cluster(target: str) -> None:
+    # Found by the machine against both implementations alike: growing with ZERO zeroed the
+    # rest of the cluster the old end cuts by a write, whose COW of the cluster (shared with
+    # a snapshot) turned the zero subcluster at 0x200 of the old range into data.  Fixed: the
+    # whole subclusters past the old end get their zero bits, as QEMU's truncate does.
+    _replay_against(
+        target,
+        {
+            "storage": "memory",
+            "l2_cache_tables": 1,
+            "layers": [
+                {"format": "raw", "size": 512,
+                 "build": [{"op": "write", "offset": 0, "length": 512}]},
+                {"format": "qcow2", "size": 1024, "cluster_size": 16384,
+                 "extended_l2": True},
+            ],
+        },
+        [
+            {"op": "write", "offset": 0, "length": 1024},
+            {"op": "create_snapshot", "mode": "a"},
+            {"op": "discard_to_zero", "offset": 512, "length": 512},
+            {"op": "resize", "value": 1536, "mode": "zero"},
+        ],
+    )
