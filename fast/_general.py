@@ -324,6 +324,15 @@ def clear_general(layer: Qcow2Layer, offset: int, length: int, how: Clear) -> No
     b = max(a, min(stop_g << gbits, size))
     first_u, stop_u = a >> sbits, -(-b >> sbits)
     with layer._lock:
+        if how is Clear.ZERO_KEEP or how is Clear.ZERO_FREE:
+            # access.write-zeroes.soft: the partial units at either end come first (QEMU's
+            # bdrv_co_do_pwrite_zeroes does the head before the aligned middle; the tail
+            # here too).  Writing one may copy a shared cluster on write, and the copy
+            # spans from its first allocated subcluster to its last (calculate_l2_meta):
+            # subclusters zeroed before it would map as data again.
+            for lo, hi in ((offset, min(end, a)), (max(offset, b), end)):
+                if lo < hi:
+                    _zero_edge(layer, lo, hi)
         if a < b and discard and layer.backing is not None and _raw_data_file(layer):
             # qcow2.data-file.raw-cleared: the backing shows through where the data file
             # holds zeroes, so the data file stops being the raw disk first.
@@ -337,10 +346,6 @@ def clear_general(layer: Qcow2Layer, offset: int, length: int, how: Clear) -> No
                 # qcow2_subcluster_zeroize); a discard leaves zeroes too (no backing file).
                 layer.data.write_zeroes(a, b - a)
             _apply_units(layer, first_u, stop_u, how)
-        if how is Clear.ZERO_KEEP or how is Clear.ZERO_FREE:
-            for lo, hi in ((offset, min(end, a)), (max(offset, b), end)):
-                if lo < hi:
-                    _zero_edge(layer, lo, hi)
 
 
 def _zero_edge(layer: Qcow2Layer, lo: int, hi: int) -> None:

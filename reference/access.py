@@ -421,6 +421,7 @@ class FormatAccess:
         self._check_within_disk(offset, length, op)
         end = offset + length
         with self._lock:
+            offset, end = self._zero_edges_first(offset, end)
             while offset < end:
                 zofs, zlen = step(offset, end - offset)
                 if zlen == 0:
@@ -433,6 +434,40 @@ class FormatAccess:
                 self._soft_ensure_zero(offset, zofs - offset)
                 offset = zofs + zlen
             self._soft_ensure_zero(offset, end - offset)
+
+    def _zero_edges_first(self, offset: int, end: int) -> tuple[int, int]:
+        """Write zeroes into the partial units at either end of ``[offset, end)`` that need
+        it (the rest of their unit does not read zero), and return what is left for the
+        loop: the aligned middle and any edge not done here.
+
+        access.write-zeroes.soft: imago's soft_ensure_zero loop lets the driver zero the
+        aligned part first and writes zeroes into the head after it; QEMU's
+        bdrv_co_do_pwrite_zeroes does the head, then the aligned middle, then the tail.  A
+        written edge may copy its cluster on write (shared with a snapshot), and the copy
+        spans from the cluster's first allocated subcluster to its last (QEMU's
+        calculate_l2_meta): subclusters the middle step had marked zero would map as data
+        again.  So both written edges come before the middle (QEMU's order leaves that
+        remapping for the tail: see the divergence note on the clause).  An edge whose unit
+        otherwise reads zero is zeroed without a write, where order does not matter: the
+        loop keeps it as imago does.
+        """
+        gran = self._driver.zero_granularity
+        if not gran:
+            return offset, end
+        head_end = min(end, -(-offset // gran) * gran)
+        # A unit the disk end cuts short is whole when the range reaches the disk end.
+        tail_start = end if end >= self.size else max(head_end, end - end % gran)
+        if head_end >= tail_start:
+            # No whole unit in the range: the loop zeroes it as one piece.
+            return offset, end
+        if offset < head_end and not self._is_range_zero(offset - offset % gran, offset % gran):
+            self._soft_ensure_zero(offset, head_end - offset)
+            offset = head_end
+        unit_end = min(tail_start + gran, self.size)
+        if tail_start < end and not self._is_range_zero(end, unit_end - end):
+            self._soft_ensure_zero(tail_start, end - tail_start)
+            end = tail_start
+        return offset, end
 
     def write_zeroes(self, offset: int, length: int) -> None:
         """Make the range read as zero without freeing allocations (access.write-zeroes)."""
