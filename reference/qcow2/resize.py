@@ -110,8 +110,7 @@ class Resize(DriverState):
             unit = 1 << self._unit_bits
             zero_from = min(-(-old_size // unit) * unit, head_end) if self._extended else head_end
             if zero_from > old_size:
-                storage, host, n = self.ensure_data_mapping(old_size, zero_from - old_size, True)
-                storage.write_zeroes(host, n)
+                self._zero_cut_unit(old_size, zero_from)
             if head_end > zero_from:
                 self._zero_subclusters(zero_from, head_end - zero_from)
         whole = range(head_end, new_size, cs)
@@ -141,6 +140,28 @@ class Resize(DriverState):
         if prealloc is PreallocateMode.FORMAT_ALLOCATE or self.header.has_data_file:
             return QCOW_L2_BITMAP_ALL_ZEROES
         return QCOW_L2_BITMAP_ALL_ALLOC
+
+    def _zero_cut_unit(self, old_size: int, end: int) -> None:
+        """Write zeroes to ``[old_size, end)``, the rest of the unit the old end cuts.
+
+        With extended L2 entries, the write's COW of a shared cluster copies every subcluster
+        from the first allocated one (QEMU's calculate_l2_meta), so those of the old range
+        that were zero or unallocated get that state back: a grow changes the old range's
+        allocation only in the unit the old end cuts.
+        """
+        unit = 1 << self._unit_bits
+        first = old_size - old_size % self._cluster_size
+        before = [(u, self._get_unit(u).type)
+                  for u in range(first, old_size - old_size % unit, unit)] if self._extended else []
+        storage, host, n = self.ensure_data_mapping(old_size, end - old_size, True)
+        storage.write_zeroes(host, n)
+        for u, was in before:
+            if self._get_unit(u).type is was:
+                continue
+            if was in (ClusterType.ZERO_PLAIN, ClusterType.ZERO_ALLOC):
+                self._zero_subclusters(u, unit)
+            elif was is ClusterType.UNALLOCATED:
+                self._discard_subclusters(u, unit, full=True)
 
     def _reads_zero(self, guest_cluster: int) -> bool:
         end = min(guest_cluster + self._cluster_size, self._size)

@@ -143,13 +143,20 @@ def test_format_allocate_on_extended_l2_hides_a_longer_backing(target: str) -> N
     )
 
 
+
 @pytest.mark.clause("access.resize.grow-zero")
 @pytest.mark.parametrize("target", ["pyimago.reference", "pyimago.fast"])
-def test_grow_zero_keeps_the_old_subclusters_of_a_shared_cluster(target: str) -> None:
+@pytest.mark.parametrize(("cluster_size", "size"), [(16384, 1024), (32768, 2560)])
+def test_grow_zero_keeps_the_old_subclusters_of_a_shared_cluster(
+    target: str, cluster_size: int, size: int
+) -> None:
     # Found by the machine against both implementations alike: growing with ZERO zeroed the
     # rest of the cluster the old end cuts by a write, whose COW of the cluster (shared with
-    # a snapshot) turned the zero subcluster at 0x200 of the old range into data.  Fixed: the
-    # whole subclusters past the old end get their zero bits, as QEMU's truncate does.
+    # a snapshot) turned the zero subcluster before the old end's into data.  Fixed: the
+    # whole subclusters past the old end get their zero bits, as QEMU's truncate does, and
+    # where the old end cuts a subcluster (32 KiB clusters: 1 KiB subclusters, end 2560) the
+    # old range's zero and unallocated subclusters get that state back after its write.
+    sub = cluster_size // 32
     _replay_against(
         target,
         {
@@ -158,14 +165,14 @@ def test_grow_zero_keeps_the_old_subclusters_of_a_shared_cluster(target: str) ->
             "layers": [
                 {"format": "raw", "size": 512,
                  "build": [{"op": "write", "offset": 0, "length": 512}]},
-                {"format": "qcow2", "size": 1024, "cluster_size": 16384,
+                {"format": "qcow2", "size": size, "cluster_size": cluster_size,
                  "extended_l2": True},
             ],
         },
         [
-            {"op": "write", "offset": 0, "length": 1024},
+            {"op": "write", "offset": 0, "length": size},
             {"op": "create_snapshot", "mode": "a"},
-            {"op": "discard_to_zero", "offset": 512, "length": 512},
-            {"op": "resize", "value": 1536, "mode": "zero"},
+            {"op": "discard_to_zero", "offset": sub, "length": sub},
+            {"op": "resize", "value": -(-size // sub) * sub + sub, "mode": "zero"},
         ],
     )
