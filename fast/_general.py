@@ -447,12 +447,16 @@ def grow_general(layer: Qcow2Layer, old: int, prealloc: PreallocateMode) -> None
     # Judged on the whole cluster, as the plain path's _reads_zero.
     if head_end > old and not _reads_zero(layer, old >> cb << cb, head_end):
         # The cluster the old end cut short may hold stale bytes past it: zeroes are written
-        # there (as the plain path and the reference do, the range becomes data).
-        pos = old
-        while pos < head_end:
-            host, n, _ = layer.prepare(pos, head_end - pos, True)
-            layer.data.write_zeroes(host, n)
-            pos += n
+        # to the subcluster the old end cuts (as the plain path and the reference do, the
+        # range becomes data); the whole subclusters past it get their zero bits (QEMU's
+        # qcow2_co_truncate: "Use zero clusters as much as we can"), so that a COW of a
+        # shared cluster does not turn the old range's zero subclusters into data.
+        sbits = _geometry(layer)[0]
+        zero_from = min(-(-old >> sbits) << sbits, head_end)
+        if zero_from > old:
+            _zero_cut_unit(layer, old, zero_from, sbits)
+        if head_end > zero_from:
+            _apply_units(layer, zero_from >> sbits, -(-head_end >> sbits), Clear.ZERO_KEEP)
     if head_end == new_size:
         return
     first, stop = head_end >> cb, -(-new_size >> cb)
@@ -461,6 +465,23 @@ def grow_general(layer: Qcow2Layer, old: int, prealloc: PreallocateMode) -> None
         _apply_units(layer, first << per, stop << per, Clear.ZERO_FREE)
     else:
         _preallocate(layer, first, stop, prealloc, _grown_bitmap(layer, old, prealloc))
+
+
+def _zero_cut_unit(layer: Qcow2Layer, old: int, end: int, sbits: int) -> None:
+    """Write zeroes to ``[old, end)``, the rest of the subcluster the old end cuts.  The
+    write's COW of a shared cluster copies every subcluster from the first allocated one
+    (QEMU's calculate_l2_meta): those of the old range that were zero or unallocated get that
+    state back, so that a grow changes the old range only in the subcluster the old end cuts."""
+    first_u = (old >> layer._cbits << layer._cbits) >> sbits
+    before = [(u, layer.map_run(u << sbits, 1 << sbits)[0]) for u in range(first_u, old >> sbits)]
+    pos = old
+    while pos < end:
+        host, n, _ = layer.prepare(pos, end - pos, True)
+        layer.data.write_zeroes(host, n)
+        pos += n
+    for u, was in before:
+        if was in (K_ZERO, K_UNALLOC) and layer.map_run(u << sbits, 1 << sbits)[0] != was:
+            _apply_units(layer, u, u + 1, Clear.ZERO_KEEP if was == K_ZERO else Clear.BACKING)
 
 
 def _grown_bitmap(layer: Qcow2Layer, old: int, prealloc: PreallocateMode) -> int | None:

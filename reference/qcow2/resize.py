@@ -103,8 +103,16 @@ class Resize(DriverState):
         cs = self._cluster_size
         head_end = min(-(-old_size // cs) * cs, new_size)
         if head_end > old_size and not self._reads_zero(old_size - old_size % cs):
-            storage, host, n = self.ensure_data_mapping(old_size, head_end - old_size, True)
-            storage.write_zeroes(host, n)
+            # With extended L2 entries only the subcluster the old end cuts is written; the
+            # whole ones past it get their zero bits (QEMU's qcow2_co_truncate: "Use zero
+            # clusters as much as we can"), so that a write's COW of a shared cluster does
+            # not turn the old range's zero or unallocated subclusters into data.
+            unit = 1 << self._unit_bits
+            zero_from = min(-(-old_size // unit) * unit, head_end) if self._extended else head_end
+            if zero_from > old_size:
+                self._zero_cut_unit(old_size, zero_from)
+            if head_end > zero_from:
+                self._zero_subclusters(zero_from, head_end - zero_from)
         whole = range(head_end, new_size, cs)
         if prealloc is PreallocateMode.ZERO:
             # access.resize.grow-zero: "Does not necessarily allocate data, but has to ensure
@@ -132,6 +140,28 @@ class Resize(DriverState):
         if prealloc is PreallocateMode.FORMAT_ALLOCATE or self.header.has_data_file:
             return QCOW_L2_BITMAP_ALL_ZEROES
         return QCOW_L2_BITMAP_ALL_ALLOC
+
+    def _zero_cut_unit(self, old_size: int, end: int) -> None:
+        """Write zeroes to ``[old_size, end)``, the rest of the unit the old end cuts.
+
+        With extended L2 entries, the write's COW of a shared cluster copies every subcluster
+        from the first allocated one (QEMU's calculate_l2_meta), so those of the old range
+        that were zero or unallocated get that state back: a grow changes the old range's
+        allocation only in the unit the old end cuts.
+        """
+        unit = 1 << self._unit_bits
+        first = old_size - old_size % self._cluster_size
+        before = [(u, self._get_unit(u).type)
+                  for u in range(first, old_size - old_size % unit, unit)] if self._extended else []
+        storage, host, n = self.ensure_data_mapping(old_size, end - old_size, True)
+        storage.write_zeroes(host, n)
+        for u, was in before:
+            if self._get_unit(u).type is was:
+                continue
+            if was in (ClusterType.ZERO_PLAIN, ClusterType.ZERO_ALLOC):
+                self._zero_subclusters(u, unit)
+            elif was is ClusterType.UNALLOCATED:
+                self._discard_subclusters(u, unit, full=True)
 
     def _reads_zero(self, guest_cluster: int) -> bool:
         end = min(guest_cluster + self._cluster_size, self._size)

@@ -12,14 +12,19 @@ from typing import Any
 
 import pytest
 from pyimago.oracle.replay import Replay, run_replay
-from pyimago.oracle.targets import reference_target, resolve_target
+from pyimago.oracle.targets import resolve_target
 
 
 def _replay(chain: dict[str, Any], ops: list[dict[str, Any]]) -> None:
+    _replay_against("reference", chain, ops)
+
+
+def _replay_against(target: str, chain: dict[str, Any], ops: list[dict[str, Any]]) -> None:
+    """Replay ``ops`` on ``chain`` against ``target`` ('reference' or a module name)."""
     replay = Replay.from_json(
         {"format": "pyimago-replay", "version": 1, "chain": chain, "ops": ops}
     )
-    result = run_replay(replay, reference_target())
+    result = run_replay(replay, resolve_target(target))
     assert not result.failed, result.log
 
 
@@ -111,11 +116,7 @@ def test_zeroing_edges_before_a_shared_extended_cluster_is_copied(
         {"op": "apply_snapshot", "mode": "1"},
         {"op": op, "offset": offset, "length": length},
     ]
-    replay = Replay.from_json(
-        {"format": "pyimago-replay", "version": 1, "chain": chain, "ops": ops}
-    )
-    result = run_replay(replay, resolve_target(target))
-    assert not result.failed, result.log
+    _replay_against(target, chain, ops)
 
 
 @pytest.mark.clause("access.resize.grow-format-allocate")
@@ -126,10 +127,9 @@ def test_format_allocate_on_extended_l2_hides_a_longer_backing(target: str) -> N
     # subclusters unallocated (as QEMU's preallocate_co links it), so the longer backing's
     # data showed at 0x8000.  Fixed as QEMU does it (the grown range of an overlay is zeroed
     # when the backing reaches past the old end): the subclusters are made zero.
-
-    replay = Replay.from_json({
-        "format": "pyimago-replay", "version": 1,
-        "chain": {
+    _replay_against(
+        target,
+        {
             "storage": "memory",
             "l2_cache_tables": 1,
             "layers": [
@@ -139,10 +139,43 @@ def test_format_allocate_on_extended_l2_hides_a_longer_backing(target: str) -> N
                  "extended_l2": True},
             ],
         },
-        "ops": [{"op": "resize", "value": 33280, "mode": "format-allocate"}],
-    })
-    result = run_replay(replay, resolve_target(target))
-    assert not result.failed, result.log
+        [{"op": "resize", "value": 33280, "mode": "format-allocate"}],
+    )
+
+
+
+@pytest.mark.clause("access.resize.grow-zero")
+@pytest.mark.parametrize("target", ["pyimago.reference", "pyimago.fast"])
+@pytest.mark.parametrize(("cluster_size", "size"), [(16384, 1024), (32768, 2560)])
+def test_grow_zero_keeps_the_old_subclusters_of_a_shared_cluster(
+    target: str, cluster_size: int, size: int
+) -> None:
+    # Found by the machine against both implementations alike: growing with ZERO zeroed the
+    # rest of the cluster the old end cuts by a write, whose COW of the cluster (shared with
+    # a snapshot) turned the zero subcluster before the old end's into data.  Fixed: the
+    # whole subclusters past the old end get their zero bits, as QEMU's truncate does, and
+    # where the old end cuts a subcluster (32 KiB clusters: 1 KiB subclusters, end 2560) the
+    # old range's zero and unallocated subclusters get that state back after its write.
+    sub = cluster_size // 32
+    _replay_against(
+        target,
+        {
+            "storage": "memory",
+            "l2_cache_tables": 1,
+            "layers": [
+                {"format": "raw", "size": 512,
+                 "build": [{"op": "write", "offset": 0, "length": 512}]},
+                {"format": "qcow2", "size": size, "cluster_size": cluster_size,
+                 "extended_l2": True},
+            ],
+        },
+        [
+            {"op": "write", "offset": 0, "length": size},
+            {"op": "create_snapshot", "mode": "a"},
+            {"op": "discard_to_zero", "offset": sub, "length": sub},
+            {"op": "resize", "value": -(-size // sub) * sub + sub, "mode": "zero"},
+        ],
+    )
 
 
 @pytest.mark.clause("qcow2.extended-l2.write", "access.write-zeroes.soft")
@@ -156,20 +189,18 @@ def test_zeroing_an_edge_of_a_shared_extended_cluster_may_remap_its_zero_subclus
     # subcluster to its last (QEMU's calculate_l2_meta marks the whole copied range
     # allocated), so subcluster 1 maps as data holding zeroes.  The model allowed that for
     # write() but not for the zero data write_zeroes writes at its partial edges.
-    replay = Replay.from_json({
-        "format": "pyimago-replay", "version": 1,
-        "chain": {
+    _replay_against(
+        target,
+        {
             "storage": "memory",
             "l2_cache_tables": 2,
             "layers": [{"format": "qcow2", "size": 12288, "cluster_size": 16384,
                         "extended_l2": True}],
         },
-        "ops": [
+        [
             {"op": "write", "offset": 0, "length": 12288},
             {"op": "write_zeroes", "offset": 1, "length": 1023},
             {"op": "create_snapshot", "mode": "a"},
             {"op": "write_zeroes", "offset": 0, "length": 1},
         ],
-    })
-    result = run_replay(replay, resolve_target(target))
-    assert not result.failed, result.log
+    )
