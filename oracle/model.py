@@ -329,24 +329,33 @@ class FlatModel:
         if self.traits.deallocates:
             touched = self._units_touched(offset, len(data))
             if self.traits.subclusters and touched:
-                # qcow2.extended-l2.write: a write into a cluster that needs a new host
-                # cluster copies from its first allocated subcluster to its last
-                # (calculate_l2_meta), so the subclusters between, untouched, may become data
-                # too (holding what they read: the content is unchanged).
-                per = 32
-                first = touched[0] - touched[0] % per
-                last = min(len(self.alloc), touched[-1] - touched[-1] % per + per)
-                for unit in range(first, last):
-                    self.alloc[unit] = self.alloc[unit] | _DATA
+                # The subclusters between, untouched, may become data too.
+                self._copy_on_write_span(list(touched))
             for unit in touched:
                 self.alloc[unit] = _DATA
+
+    def _copy_on_write_span(self, units: list[int]) -> None:
+        """qcow2.extended-l2.write: writing into ``units`` may copy their clusters from the
+        first allocated subcluster to the last (calculate_l2_meta): every subcluster of
+        those clusters may become data (holding what it reads: the content is unchanged)."""
+        per = 32
+        for first in sorted({u - u % per for u in units}):
+            for unit in range(first, min(len(self.alloc), first + per)):
+                self.alloc[unit] = self.alloc[unit] | _DATA
 
     def _zeroed(self, offset: int, length: int, *, discard: bool) -> None:
         self._set_zero(offset, length)
         if not self.traits.deallocates:
             return
         zero_flag = self.traits.zero_flag
-        for unit in self._units_touched(offset, length):
+        touched = self._units_touched(offset, length)
+        if self.traits.subclusters and touched:
+            # A partial unit may be zeroed by writing (access.write-zeroes.soft), with the
+            # copy-on-write of a write; the range's whole units are decided below.
+            edges = {touched[0], touched[-1]}
+            partial = [u for u in edges if not self._is_whole(u, offset, length)]
+            self._copy_on_write_span(partial)
+        for unit in touched:
             prev = self.alloc[unit]
             start, end = self.unit_span(unit)
             lo, hi = max(start, offset), min(end, offset + length)
