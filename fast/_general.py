@@ -31,7 +31,7 @@ from ._entries import COMPRESSED, COPIED, HOST_MASK, ZERO_FLAG
 from ._header import AUTOCLEAR_DATA_FILE_RAW
 from ._layer import Clear
 from ._runs import K_UNALLOC, K_ZERO
-from ._subcluster import ALL_ALLOC, alloc_range, cow_span, sc_type, zero_range
+from ._subcluster import ALL_ALLOC, ALL_ZERO, alloc_range, cow_span, sc_type, zero_range
 
 if TYPE_CHECKING:
     from ._qcow2 import Qcow2Layer
@@ -460,13 +460,33 @@ def grow_general(layer: Qcow2Layer, old: int, prealloc: PreallocateMode) -> None
     if prealloc is PreallocateMode.ZERO:
         _apply_units(layer, first << per, stop << per, Clear.ZERO_FREE)
     else:
-        _preallocate(layer, first, stop, prealloc)
+        _preallocate(layer, first, stop, prealloc, _grown_bitmap(layer, old, prealloc))
 
 
-def _preallocate(layer: Qcow2Layer, first: int, stop: int, prealloc: PreallocateMode) -> None:
+def _grown_bitmap(layer: Qcow2Layer, old: int, prealloc: PreallocateMode) -> int | None:
+    """The bitmap of the preallocated clusters past the old end ``old`` (None: keep it).
+
+    access.resize.grow-format-allocate: "the new range reads zero and the backing never
+    shows through".  Left unallocated, the subclusters would show a backing that reaches past
+    the old end; QEMU then truncates with BDRV_REQ_ZERO_WRITE and its images come out with
+    the zero bits set (preallocation=metadata) or the allocation bits set over zeroed host
+    clusters (falloc/full).  An external data file may hold stale bytes there: zero bits.
+    """
+    backing = layer.backing
+    if not layer._ext or backing is None or backing.size <= old:
+        return None
+    if prealloc is PreallocateMode.FORMAT_ALLOCATE or layer.hdr.has_data_file:
+        return ALL_ZERO
+    return ALL_ALLOC
+
+
+def _preallocate(
+    layer: Qcow2Layer, first: int, stop: int, prealloc: PreallocateMode, bitmap: int | None
+) -> None:
     """Map clusters ``[first, stop)`` (new, past the old end) to host clusters that read as
-    zero.  With extended L2 entries their bitmaps stay as they are (QEMU's preallocate_co
-    links them with ``m->prealloc``: no subcluster marked allocated)."""
+    zero.  With extended L2 entries their bitmaps become ``bitmap``, or (None) stay as they
+    are (QEMU's preallocate_co links them with ``m->prealloc``: no subcluster marked
+    allocated)."""
     cb, cs = layer._cbits, layer._cs
     dfile = layer.hdr.has_data_file
     mode = PreallocateMode.NONE if prealloc is PreallocateMode.FORMAT_ALLOCATE else prealloc
@@ -488,7 +508,7 @@ def _preallocate(layer: Qcow2Layer, first: int, stop: int, prealloc: Preallocate
             _, _, bm = _state(layer, c + t, e, word)
             held = [e] if _holds(layer, e) else []
             layer._vet_releases(held)
-            new_bm = bm if layer._ext else 1
+            new_bm = (bm if bitmap is None else bitmap) if layer._ext else 1
             entry, new_word = _encode(layer, (host + t * cs) | COPIED, new_bm)
             tofs = _store(layer, c + t, cur, j, entry, new_word)
             if held:

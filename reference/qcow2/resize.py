@@ -14,6 +14,8 @@ from .._prealloc import PreallocateMode
 from .constants import L1E_OFFSET_MASK
 from .driver_state import DriverState
 from .header import required_l1_size
+from .subcluster_write import QCOW_L2_BITMAP_ALL_ZEROES
+from .subclusters import QCOW_L2_BITMAP_ALL_ALLOC
 from .tables import UNALLOCATED, ZERO_PLAIN, ClusterType, L2Entry, l1_index
 
 __all__ = ["Resize"]
@@ -110,7 +112,26 @@ class Resize(DriverState):
             # show through)."
             self._zero_new_clusters(whole)
         else:
-            self._preallocate(whole, prealloc)
+            self._preallocate(whole, prealloc, self._preallocated_bitmap(old_size, prealloc))
+
+    def _preallocated_bitmap(self, old_size: int, prealloc: PreallocateMode) -> int | None:
+        """The subcluster bitmap of the clusters ``_preallocate`` maps (None: none allocated).
+
+        access.resize.grow-format-allocate: "the new range reads zero and the backing never
+        shows through".  A preallocated extended L2 entry leaves its subclusters unallocated
+        (QEMU's preallocate_co links it with ``m->prealloc``), so that a backing longer than
+        the old disk would show there.  QEMU's bdrv_co_truncate then truncates with
+        BDRV_REQ_ZERO_WRITE ("we cannot leave it unallocated because then the backing file
+        content would become visible"), and as it does the subclusters read zero: metadata
+        preallocation ends with the zero bits set (qcow2_subcluster_zeroize), falloc/full with
+        the allocation bits set over host clusters that read zero.  An external data file may
+        hold stale bytes past the old end, so there only the zero bits are safe.
+        """
+        if not self._extended or self._backing is None or self._backing.size <= old_size:
+            return None
+        if prealloc is PreallocateMode.FORMAT_ALLOCATE or self.header.has_data_file:
+            return QCOW_L2_BITMAP_ALL_ZEROES
+        return QCOW_L2_BITMAP_ALL_ALLOC
 
     def _reads_zero(self, guest_cluster: int) -> bool:
         end = min(guest_cluster + self._cluster_size, self._size)
@@ -132,7 +153,8 @@ class Resize(DriverState):
                 storage, host, n = self.ensure_data_mapping(guest, self._cluster_size, True)
                 storage.write_zeroes(host, n)
 
-    def _preallocate(self, clusters: range, prealloc: PreallocateMode) -> None:
+    def _preallocate(self, clusters: range, prealloc: PreallocateMode,
+                     bitmap: int | None = None) -> None:
         """Map every new cluster to a host cluster that reads as zero, as QEMU does for
         preallocation=metadata/falloc/full (plain data clusters, not zero clusters).
 
@@ -147,7 +169,8 @@ class Resize(DriverState):
             # qcow2.data-file.offsets: each cluster maps its own place in the data file,
             # which resize_grow extended (zeroes past its old end).
             for guest in clusters:
-                self._replace_entry(guest, L2Entry(ClusterType.NORMAL, guest, True))
+                self._replace_entry(guest, L2Entry(ClusterType.NORMAL, guest, True),
+                                    bitmap=bitmap)
             return
         first_host = self._allocator.allocate(len(clusters))
         if first_host < self._storage.size():
@@ -162,7 +185,8 @@ class Resize(DriverState):
             )
             self._storage.resize(host_end, storage_mode)
         for i, guest in enumerate(clusters):
-            self._replace_entry(guest, L2Entry(ClusterType.NORMAL, first_host + i * cs, True))
+            self._replace_entry(guest, L2Entry(ClusterType.NORMAL, first_host + i * cs, True),
+                                bitmap=bitmap)
 
     def resize_shrink(self, new_size: int) -> None:
         self._begin("resize_shrink")

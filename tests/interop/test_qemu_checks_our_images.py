@@ -12,6 +12,7 @@ write on top of that, and QEMU checks and compares again.
 
 from __future__ import annotations
 
+import importlib
 import random
 import struct
 from dataclasses import dataclass, field
@@ -367,6 +368,46 @@ def test_resize_over_longer_backing(
         g.write(2 * MiB - 7, 14, 2)
         model = bytes(g.model)
     verify_with_qemu(qemu, path, model, tmp_path)
+
+
+_QEMU_PREALLOCATION = {
+    PreallocateMode.FORMAT_ALLOCATE: "metadata",
+    PreallocateMode.FULL_ALLOCATE: "falloc",
+    PreallocateMode.WRITE_DATA: "full",
+}
+
+
+@pytest.mark.clause(
+    "interop.qemu-check", "access.resize.grow-format-allocate",
+    "access.resize.grow-full-allocate", "access.resize.grow-write-data", "backing.longer",
+    "qcow2.extended-l2.bitmap",
+)
+@pytest.mark.parametrize("mode", list(_QEMU_PREALLOCATION), ids=lambda m: m.value)
+@pytest.mark.parametrize("impl", ["pyimago.reference", "pyimago.fast"])
+def test_preallocating_grow_of_extended_l2_overlay_hides_longer_backing(
+    qemu: QemuTools, tmp_path: Path, impl: str, mode: PreallocateMode
+) -> None:
+    """A preallocated extended L2 entry leaves its subclusters unallocated (QEMU's
+    preallocate_co): over a longer backing the grown range must still read zero, and the new
+    clusters come out as QEMU's own resize leaves them (zero or data subclusters)."""
+    lib = importlib.import_module(impl)
+    name, content = make_backing("qcow2", tmp_path, 4 * MiB, qemu)
+    old, new = 32 * KiB, MiB + 32 * KiB
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    lib.create_image(ours, old, cluster_size=16 * KiB, extended_l2=True, backing_file=name,
+                     backing_fmt="qcow2")
+    with lib.open_image(ours, writable=True) as img:
+        img.resize_grow(new, mode)
+    verify_with_qemu(qemu, ours, content[:old] + bytes(new - old), tmp_path)
+    qemu.img("create", "-q", "-f", "qcow2", "-o", "cluster_size=16384,extended_l2=on",
+             "-b", name, "-F", "qcow2", theirs, str(old))
+    qemu.img("resize", "-q", f"--preallocation={_QEMU_PREALLOCATION[mode]}", theirs, str(new))
+
+    def flags(path: Path) -> list[tuple[int, int, int, bool, bool]]:
+        return [(e["start"], e["length"], e["depth"], e["zero"], e["data"])
+                for e in qemu.map(path)]
+
+    assert flags(ours) == flags(theirs)
 
 
 def _header_fields(path: Path) -> tuple[int, int]:
