@@ -22,6 +22,7 @@ guest view as a :class:`BackingView` snapshot.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pyimago.reference import PreallocateMode
@@ -328,25 +329,38 @@ class FlatModel:
         self._set(offset, data, b"\x01" * len(data))
         if self.traits.deallocates:
             touched = self._units_touched(offset, len(data))
-            if self.traits.subclusters and touched:
-                # qcow2.extended-l2.write: a write into a cluster that needs a new host
-                # cluster copies from its first allocated subcluster to its last
-                # (calculate_l2_meta), so the subclusters between, untouched, may become data
-                # too (holding what they read: the content is unchanged).
-                per = 32
-                first = touched[0] - touched[0] % per
-                last = min(len(self.alloc), touched[-1] - touched[-1] % per + per)
-                for unit in range(first, last):
-                    self.alloc[unit] = self.alloc[unit] | _DATA
+            self._copied_on_write(touched)
             for unit in touched:
                 self.alloc[unit] = _DATA
+
+    def _copied_on_write(self, touched: Sequence[int]) -> None:
+        """Data written into ``touched`` units: with subclusters, their clusters' other units
+        may become data too.
+
+        qcow2.extended-l2.write: a write into a cluster that needs a new host cluster copies
+        from its first allocated subcluster to its last (calculate_l2_meta), so the
+        subclusters between, untouched, may become data (holding what they read: the content
+        is unchanged)."""
+        if not (self.traits.subclusters and touched):
+            return
+        per = 32
+        first = touched[0] - touched[0] % per
+        last = min(len(self.alloc), touched[-1] - touched[-1] % per + per)
+        for unit in range(first, last):
+            self.alloc[unit] = self.alloc[unit] | _DATA
 
     def _zeroed(self, offset: int, length: int, *, discard: bool) -> None:
         self._set_zero(offset, length)
         if not self.traits.deallocates:
             return
         zero_flag = self.traits.zero_flag
-        for unit in self._units_touched(offset, length):
+        touched = self._units_touched(offset, length)
+        # Partial units at the edges get zero data written (access.write-zeroes.soft), and
+        # that write may copy a shared cluster on write before the whole units are zeroed.
+        for unit in touched:
+            if not self._is_whole(unit, offset, length):
+                self._copied_on_write(range(unit, unit + 1))
+        for unit in touched:
             prev = self.alloc[unit]
             start, end = self.unit_span(unit)
             lo, hi = max(start, offset), min(end, offset + length)

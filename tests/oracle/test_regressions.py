@@ -176,3 +176,31 @@ def test_grow_zero_keeps_the_old_subclusters_of_a_shared_cluster(
             {"op": "resize", "value": -(-size // sub) * sub + sub, "mode": "zero"},
         ],
     )
+
+
+@pytest.mark.clause("qcow2.extended-l2.write", "access.write-zeroes.soft")
+@pytest.mark.parametrize("target", ["pyimago.reference", "pyimago.fast"])
+def test_zeroing_an_edge_of_a_shared_extended_cluster_may_remap_its_zero_subclusters(
+    target: str,
+) -> None:
+    # Found by the machine (an oracle bug, not an implementation bug): subcluster 1 was
+    # zeroed, a snapshot then shared the cluster, and write_zeroes of one byte at 0 wrote zero
+    # data into subcluster 0.  That write copies the shared cluster from its first allocated
+    # subcluster to its last (QEMU's calculate_l2_meta marks the whole copied range
+    # allocated), so subcluster 1 maps as data holding zeroes.  The model allowed that for
+    # write() but not for the zero data write_zeroes writes at its partial edges.
+    _replay_against(
+        target,
+        {
+            "storage": "memory",
+            "l2_cache_tables": 2,
+            "layers": [{"format": "qcow2", "size": 12288, "cluster_size": 16384,
+                        "extended_l2": True}],
+        },
+        [
+            {"op": "write", "offset": 0, "length": 12288},
+            {"op": "write_zeroes", "offset": 1, "length": 1023},
+            {"op": "create_snapshot", "mode": "a"},
+            {"op": "write_zeroes", "offset": 0, "length": 1},
+        ],
+    )
