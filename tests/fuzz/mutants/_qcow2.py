@@ -81,11 +81,11 @@ class CopiedFlagWrong(Qcow2Driver):
     """Data clusters are mapped without the COPIED flag although their refcount is 1 (only
     ``qemu-img check`` sees it: reads are right, writes just copy needlessly)."""
 
-    def _replace_entry(self, guest_offset: int, new: L2Entry, *, data_pending: bool = False
-                       ) -> None:
+    def _replace_entry(self, guest_offset: int, new: L2Entry, *, data_pending: bool = False,
+                       bitmap: int | None = None) -> None:
         if new.type is ClusterType.NORMAL and new.copied:
             new = L2Entry(ClusterType.NORMAL, new.host_offset, False)
-        super()._replace_entry(guest_offset, new, data_pending=data_pending)
+        super()._replace_entry(guest_offset, new, data_pending=data_pending, bitmap=bitmap)
 
 
 class CompressedReadWrongOffset(Qcow2Driver):
