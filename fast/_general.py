@@ -381,10 +381,17 @@ def _apply_units(layer: Qcow2Layer, first_u: int, stop_u: int, how: Clear) -> No
         # The disk's last cluster is whole when the range reaches the disk end.
         whole = a == 0 and (b == nsub or (((c << per) + b) << sbits) >= layer.size)
         if comp and not whole:
-            if how is Clear.ZERO_KEEP or how is Clear.ZERO_FREE:
-                g = c << cb
-                layer._zero_by_writing(g + (a << sbits), min(g + (b << sbits), layer.size))
-            continue
+            if how is not Clear.ZERO_KEEP and how is not Clear.ZERO_FREE:
+                continue
+            # A compressed cluster cannot be zeroed in part: the write makes it a normal
+            # cluster (copied on write whole), whose subclusters then get their zero bits
+            # like any other (qcow2.extended-l2.clear, as the reference does).
+            g = c << cb
+            layer._zero_by_writing(g + (a << sbits), min(g + (b << sbits), layer.size))
+            cur, j, e, word = _load(layer, c)
+            has_host, comp, bm = _state(layer, c, e, word)
+            if comp:
+                continue
         host_bits = e & (HOST_MASK | COPIED) if has_host else 0
         drop = False
         zero, alloc = zero_range(a, b), alloc_range(a, b)

@@ -207,25 +207,13 @@ def test_zeroing_an_edge_of_a_shared_extended_cluster_may_remap_its_zero_subclus
 
 
 @pytest.mark.clause("access.discard-to-zero.reads-zero", "qcow2.extended-l2.clear")
-@pytest.mark.parametrize(
-    "target",
-    [
-        "pyimago.reference",
-        pytest.param(
-            "pyimago.fast",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="found by the machine, not fixed yet: fast turns the compressed "
-                "cluster into a normal one but leaves the discarded subcluster as data",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("target", ["pyimago.reference", "pyimago.fast"])
 def test_discard_to_zero_of_a_subcluster_of_a_compressed_extended_cluster(target: str) -> None:
     # Found by the machine against pyimago.fast only: a compressed cluster on an extended-L2
     # image (the disk's partial last cluster), then discard_to_zero of its first whole
     # subcluster.  The reference makes the cluster normal and gives the subcluster its zero
-    # bit (qcow2.extended-l2.clear); fast maps the subcluster as data.
+    # bit (qcow2.extended-l2.clear); fast wrote zeroes (copying the cluster whole) and left
+    # the subcluster as data.  Fixed: after the write, the zero bits as for any cluster.
     _replay_against(
         target,
         {
