@@ -26,9 +26,11 @@ from .crash import (
     ChunkedContent,
     CrashTimeline,
     CutJudge,
+    CutVerdict,
     RecordingStorage,
     TimelinePoint,
     check_cut,
+    start_judge,
     unknown_ranges,
 )
 from .model import FlatModel
@@ -71,7 +73,7 @@ class PowerCuts:
         self.stats = PowerCutStats()
         self.rec: RecordingStorage | None = None
         self.timeline: CrashTimeline | None = None
-        self._checked = 0
+        self._checked: int | None = None
         self._lower: list[tuple[str, Callable[[], bytes], bytes]] = []
         # The last point's content and unknown ranges, chunk by chunk, and what they were
         # taken from: the next point copies only the chunks the model marks changed.
@@ -150,28 +152,57 @@ class PowerCuts:
             return 0
         self.stats.checks += 1
         rng = random.Random(step * 1_000_003 + rec.mutations)
-        cuts = rec.sample_cuts(self._checked, self.max_cuts, rng)
+        # The cut at the last check's end was checked then (as that check's last state).
+        since = 0 if self._checked is None else self._checked + 1
+        cuts = rec.sample_cuts(since, self.max_cuts, rng) if since <= rec.mutations else []
         # The judge is the costly part: at teardown ``max_judged`` cuts, else one.
         budget = self.max_judged if final else min(self.max_judged, 1)
         stride = max(1, -(-len(cuts) // budget)) if budget else 0
         judged = set(cuts[::-1][::stride][:budget]) if stride else set()
-        for k, state in rec.cut_states(cuts):
-            judge = self.judge if k in judged else None
-            verdict = check_cut(k, bytes(state), timeline, open_cut, judge)
-            self.stats.states += 1
-            self.stats.judged += verdict.judged
-            self.stats.leaks += verdict.leaks
-            if verdict.problems:
-                clause = "crash.readonly-open" if verdict.readonly_write else "crash.power-cut"
-                raise PowerCutFailure(
-                    f"power cut after storage mutation {k} ({rec.describe_mutation(k)}; "
-                    f"{rec.synced} synced): "
-                    + "\n  ".join(verdict.problems),
-                    (clause,),
-                )
+        pending: dict[int, Callable[[], tuple[int, int, list[str]]]] = {}
+        last = rec.mutations
+        if self.judge is not None and last in judged:
+            # The last cut state first: its judge (qemu-img) runs while the states before it
+            # are rebuilt and checked.
+            pending[last] = start_judge(self.judge, rec.state_after(last))
+        failed: CutVerdict | None = None
+        state = bytearray()
+        try:
+            for k, state in rec.cut_states(cuts):
+                if self.judge is not None and k in judged and k not in pending:
+                    pending[k] = start_judge(self.judge, state)
+                verdict = check_cut(k, state, timeline, open_cut)
+                self.stats.states += 1
+                if verdict.problems:
+                    failed = verdict
+                    break
+        finally:
+            # Every judge started is waited for (its temporary file goes): the first cut in
+            # order that breaks the rule, by content or by the judge, is the one reported.
+            for k in sorted(pending):
+                corrupt, leaks, msgs = pending[k]()
+                self.stats.judged += 1
+                self.stats.leaks += leaks
+                if not corrupt or (failed is not None and k > failed.cut):
+                    continue
+                found = [f"cut after mutation {k}: check finds {corrupt} corruption(s)", *msgs]
+                if failed is not None and k == failed.cut:
+                    failed.problems[:0] = found
+                else:
+                    failed = CutVerdict(k, judged=True, corruptions=corrupt, leaks=leaks,
+                                        problems=found)
+        if failed is not None:
+            clause = "crash.readonly-open" if failed.readonly_write else "crash.power-cut"
+            raise PowerCutFailure(
+                f"power cut after storage mutation {failed.cut} "
+                f"({rec.describe_mutation(failed.cut)}; {rec.synced} synced): "
+                + "\n  ".join(failed.problems),
+                (clause,),
+            )
         # Later cuts lie after this point: forget the log, and the timeline before the last
         # durable point (every later window starts there or later).
-        rec.checkpoint()
+        # (The last state rebuilt is the storage now: the new base, with no second replay.)
+        rec.checkpoint(state if cuts and cuts[-1] == rec.mutations else None)
         self._checked = rec.mutations
         points = timeline.points
         last = max(i for i, p in enumerate(points) if p.durable or i == 0)
