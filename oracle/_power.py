@@ -13,6 +13,7 @@ built: ``crash.readonly-open`` says no read-only open may change a byte of them.
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,6 +61,8 @@ class PowerCutStats:
     states: int = 0
     judged: int = 0
     leaks: int = 0
+    mutations: int = 0
+    """Storage mutations the checks covered (one cut state after each could be checked)."""
 
 
 class PowerCuts:
@@ -126,7 +129,7 @@ class PowerCuts:
             chunks[i] = bytes(data[a:b])
             # Chunks are whole sectors, so each chunk's sector-widened runs stay inside it.
             loose[i] = tuple((a + x, n) for x, n in unknown_ranges(bytes(known[a:b])))
-        return ChunkedContent(tuple(chunks)), tuple(r for part in loose for r in part)
+        return ChunkedContent(tuple(chunks)), tuple(itertools.chain.from_iterable(loose))
 
     def point(self, model: FlatModel, label: str, *, durable: bool = False,
               unspecified: tuple[tuple[int, int], ...] = ()) -> None:
@@ -151,6 +154,7 @@ class PowerCuts:
         if rec is None or timeline is None:
             return 0
         self.stats.checks += 1
+        self.stats.mutations += rec.mutations - (self._checked or 0)
         rng = random.Random(step * 1_000_003 + rec.mutations)
         # The cut at the last check's end was checked then (as that check's last state).
         since = 0 if self._checked is None else self._checked + 1

@@ -136,7 +136,8 @@ class RecordingStorage:
         return self.inner.read(offset, length)
 
     def write(self, data: Buffer, offset: int) -> None:
-        payload = bytes(memoryview(data).cast("B"))
+        # bytes cannot change under the log; anything else is copied.
+        payload = data if type(data) is bytes else bytes(memoryview(data).cast("B"))
         self.inner.write(payload, offset)
         self.log.append(Mutation("write", offset, len(payload), payload))
 
