@@ -36,6 +36,8 @@ class Journal:
         self.log: list[tuple[str, Mutation]] = []
         #: Per name: how many mutations of the journal a completed sync of it covered.
         self.synced: dict[str, int] = {}
+        #: Every completed sync: (mutations of the journal before it, name).
+        self.sync_log: list[tuple[int, str]] = []
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -62,6 +64,7 @@ class Journal:
 
     def note_sync(self, name: str) -> None:
         self.synced[name] = self.mutations
+        self.sync_log.append((self.mutations, name))
 
     def unsynced(self) -> dict[str, int]:
         """Each storage whose last mutation no completed sync of it covers: that mutation's
@@ -101,6 +104,27 @@ class Journal:
                 apply_mutation(state[name], m)
             at = k
             yield k, state
+
+
+    def lagging_states(self, cuts: Iterable[int]
+                       ) -> Iterator[tuple[int, str, dict[str, bytearray]]]:
+        """Across files, only a sync orders writes: at a cut after mutation ``k``, one file
+        may have lost every mutation since its last completed sync while another kept later
+        ones.  ``(k, name, state)`` for each cut ``k`` and each file ``name`` whose unsynced
+        mutations some other file's later mutation follows: the state with those lost.
+        (Buffers are fresh each time.)"""
+        for k in sorted(set(cuts)):
+            for name in self._bases:
+                durable = max((at for at, n in self.sync_log if n == name and at <= k),
+                              default=0)
+                lost = [i for i in range(durable, k) if self.log[i][0] == name]
+                if not lost or all(n == name for n, _ in self.log[lost[0] : k]):
+                    continue  # nothing lost, or the same as an earlier cut in order
+                state = {n: bytearray(b) for n, b in self._bases.items()}
+                for i, (n, m) in enumerate(self.log[:k]):
+                    if n != name or i < durable:
+                        apply_mutation(state[n], m)
+                yield k, name, state
 
 
 class JournaledStorage(RecordingStorage):

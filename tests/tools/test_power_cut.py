@@ -15,6 +15,7 @@ synced every file it wrote.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -155,6 +156,7 @@ class Cuts:
         shutil.copytree(work, into)
         self.folder = into
         self.judged = 0
+        self.lagging = 0
         self.leaks = 0
 
     def path(self, name: str) -> Path:
@@ -162,23 +164,30 @@ class Cuts:
 
     def each(self) -> Iterator[tuple[int, str]]:
         """Lay out each cut state in turn; yields ``(k, description)`` after checking every
-        qcow2 file of it with qemu-img."""
-        assert self.journal.mutations, "the tool wrote nothing"
-        assert not self.journal.unsynced(), (
-            f"the tool returned with unsynced writes: {self.journal.unsynced()}")
-        for k, files in self.journal.cut_states(cut_points(self.journal)):
-            what = f"cut after mutation {k} of {self.journal.mutations} " \
-                   f"({self.journal.describe(k)})"
+        qcow2 file of it with qemu-img.  With several files, also the states where one file
+        lost what it wrote since its last sync while another kept later writes (only a sync
+        orders writes across files)."""
+        journal = self.journal
+        assert journal.mutations, "the tool wrote nothing"
+        assert not journal.unsynced(), (
+            f"the tool returned with unsynced writes: {journal.unsynced()}")
+        cuts = cut_points(journal)
+        states: Iterator[tuple[int, str, dict[str, bytearray]]] = (
+            (k, "", files) for k, files in journal.cut_states(cuts))
+        for k, lagging, files in itertools.chain(states, journal.lagging_states(cuts)):
+            what = f"cut after mutation {k} of {journal.mutations} ({journal.describe(k)})"
+            if lagging:
+                what += f", {Path(lagging).name} without its writes since its last sync"
+                self.lagging += 1
             for name, data in files.items():
-                target = self.folder / Path(name).name
-                target.write_bytes(data)
+                (self.folder / Path(name).name).write_bytes(data)
             for name, data in files.items():
                 if data[:4] == QCOW2_MAGIC:
                     self.leaks += check_no_corruption(self.folder / Path(name).name, what)
             self.judged += 1
             yield k, what
-        print(f"{self.judged} cut states judged of {self.journal.mutations} mutations, "
-              f"{self.leaks} leaked clusters")
+        print(f"{self.judged} cut states judged ({self.lagging} with a file lagging) of "
+              f"{journal.mutations} mutations, {self.leaks} leaked clusters")
 
 
 def _io(path: Path, *cmds: str) -> None:
