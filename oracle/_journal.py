@@ -106,25 +106,32 @@ class Journal:
             yield k, state
 
 
-    def lagging_states(self, cuts: Iterable[int]
+    def lagging_states(self, cuts: Iterable[int],
+                       groups: Iterable[Iterable[str]] | None = None
                        ) -> Iterator[tuple[int, str, dict[str, bytearray]]]:
         """Across files, only a sync orders writes: at a cut after mutation ``k``, one file
         may have lost every mutation since its last completed sync while another kept later
-        ones.  ``(k, name, state)`` for each cut ``k`` and each file ``name`` whose unsynced
-        mutations some other file's later mutation follows: the state with those lost.
-        (Buffers are fresh each time.)"""
+        ones.  ``(k, names, state)`` for each cut ``k`` and each group of files (default:
+        each file alone; an image and its external data file lag together, as one
+        image) whose unsynced mutations some other file's later mutation follows: the
+        state with those lost.  (Buffers are fresh each time.)"""
+        units = [tuple(g) for g in groups] if groups is not None else [
+            (n,) for n in self._bases]
         for k in sorted(set(cuts)):
-            for name in self._bases:
-                durable = max((at for at, n in self.sync_log if n == name and at <= k),
-                              default=0)
-                lost = [i for i in range(durable, k) if self.log[i][0] == name]
-                if not lost or all(n == name for n, _ in self.log[lost[0] : k]):
+            for unit in units:
+                # A sync completed right after mutation k may not have completed at the cut.
+                durable = {name: max((at for at, n in self.sync_log if n == name and at < k),
+                                     default=0) for name in unit}
+                lost = [i for i in range(k) if self.log[i][0] in unit
+                        and i >= durable[self.log[i][0]]]
+                if not lost or all(n in unit for n, _ in self.log[lost[0] : k]):
                     continue  # nothing lost, or the same as an earlier cut in order
                 state = {n: bytearray(b) for n, b in self._bases.items()}
+                dropped = set(lost)
                 for i, (n, m) in enumerate(self.log[:k]):
-                    if n != name or i < durable:
+                    if i not in dropped:
                         apply_mutation(state[n], m)
-                yield k, name, state
+                yield k, "+".join(unit), state
 
 
 class JournaledStorage(RecordingStorage):
