@@ -227,7 +227,26 @@ class RecordingStorage:
         if len(points) <= limit:
             return points
         inner = rng.sample(points[1:-1], max(0, limit - 2))
-        return sorted({points[0], points[-1], *inner})
+        return sorted({points[0], points[-1], *inner, *self._header_cuts(points[0])})
+
+    #: At most this many cuts right after a write to the image's first sector join a sample.
+    HEADER_CUTS = 2
+
+    def _header_cuts(self, since: int) -> list[int]:
+        """The cuts right after the last writes to the first sector, and one mutation later (a
+        qcow2 header's pointers and sizes).  A header write switches the image to a new
+        table or size: a write order that puts it before what it points at breaks only in
+        the few states around it, which a uniform sample of a long operation (a disk fill
+        moving the refcount table, thousands of mutations) all but never draws."""
+        found: list[int] = []
+        for i in range(len(self.log) - 1, since - self._base_index - 1, -1):
+            m = self.log[i]
+            if m.kind != "resize" and m.offset < SECTOR:
+                k = self._base_index + i + 1
+                found += [k, k + 1] if k < self.mutations else [k]
+                if len(found) >= 2 * self.HEADER_CUTS:
+                    break
+        return found
 
     def reordered_state(self, since: int, keep: Iterable[int]) -> bytearray:
         """The reorder model: a cut after mutation ``mutations`` where, of the mutations after

@@ -235,6 +235,8 @@ class Session(Applier):
                 self.reference_check("at teardown")
             if verify and self.workdir is not None and self._qemu_img:
                 self._qemu_verify(self._qemu_img)
+            if verify and self.workdir is None:
+                self._memory_verify()
         finally:
             self._cleanup()
             if self.shadow is not None:
