@@ -289,6 +289,10 @@ class ChainBuilder:
                 self.power.watch_lower(f"layer {index}", location.snapshot)
             else:
                 self.power.watch_lower(f"layer {index}", _file_reader(location))
+                if self.chain.layers[index].data_file:
+                    # crash.readonly-open: a lower layer's data file is read-only too.
+                    data = os.path.join(os.path.dirname(location), f"layer{index}.data")
+                    self.power.watch_lower(f"layer {index}'s data file", _file_reader(data))
         self._recording = True
         self.access = self._open_layer(self.top_index, writable=True)
 

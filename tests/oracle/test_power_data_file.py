@@ -81,3 +81,23 @@ def test_an_entry_written_before_its_data_in_the_data_file_is_caught() -> None:
     assert "crash.power-cut" in info.value.clauses
     # The content rule caught it (the cut state opens, with its own data file).
     assert "which no operation" in str(info.value) and "does not open" not in str(info.value)
+
+
+def test_a_lower_layers_data_file_is_held_to_the_read_only_rule() -> None:
+    chain = ChainSpec(
+        (
+            LayerSpec("qcow2", 16384, cluster_size=512, data_file="file",
+                      build=(Op(OpKind.WRITE, 0, 8192),)),
+            LayerSpec("qcow2", 16384, cluster_size=512),
+        ),
+        "file",
+    )
+    session = Session(reference_target(), chain, qemu_img=None)
+    try:
+        for op in OPS:
+            session.apply(op)
+        assert session.power is not None
+        watched = [name for name, _, _ in session.power._lower]
+        assert watched == ["layer 0", "layer 0's data file"]
+    finally:
+        session.close(verify=False)
