@@ -227,7 +227,26 @@ class RecordingStorage:
         if len(points) <= limit:
             return points
         inner = rng.sample(points[1:-1], max(0, limit - 2))
-        return sorted({points[0], points[-1], *inner})
+        return sorted({points[0], points[-1], *inner, *self._header_cuts(points[0])})
+
+    #: At most this many cuts right after a write to the image's first sector join a sample.
+    HEADER_CUTS = 2
+
+    def _header_cuts(self, since: int) -> list[int]:
+        """The cuts right after the last writes to the first sector, and one mutation later (a
+        qcow2 header's pointers and sizes).  A header write switches the image to a new
+        table or size: a write order that puts it before what it points at breaks only in
+        the few states around it, which a uniform sample of a long operation (a disk fill
+        moving the refcount table, thousands of mutations) all but never draws."""
+        found: list[int] = []
+        for i in range(len(self.log) - 1, since - self._base_index - 1, -1):
+            m = self.log[i]
+            if m.kind != "resize" and m.offset < SECTOR:
+                k = self._base_index + i + 1
+                found += [k, k + 1] if k < self.mutations else [k]
+                if len(found) >= 2 * self.HEADER_CUTS:
+                    break
+        return found
 
     def reordered_state(self, since: int, keep: Iterable[int]) -> bytearray:
         """The reorder model: a cut after mutation ``mutations`` where, of the mutations after
@@ -461,7 +480,8 @@ def benign_copied(lines: Iterable[str]) -> int:
     return sum(1 for line in lines if _COPIED_MISSING.search(line.strip()))
 
 
-def qemu_judge(qemu_img: str, *, repair: bool = False) -> CutJudge:
+def qemu_judge(qemu_img: str, *, repair: bool = False,
+               data_file: Callable[[], bytes | bytearray | None] | None = None) -> CutJudge:
     """``qemu-img check --output=json`` on a copy of the bytes (in /dev/shm when there).
 
     ``repair``: ``check -r all``, counting what is left after the repair (an image with lazy
@@ -473,12 +493,15 @@ def qemu_judge(qemu_img: str, *, repair: bool = False) -> CutJudge:
             f.flush()
             # The backing is not needed to check one file's metadata: json: with backing null.
             spec = json.dumps({"driver": "qcow2", "backing": None,
-                               "file": {"driver": "file", "filename": f.name}})
+                               "file": {"driver": "file", "filename": f.name},
+                               **_data_file_option(f.name, data_file)})
             proc = subprocess.run(
                 [qemu_img, "check", *(("-r", "all") if repair else ()), "--output=json",
                  f"json:{spec}"],
                 capture_output=True, text=True, check=False,
             )
+            if data_file is not None:
+                os.unlink(f.name + ".data")
         try:
             out = json.loads(proc.stdout)
         except json.JSONDecodeError:
@@ -490,6 +513,17 @@ def qemu_judge(qemu_img: str, *, repair: bool = False) -> CutJudge:
         return corrupt, int(out.get("leaks", 0)), msgs
 
     return judge
+
+
+def _data_file_option(image: str, data_file: Callable[[], bytes | bytearray | None] | None
+                      ) -> dict[str, Any]:
+    """qemu_judge's ``data_file``: the bytes of the image's external data file in the same
+    cut state, written beside the image's copy (the json: spec's ``data-file``)."""
+    if data_file is None:
+        return {}
+    with open(image + ".data", "wb") as f:
+        f.write(bytes(data_file() or b""))
+    return {"data-file": {"driver": "file", "filename": image + ".data"}}
 
 
 def reference_judge() -> CutJudge | None:
