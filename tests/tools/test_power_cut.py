@@ -48,7 +48,9 @@ KiB = 1024
 SECTOR = 512
 QCOW2_MAGIC = b"QFI\xfb"
 #: Cut states rebuilt per operation at most (the first and last always among them).
-MAX_CUTS = 40
+MAX_CUTS = 28
+#: Of them, the cuts right after this many of the last header writes (and one later).
+HEADER_CUTS = 3
 
 #: Where each implementation builds file storages: wrapped while a journal records.
 _FACTORIES = [
@@ -89,12 +91,19 @@ def recording(monkeypatch: pytest.MonkeyPatch, *paths: Path) -> Iterator[Journal
 
 
 def cut_points(journal: Journal) -> list[int]:
-    """Every cut (the base, after each mutation), or ``MAX_CUTS`` of them (both ends kept)."""
+    """Every cut (the base, after each mutation), or ``MAX_CUTS`` of them: both ends, the
+    cuts right after and one after each of the last header writes (a write to a file's
+    first sector switches tables and sizes: an order that puts it too early breaks only
+    around it), and a deterministic sample of the rest."""
     points = list(range(journal.mutations + 1))
     if len(points) <= MAX_CUTS:
         return points
-    inner = random.Random(journal.mutations).sample(points[1:-1], MAX_CUTS - 2)
-    return sorted({points[0], points[-1], *inner})
+    header = [k for k, (_, m) in enumerate(journal.log, start=1)
+              if m.kind != "resize" and m.offset < SECTOR][-HEADER_CUTS:]
+    kept = {0, journal.mutations, *header, *(min(k + 1, journal.mutations) for k in header)}
+    rest = [k for k in points if k not in kept]
+    inner = random.Random(journal.mutations).sample(rest, max(0, MAX_CUTS - len(kept)))
+    return sorted({*kept, *inner})
 
 
 def check_no_corruption(path: Path, what: str) -> int:
