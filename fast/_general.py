@@ -460,7 +460,9 @@ def grow_general(layer: Qcow2Layer, old: int, prealloc: PreallocateMode) -> None
         # shared cluster does not turn the old range's zero subclusters into data.
         sbits = _geometry(layer)[0]
         zero_from = min(-(-old >> sbits) << sbits, head_end)
-        if zero_from > old:
+        if zero_from > old and not _reads_zero(layer, old, zero_from):
+            # A cut subcluster that reads zero holds no stale bytes: it is left as it is, as
+            # QEMU's truncate and preallocation leave it.
             _zero_cut_unit(layer, old, zero_from, sbits)
         if head_end > zero_from:
             _apply_units(layer, zero_from >> sbits, -(-head_end >> sbits), Clear.ZERO_KEEP)

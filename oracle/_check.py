@@ -291,6 +291,28 @@ def _check_mapping(
         raise OracleFailure(f"{what}: {call}(0x{pos:x}) returned {mapping!r}", offset=pos)
 
 
+def _check_special_readv(mapping: SpecialMapping, offset: int, chunk: bytes) -> None:
+    """access.vectored.equivalent for the driver call a SpecialMapping stands for: its
+    layer's driver's ``readv_special`` fills two buffers of odd sizes as one read fills one
+    (FormatAccess itself passes one buffer, so nothing else calls it with several)."""
+    read = getattr(getattr(mapping.layer, "driver", None), "readv_special", None)
+    if read is None or len(chunk) < 2:
+        return
+    head = min(max(len(chunk) // 3, 1) | 1, len(chunk) - 1)
+    buffers = [bytearray(head), bytearray(len(chunk) - head)]
+    read(buffers, mapping.offset)
+    got = b"".join(buffers)
+    if got != chunk:
+        bad = next(i for i, (a, b) in enumerate(zip(got, chunk, strict=True)) if a != b)
+        raise OracleFailure(
+            f"readv_special at 0x{mapping.offset:x} into buffers of "
+            f"{', '.join(str(len(b)) for b in buffers)} bytes: byte 0x{offset + bad:x} reads "
+            f"0x{got[bad]:02x}, a read gives 0x{chunk[bad]:02x}",
+            offset=offset + bad,
+            clauses=("access.mapping.special-compressed", "access.vectored.equivalent"),
+        )
+
+
 def check_small_mapping(access: Access, model: FlatModel, offset: int, max_length: int) -> None:
     """``get_mapping`` and ``get_shallow_mapping`` asked for at most ``max_length`` bytes:
     ``0 < length <= max_length`` inside the disk (EOF with length 0 at or past its end), and
@@ -325,6 +347,8 @@ def check_small_mapping(access: Access, model: FlatModel, offset: int, max_lengt
         if call == "get_mapping":
             chunk = bytes(access.read(offset, length))
             _check_mapping("image", call, mapping, offset, length, chunk, None, g)
+            if isinstance(mapping, SpecialMapping):
+                _check_special_readv(mapping, offset, chunk)
         else:
             kind = _shallow_kind(mapping, offset)
             for unit in range(offset // g, (offset + length - 1) // g + 1):

@@ -47,6 +47,8 @@ class RunStats:
     """Clusters of built qcow2 layers stored compressed (see ``strategies.COMPRESSED``)."""
     qemu_checks: int = 0
     """``qemu-img check`` runs at teardown."""
+    reference_checks: int = 0
+    """The reference's ``check()`` of memory chains' qcow2 layers at teardown."""
     reference_reads: int = 0
     """Times a target's image was read back by the reference and checked (differential)."""
     differential_steps: int = 0

@@ -14,6 +14,7 @@ forwards every call, and logs each mutation; :meth:`RecordingStorage.state_after
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import operator
@@ -230,7 +231,26 @@ class RecordingStorage:
         if len(points) <= limit:
             return points
         inner = rng.sample(points[1:-1], max(0, limit - 2))
-        return sorted({points[0], points[-1], *inner})
+        return sorted({points[0], points[-1], *inner, *self._header_cuts(points[0])})
+
+    #: At most this many cuts right after a write to the image's first sector join a sample.
+    HEADER_CUTS = 2
+
+    def _header_cuts(self, since: int) -> list[int]:
+        """The cuts right after the last writes to the first sector, and one mutation later (a
+        qcow2 header's pointers and sizes).  A header write switches the image to a new
+        table or size: a write order that puts it before what it points at breaks only in
+        the few states around it, which a uniform sample of a long operation (a disk fill
+        moving the refcount table, thousands of mutations) all but never draws."""
+        found: list[int] = []
+        for i in range(len(self.log) - 1, since - self._base_index - 1, -1):
+            m = self.log[i]
+            if m.kind != "resize" and m.offset < SECTOR:
+                k = self._base_index + i + 1
+                found += [k, k + 1] if k < self.mutations else [k]
+                if len(found) >= 2 * self.HEADER_CUTS:
+                    break
+        return found
 
     def reordered_state(self, since: int, keep: Iterable[int]) -> bytearray:
         """The reorder model: a cut after mutation ``mutations`` where, of the mutations after
@@ -515,40 +535,50 @@ JudgeResult = tuple[int, int, list[str]]
 class _QemuJudge:
     """``qemu-img check`` as a :data:`CutJudge`; :meth:`start` runs it in the background."""
 
-    def __init__(self, qemu_img: str, repair: bool) -> None:
+    def __init__(self, qemu_img: str, repair: bool,
+                 data_file: Callable[[], bytes | bytearray | None] | None) -> None:
         self.qemu_img = qemu_img
         self.repair = repair
+        self.data_file = data_file
 
     def __call__(self, image: bytes | bytearray) -> JudgeResult:
         return self.start(image)()
 
     def start(self, image: bytes | bytearray) -> Callable[[], JudgeResult]:
-        """Write a copy of ``image`` and start qemu-img on it; the returned function waits
-        for the verdict.  (``image`` may change once this returns: qemu-img has its copy.)"""
+        """Write a copy of ``image`` (and of the data file as ``data_file`` gives it now)
+        and start qemu-img on it; the returned function waits for the verdict.  (``image``
+        may change once this returns: qemu-img has its copy.)"""
         fd, name = tempfile.mkstemp(suffix=".qcow2", dir=_TMP)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(image)
             # The backing is not needed to check one file's metadata: json: with backing null.
             spec = json.dumps({"driver": "qcow2", "backing": None,
-                               "file": {"driver": "file", "filename": name}})
+                               "file": {"driver": "file", "filename": name},
+                               **_data_file_option(name, self.data_file)})
             proc = subprocess.Popen(
                 [self.qemu_img, "check", *(("-r", "all") if self.repair else ()),
                  "--output=json", f"json:{spec}"],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             )
         except BaseException:
-            os.unlink(name)
+            self._remove(name)
             raise
 
         def finish() -> JudgeResult:
             try:
                 stdout, stderr = proc.communicate()
             finally:
-                os.unlink(name)
+                self._remove(name)
             return _qemu_verdict(proc.returncode, stdout, stderr)
 
         return finish
+
+    def _remove(self, name: str) -> None:
+        os.unlink(name)
+        if self.data_file is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name + ".data")
 
 
 def _qemu_verdict(returncode: int, stdout: str, stderr: str) -> JudgeResult:
@@ -562,13 +592,15 @@ def _qemu_verdict(returncode: int, stdout: str, stderr: str) -> JudgeResult:
     return corrupt, int(out.get("leaks", 0)), msgs
 
 
-def qemu_judge(qemu_img: str, *, repair: bool = False) -> CutJudge:
+def qemu_judge(qemu_img: str, *, repair: bool = False,
+               data_file: Callable[[], bytes | bytearray | None] | None = None) -> CutJudge:
     """``qemu-img check --output=json`` on a copy of the bytes (in /dev/shm when there).
 
     ``repair``: ``check -r all``, counting what is left after the repair (an image with lazy
-    refcounts promises only that: qcow2.features.lazy-refcounts).  The judge can also be
-    started in the background (:func:`start_judge`)."""
-    return _QemuJudge(qemu_img, repair)
+    refcounts promises only that: qcow2.features.lazy-refcounts).  ``data_file``: gives
+    the bytes of the image's external data file in the cut state being judged.  The judge
+    can also be started in the background (:func:`start_judge`)."""
+    return _QemuJudge(qemu_img, repair, data_file)
 
 
 def start_judge(judge: CutJudge, image: bytes | bytearray) -> Callable[[], JudgeResult]:
@@ -580,6 +612,17 @@ def start_judge(judge: CutJudge, image: bytes | bytearray) -> Callable[[], Judge
         return start(image)  # type: ignore[no-any-return]
     result = judge(image)
     return lambda: result
+
+
+def _data_file_option(image: str, data_file: Callable[[], bytes | bytearray | None] | None
+                      ) -> dict[str, Any]:
+    """qemu_judge's ``data_file``: the bytes of the image's external data file in the same
+    cut state, written beside the image's copy (the json: spec's ``data-file``)."""
+    if data_file is None:
+        return {}
+    with open(image + ".data", "wb") as f:
+        f.write(bytes(data_file() or b""))
+    return {"data-file": {"driver": "file", "filename": image + ".data"}}
 
 
 def reference_judge() -> CutJudge | None:

@@ -43,6 +43,7 @@ from .strategies import (
     mapping_lengths,
     max_disk_size,
     modify_ranges,
+    outgrows_refcount_table,
     past_end_ops,
     read_ranges,
     shrink_ops,
@@ -58,6 +59,9 @@ __all__ = ["make_machine"]
 _HOT_KINDS = frozenset({OpKind.WRITE})
 _CLEAR_KINDS = frozenset({OpKind.WRITE_ZEROES, OpKind.DISCARD_TO_ZERO, OpKind.DISCARD_TO_ANY,
                           OpKind.DISCARD_TO_BACKING})
+
+#: Reads at least this long are split into parallel jobs by any implementation that splits.
+_LARGE_READ = 256 << 10
 
 #: The label of the empty span that closes a chain's branch (any constant will do).
 _CHAIN_BRANCH_LABEL = 0x50_79_69_6D_61_67_6F
@@ -245,6 +249,12 @@ def make_machine(
             except Exception as exc:
                 self._report(exc)
                 raise
+            if outgrows_refcount_table(chain.top) and len(chain.layers) == 1:
+                # The large chains exist to move the refcount table (issue 9: every width
+                # and refcount-table growth in the budget): their first step fills the disk,
+                # so that every one of them does, while the power cuts are recorded, rather
+                # than the few that happen to draw fill_disk.
+                self._apply(Op(OpKind.WRITE, 0, chain.top.size))
             if locality:
                 # What the lower layers hold (data, zeroes, compressed clusters) is worth
                 # reading, writing over and discarding around for the whole example.
@@ -362,6 +372,52 @@ def make_machine(
             # wide refcounts), and on the large chains the refcount table has to grow.
             assert self.session is not None
             self._apply(Op(OpKind.WRITE, 0, self.session.model.size))
+
+        @rule(data=st.data())
+        def rewrite_cleared(self, data: st.DataObject) -> None:
+            # Data, whole clusters zeroed (or discarded) over it, then a small write inside
+            # them that need not start or end on a sector: a zero cluster that kept its host
+            # cluster is reused by the write, the rest of it zeroed first.  The power-cut
+            # states are checked around these three alone, so that every cut between their
+            # few storage writes is judged (a sample of a longer stretch would miss the one
+            # that splits a sector between the zeroing and the data).
+            assert self.session is not None
+            geo = self._geometry()
+            g = geo.granularity
+            first = data.draw(st.integers(0, (geo.size - 1) // g), label="first cluster")
+            offset = first * g
+            length = min(data.draw(st.integers(1, 2), label="clusters") * g, geo.size - offset)
+            cut = self.session.power is not None
+            if cut:
+                self._apply(Op(OpKind.POWER_CUT))
+            self._apply(Op(OpKind.WRITE, offset, length))
+            kind = data.draw(st.sampled_from((OpKind.WRITE_ZEROES, *clear_kinds)),
+                             label="cleared by")
+            self._apply(Op(kind, offset, length))
+            at = offset + data.draw(st.integers(0, length - 1), label="at")
+            more = data.draw(st.integers(1, min(offset + length - at, 3 * 512)), label="bytes")
+            self._apply(Op(OpKind.WRITE, at, more))
+            if cut:
+                self._apply(Op(OpKind.POWER_CUT))
+
+        @precondition(lambda self: self.session is not None
+                      and self.session.model.size >= _LARGE_READ)
+        @rule(data=st.data())
+        def parallel_large_read(self, data: st.DataObject) -> None:
+            # Several threads over a read large enough to be split: an implementation may
+            # split only large requests into parallel jobs (pyimago.fast from 128 KiB),
+            # which the other rules' ranges seldom reach.
+            assert self.session is not None
+            size = self.session.model.size
+            self._apply(Op(OpKind.READ_PARALLEL,
+                           value=data.draw(st.integers(2, 4), label="threads")))
+            offset = data.draw(st.integers(0, size - _LARGE_READ), label="offset")
+            length = data.draw(st.integers(_LARGE_READ, size - offset), label="length")
+            kind = data.draw(st.sampled_from((OpKind.READ, OpKind.READINTO, OpKind.READV)),
+                             label="call")
+            sizes = data.draw(split_buffers(length), label="buffers") \
+                if kind is OpKind.READV else ""
+            self._apply(Op(kind, offset, length, mode=sizes))
 
         @rule()
         def sync(self) -> None:
@@ -504,6 +560,31 @@ def make_machine(
                 kind = data.draw(st.sampled_from((OpKind.APPLY_SNAPSHOT, OpKind.DELETE_SNAPSHOT)),
                                  label="then")
                 self._apply(Op(kind, mode=key))
+
+            @precondition(lambda self: self._qcow2_top())
+            @rule(data=st.data())
+            def modify_under_snapshot(self, data: st.DataObject) -> None:
+                # Data, a snapshot sharing it, then the shared clusters zeroed, discarded or
+                # partly rewritten, and written again: every change must leave the shared
+                # host clusters alone (COPIED clear, copy on write), as reading the snapshot
+                # back shows.
+                assert self.session is not None
+                geo = self._geometry()
+                g = geo.granularity
+                first = data.draw(st.integers(0, (geo.size - 1) // g), label="first cluster")
+                offset = first * g
+                length = min(data.draw(st.integers(1, 2), label="clusters") * g,
+                             geo.size - offset)
+                self._apply(Op(OpKind.WRITE, offset, length))
+                self._apply(Op(OpKind.CREATE_SNAPSHOT, mode="s"))
+                kind = data.draw(st.sampled_from((OpKind.WRITE_ZEROES, OpKind.WRITE,
+                                                  *clear_kinds)), label="then")
+                self._apply(Op(kind, offset, length))
+                at = offset + data.draw(st.integers(0, length - 1), label="at")
+                self._apply(Op(OpKind.WRITE, at, offset + length - at))
+                snaps = self.session.model.snapshots
+                if snaps and "snapshot_open" in support.writable:
+                    self._apply(Op(OpKind.READ_SNAPSHOT, mode=snaps[-1].id))
 
             @precondition(lambda self: self._qcow2_top())
             @rule(data=st.data())

@@ -356,6 +356,17 @@ def build_ops(
 REFCOUNT_BITS = (16, 1, 2, 4, 8, 16, 32, 64)
 
 
+def outgrows_refcount_table(layer: LayerSpec) -> bool:
+    """Whether writing every cluster of a freshly created ``layer`` needs more host
+    clusters than its first refcount table cluster can count (its refcount blocks are
+    added and the table moves): the large chains of :func:`chain_specs`."""
+    if layer.format != "qcow2" or layer.compat == "0.10":
+        return False
+    cs = layer.cluster_size
+    counted = (cs // 8) * (cs * 8 // layer.refcount_bits)
+    return layer.size // cs > counted
+
+
 @st.composite
 def top_compressed_build(draw: st.DrawFn, size: int, granularity: int) -> tuple[Op, ...]:
     """Compressed clusters in the top layer too: reads of them, and copy-on-write from them
@@ -363,8 +374,14 @@ def top_compressed_build(draw: st.DrawFn, size: int, granularity: int) -> tuple[
     first = draw(st.integers(0, max(size // granularity - 1, 0)))
     count = draw(st.integers(1, 4))
     offset = first * granularity
-    return (Op(OpKind.WRITE, offset, min(count * granularity, size - offset),
-               mode=COMPRESSED),)
+    length = min(count * granularity, size - offset)
+    ops: tuple[Op, ...] = (Op(OpKind.WRITE, offset, length, mode=COMPRESSED),)
+    if length > granularity and draw(st.booleans()):
+        # A zero cluster right before a compressed one: the first cluster (whose data
+        # starts a host cluster) zeroed, the next one's data packed after it at any byte.
+        # A zero run must stop at the compressed cluster whatever its descriptor's bits.
+        ops += (Op(OpKind.WRITE_ZEROES, offset, granularity),)
+    return ops
 
 
 @st.composite

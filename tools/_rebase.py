@@ -15,8 +15,7 @@ import os
 from dataclasses import replace
 from typing import Any
 
-from pyimago.reference import IndirectMapping, PyimagoError
-from pyimago.reference.locking import lock_image
+from pyimago.reference import FileStorage, IndirectMapping, PyimagoError, Storage
 from pyimago.reference.qcow2.constants import (
     BACKING_FILE_NAME_MAX,
     QCOW2_EXT_MAGIC_BACKING_FORMAT,
@@ -136,27 +135,28 @@ def _write_differing(top: Any, new: Any | None, old: bytes, offset: int, cluster
         pos += m
 
 
-def _read_header_cluster(fd: int, path: str) -> tuple[Any, bytes]:
+def _read_header_cluster(storage: Storage, path: str) -> tuple[Any, bytes]:
     try:
-        head = os.pread(fd, 4096, 0)
-        header = parse_header(head)
-        return header, os.pread(fd, header.cluster_size, 0)
+        header = parse_header(storage.read(0, 4096))
+        return header, storage.read(0, header.cluster_size)
     except PyimagoError as exc:
         raise ToolError(f"{path}: {exc}") from exc
 
 
-def _new_header_cluster(path: str, name: str, fmt: str | None, fd: int | None = None) -> bytes:
+def _new_header_cluster(path: str, name: str, fmt: str | None,
+                        storage: Storage | None = None) -> bytes:
     """The image's header cluster with backing file ``name`` ("" for none) of format ``fmt``,
     laid out as qcow2_update_header lays it out: header, extensions (the backing format
     first), end marker, backing file name, zeroes to the cluster's end."""
-    own = fd is None
-    if fd is None:
-        fd = os.open(path, os.O_RDONLY)
-    try:
-        header, cluster = _read_header_cluster(fd, path)
-    finally:
-        if own:
-            os.close(fd)
+    if storage is None:
+        # Up front, before any work: a look at the header, no lock taken.
+        own = FileStorage(path, locking="off")
+        try:
+            header, cluster = _read_header_cluster(own, path)
+        finally:
+            own.close()
+    else:
+        header, cluster = _read_header_cluster(storage, path)
     ext_end = header.backing_file_offset or header.cluster_size
     try:
         exts = parse_extensions(cluster, header.header_length, ext_end)
@@ -187,15 +187,18 @@ def _new_header_cluster(path: str, name: str, fmt: str | None, fd: int | None = 
 
 def _rewrite_header(path: str, name: str, fmt: str | None) -> None:
     """Write the new header cluster in one write (then sync), holding the image's write
-    lock as QEMU's writable open would."""
-    fd = os.open(path, os.O_RDWR)
+    lock as QEMU's writable open would.
+
+    The write goes through a Storage (the reference's FileStorage), so that power-cut
+    recordings see it as what it is: one storage mutation, after the copied ranges were
+    synced (crash.power-cut: the guest view is the same before and after it)."""
     try:
-        try:
-            lock_image(fd, path, writable=True, locking="auto")
-        except PyimagoError as exc:
-            raise ToolError(str(exc)) from exc
-        data = _new_header_cluster(path, name, fmt, fd)
-        os.pwrite(fd, data, 0)
-        os.fsync(fd)
+        storage = FileStorage(path, writable=True, locking="auto")
+    except PyimagoError as exc:
+        raise ToolError(str(exc)) from exc
+    try:
+        data = _new_header_cluster(path, name, fmt, storage)
+        storage.write(data, 0)
+        storage.sync()
     finally:
-        os.close(fd)
+        storage.close()

@@ -102,14 +102,17 @@ class Resize(DriverState):
         # before a shrink; it is zeroed through the normal data path.
         cs = self._cluster_size
         head_end = min(-(-old_size // cs) * cs, new_size)
-        if head_end > old_size and not self._reads_zero(old_size - old_size % cs):
+        if head_end > old_size and not self._reads_zero(old_size - old_size % cs, head_end):
             # With extended L2 entries only the subcluster the old end cuts is written; the
             # whole ones past it get their zero bits (QEMU's qcow2_co_truncate: "Use zero
             # clusters as much as we can"), so that a write's COW of a shared cluster does
             # not turn the old range's zero or unallocated subclusters into data.
             unit = 1 << self._unit_bits
             zero_from = min(-(-old_size // unit) * unit, head_end) if self._extended else head_end
-            if zero_from > old_size:
+            if zero_from > old_size and not self._reads_zero(old_size, zero_from):
+                # A cut subcluster that reads zero already holds no stale bytes: it stays
+                # as it is (QEMU's truncate writes nothing there, and preallocation links
+                # the cluster without setting its allocation bits).
                 self._zero_cut_unit(old_size, zero_from)
             if head_end > zero_from:
                 self._zero_subclusters(zero_from, head_end - zero_from)
@@ -163,9 +166,11 @@ class Resize(DriverState):
             elif was is ClusterType.UNALLOCATED:
                 self._discard_subclusters(u, unit, full=True)
 
-    def _reads_zero(self, guest_cluster: int) -> bool:
-        end = min(guest_cluster + self._cluster_size, self._size)
-        for unit in range(guest_cluster, end, 1 << self._unit_bits):
+    def _reads_zero(self, start: int, end: int) -> bool:
+        """Whether every unit meeting ``[start, end)`` is zero (or unallocated with no backing
+        image), so that it reads zero whatever it held before a shrink."""
+        unit_size = 1 << self._unit_bits
+        for unit in range(start - start % unit_size, end, unit_size):
             t = self._get_unit(unit).type
             if t not in (ClusterType.ZERO_PLAIN, ClusterType.ZERO_ALLOC) and not (
                 t is ClusterType.UNALLOCATED and self._backing is None

@@ -410,6 +410,55 @@ def test_preallocating_grow_of_extended_l2_overlay_hides_longer_backing(
     assert flags(ours) == flags(theirs)
 
 
+def _map_flags(qemu: QemuTools, path: Path) -> list[tuple[int, int, int, bool, bool]]:
+    """qemu-img map as runs of ``(start, length, depth, zero, data)``: neighbouring runs with
+    the same flags are joined, so that only the flags count, not where the host clusters lie."""
+    runs: list[tuple[int, int, int, bool, bool]] = []
+    for e in qemu.map(path):
+        run = (e["start"], e["length"], e["depth"], e["zero"], e["data"])
+        if runs and runs[-1][2:] == run[2:]:
+            runs[-1] = (runs[-1][0], runs[-1][1] + run[1], *run[2:])
+        else:
+            runs.append(run)
+    return runs
+
+
+@pytest.mark.clause(
+    "interop.qemu-check", "access.resize.grow-format-allocate",
+    "access.resize.grow-full-allocate", "access.resize.grow-write-data",
+    "access.resize.shrink-discards", "qcow2.extended-l2.bitmap",
+)
+@pytest.mark.parametrize("cut_state", ["unallocated", "zero"])
+@pytest.mark.parametrize("mode", list(_QEMU_PREALLOCATION), ids=lambda m: m.value)
+@pytest.mark.parametrize("impl", ["pyimago.reference", "pyimago.fast"])
+def test_grow_leaves_a_cut_subcluster_that_reads_zero_as_qemu_does(
+    qemu: QemuTools, tmp_path: Path, impl: str, mode: PreallocateMode, cut_state: str
+) -> None:
+    """A shrink cuts a subcluster that is unallocated (no backing) or zero; a preallocating
+    grow then has no stale bytes to hide there.  QEMU's truncate leaves that subcluster as it
+    is; pyimago wrote zeroes into it, which mapped it as data (a map difference only)."""
+    lib = importlib.import_module(impl)
+    cs, sub = 64 * KiB, 2 * KiB
+    cut, new = 3 * cs + 5 * sub + 512, MiB  # the old end cuts subcluster 5 of cluster 3
+    setup = [f"write -P 0x11 0 {3 * cs + 4 * sub}"]
+    if cut_state == "zero":
+        setup.append(f"write -z {3 * cs + 5 * sub} {sub}")
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    for path in (ours, theirs):
+        qemu.img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cs},extended_l2=on",
+                 path, str(MiB))
+        qemu.io(path, setup)
+    with lib.open_image(ours, writable=True) as img:
+        img.resize(cut)
+        img.resize(new, mode)
+    qemu.img("resize", "-q", "--shrink", theirs, str(cut))
+    qemu.img("resize", "-q", f"--preallocation={_QEMU_PREALLOCATION[mode]}", theirs, str(new))
+    want = bytearray(new)
+    want[: 3 * cs + 4 * sub] = b"\x11" * (3 * cs + 4 * sub)
+    verify_with_qemu(qemu, ours, bytes(want), tmp_path)
+    assert _map_flags(qemu, ours) == _map_flags(qemu, theirs)
+
+
 def _header_fields(path: Path) -> tuple[int, int]:
     """``(l1_size, refcount_table_clusters)`` from a qcow2 header."""
     with path.open("rb") as f:
