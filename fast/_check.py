@@ -644,7 +644,12 @@ def check(image: object, *, repair: RepairMode | None = None,
     else:
         raise InvalidRequestError(f"check: not an image, path or Storage: {image!r}")
     try:
-        return _check(storage, repair, progress)
+        result = _check(storage, repair, progress)
+        if repair is not None:
+            # crash.power-cut: what the repair wrote is durable when check returns (qemu-img
+            # check -r flushes the image to disk as it closes it).
+            storage.sync()
+        return result
     finally:
         if owned:
             storage.close()

@@ -12,6 +12,7 @@ from pyimago.reference import FileStorage, MemoryStorage, PreallocateMode
 
 from ._check import check_image
 from ._feature_run import create_prealloc, layer_options, qemu_create
+from ._journal import PairedRecording
 from ._probe import RefcountLayout, refcount_layout
 from ._run_stats import RunStats
 from .model import FlatModel, LayerTraits
@@ -160,6 +161,7 @@ class ChainBuilder:
                 writable=writable,
                 format=spec.format,
                 l2_cache_tables=cache if spec.format == "qcow2" else None,
+                data_file=self._recorded_data_file(index, recorded),
             )
             self._open.append(access)
             return access
@@ -188,6 +190,15 @@ class ChainBuilder:
             factory = getattr(self.target, "file_storage", None) or FileStorage
             inner = factory(self.layer_location(index), writable=True)
         return power.recorder(inner, self.model)
+
+    def _recorded_data_file(self, index: int, recorded: Any) -> Any:
+        """The recorded top's external data file, recorded with it in one order (None for a
+        top without one, or one not opened through the recorder)."""
+        if not isinstance(recorded, PairedRecording) or self.workdir is None:
+            return None
+        factory = getattr(self.target, "file_storage", None) or FileStorage
+        inner = factory(os.path.join(self.workdir, f"layer{index}.data"), writable=True)
+        return recorded.attach_data_file(inner)
 
     def _close_all(self) -> None:
         # Top first: an overlay may flush through to what it holds open below.
@@ -278,6 +289,10 @@ class ChainBuilder:
                 self.power.watch_lower(f"layer {index}", location.snapshot)
             else:
                 self.power.watch_lower(f"layer {index}", _file_reader(location))
+                if self.chain.layers[index].data_file:
+                    # crash.readonly-open: a lower layer's data file is read-only too.
+                    data = os.path.join(os.path.dirname(location), f"layer{index}.data")
+                    self.power.watch_lower(f"layer {index}'s data file", _file_reader(data))
         self._recording = True
         self.access = self._open_layer(self.top_index, writable=True)
 

@@ -20,6 +20,7 @@ from pyimago.reference import InvalidRequestError, PreallocateMode, PyimagoError
 from ._check import OracleFailure, content_failure
 from .model import Alloc, FlatModel, SavedSnapshot, first_mismatch
 from .ops import LayerSpec, Op, OpKind, noise, pattern
+from .strategies import COMPRESSED
 
 if TYPE_CHECKING:
     from ._chain import ChainBuilder
@@ -328,16 +329,32 @@ def qemu_create(builder: ChainBuilder, index: int) -> None:
                            "and qemu-io")
     model = builder.model
     steps: list[int] = []
+    cs = spec.cluster_size
+    compressed: set[int] = set()  # clusters a compressed write may have left compressed
     for op in spec.build:
         builder.step += 1
         steps.append(builder.step)
         builder.log.append(LogEntry(builder.step, index, op))
+        end = op.offset + op.length
+        touched = set(range(op.offset // cs, -(-end // cs)))
         if op.kind is OpKind.WRITE:
             model.write(op.offset, pattern(builder.step, op.offset, op.length))
         elif op.kind is OpKind.WRITE_ZEROES:
             model.write_zeroes(op.offset, op.length)
         elif op.kind is OpKind.DISCARD_TO_ZERO:
             model.discard_to_zero(op.offset, op.length)
+        if op.kind is not OpKind.WRITE and spec.extended_l2 and any(
+            not (op.offset <= c * cs and end >= min((c + 1) * cs, spec.size))
+            for c in touched & compressed
+        ):
+            # QEMU's zero_l2_subclusters: "We cannot partially zeroize compressed clusters"
+            # (-ENOTSUP), so the block layer writes zeroes over the whole request instead:
+            # it maps as data where the model asks for zero bits.
+            model.allow_data(op.offset, op.length)
+        compressed -= touched
+        if op.kind is OpKind.WRITE and op.mode == COMPRESSED:
+            compressed |= {c for c in touched
+                           if op.offset <= c * cs and end >= min((c + 1) * cs, spec.size)}
     backing = None
     if index > 0:
         backing = (builder._layer_name(index - 1), builder.chain.layers[index - 1].format)

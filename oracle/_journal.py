@@ -13,6 +13,7 @@ the order they were issued.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from pyimago.reference import InvalidRequestError, PreallocateMode
@@ -20,7 +21,7 @@ from pyimago.reference._storage import Buffer, Storage
 
 from .crash import Mutation, RecordingStorage, apply_mutation
 
-__all__ = ["Journal", "JournaledStorage"]
+__all__ = ["DataFileMutation", "Journal", "JournaledStorage", "PairedRecording"]
 
 
 class Journal:
@@ -169,3 +170,128 @@ class JournaledStorage(RecordingStorage):
     def sync(self) -> None:
         super().sync()
         self.journal.note_sync(self.key)
+
+
+# -- an image and its external data file, recorded as one ------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DataFileMutation(Mutation):
+    """A mutation of the data file, in the log of the image it belongs to."""
+
+    def describe(self) -> str:
+        return f"data file: {Mutation.describe(self)}"
+
+
+class PairedRecording(RecordingStorage):
+    """The qcow2 file of an image with an external data file, recorded together with the
+    data file in one order (a cut stops both at the same instant).
+
+    It is a :class:`RecordingStorage` of the qcow2 file whose mutation numbers count the
+    data file's mutations too: everything that judges one recorded storage (the power-cut
+    timeline, the sampled cuts, checkpoints) works unchanged.  :meth:`attach_data_file`
+    gives the storage to open the image with as its ``data_file``; while
+    :meth:`cut_states` (or :meth:`state_after`) runs, :attr:`data_state` holds the data
+    file's bytes of the cut state last given out.
+    """
+
+    def __init__(self, inner: Storage, *, name: str | None = None) -> None:
+        super().__init__(inner, name=name)
+        self._data_base = bytearray()
+        self._data: _DataFileRecorder | None = None
+        #: The data file's bytes in the cut state last given out (None before any).
+        self.data_state: bytearray | None = None
+
+    def attach_data_file(self, data: Storage) -> RecordingStorage:
+        """The recorded data file over ``data`` (the first time, its bytes become the data
+        file's base; a reopened data file continues the log)."""
+        if self._data is None:
+            if self.log or self._base_index:
+                raise InvalidRequestError("attach the data file before the first mutation")
+            self._data_base = bytearray(data.read(0, data.size()))
+            self._data = _DataFileRecorder(data, self)
+        else:
+            self._data.inner = data
+        return self._data
+
+    def close(self) -> None:
+        # The image closes the storage it was opened on, not a data file it was given: the
+        # pair closes together (its file locks go with it).
+        try:
+            super().close()
+        finally:
+            if self._data is not None:
+                self._data.inner.close()
+
+    def state_after(self, k: int) -> bytearray:
+        for _, state in self.cut_states([k]):
+            return bytearray(state)
+        raise AssertionError("unreachable")
+
+    def cut_states(self, cuts: Iterable[int] | None = None, *, since: int | None = None
+                   ) -> Iterator[tuple[int, bytearray]]:
+        first = self._base_index if since is None else since
+        wanted = sorted(set(range(first, self.mutations + 1) if cuts is None else cuts))
+        if not wanted:
+            return
+        self._check_index(wanted[0])
+        self._check_index(wanted[-1])
+        buf, data = bytearray(self._base), bytearray(self._data_base)
+        self.data_state = data
+        at = self._base_index
+        for k in wanted:
+            for m in self.log[at - self._base_index : k - self._base_index]:
+                if isinstance(m, DataFileMutation):
+                    apply_mutation(data, m)
+                else:
+                    apply_mutation(buf, m)
+            at = k
+            yield k, buf
+
+    def reordered_state(self, since: int, keep: Iterable[int]) -> bytearray:
+        raise InvalidRequestError("the reorder model is not kept for an image with a data file")
+
+    def checkpoint(self) -> None:
+        for m in self.log:
+            if isinstance(m, DataFileMutation):
+                apply_mutation(self._data_base, m)
+            else:
+                apply_mutation(self._base, m)
+        self._base_index += len(self.log)
+        self.log.clear()
+
+
+class _DataFileRecorder(RecordingStorage):
+    """The data file of a :class:`PairedRecording`: each mutation goes into the image's
+    log, tagged as the data file's."""
+
+    def __init__(self, inner: Storage, image: PairedRecording) -> None:
+        # (No base read here: the image keeps the data file's base.)
+        self.inner = inner
+        self._name = inner.name
+        self._base = bytearray()
+        self._base_index = 0
+        self.log: list[Mutation] = []
+        self.syncs: list[int] = []
+        self.synced = 0
+        self._image = image
+
+    def _moved(self) -> None:
+        m = self.log.pop()
+        self._image.log.append(DataFileMutation(m.kind, m.offset, m.length, m.data))
+
+    def write(self, data: Buffer, offset: int) -> None:
+        super().write(data, offset)
+        self._moved()
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        super().write_zeroes(offset, length)
+        self._moved()
+
+    def discard(self, offset: int, length: int) -> None:
+        super().discard(offset, length)
+        self._moved()
+
+    def resize(self, new_size: int, prealloc: PreallocateMode = PreallocateMode.NONE) -> None:
+        super().resize(new_size, prealloc)
+        self._moved()

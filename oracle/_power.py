@@ -70,6 +70,8 @@ class PowerCuts:
         self.max_judged = max_judged
         self.stats = PowerCutStats()
         self.rec: RecordingStorage | None = None
+        #: What records the top (a PairedRecording for a top with an external data file).
+        self.recording: Callable[[Any], RecordingStorage] = RecordingStorage
         self.timeline: CrashTimeline | None = None
         self._checked = 0
         self._lower: list[tuple[str, Callable[[], bytes], bytes]] = []
@@ -89,7 +91,7 @@ class PowerCuts:
         """The recorded top storage: a new one over ``inner`` the first time, else the same
         log continued over ``inner`` (a reopened file); ``model`` gives the initial point."""
         if self.rec is None:
-            self.rec = RecordingStorage(inner)
+            self.rec = self.recording(inner)
             self.timeline = CrashTimeline(self._point(model, durable=True, label="open"))
         else:
             self.rec.inner = inner

@@ -12,6 +12,7 @@ from pyimago.reference import MemoryStorage
 
 from ._chain import Access, ChainBuilder
 from ._check import OracleFailure, check_image, check_small_mapping, content_failure
+from ._journal import PairedRecording
 from ._op_table import BURST_SLICE_FRACTION, FULL_CHECK, PASSIVE, SLICE_FRACTION
 from ._power import PowerCutFailure
 from .model import first_mismatch
@@ -104,9 +105,13 @@ class Checker(ChainBuilder):
             cache = self.chain.l2_cache_tables if spec.format == "qcow2" else None
 
             def open_cut(storage: MemoryStorage) -> Any:
+                rec = power.rec
+                data = rec.data_state if isinstance(rec, PairedRecording) else None
                 return self.target.open(storage, writable=False, format=spec.format,
                                         backing=below, explicit_backing=spec.format != "raw",
-                                        l2_cache_tables=cache)
+                                        l2_cache_tables=cache,
+                                        data_file=None if data is None else
+                                        MemoryStorage(bytes(data), name="cut data file"))
 
             before = power.stats.states, power.stats.judged, power.stats.leaks
             checked = power.check(open_cut, step=self.step, final=final)

@@ -523,7 +523,8 @@ def benign_copied(lines: Iterable[str]) -> int:
     return sum(1 for line in lines if _COPIED_MISSING.search(line.strip()))
 
 
-def qemu_judge(qemu_img: str, *, repair: bool = False) -> CutJudge:
+def qemu_judge(qemu_img: str, *, repair: bool = False,
+               data_file: Callable[[], bytes | bytearray | None] | None = None) -> CutJudge:
     """``qemu-img check --output=json`` on a copy of the bytes (in /dev/shm when there).
 
     ``repair``: ``check -r all``, counting what is left after the repair (an image with lazy
@@ -535,12 +536,15 @@ def qemu_judge(qemu_img: str, *, repair: bool = False) -> CutJudge:
             f.flush()
             # The backing is not needed to check one file's metadata: json: with backing null.
             spec = json.dumps({"driver": "qcow2", "backing": None,
-                               "file": {"driver": "file", "filename": f.name}})
+                               "file": {"driver": "file", "filename": f.name},
+                               **_data_file_option(f.name, data_file)})
             proc = subprocess.run(
                 [qemu_img, "check", *(("-r", "all") if repair else ()), "--output=json",
                  f"json:{spec}"],
                 capture_output=True, text=True, check=False,
             )
+            if data_file is not None:
+                os.unlink(f.name + ".data")
         try:
             out = json.loads(proc.stdout)
         except json.JSONDecodeError:
@@ -552,6 +556,17 @@ def qemu_judge(qemu_img: str, *, repair: bool = False) -> CutJudge:
         return corrupt, int(out.get("leaks", 0)), msgs
 
     return judge
+
+
+def _data_file_option(image: str, data_file: Callable[[], bytes | bytearray | None] | None
+                      ) -> dict[str, Any]:
+    """qemu_judge's ``data_file``: the bytes of the image's external data file in the same
+    cut state, written beside the image's copy (the json: spec's ``data-file``)."""
+    if data_file is None:
+        return {}
+    with open(image + ".data", "wb") as f:
+        f.write(bytes(data_file() or b""))
+    return {"data-file": {"driver": "file", "filename": image + ".data"}}
 
 
 def reference_judge() -> CutJudge | None:

@@ -387,6 +387,14 @@ class FlatModel:
                 allowed = _DATA | keep_backing
             self.alloc[unit] = allowed
 
+    def allow_data(self, offset: int, length: int) -> None:
+        """The units meeting the range may also map as data (their content is unchanged): a
+        peer that writes zeroes where pyimago sets zero bits, as QEMU does when it zeroes part
+        of a compressed cluster."""
+        if self.traits.deallocates:
+            for unit in self._units_touched(offset, length):
+                self.alloc[unit] = self.alloc[unit] | _DATA
+
     def write_zeroes(self, offset: int, length: int) -> None:
         """The range reads zero; nothing is freed (v3 whole units become explicit zeroes)."""
         self._zeroed(offset, length, discard=False)

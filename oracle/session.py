@@ -14,11 +14,13 @@ import dataclasses
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 
 from ._apply import Applier
 from ._chain import describe_chain, traits_for
 from ._check import OracleFailure, check_image
 from ._feature_run import FEATURE_KINDS
+from ._journal import PairedRecording
 from ._op_table import PASSIVE, LogEntry, cut_unspecified, op_clauses
 from ._power import PowerCuts
 from ._run_stats import RunStats
@@ -102,10 +104,12 @@ class Session(Applier):
         """Check the whole disk after every operation (replays do: exact, not fast)."""
         self.power = None
         """Power-cut recording of the top layer (targets that are ``crash_safe``)."""
-        if getattr(target, "crash_safe", False) and not chain.top.data_file:
-            # (A top layer with an external data file spreads its writes over two storages;
-            # only the qcow2 file is recorded, so such chains are not cut.)
+        if getattr(target, "crash_safe", False):
             self.power = PowerCuts(self._cut_judge())
+            if chain.top.data_file:
+                # The top's writes spread over its qcow2 file and its data file: both are
+                # recorded in one order, and a cut stops both (crash.oracle-rule).
+                self.power.recording = PairedRecording
         if build:
             self.build()
 
@@ -116,10 +120,23 @@ class Session(Applier):
             # crash.power-cut is QEMU's promise without lazy refcounts: with them a cut may
             # leave refcounts a repair must rebuild, so qemu-img check -r all judges what is
             # left after repairing; content and the read-only open hold as ever.
-            return qemu_judge(self._qemu_img, repair=True) if self._qemu_img else None
+            return qemu_judge(self._qemu_img, repair=True, data_file=self._cut_data_file()) \
+                if self._qemu_img else None
         if self._qemu_img:
-            return qemu_judge(self._qemu_img)
+            return qemu_judge(self._qemu_img, data_file=self._cut_data_file())
         return reference_judge()
+
+    def _cut_data_file(self) -> Callable[[], bytearray | None] | None:
+        """For a top with an external data file: the data file's bytes in the cut state
+        being judged (see :class:`~pyimago.oracle._journal.PairedRecording`)."""
+        if not self.chain.top.data_file:
+            return None
+
+        def data_state() -> bytearray | None:
+            rec = self.power.rec if self.power is not None else None
+            return rec.data_state if isinstance(rec, PairedRecording) else None
+
+        return data_state
 
     def build(self) -> None:
         """Create the chain and open its top layer (see the constructor)."""

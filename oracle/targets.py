@@ -66,11 +66,15 @@ class ImplementationTarget:
         backing: Any = None,
         explicit_backing: bool = False,
         l2_cache_tables: int | None = None,
+        data_file: Any = None,
     ) -> Any:
-        """Open an image; the backing is passed only when ``explicit_backing`` says so."""
+        """Open an image; the backing is passed only when ``explicit_backing`` says so, the
+        external data file (a Storage) only when given."""
         kwargs: dict[str, Any] = {"writable": writable, "format": format}
         if explicit_backing:
             kwargs["backing"] = backing
+        if data_file is not None:
+            kwargs["data_file"] = data_file
         if l2_cache_tables is not None and self.l2_cache_option:
             kwargs["l2_cache_tables"] = l2_cache_tables
         return self.open_image(location, **kwargs)

@@ -587,7 +587,12 @@ def check(image: object, *, repair: RepairMode | None = None,
         if probe_format(storage) != "qcow2":
             raise UnsupportedError(f"check: {name} is not a qcow2 image (qemu-img: this image "
                                    "format does not support checks)")
-        return check_image(storage, name, repair, progress)
+        result = check_image(storage, name, repair, progress)
+        if repair is not None:
+            # crash.power-cut: what the repair wrote is durable when check returns (qemu-img
+            # check -r flushes the image to disk as it closes it).
+            storage.sync()
+        return result
     finally:
         if owned:
             storage.close()

@@ -27,10 +27,10 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from .._errors import InvalidRequestError, UnsupportedError
-from .._prealloc import PreallocateMode
 from .._snapshot import SnapshotInfo
 from .constants import L1E_OFFSET_MASK, QCOW_MAX_L1_SIZE, QCOW_MAX_SNAPSHOTS, QCOW_OFLAG_COPIED
 from .driver_state import DriverState
+from .header import required_l1_size
 from .overlap import snapshot_regions
 from .snapshots import (
     QCOW_MAX_SNAPSHOTS_SIZE,
@@ -125,21 +125,30 @@ class SnapshotWrites(DriverState):
         try:
             sn = find_snapshot(self._snapshots(), key)
             self._check_snapshot_l1(sn)
-            if sn.info.disk_size != self._size:
-                if self.header.version < 3:
-                    raise UnsupportedError(
-                        f"{self}: applying snapshot {sn.id_str!r} would resize the disk "
-                        f"({self._size} -> {sn.info.disk_size}), which QEMU refuses for a "
-                        "v2 image with snapshots"
-                    )
-                # "blk_truncate(blk, sn->disk_size, ...)" before the L1 switch.
-                if sn.info.disk_size > self._size:
-                    self.resize_grow(sn.info.disk_size, PreallocateMode.NONE)
-                else:
-                    self.resize_shrink(sn.info.disk_size)
+            disk_size = sn.info.disk_size
+            if disk_size != self._size and self.header.version < 3:
+                raise UnsupportedError(
+                    f"{self}: applying snapshot {sn.id_str!r} would resize the disk "
+                    f"({self._size} -> {disk_size}), which QEMU refuses for a "
+                    "v2 image with snapshots"
+                )
+            l1_size = sn.l1_size
+            if disk_size > self._size:
+                # crash.power-cut: QEMU grows the disk ("blk_truncate(blk, sn->disk_size,
+                # ...)") before the L1 switch, so a cut between the two shows the old
+                # tables at the snapshot's size, reading zeroes no operation gave the grown
+                # range.  Here the new size is written after the switch: a cut shows either
+                # disk at its own size (the switched one cut to the old size).
+                self._check_new_size(disk_size)
+                l1_size = max(l1_size, required_l1_size(disk_size, self._cluster_bits,
+                                                        self._entry_bytes))
+            elif disk_size < self._size:
+                # "blk_truncate(blk, sn->disk_size, ...)" before the L1 switch: a cut between
+                # shows the old disk cut to the snapshot's size.
+                self.resize_shrink(disk_size)
                 self._flush_tables()
-            if sn.l1_size > self._l1_size:
-                self._grow_l1(sn.l1_size)
+            if l1_size > self._l1_size:
+                self._grow_l1(l1_size)
             raw = self._storage.read(sn.l1_table_offset, sn.l1_size * 8) if sn.l1_size else b""
             new_l1 = [v for (v,) in struct.iter_unpack(">Q", raw)]
             new_l1 += [0] * (self._l1_size - len(new_l1))
@@ -154,6 +163,8 @@ class SnapshotWrites(DriverState):
             # The switch: one write of the whole active L1 table.
             self._storage.write(struct.pack(f">{self._l1_size}Q", *new_l1), self._l1_offset)
             self._l1 = list(new_l1)
+            if disk_size > self._size:
+                self._set_size(disk_size)
             self._update_tree_refcounts(old_l1, -1, None)
             self._update_tree_refcounts(list(self._l1), 0, self._set_l1_entry)
         finally:

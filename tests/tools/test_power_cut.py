@@ -29,8 +29,10 @@ from typing import Any
 import pytest
 from pyimago import fast, reference
 from pyimago.oracle._journal import Journal
-from pyimago.oracle.crash import benign_copied
+from pyimago.oracle.crash import RecordingStorage, benign_copied
+from pyimago.reference.qcow2 import check as reference_check
 from pyimago.tools._cli import (
+    check_main,
     commit_main,
     convert_main,
     rebase_main,
@@ -46,13 +48,17 @@ KiB = 1024
 SECTOR = 512
 QCOW2_MAGIC = b"QFI\xfb"
 #: Cut states rebuilt per operation at most (the first and last always among them).
-MAX_CUTS = 40
+MAX_CUTS = 28
+#: Of them, the cuts right after this many of the last header writes (and one later).
+HEADER_CUTS = 3
 
 #: Where each implementation builds file storages: wrapped while a journal records.
 _FACTORIES = [
     (fast._open, "FastFileStorage"),
     (fast._create, "FastFileStorage"),
+    (fast._check, "FastFileStorage"),
     (reference._open, "FileStorage"),
+    (reference_check, "FileStorage"),
 ]
 
 
@@ -85,28 +91,46 @@ def recording(monkeypatch: pytest.MonkeyPatch, *paths: Path) -> Iterator[Journal
 
 
 def cut_points(journal: Journal) -> list[int]:
-    """Every cut (the base, after each mutation), or ``MAX_CUTS`` of them (both ends kept)."""
+    """Every cut (the base, after each mutation), or ``MAX_CUTS`` of them: both ends, the
+    cuts right after and one after each of the last header writes (a write to a file's
+    first sector switches tables and sizes: an order that puts it too early breaks only
+    around it), and a deterministic sample of the rest."""
     points = list(range(journal.mutations + 1))
     if len(points) <= MAX_CUTS:
         return points
-    inner = random.Random(journal.mutations).sample(points[1:-1], MAX_CUTS - 2)
-    return sorted({points[0], points[-1], *inner})
+    header = [k for k, (_, m) in enumerate(journal.log, start=1)
+              if m.kind != "resize" and m.offset < SECTOR][-HEADER_CUTS:]
+    kept = {0, journal.mutations, *header, *(min(k + 1, journal.mutations) for k in header)}
+    rest = [k for k in points if k not in kept]
+    inner = random.Random(journal.mutations).sample(rest, max(0, MAX_CUTS - len(kept)))
+    return sorted({*kept, *inner})
 
 
 def check_no_corruption(path: Path, what: str) -> int:
     """qemu-img check of one qcow2 file (its backing not needed): no corruption, no check
     error (a COPIED flag missing on a refcount-1 cluster is no corruption: crash.power-cut);
-    the number of leaked clusters."""
+    the number of leaked clusters.  An image left dirty (lazy refcounts) is judged by what
+    ``check -r all`` leaves of a copy (crash.power-cut)."""
+    dirty = path.read_bytes()[:80]
+    repair = len(dirty) == 80 and dirty[4:8] >= b"\0\0\0\x03" and dirty[79] & 1
+    target = path
+    if repair:
+        target = path.with_name(path.name + ".repaired")
+        shutil.copyfile(path, target)
     spec = {"driver": "qcow2", "backing": None,
-            "file": {"driver": "file", "filename": str(path)}}
+            "file": {"driver": "file", "filename": str(target)}}
     # In the image's folder: QEMU opens a relative data file name from the current one.
-    proc = subprocess.run(["qemu-img", "check", "--output=json", f"json:{json.dumps(spec)}"],
+    proc = subprocess.run(["qemu-img", "check", *(["-r", "all"] if repair else []),
+                           "--output=json", f"json:{json.dumps(spec)}"],
                           capture_output=True, text=True, timeout=120, check=False,
                           cwd=path.parent)
+    if repair:
+        target.unlink()
     report = json.loads(proc.stdout) if proc.stdout.strip() else {"check-errors": 1}
     corrupt = report.get("corruptions", 0) - benign_copied(proc.stderr.splitlines())
     assert not corrupt and not report.get("check-errors"), (
-        f"{what}: qemu-img check of {path.name}: {proc.stderr.strip()[:800]}")
+        f"{what}: qemu-img check{' -r all' if repair else ''} of {path.name}: "
+        f"{proc.stderr.strip()[:800]}")
     return int(report.get("leaks", 0))
 
 
@@ -224,23 +248,42 @@ def _create(path: Path, size: str, *options: str, backing: str | None = None,
 #: blocks, so metadata is written in the middle of an operation), extended L2 entries, a
 #: sub-byte refcount width.
 LAYOUTS = ["cluster_size=4k", "cluster_size=512", "cluster_size=16k,extended_l2=on",
-           "cluster_size=1k,refcount_bits=2"]
+           "cluster_size=1k,refcount_bits=2", "cluster_size=2k,compat=0.10",
+           "cluster_size=4k,lazy_refcounts=on"]
 
 
 def chain(work: Path, layout: str = LAYOUTS[0]) -> tuple[Path, Path, Path]:
-    """old.qcow2 <- top.qcow2 (its own data, zero ranges, an internal snapshot taken before
-    the active layer moved on) and new.qcow2, which reads differently from old."""
+    """old.qcow2 <- top.qcow2 (its own data, zero ranges, compressed clusters, an internal
+    snapshot taken before the active layer moved on) and new.qcow2, which reads differently
+    from old; old has compressed clusters and an internal snapshot too (a commit into it
+    copies on write)."""
     work.mkdir(exist_ok=True)
+    cs = _cluster_size(layout)
     old = _create(work / "old.qcow2", "512k", layout)
-    _io(old, "write -P 0x11 0 128k", "write -P 0x22 192k 64k", "write -P 0x33 400k 4k")
+    _io(old, "write -P 0x11 0 128k", "write -P 0x22 192k 64k", "write -P 0x33 400k 4k",
+        f"write -c -P 0x34 256k {cs}")
+    qemu_img("snapshot", "-c", "base", old)
+    _io(old, "write -P 0x35 8k 4k")
     new = _create(work / "new.qcow2", "384k", layout)
     _io(new, "write -P 0x11 0 64k", "write -P 0x77 96k 128k")
     top = _create(work / "top.qcow2", "512k", layout, backing="old.qcow2")
-    _io(top, "write -P 0x44 4k 8k", "write -z 160k 16k", "write -P 0x45 330k 50k")
+    # (Two compressed clusters share a host cluster: with 2-bit refcounts the snapshot
+    # below would need a refcount of 4.)
+    narrow = "refcount_bits=2" in layout
+    _io(top, "write -P 0x44 4k 8k", "write -z 160k 16k", "write -P 0x45 330k 50k",
+        f"write -c -P 0x46 64k {cs}", *([] if narrow else [f"write -c -P 0x47 256k {cs}"]))
     qemu_img("snapshot", "-c", "first", top)
     _io(top, "write -P 0x55 200k 3000", "write -P 0x66 300k 4k", "discard 0 4k",
-        "write -P 0x67 440k 1536")
+        "write -P 0x67 440k 1536", "write -P 0x68 65k 512")
     return old, new, top
+
+
+def _cluster_size(layout: str) -> int:
+    for item in layout.split(","):
+        name, _, value = item.partition("=")
+        if name == "cluster_size":
+            return int(value[:-1]) * KiB if value.endswith("k") else int(value)
+    return 64 * KiB
 
 
 # -- rebase ---------------------------------------------------------------------------------------
@@ -331,10 +374,14 @@ def test_a_cut_anywhere_in_commit_into_a_smaller_base_with_b(
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("action", ["create", "apply", "delete"])
+@pytest.mark.parametrize("action", ["create", "apply", "delete", "apply-larger"])
 def test_a_cut_anywhere_in_snapshot_leaves_the_old_or_the_new_state(
         impl: str, layout: str, action: str, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
+    """(apply-larger: the disk shrank after the snapshot was taken; applying it grows the
+    disk back with the L1 switch.)"""
+    if action == "apply-larger" and "compat=0.10" in layout:
+        pytest.skip("QEMU resizes no v2 image with snapshots")
     work = tmp_path / "work"
     work.mkdir()
     image = _create(work / "snap.qcow2", "256k", layout)
@@ -343,8 +390,11 @@ def test_a_cut_anywhere_in_snapshot_leaves_the_old_or_the_new_state(
     _io(image, "write -P 0x63 4k 12k", "write -z 100k 4k", "write -P 0x64 200k 8k")
     qemu_img("snapshot", "-c", "two", image)
     _io(image, "write -P 0x65 32k 4k", "discard 200k 4k")
+    if action == "apply-larger":
+        qemu_img("resize", "-q", "--shrink", image, "96k")
     before = state_of(image)
-    args = {"create": ["-c", "three"], "apply": ["-a", "one"], "delete": ["-d", "one"]}[action]
+    args = {"create": ["-c", "three"], "apply": ["-a", "one"], "delete": ["-d", "one"],
+            "apply-larger": ["-a", "two"]}[action]
     with recording(monkeypatch, image) as journal:
         status = snapshot_main(["--impl", impl, *args, str(image)])
     after = state_of(image)
@@ -359,7 +409,15 @@ def test_a_cut_anywhere_in_snapshot_leaves_the_old_or_the_new_state(
         assert status == 0 and after != before
     cuts = Cuts(journal, work, tmp_path / "cut")
     for _, what in cuts.each():
-        assert state_of(cuts.path("snap.qcow2")) in (before, after), what
+        active, snapshots = state_of(cuts.path("snap.qcow2"))
+        assert snapshots in (before[1], after[1]), what
+        if impl == "reference" and action == "apply-larger":
+            # The reference writes the snapshot's L1 table over the active one, then the
+            # grown size: a cut between shows the new disk cut to the old size, which
+            # crash.power-cut allows sector by sector (fast switches both in one write).
+            old_or_new(active, before[0], after[0], what)
+        else:
+            assert active in (before[0], after[0]), what
     assert cuts.judged >= (1 if status else 3)
 
 
@@ -537,4 +595,55 @@ def test_a_cut_anywhere_in_a_data_file_image(
             assert len(got) in (len(view), len(after)) and got[: len(after)] == after, what
         else:
             old_or_new(got, view, after, what)
+    assert cuts.judged >= 2
+
+
+# -- check -r -------------------------------------------------------------------------------------
+
+
+def _leaky(path: Path) -> None:
+    """An image with leaked clusters and nothing else wrong: a power cut inside a discard,
+    after the L2 entries were cleared and before the refcounts dropped."""
+    _create(path, "256k", "cluster_size=4k")
+    _io(path, "write -P 0x5 0 128k")
+    store = fast.MemoryStorage(path.read_bytes())
+    rec = RecordingStorage(store)
+    with fast.open_image(rec, writable=True, format="qcow2") as img:
+        img.discard_to_backing(0, 96 * KiB)
+    for _, state in rec.cut_states():
+        path.write_bytes(state)
+        if check_no_corruption(path, "a cut inside the discard") > 2:
+            return
+    raise AssertionError("no cut inside the discard leaks clusters")
+
+
+def _dirty(path: Path) -> None:
+    """A lazy-refcount image left dirty by a crash (qemu-io abort, as iotest 039): its
+    refcounts miss the clusters the last writes allocated."""
+    _create(path, "256k", "cluster_size=4k", "lazy_refcounts=on")
+    proc = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x6 0 100k", "-c", "abort",
+                           path.name], capture_output=True, timeout=60, cwd=path.parent,
+                          check=False)
+    assert proc.returncode != 0 and path.read_bytes()[79] & 1, "qemu-io left no dirty image"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", ["leaks", "all"])
+def test_a_cut_anywhere_in_check_repair_leaves_no_corruption(
+        impl: str, case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """check -r writes refcounts (and -r all rebuilds them): a cut in the middle leaves an
+    image no worse than before -- leaks at most, -r all's dirty image still repairable --
+    whose guest view never changes."""
+    work = tmp_path / "work"
+    work.mkdir()
+    image = work / "fix.qcow2"
+    (_leaky if case == "leaks" else _dirty)(image)
+    view = guest(image)
+    with recording(monkeypatch, image) as journal:
+        status = check_main(["--impl", impl, "-q", "-r", case, str(image)])
+    assert status == 0, f"check -r {case} left the image unrepaired (exit {status})"
+    assert check_no_corruption(image, "after the repair") == 0 and guest(image) == view
+    cuts = Cuts(journal, work, tmp_path / "cut")
+    for _, what in cuts.each():
+        assert guest(cuts.path("fix.qcow2")) == view, what
     assert cuts.judged >= 2
