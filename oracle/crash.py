@@ -14,6 +14,7 @@ forwards every call, and logs each mutation; :meth:`RecordingStorage.state_after
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import itertools
 import json
@@ -437,14 +438,7 @@ class CrashTimeline:
             return [f"cut after mutation {cut}: disk size {size} is none of "
                     f"{sorted(sizes)} (operations {window[0].label!r}..{window[-1].label!r})"]
         problems: list[str] = []
-        loose: list[tuple[int, int]] | None = None
         for at in self._window_pieces(window).suspects(size, content):
-            if loose is None:
-                # The durable point's own unspecified ranges count too: a point built from a
-                # model (the machines) has no actual bytes there to compare with.
-                loose = [r for p in window for r in p.unspecified]
-            if any(a <= at and at + SECTOR <= a + n for a, n in loose):
-                continue
             durable = window[0]
             problems.append(
                 f"cut after mutation {cut}: sector at guest 0x{at:x} reads "
@@ -484,13 +478,17 @@ class _WindowPieces:
     one per chunk and point of the window.
     """
 
-    __slots__ = ("first", "last", "more", "points")
+    __slots__ = ("_loose", "first", "last", "loose", "more", "points")
 
     def __init__(self, first: TimelinePoint) -> None:
         self.points = [first]
         self.first = self.last = _chunks(first.content)
         #: Chunk index -> the pieces other points of the window have there.
         self.more: dict[int, list[bytes]] = {}
+        #: The ranges operations of the window left unspecified (the durable point's own
+        #: count too: a point built from a model has no actual bytes there to compare with).
+        self.loose: set[tuple[int, int]] = set(first.unspecified)
+        self._loose: tuple[list[int], list[int]] | None = None
 
     def add(self, point: TimelinePoint) -> None:
         chunks = _chunks(point.content)
@@ -507,9 +505,29 @@ class _WindowPieces:
                 pieces.append(piece)
         self.points.append(point)
         self.last = chunks
+        if not self.loose.issuperset(point.unspecified):
+            self.loose.update(point.unspecified)
+            self._loose = None
+
+    def _loose_index(self) -> tuple[list[int], list[int]]:
+        """The unspecified ranges by start, and the furthest end among each prefix: a
+        sector lies inside one of them when the furthest end of those starting at or
+        before it reaches its end."""
+        if self._loose is None:
+            ranges = sorted(self.loose)
+            ends = list(itertools.accumulate((a + n for a, n in ranges), max))
+            self._loose = [a for a, _ in ranges], ends
+        return self._loose
+
+    def _unspecified(self, at: int, length: int = SECTOR) -> bool:
+        """Whether ``[at, at + length)`` lies inside one range the window left unspecified."""
+        starts, ends = self._loose_index()
+        j = bisect.bisect_right(starts, at) - 1
+        return j >= 0 and ends[j] >= at + length
 
     def suspects(self, size: int, content: bytes) -> Iterator[int]:
-        """The sectors of ``content`` (``size`` bytes) no point of the window had."""
+        """The sectors of ``content`` (``size`` bytes) no point of the window had, outside
+        the ranges the window left unspecified."""
         first, more = self.first, self.more
         actual = [content[a : a + CHUNK] for a in range(0, size, CHUNK)]
         odd = itertools.chain(
@@ -521,11 +539,15 @@ class _WindowPieces:
             others = more.get(i, ())
             if any(p == chunk for p in others):
                 continue
+            base = i * CHUNK
+            if self.loose and self._unspecified(base, len(chunk)):
+                continue
             pieces = [first[i], *others] if i < len(first) else list(others)
             for off in range(0, len(chunk), SECTOR):
                 sector = chunk[off : off + SECTOR]
-                if not any(p[off : off + SECTOR] == sector for p in pieces if off < len(p)):
-                    yield i * CHUNK + off
+                if not any(p[off : off + SECTOR] == sector for p in pieces if off < len(p)) \
+                        and not (self.loose and self._unspecified(base + off)):
+                    yield base + off
 
 
 def unknown_ranges(known: bytes | bytearray) -> tuple[tuple[int, int], ...]:
