@@ -290,3 +290,29 @@ def test_qemu_made_layer_zeroing_part_of_a_compressed_extended_cluster(
         },
         [],
     )
+
+
+@pytest.mark.clause("crash.power-cut", "qcow2.snapshots.apply-revert",
+                    "access.resize.shrink-discards")
+@pytest.mark.parametrize("target", ["pyimago.reference", "pyimago.fast"])
+def test_cut_while_applying_a_snapshot_that_shrinks_the_disk(target: str) -> None:
+    # Found by the machine (tests/oracle/test_machines.py[files-qemu-checked], seed 8)
+    # against the reference, an oracle bug: apply_snapshot of a smaller snapshot shrinks the
+    # disk before the L1 switch (QEMU's qcow2_snapshot_goto truncates first), and a cut
+    # inside that shrink -- the tail's clusters freed, the new size not yet on storage --
+    # read zeroes in the tail.  A plain shrink leaves that tail unspecified until the size is
+    # written (cut_unspecified); the shrink inside apply_snapshot now does too.
+    _replay_against(
+        target,
+        {"storage": "memory",
+         "layers": [{"format": "qcow2", "size": 0x8000, "cluster_size": 2048}]},
+        [
+            {"op": "write", "offset": 0x3c00, "length": 512},
+            {"op": "create_snapshot", "mode": "a"},
+            {"op": "resize", "value": 512, "mode": "none"},
+            {"op": "create_snapshot", "mode": "b"},
+            {"op": "apply_snapshot", "mode": "a"},
+            {"op": "sync"},
+            {"op": "apply_snapshot", "mode": "b"},
+        ],
+    )
