@@ -72,7 +72,8 @@ def main() -> int:
           "process: the figure to compare on a loaded machine; qemu-img runs not counted)")
     print(f"distinct chains: {len(stats.chains)} of {stats.examples} examples")
     print(f"power cuts: {stats.crash_checks} checks, {stats.crash_states} cut states, "
-          f"{stats.crash_judged} judged")
+          f"{stats.crash_judged} judged, of {stats.crash_mutations} mutations "
+          f"({stats.crash_states / max(stats.crash_mutations, 1):.1%} of them cut)")
     if error is not None:
         print(f"run failed: {type(error).__name__}: {str(error)[:300]}", file=sys.stderr)
     return 0

@@ -251,7 +251,8 @@ class PairedRecording(RecordingStorage):
     def reordered_state(self, since: int, keep: Iterable[int]) -> bytearray:
         raise InvalidRequestError("the reorder model is not kept for an image with a data file")
 
-    def checkpoint(self) -> None:
+    def checkpoint(self, current: bytearray | None = None) -> None:
+        # (``current`` holds the qcow2 file only: both files are replayed.)
         for m in self.log:
             if isinstance(m, DataFileMutation):
                 apply_mutation(self._data_base, m)

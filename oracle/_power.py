@@ -13,6 +13,7 @@ built: ``crash.readonly-open`` says no read-only open may change a byte of them.
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,9 +27,11 @@ from .crash import (
     ChunkedContent,
     CrashTimeline,
     CutJudge,
+    CutVerdict,
     RecordingStorage,
     TimelinePoint,
     check_cut,
+    start_judge,
     unknown_ranges,
 )
 from .model import FlatModel
@@ -58,6 +61,8 @@ class PowerCutStats:
     states: int = 0
     judged: int = 0
     leaks: int = 0
+    mutations: int = 0
+    """Storage mutations the checks covered (one cut state after each could be checked)."""
 
 
 class PowerCuts:
@@ -73,7 +78,7 @@ class PowerCuts:
         #: What records the top (a PairedRecording for a top with an external data file).
         self.recording: Callable[[Any], RecordingStorage] = RecordingStorage
         self.timeline: CrashTimeline | None = None
-        self._checked = 0
+        self._checked: int | None = None
         self._lower: list[tuple[str, Callable[[], bytes], bytes]] = []
         # The last point's content and unknown ranges, chunk by chunk, and what they were
         # taken from: the next point copies only the chunks the model marks changed.
@@ -126,7 +131,7 @@ class PowerCuts:
             chunks[i] = bytes(data[a:b])
             # Chunks are whole sectors, so each chunk's sector-widened runs stay inside it.
             loose[i] = tuple((a + x, n) for x, n in unknown_ranges(bytes(known[a:b])))
-        return ChunkedContent(tuple(chunks)), tuple(r for part in loose for r in part)
+        return ChunkedContent(tuple(chunks)), tuple(itertools.chain.from_iterable(loose))
 
     def point(self, model: FlatModel, label: str, *, durable: bool = False,
               unspecified: tuple[tuple[int, int], ...] = ()) -> None:
@@ -151,29 +156,66 @@ class PowerCuts:
         if rec is None or timeline is None:
             return 0
         self.stats.checks += 1
+        self.stats.mutations += rec.mutations - (self._checked or 0)
         rng = random.Random(step * 1_000_003 + rec.mutations)
-        cuts = rec.sample_cuts(self._checked, self.max_cuts, rng)
+        # The cut at the last check's end was checked then (as that check's last state).
+        since = 0 if self._checked is None else self._checked + 1
+        cuts = rec.sample_cuts(since, self.max_cuts, rng) if since <= rec.mutations else []
         # The judge is the costly part: at teardown ``max_judged`` cuts, else one.
         budget = self.max_judged if final else min(self.max_judged, 1)
         stride = max(1, -(-len(cuts) // budget)) if budget else 0
         judged = set(cuts[::-1][::stride][:budget]) if stride else set()
-        for k, state in rec.cut_states(cuts):
-            judge = self.judge if k in judged else None
-            verdict = check_cut(k, bytes(state), timeline, open_cut, judge)
-            self.stats.states += 1
-            self.stats.judged += verdict.judged
-            self.stats.leaks += verdict.leaks
-            if verdict.problems:
-                clause = "crash.readonly-open" if verdict.readonly_write else "crash.power-cut"
-                raise PowerCutFailure(
-                    f"power cut after storage mutation {k} ({rec.describe_mutation(k)}; "
-                    f"{rec.synced} synced): "
-                    + "\n  ".join(verdict.problems),
-                    (clause,),
-                )
+        # The judge also looks at up to two of the cuts around the latest metadata writes
+        # (see RecordingStorage.pointer_cuts): a refcount written after the entry that uses
+        # it, or dropped before the entry stops using it, shows only to the judge, and only
+        # in the few states between those two writes.
+        pointer = [k for k in rec.pointer_cuts(since) if k in cuts]
+        if budget and pointer:
+            judged |= set(rng.sample(pointer, min(len(pointer), self.max_judged)))
+        pending: dict[int, Callable[[], tuple[int, int, list[str]]]] = {}
+        last = rec.mutations
+        if self.judge is not None and last in judged:
+            # The last cut state first: its judge (qemu-img) runs while the states before it
+            # are rebuilt and checked.
+            pending[last] = start_judge(self.judge, rec.state_after(last))
+        failed: CutVerdict | None = None
+        state = bytearray()
+        try:
+            for k, state in rec.cut_states(cuts):
+                if self.judge is not None and k in judged and k not in pending:
+                    pending[k] = start_judge(self.judge, state)
+                verdict = check_cut(k, state, timeline, open_cut)
+                self.stats.states += 1
+                if verdict.problems:
+                    failed = verdict
+                    break
+        finally:
+            # Every judge started is waited for (its temporary file goes): the first cut in
+            # order that breaks the rule, by content or by the judge, is the one reported.
+            for k in sorted(pending):
+                corrupt, leaks, msgs = pending[k]()
+                self.stats.judged += 1
+                self.stats.leaks += leaks
+                if not corrupt or (failed is not None and k > failed.cut):
+                    continue
+                found = [f"cut after mutation {k}: check finds {corrupt} corruption(s)", *msgs]
+                if failed is not None and k == failed.cut:
+                    failed.problems[:0] = found
+                else:
+                    failed = CutVerdict(k, judged=True, corruptions=corrupt, leaks=leaks,
+                                        problems=found)
+        if failed is not None:
+            clause = "crash.readonly-open" if failed.readonly_write else "crash.power-cut"
+            raise PowerCutFailure(
+                f"power cut after storage mutation {failed.cut} "
+                f"({rec.describe_mutation(failed.cut)}; {rec.synced} synced): "
+                + "\n  ".join(failed.problems),
+                (clause,),
+            )
         # Later cuts lie after this point: forget the log, and the timeline before the last
         # durable point (every later window starts there or later).
-        rec.checkpoint()
+        # (The last state rebuilt is the storage now: the new base, with no second replay.)
+        rec.checkpoint(state if cuts and cuts[-1] == rec.mutations else None)
         self._checked = rec.mutations
         points = timeline.points
         last = max(i for i, p in enumerate(points) if p.durable or i == 0)

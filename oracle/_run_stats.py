@@ -61,6 +61,8 @@ class RunStats:
     """Of those, the ones ``qemu-img check`` (or the reference's ``check()``) judged."""
     crash_leaks: int = 0
     """Leaked clusters the judge counted in cut states (allowed, counted)."""
+    crash_mutations: int = 0
+    """Storage mutations the power-cut checks covered (a cut after each was possible)."""
     refcount_widths: Counter[int] = field(default_factory=Counter)
     """Chains by the refcount width (bits) of their qcow2 top layer."""
     refcount_blocks_added: int = 0

@@ -113,7 +113,8 @@ class Checker(ChainBuilder):
                                         data_file=None if data is None else
                                         MemoryStorage(bytes(data), name="cut data file"))
 
-            before = power.stats.states, power.stats.judged, power.stats.leaks
+            before = (power.stats.states, power.stats.judged, power.stats.leaks,
+                      power.stats.mutations)
             checked = power.check(open_cut, step=self.step, final=final)
         except PowerCutFailure as failure:
             raise OracleFailure(str(failure), clauses=failure.clauses) from failure
@@ -125,6 +126,7 @@ class Checker(ChainBuilder):
         self.stats.crash_states += power.stats.states - before[0]
         self.stats.crash_judged += power.stats.judged - before[1]
         self.stats.crash_leaks += power.stats.leaks - before[2]
+        self.stats.crash_mutations += power.stats.mutations - before[3]
         return checked
 
     def _open_below_for_cuts(self, opened: list[Access]) -> Access:

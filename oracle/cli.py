@@ -136,6 +136,7 @@ def _summary(
     table.add_row("chain depths", depths)
     table.add_row("crash states checked",
                   f"{stats.crash_states:,} in {stats.crash_checks:,} checks "
+                  f"of {stats.crash_mutations:,} mutations "
                   f"({stats.crash_judged:,} judged, {stats.crash_leaks:,} leaked clusters)")
     for label, value in stats.path_rows():
         table.add_row(label, value)

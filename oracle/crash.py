@@ -14,7 +14,10 @@ forwards every call, and logs each mutation; :meth:`RecordingStorage.state_after
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
+import operator
 import os
 import random
 import re
@@ -134,7 +137,8 @@ class RecordingStorage:
         return self.inner.read(offset, length)
 
     def write(self, data: Buffer, offset: int) -> None:
-        payload = bytes(memoryview(data).cast("B"))
+        # bytes cannot change under the log; anything else is copied.
+        payload = data if type(data) is bytes else bytes(memoryview(data).cast("B"))
         self.inner.write(payload, offset)
         self.log.append(Mutation("write", offset, len(payload), payload))
 
@@ -227,26 +231,69 @@ class RecordingStorage:
         if len(points) <= limit:
             return points
         inner = rng.sample(points[1:-1], max(0, limit - 2))
-        return sorted({points[0], points[-1], *inner, *self._header_cuts(points[0])})
+        return sorted({points[0], points[-1], *inner, *self.pointer_cuts(points[0])})
 
-    #: At most this many cuts right after a write to the image's first sector join a sample.
+    #: At most this many writes to the header, and to other metadata, (each with the cut
+    #: after it and one mutation later) join a sample.
     HEADER_CUTS = 2
+    POINTER_CUTS = 5
 
-    def _header_cuts(self, since: int) -> list[int]:
-        """The cuts right after the last writes to the first sector, and one mutation later (a
-        qcow2 header's pointers and sizes).  A header write switches the image to a new
-        table or size: a write order that puts it before what it points at breaks only in
-        the few states around it, which a uniform sample of a long operation (a disk fill
-        moving the refcount table, thousands of mutations) all but never draws."""
-        found: list[int] = []
-        for i in range(len(self.log) - 1, since - self._base_index - 1, -1):
+    def _pointer_regions(self) -> list[tuple[int, int]]:
+        """Where a qcow2 image keeps its metadata, as the base state's header names it: the
+        header cluster, the L1 table, the refcount table, the L2 tables and the refcount
+        blocks (none for anything but qcow2)."""
+        base = self._base
+        if len(base) < 72 or base[:4] != b"QFI\xfb":
+            return []
+        bits = int.from_bytes(base[20:24], "big")
+        if not 9 <= bits <= 21:
+            return []
+        cs = 1 << bits
+        l1_size = int.from_bytes(base[36:40], "big")
+        l1_at = int.from_bytes(base[40:48], "big")
+        rt_at = int.from_bytes(base[48:56], "big")
+        rt_clusters = int.from_bytes(base[56:60], "big")
+        regions = [(0, cs), (l1_at, l1_size * 8), (rt_at, rt_clusters * cs)]
+        # The L2 tables the L1 table points at, the refcount blocks the refcount table does.
+        for at, n in ((l1_at, l1_size), (rt_at, rt_clusters * cs // 8)):
+            table = base[at : at + 8 * min(n, 1 << 16)]
+            for i in range(0, len(table) - 7, 8):
+                pointed = int.from_bytes(table[i : i + 8], "big") & 0x00FF_FFFF_FFFF_FE00
+                if pointed:
+                    regions.append((pointed, cs))
+        return regions
+
+    def pointer_cuts(self, since: int) -> list[int]:
+        """The cuts right after the last writes to the image's metadata (see
+        ``_pointer_regions``), and one mutation later: the header's first, then the
+        others', newest first.
+
+        A metadata write (a header field, an L1 or refcount-table entry, an L2 entry, a
+        refcount) switches the image to what it points at or counts: a write order that
+        puts it before that (crash.order.*) breaks only in the few states around it, which
+        a uniform sample of a long stretch (a disk fill: thousands of mutations) all but
+        never draws."""
+        regions = self._pointer_regions()
+        if not regions:
+            return []
+        header_end = regions[0][1]
+        header: list[int] = []
+        others: list[int] = []
+        for i in range(len(self.log) - 1, max(since - self._base_index, 0) - 1, -1):
             m = self.log[i]
-            if m.kind != "resize" and m.offset < SECTOR:
+            if m.kind == "resize":
+                continue
+            end = m.offset + max(m.length, 1)
+            in_header = m.offset < header_end
+            found, cap = (header, self.HEADER_CUTS) if in_header else (others, self.POINTER_CUTS)
+            if len(found) >= 2 * cap:
+                if len(header) >= 2 * self.HEADER_CUTS and len(others) >= 2 * self.POINTER_CUTS:
+                    break
+                continue
+            if in_header or any(a < end and m.offset < a + n for a, n in regions):
                 k = self._base_index + i + 1
                 found += [k, k + 1] if k < self.mutations else [k]
-                if len(found) >= 2 * self.HEADER_CUTS:
-                    break
-        return found
+        return header + others
 
     def reordered_state(self, since: int, keep: Iterable[int]) -> bytearray:
         """The reorder model: a cut after mutation ``mutations`` where, of the mutations after
@@ -258,10 +305,14 @@ class RecordingStorage:
                 apply_mutation(buf, m)
         return buf
 
-    def checkpoint(self) -> None:
-        """Forget the log up to now: the current bytes become the base."""
-        for m in self.log:
-            apply_mutation(self._base, m)
+    def checkpoint(self, current: bytearray | None = None) -> None:
+        """Forget the log up to now: the current bytes become the base.  ``current``: those
+        bytes already rebuilt (``state_after(mutations)``, handed over: not copied)."""
+        if current is not None:
+            self._base = current
+        else:
+            for m in self.log:
+                apply_mutation(self._base, m)
         self._base_index += len(self.log)
         self.log.clear()
 
@@ -349,6 +400,7 @@ class CrashTimeline:
 
     def __init__(self, initial: TimelinePoint) -> None:
         self.points: list[TimelinePoint] = [initial]
+        self._pieces: _WindowPieces | None = None
 
     def add(self, point: TimelinePoint) -> None:
         if point.mutations < self.points[-1].mutations:
@@ -384,13 +436,13 @@ class CrashTimeline:
         if size not in sizes:
             return [f"cut after mutation {cut}: disk size {size} is none of "
                     f"{sorted(sizes)} (operations {window[0].label!r}..{window[-1].label!r})"]
-        if any(p.content == content for p in window if p.size == size):
-            return []
-        # The durable point's own unspecified ranges count too: a point built from a model
-        # (the machines) has no actual bytes there to compare with.
-        loose = [r for p in window for r in p.unspecified]
         problems: list[str] = []
-        for at in self._suspect_sectors(window, size, content):
+        loose: list[tuple[int, int]] | None = None
+        for at in self._window_pieces(window).suspects(size, content):
+            if loose is None:
+                # The durable point's own unspecified ranges count too: a point built from a
+                # model (the machines) has no actual bytes there to compare with.
+                loose = [r for p in window for r in p.unspecified]
             if any(a <= at and at + SECTOR <= a + n for a, n in loose):
                 continue
             durable = window[0]
@@ -403,47 +455,87 @@ class CrashTimeline:
                 break
         return problems
 
-    @staticmethod
-    def _suspect_sectors(window: list[TimelinePoint], size: int,
-                         content: bytes) -> Iterator[int]:
-        """The sectors no point of the window had: a chunk equal to one point's is right
-        whole (that compare runs at memcmp speed); only the sectors of other chunks are
-        compared one by one."""
-        for index, start in enumerate(range(0, size, CHUNK)):
-            end = min(start + CHUNK, size)
-            actual = content[start:end]
-            # Consecutive points share the pieces an operation did not change: each distinct
-            # piece is compared once (by identity; the dict keeps them alive, so no id is
-            # reused while it is in use).
-            pieces: dict[int, bytes] = {}
-            for p in window:
-                if start < p.size:
-                    piece = _piece(p.content, index, start, min(end, p.size))
-                    pieces.setdefault(id(piece), piece)
-            if any(len(piece) == end - start and piece == actual
-                   for piece in pieces.values()):
-                continue
-            for off in range(0, end - start, SECTOR):
-                sector = actual[off : off + SECTOR]
-                if not any(piece[off : off + SECTOR] == sector
-                           for piece in pieces.values() if off < len(piece)):
-                    yield start + off
+    def _window_pieces(self, window: list[TimelinePoint]) -> _WindowPieces:
+        """The distinct pieces of ``window``, grown from the last window's when that one is
+        a prefix of it (the cuts of one check come in order: their windows mostly grow)."""
+        cached = self._pieces
+        if cached is None or len(cached.points) > len(window) \
+                or any(map(operator.is_not, cached.points, window)):
+            cached = self._pieces = _WindowPieces(window[0])
+        for p in window[len(cached.points):]:
+            cached.add(p)
+        return cached
 
 
-def _piece(content: bytes | ChunkedContent, index: int, start: int, end: int) -> bytes:
-    """``content[start:end]`` of chunk ``index``, without a copy when it is a whole chunk."""
+def _chunks(content: bytes | ChunkedContent) -> tuple[bytes, ...]:
     if isinstance(content, ChunkedContent):
-        chunks = content.chunks
-        if index < len(chunks) and len(chunks[index]) == end - start:
-            return chunks[index]
-    return content[start:end]
+        return content.chunks
+    return tuple(content[a : a + CHUNK] for a in range(0, len(content), CHUNK))
+
+
+class _WindowPieces:
+    """Chunk by chunk, the distinct pieces the points of a window hold: a cut state's chunk
+    equal to one of them is right whole; only the sectors of other chunks are compared one
+    by one.
+
+    Points of one timeline share the chunks no operation changed (:class:`ChunkedContent`),
+    so the chunks a point changed are found by identity at C speed, and a chunk most
+    operations left alone has a single piece: a cut state costs one memcmp per chunk, not
+    one per chunk and point of the window.
+    """
+
+    __slots__ = ("first", "last", "more", "points")
+
+    def __init__(self, first: TimelinePoint) -> None:
+        self.points = [first]
+        self.first = self.last = _chunks(first.content)
+        #: Chunk index -> the pieces other points of the window have there.
+        self.more: dict[int, list[bytes]] = {}
+
+    def add(self, point: TimelinePoint) -> None:
+        chunks = _chunks(point.content)
+        last, first, more = self.last, self.first, self.more
+        # ``!=`` on the same object is an identity test; on two objects a memcmp.
+        changed = itertools.compress(range(len(chunks)), map(operator.ne, chunks, last))
+        grown = range(len(last), len(chunks))
+        for i in itertools.chain(changed, grown):
+            piece = chunks[i]
+            if i < len(first) and first[i] == piece:
+                continue
+            pieces = more.setdefault(i, [])
+            if not any(p == piece for p in pieces):
+                pieces.append(piece)
+        self.points.append(point)
+        self.last = chunks
+
+    def suspects(self, size: int, content: bytes) -> Iterator[int]:
+        """The sectors of ``content`` (``size`` bytes) no point of the window had."""
+        first, more = self.first, self.more
+        actual = [content[a : a + CHUNK] for a in range(0, size, CHUNK)]
+        odd = itertools.chain(
+            itertools.compress(range(len(actual)), map(operator.ne, actual, first)),
+            range(len(first), len(actual)),
+        )
+        for i in odd:
+            chunk = actual[i]
+            others = more.get(i, ())
+            if any(p == chunk for p in others):
+                continue
+            pieces = [first[i], *others] if i < len(first) else list(others)
+            for off in range(0, len(chunk), SECTOR):
+                sector = chunk[off : off + SECTOR]
+                if not any(p[off : off + SECTOR] == sector for p in pieces if off < len(p)):
+                    yield i * CHUNK + off
 
 
 def unknown_ranges(known: bytes | bytearray) -> tuple[tuple[int, int], ...]:
     """The ranges where a model's ``known`` mask is 0, widened to whole sectors (the crash
     rule judges sectors, and a sector partly unspecified may read anything)."""
     out: list[tuple[int, int]] = []
-    # find() runs at memchr speed; the masks are mostly ones with a few runs of zeroes.
+    # find() runs at memchr speed; the masks are mostly ones with a few runs of zeroes.  A
+    # run is widened to its sectors' ends, so the search goes on from there: the rest of
+    # that sector is covered whatever it holds (a mask of short runs costs two finds a
+    # sector, not two a run).
     pos = known.find(0)
     while pos >= 0:
         stop = known.find(1, pos)
@@ -453,14 +545,14 @@ def unknown_ranges(known: bytes | bytearray) -> tuple[tuple[int, int], ...]:
         if out and out[-1][0] + out[-1][1] >= start:
             start = out.pop()[0]
         out.append((start, end - start))
-        pos = known.find(0, stop)
+        pos = known.find(0, end)
     return tuple(out)
 
 
 # -- judging one cut state --------------------------------------------------------------------
 
 #: Judges one cut state (the image file's bytes): ``(corruptions, leaks, messages)``.
-CutJudge = Callable[[bytes], tuple[int, int, list[str]]]
+CutJudge = Callable[[bytes | bytearray], tuple[int, int, list[str]]]
 
 _TMP = "/dev/shm" if os.path.isdir("/dev/shm") else None
 
@@ -480,39 +572,89 @@ def benign_copied(lines: Iterable[str]) -> int:
     return sum(1 for line in lines if _COPIED_MISSING.search(line.strip()))
 
 
+JudgeResult = tuple[int, int, list[str]]
+
+
+class _QemuJudge:
+    """``qemu-img check`` as a :data:`CutJudge`; :meth:`start` runs it in the background."""
+
+    def __init__(self, qemu_img: str, repair: bool,
+                 data_file: Callable[[], bytes | bytearray | None] | None) -> None:
+        self.qemu_img = qemu_img
+        self.repair = repair
+        self.data_file = data_file
+
+    def __call__(self, image: bytes | bytearray) -> JudgeResult:
+        return self.start(image)()
+
+    def start(self, image: bytes | bytearray) -> Callable[[], JudgeResult]:
+        """Write a copy of ``image`` (and of the data file as ``data_file`` gives it now)
+        and start qemu-img on it; the returned function waits for the verdict.  (``image``
+        may change once this returns: qemu-img has its copy.)"""
+        fd, name = tempfile.mkstemp(suffix=".qcow2", dir=_TMP)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(image)
+            # The backing is not needed to check one file's metadata: json: with backing null.
+            spec = json.dumps({"driver": "qcow2", "backing": None,
+                               "file": {"driver": "file", "filename": name},
+                               **_data_file_option(name, self.data_file)})
+            proc = subprocess.Popen(
+                [self.qemu_img, "check", *(("-r", "all") if self.repair else ()),
+                 "--output=json", f"json:{spec}"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )
+        except BaseException:
+            self._remove(name)
+            raise
+
+        def finish() -> JudgeResult:
+            try:
+                stdout, stderr = proc.communicate()
+            finally:
+                self._remove(name)
+            return _qemu_verdict(proc.returncode, stdout, stderr)
+
+        return finish
+
+    def _remove(self, name: str) -> None:
+        os.unlink(name)
+        if self.data_file is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name + ".data")
+
+
+def _qemu_verdict(returncode: int, stdout: str, stderr: str) -> JudgeResult:
+    try:
+        out = json.loads(stdout)
+    except json.JSONDecodeError:
+        return 1, 0, [f"qemu-img check failed (exit {returncode}): {stderr.strip()[:300]}"]
+    corrupt = int(out.get("corruptions", 0)) + int(out.get("check-errors", 0))
+    corrupt -= benign_copied(stderr.splitlines())
+    msgs = [stderr.strip()[:600]] if corrupt else []
+    return corrupt, int(out.get("leaks", 0)), msgs
+
+
 def qemu_judge(qemu_img: str, *, repair: bool = False,
                data_file: Callable[[], bytes | bytearray | None] | None = None) -> CutJudge:
     """``qemu-img check --output=json`` on a copy of the bytes (in /dev/shm when there).
 
     ``repair``: ``check -r all``, counting what is left after the repair (an image with lazy
-    refcounts promises only that: qcow2.features.lazy-refcounts)."""
+    refcounts promises only that: qcow2.features.lazy-refcounts).  ``data_file``: gives
+    the bytes of the image's external data file in the cut state being judged.  The judge
+    can also be started in the background (:func:`start_judge`)."""
+    return _QemuJudge(qemu_img, repair, data_file)
 
-    def judge(image: bytes) -> tuple[int, int, list[str]]:
-        with tempfile.NamedTemporaryFile(suffix=".qcow2", dir=_TMP) as f:
-            f.write(image)
-            f.flush()
-            # The backing is not needed to check one file's metadata: json: with backing null.
-            spec = json.dumps({"driver": "qcow2", "backing": None,
-                               "file": {"driver": "file", "filename": f.name},
-                               **_data_file_option(f.name, data_file)})
-            proc = subprocess.run(
-                [qemu_img, "check", *(("-r", "all") if repair else ()), "--output=json",
-                 f"json:{spec}"],
-                capture_output=True, text=True, check=False,
-            )
-            if data_file is not None:
-                os.unlink(f.name + ".data")
-        try:
-            out = json.loads(proc.stdout)
-        except json.JSONDecodeError:
-            return 1, 0, [f"qemu-img check failed (exit {proc.returncode}): "
-                          f"{proc.stderr.strip()[:300]}"]
-        corrupt = int(out.get("corruptions", 0)) + int(out.get("check-errors", 0))
-        corrupt -= benign_copied(proc.stderr.splitlines())
-        msgs = [proc.stderr.strip()[:600]] if corrupt else []
-        return corrupt, int(out.get("leaks", 0)), msgs
 
-    return judge
+def start_judge(judge: CutJudge, image: bytes | bytearray) -> Callable[[], JudgeResult]:
+    """Start judging ``image``; the returned function gives the verdict.  A qemu-img judge
+    runs meanwhile (its wall time overlaps the caller's own checks); any other judges now.
+    ``image`` may change once this returns."""
+    start = getattr(judge, "start", None)
+    if start is not None:
+        return start(image)  # type: ignore[no-any-return]
+    result = judge(image)
+    return lambda: result
 
 
 def _data_file_option(image: str, data_file: Callable[[], bytes | bytearray | None] | None
@@ -534,7 +676,7 @@ def reference_judge() -> CutJudge | None:
     if check is None:
         return None
 
-    def judge(image: bytes) -> tuple[int, int, list[str]]:
+    def judge(image: bytes | bytearray) -> tuple[int, int, list[str]]:
         result = check(MemoryStorage(image, name="cut"))
         found = [str(p) for p in result.problems if p.kind.value != "leak"]
         corrupt = result.corruptions + result.check_errors - benign_copied(found)
@@ -557,14 +699,51 @@ class CutVerdict:
     problems: list[str] = field(default_factory=list)
 
 
+class _CutStorage(MemoryStorage):
+    """A cut state as a storage, over the caller's buffer (no copy of the image per cut).
+
+    A read-only open must write nothing; should it write anyway, the first mutation keeps
+    the bytes as they were (``original``), so the caller can tell whether any changed and
+    its buffer is put back (:meth:`restore`)."""
+
+    def __init__(self, image: bytearray) -> None:
+        super().__init__(name="cut")
+        self._data = image  # the buffer itself: it is only ever read unless a bug writes
+        self.original: bytes | None = None
+
+    def _keep(self) -> None:
+        if self.original is None:
+            self.original = bytes(self._data)
+
+    def write(self, data: Buffer, offset: int) -> None:
+        self._keep()
+        super().write(data, offset)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        self._keep()
+        super().write_zeroes(offset, length)
+
+    def resize(self, new_size: int, prealloc: PreallocateMode = PreallocateMode.NONE) -> None:
+        self._keep()
+        super().resize(new_size, prealloc)
+
+    def changed(self) -> bool:
+        return self.original is not None and self.original != self._data
+
+    def restore(self) -> None:
+        if self.original is not None:
+            self._data[:] = self.original
+
+
 def check_cut(
     cut: int,
-    image: bytes,
+    image: bytes | bytearray,
     timeline: CrashTimeline,
     open_cut: Callable[[MemoryStorage], Any],
     judge: CutJudge | None = None,
 ) -> CutVerdict:
-    """Check the image a cut after mutation ``cut`` leaves (``image``: the top layer's bytes).
+    """Check the image a cut after mutation ``cut`` leaves (``image``: the top layer's bytes;
+    a ``bytearray`` is used in place and left as it was).
 
     ``crash.power-cut``: ``judge`` (when given) finds no corruption (leaks are counted); the
     image opens read-only (``open_cut(storage)`` returns an open FormatAccess) with no error
@@ -573,30 +752,44 @@ def check_cut(
     """
     verdict = CutVerdict(cut)
     if judge is not None:
+        # (A qemu-img judge runs while the image is opened and read below.)
+        finish = start_judge(judge, image)
+        verdict = _check_content(cut, image, timeline, open_cut)
+        corrupt, leaks, msgs = finish()
         verdict.judged = True
-        corrupt, leaks, msgs = judge(image)
         verdict.corruptions, verdict.leaks = corrupt, leaks
         if corrupt:
-            verdict.problems += [f"cut after mutation {cut}: check finds {corrupt} "
-                                 "corruption(s)", *msgs]
-    copy = MemoryStorage(image, name="cut")
+            verdict.problems[:0] = [f"cut after mutation {cut}: check finds {corrupt} "
+                                    "corruption(s)", *msgs]
+        return verdict
+    return _check_content(cut, image, timeline, open_cut)
+
+
+def _check_content(cut: int, image: bytes | bytearray, timeline: CrashTimeline,
+                   open_cut: Callable[[MemoryStorage], Any]) -> CutVerdict:
+    """check_cut's part without a judge: open, read, the read-only open, the content."""
+    verdict = CutVerdict(cut)
+    copy = _CutStorage(image if isinstance(image, bytearray) else bytearray(image))
     try:
-        with open_cut(copy) as img:
-            size = img.size
-            content = bytes(img.read(0, size))
-    except PyimagoError as exc:
-        verdict.open_error = True
-        if not verdict.problems:
+        try:
+            with open_cut(copy) as img:
+                size = img.size
+                content = bytes(img.read(0, size))
+        except PyimagoError as exc:
+            verdict.open_error = True
             verdict.problems.append(f"cut after mutation {cut}: does not open: {exc}")
-        return verdict
-    except Exception as exc:
-        verdict.open_error = True
-        verdict.problems.append(f"cut after mutation {cut}: opening raises "
-                                f"{type(exc).__name__}: {exc}")
-        return verdict
-    if copy.snapshot() != image:
-        verdict.readonly_write = True
-        verdict.problems.append(f"cut after mutation {cut}: a read-only open changed the image")
+            return verdict
+        except Exception as exc:
+            verdict.open_error = True
+            verdict.problems.append(f"cut after mutation {cut}: opening raises "
+                                    f"{type(exc).__name__}: {exc}")
+            return verdict
+        if copy.changed():
+            verdict.readonly_write = True
+            verdict.problems.append(
+                f"cut after mutation {cut}: a read-only open changed the image")
+    finally:
+        copy.restore()
     wrong = timeline.violations(cut, size, content)
     if wrong:
         verdict.wrong = True
