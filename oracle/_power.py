@@ -165,6 +165,13 @@ class PowerCuts:
         budget = self.max_judged if final else min(self.max_judged, 1)
         stride = max(1, -(-len(cuts) // budget)) if budget else 0
         judged = set(cuts[::-1][::stride][:budget]) if stride else set()
+        # The judge also looks at up to two of the cuts around the latest metadata writes
+        # (see RecordingStorage.pointer_cuts): a refcount written after the entry that uses
+        # it, or dropped before the entry stops using it, shows only to the judge, and only
+        # in the few states between those two writes.
+        pointer = [k for k in rec.pointer_cuts(since) if k in cuts]
+        if budget and pointer:
+            judged |= set(rng.sample(pointer, min(len(pointer), self.max_judged)))
         pending: dict[int, Callable[[], tuple[int, int, list[str]]]] = {}
         last = rec.mutations
         if self.judge is not None and last in judged:

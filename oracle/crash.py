@@ -232,26 +232,69 @@ class RecordingStorage:
         if len(points) <= limit:
             return points
         inner = rng.sample(points[1:-1], max(0, limit - 2))
-        return sorted({points[0], points[-1], *inner, *self._header_cuts(points[0])})
+        return sorted({points[0], points[-1], *inner, *self.pointer_cuts(points[0])})
 
-    #: At most this many cuts right after a write to the image's first sector join a sample.
+    #: At most this many writes to the header, and to other metadata, (each with the cut
+    #: after it and one mutation later) join a sample.
     HEADER_CUTS = 2
+    POINTER_CUTS = 5
 
-    def _header_cuts(self, since: int) -> list[int]:
-        """The cuts right after the last writes to the first sector, and one mutation later (a
-        qcow2 header's pointers and sizes).  A header write switches the image to a new
-        table or size: a write order that puts it before what it points at breaks only in
-        the few states around it, which a uniform sample of a long operation (a disk fill
-        moving the refcount table, thousands of mutations) all but never draws."""
-        found: list[int] = []
-        for i in range(len(self.log) - 1, since - self._base_index - 1, -1):
+    def _pointer_regions(self) -> list[tuple[int, int]]:
+        """Where a qcow2 image keeps its metadata, as the base state's header names it: the
+        header cluster, the L1 table, the refcount table, the L2 tables and the refcount
+        blocks (none for anything but qcow2)."""
+        base = self._base
+        if len(base) < 72 or base[:4] != b"QFI\xfb":
+            return []
+        bits = int.from_bytes(base[20:24], "big")
+        if not 9 <= bits <= 21:
+            return []
+        cs = 1 << bits
+        l1_size = int.from_bytes(base[36:40], "big")
+        l1_at = int.from_bytes(base[40:48], "big")
+        rt_at = int.from_bytes(base[48:56], "big")
+        rt_clusters = int.from_bytes(base[56:60], "big")
+        regions = [(0, cs), (l1_at, l1_size * 8), (rt_at, rt_clusters * cs)]
+        # The L2 tables the L1 table points at, the refcount blocks the refcount table does.
+        for at, n in ((l1_at, l1_size), (rt_at, rt_clusters * cs // 8)):
+            table = base[at : at + 8 * min(n, 1 << 16)]
+            for i in range(0, len(table) - 7, 8):
+                pointed = int.from_bytes(table[i : i + 8], "big") & 0x00FF_FFFF_FFFF_FE00
+                if pointed:
+                    regions.append((pointed, cs))
+        return regions
+
+    def pointer_cuts(self, since: int) -> list[int]:
+        """The cuts right after the last writes to the image's metadata (see
+        ``_pointer_regions``), and one mutation later: the header's first, then the
+        others', newest first.
+
+        A metadata write (a header field, an L1 or refcount-table entry, an L2 entry, a
+        refcount) switches the image to what it points at or counts: a write order that
+        puts it before that (crash.order.*) breaks only in the few states around it, which
+        a uniform sample of a long stretch (a disk fill: thousands of mutations) all but
+        never draws."""
+        regions = self._pointer_regions()
+        if not regions:
+            return []
+        header_end = regions[0][1]
+        header: list[int] = []
+        others: list[int] = []
+        for i in range(len(self.log) - 1, max(since - self._base_index, 0) - 1, -1):
             m = self.log[i]
-            if m.kind != "resize" and m.offset < SECTOR:
+            if m.kind == "resize":
+                continue
+            end = m.offset + max(m.length, 1)
+            in_header = m.offset < header_end
+            found, cap = (header, self.HEADER_CUTS) if in_header else (others, self.POINTER_CUTS)
+            if len(found) >= 2 * cap:
+                if len(header) >= 2 * self.HEADER_CUTS and len(others) >= 2 * self.POINTER_CUTS:
+                    break
+                continue
+            if in_header or any(a < end and m.offset < a + n for a, n in regions):
                 k = self._base_index + i + 1
                 found += [k, k + 1] if k < self.mutations else [k]
-                if len(found) >= 2 * self.HEADER_CUTS:
-                    break
-        return found
+        return header + others
 
     def reordered_state(self, since: int, keep: Iterable[int]) -> bytearray:
         """The reorder model: a cut after mutation ``mutations`` where, of the mutations after

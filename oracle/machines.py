@@ -352,8 +352,17 @@ def make_machine(
             def shrink_mid_cluster_then_zero_grow(self, data: st.DataObject) -> None:
                 # Data in the last clusters, a shrink that cuts one of them mid-way, a ZERO
                 # grow back over them: the old tail must read as zeroes, even from a cache.
+                # Now and then the grow goes past what the L1 table reaches (a new L1 table,
+                # then the header switched to it).  The power-cut states are checked around
+                # these alone: a grow that writes its new size or its new L1 table's
+                # address before what they stand for breaks only in a state or two.
+                assert self.session is not None
                 geo = self._geometry()
                 g, size = geo.granularity, geo.size
+                top = self.session.chain.top
+                power = self.session.power is not None
+                if power:
+                    self._apply(Op(OpKind.POWER_CUT))
                 self._apply(Op(OpKind.WRITE, size - 2 * g, 2 * g))
                 sectors = max(g // 512, 1)
                 cut = data.draw(st.integers(1, max(2 * sectors - 1, 1)),
@@ -361,7 +370,14 @@ def make_machine(
                 new = max(size - 2 * g + cut, 512)
                 new -= new % 512
                 self._apply(Op(OpKind.RESIZE, value=new, mode=PreallocateMode.NONE.value))
-                self._apply(Op(OpKind.RESIZE, value=size, mode=PreallocateMode.ZERO.value))
+                regrow = size
+                if top.format == "qcow2" and data.draw(st.booleans(), label="past the L1"):
+                    span = top.l2_span
+                    regrow = min(-(-size // span) * span + span // 2, max(geo.max_size, size))
+                    regrow = max(regrow - regrow % 512, size)
+                self._apply(Op(OpKind.RESIZE, value=regrow, mode=PreallocateMode.ZERO.value))
+                if power:
+                    self._apply(Op(OpKind.POWER_CUT))
 
         @precondition(lambda self: self.session is not None
                       and self.session.chain.top.format == "qcow2"
@@ -522,6 +538,32 @@ def make_machine(
                         data.draw(st.booleans(), label="where") else (offset, length - 1 or 2)
                     length = min(length, size - offset)
                 self._apply(Op(OpKind.WRITE_COMPRESSED, offset, length, mode=how))
+
+            @precondition(lambda self: self._qcow2_top())
+            @rule(data=st.data())
+            def compressed_churn(self, data: st.DataObject) -> None:
+                # A compressed cluster, then rewritten or discarded (the host cluster it was
+                # packed into may be freed), a plain write elsewhere (which may be handed
+                # that host cluster), then another compressed cluster (which must not be
+                # packed after the first any more): where packing state goes stale.
+                assert self.session is not None
+                cluster = self.session.chain.top.cluster_size
+                model = self.session.model
+                size = model.size
+                per = cluster // model.granularity
+                free = [c for c in range(size // cluster)
+                        if all(model.allowed(u) == {Alloc.BACKING}
+                               for u in range(c * per, (c + 1) * per))]
+                if len(free) < 3:
+                    return
+                a, b, c = (data.draw(st.sampled_from(free), label=what) * cluster
+                           for what in ("compressed", "plain", "compressed again"))
+                self._apply(Op(OpKind.WRITE_COMPRESSED, a, cluster))
+                kind = data.draw(st.sampled_from((OpKind.WRITE, *clear_kinds)), label="then")
+                self._apply(Op(kind, a, cluster))
+                self._apply(Op(OpKind.WRITE, b, cluster))
+                if c not in (a, b):
+                    self._apply(Op(OpKind.WRITE_COMPRESSED, c, cluster))
 
         if "snapshots" in support.writable:
 

@@ -376,11 +376,12 @@ def top_compressed_build(draw: st.DrawFn, size: int, granularity: int) -> tuple[
     offset = first * granularity
     length = min(count * granularity, size - offset)
     ops: tuple[Op, ...] = (Op(OpKind.WRITE, offset, length, mode=COMPRESSED),)
-    if length > granularity and draw(st.booleans()):
-        # A zero cluster right before a compressed one: the first cluster (whose data
-        # starts a host cluster) zeroed, the next one's data packed after it at any byte.
-        # A zero run must stop at the compressed cluster whatever its descriptor's bits.
-        ops += (Op(OpKind.WRITE_ZEROES, offset, granularity),)
+    if length > granularity and draw(st.integers(0, 3)) > 0:
+        # A zero cluster right before a compressed one whose data is packed after another's
+        # at any byte (the second of three, else the first): a zero run must stop at the
+        # compressed cluster whatever the bits of its descriptor.
+        at = offset + (granularity if length > 2 * granularity else 0)
+        ops += (Op(OpKind.WRITE_ZEROES, at, granularity),)
     return ops
 
 

@@ -14,12 +14,12 @@ from collections.abc import Iterable
 from typing import Any
 
 from pyimago.reference import FileStorage, Qcow2Driver, Storage
+from pyimago.reference.qcow2.compressed_write import compressed_entry
 from pyimago.reference.qcow2.constants import COMPRESSION_TYPE_ZSTD
-from pyimago.reference.qcow2.tables import ClusterType, L2Entry
+from pyimago.reference.qcow2.tables import ClusterType
 
 __all__ = ["compress_clusters"]
 
-_SECTOR = 512
 
 
 def _compress(data: bytes, compression_type: int) -> bytes:
@@ -59,10 +59,12 @@ def compress_clusters(location: Any, ranges: Iterable[tuple[int, int]]) -> int:
                 packed = _compress(data, driver.header.compression_type)
                 if len(packed) >= cs:
                     continue
-                host = driver._allocator.allocate(1)
+                # Packed byte after byte as QEMU packs them (qcow2_alloc_bytes): consecutive
+                # compressed clusters share host clusters, and their descriptors hold any
+                # byte offset -- what readers must get right, as much as the data itself.
+                host = driver._allocator.allocate_bytes(len(packed))
                 storage.write(packed, host)
-                sectors = -(-len(packed) // _SECTOR)
-                driver._replace_entry(guest, L2Entry(ClusterType.COMPRESSED, host, False, sectors))
+                driver._replace_entry(guest, compressed_entry(host, len(packed)))
                 done += 1
         driver.flush()
     finally:

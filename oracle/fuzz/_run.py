@@ -31,7 +31,6 @@ from ..machines import make_machine
 from ..profiles import oracle_settings, register_profiles
 from ..replay import DEFAULT_FAILURES_DIR
 from ..session import OracleFailure, RunStats
-from ..strategies import chain_specs
 from ..targets import ImplementationTarget
 from ._stats import ConformanceStats
 from ._strategies import driver_chain_specs
@@ -245,7 +244,9 @@ def run_driver_conformance(
     try:
         if caps is not None:
             preflight = _preflight(impl, caps)
-        chains = driver_chain_specs(caps) if caps is not None else chain_specs()
+        # An implementation (no capabilities): the machines' own chains, layer features
+        # (extended L2, zstd, data files, lazy refcounts) included as probed.
+        chains = driver_chain_specs(caps) if caps is not None else None
         machine = make_machine(
             impl,
             chains=chains,

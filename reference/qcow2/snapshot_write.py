@@ -132,6 +132,11 @@ class SnapshotWrites(DriverState):
                     f"({self._size} -> {disk_size}), which QEMU refuses for a "
                     "v2 image with snapshots"
                 )
+            raw = self._storage.read(sn.l1_table_offset, sn.l1_size * 8) if sn.l1_size else b""
+            new_l1 = [v for (v,) in struct.iter_unpack(">Q", raw)]
+            # Refused before anything is written, the shrink below included (QEMU truncates
+            # first and fails only when it raises the refcounts, leaving the disk shrunk).
+            self._check_refcount_room(new_l1)
             l1_size = sn.l1_size
             if disk_size > self._size:
                 # crash.power-cut: QEMU grows the disk ("blk_truncate(blk, sn->disk_size,
@@ -149,10 +154,7 @@ class SnapshotWrites(DriverState):
                 self._flush_tables()
             if l1_size > self._l1_size:
                 self._grow_l1(l1_size)
-            raw = self._storage.read(sn.l1_table_offset, sn.l1_size * 8) if sn.l1_size else b""
-            new_l1 = [v for (v,) in struct.iter_unpack(">Q", raw)]
             new_l1 += [0] * (self._l1_size - len(new_l1))
-            self._check_refcount_room(new_l1)
 
             def set_snapshot_l1(i: int, value: int) -> None:
                 new_l1[i] = value

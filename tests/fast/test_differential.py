@@ -28,7 +28,14 @@ from pyimago_tests_differential import assert_same_results, requests
     "access.write-zeroes.soft",
     "access.discard-to-backing.visible",
 )
-def test_oracle_machine_accepts_fast() -> None:
+def test_oracle_machine_accepts_fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    # fast splits only reads of 128 KiB and writes of 16 MiB into parallel jobs, of 64 KiB
+    # at least: the machine's disks (a few MiB at most) would never run a write as two jobs.
+    # Smaller pieces here, so that the thread pool and the job splitting are exercised
+    # (issue 9: "exercised with at least two jobs"); the globals are read at each call.
+    monkeypatch.setattr(fast._access, "_PARALLEL_MIN", 8 << 10)
+    monkeypatch.setattr(fast._access, "_PARALLEL_WRITE_MIN", 8 << 10)
+    monkeypatch.setattr(fast._access, "_CHUNK_MIN", 4 << 10)
     stats = RunStats()
     machine = make_machine(
         module_target(fast, name="fast"), stats=stats, failures_dir=None, qemu_img="auto"

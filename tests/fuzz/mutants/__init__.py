@@ -12,19 +12,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pyimago.oracle import DriverTarget
+from pyimago.oracle.targets import ImplementationTarget
 
 from . import _chunkmap as cm
+from . import _fast as fm
+from . import _paths as pm
 from . import _qcow2 as q
 from . import _reference as rm
 
-__all__ = ["MUTANTS", "Mutant"]
+__all__ = ["EQUIVALENT", "MUTANTS", "Mutant"]
 
 
 @dataclass(frozen=True, slots=True)
 class Mutant:
     name: str
     clauses: tuple[str, ...]
-    target: Callable[[], DriverTarget]
+    target: Callable[[], DriverTarget | ImplementationTarget]
     qemu: bool = False
     """Only visible to ``qemu-img check`` at teardown of file chains."""
     base: type | None = None
@@ -49,7 +52,136 @@ def _chunkmap_mutant(name: str, driver: type[cm.ChunkMapDriver], *clauses: str) 
                   cm.ChunkMapDriver, driver)
 
 
+def _path_mutant(name: str, driver: type[q.Qcow2Driver], *clauses: str,
+                 qemu: bool = False) -> Mutant:
+    return Mutant(name, clauses, lambda: pm.reference_path_target(name, driver), qemu,
+                  q.Qcow2Driver, driver)
+
+
+def _fast_mutant(name: str, layer: type[fm.Qcow2Layer], *clauses: str,
+                 qemu: bool = False) -> Mutant:
+    return Mutant(name, clauses, lambda: fm.fast_mutant_target(name, layer=layer), qemu,
+                  fm.Qcow2Layer, layer)
+
+
+def _fast_access_mutant(name: str, access: type[fm.FormatAccess], *clauses: str) -> Mutant:
+    return Mutant(name, clauses, lambda: fm.fast_mutant_target(name, access=access), False,
+                  fm.FormatAccess, access)
+
+
 _Q = "qcow2-"
+_R = "ref-"
+_F = "fast-"
+
+#: Issue 9's unseen batch (``_paths``, ``_fast``): run as the machines run the reference
+#: and fast (their default chains, the power-cut rule on).
+_UNSEEN: tuple[Mutant, ...] = (
+    # -- reference: write and mapping paths
+    _path_mutant(f"{_R}zero-alloc-reused-unzeroed", pm.ZeroAllocReusedUnzeroed,
+                 "access.cow.partial-cluster", "access.write-zeroes.no-free"),
+    _path_mutant(f"{_R}shrink-drops-cut-cluster", pm.ShrinkDropsCutCluster,
+                 "access.resize.shrink-discards"),
+    _path_mutant(f"{_R}prealloc-reused-not-zeroed", pm.PreallocReusedNotZeroed,
+                 "access.resize.grow-format-allocate", "access.resize.grow-full-allocate"),
+    _path_mutant(f"{_R}mapping-joins-non-adjacent", pm.MappingJoinsNonAdjacent,
+                 "access.mapping.tiling"),
+    _path_mutant(f"{_R}compressed-readv-skips-position", pm.CompressedReadvSkipsPosition,
+                 "access.mapping.special-compressed", "access.vectored.equivalent"),
+    # -- reference: refcounts and allocation
+    _path_mutant(f"{_R}wide-refcount-write-back-short", pm.WideRefcountWriteBackShort,
+                 "qcow2.refcount.entry-width", "qcow2.refcount.no-leaks"),
+    _path_mutant(f"{_R}compressed-packing-uncounted", pm.CompressedPackingUncounted,
+                 "qcow2.compressed.write-packing", "qcow2.compressed.shared-sector"),
+    _path_mutant(f"{_R}freed-cluster-packed-into", pm.FreedClusterPackedInto,
+                 "qcow2.compressed.write-packing"),
+    # -- reference: the L2 cache and the L1 table
+    _path_mutant(f"{_R}l2-cache-ignores-pins", pm.L2CacheIgnoresPins,
+                 "crash.power-cut", "crash.order.data-before-entry"),
+    _path_mutant(f"{_R}dropped-l2-written-back", pm.DroppedL2WrittenBack,
+                 "access.close.flushes", "qcow2.metadata.overlap"),
+    _path_mutant(f"{_R}l1-entry-not-written", pm.L1EntryNotWritten,
+                 "qcow2.l1.entry-layout", "access.close.flushes"),
+    # -- reference: crash ordering
+    _path_mutant(f"{_R}free-before-entry", pm.FreeBeforeEntry,
+                 "crash.power-cut", "crash.order.unref-after-entry"),
+    _path_mutant(f"{_R}settle-frees-first", pm.SettleFreesFirst,
+                 "crash.power-cut", "crash.order.unref-after-entry"),
+    _path_mutant(f"{_R}refcount-table-switched-first", pm.RefcountTableSwitchedFirst,
+                 "crash.power-cut", "crash.order.new-structure-before-pointer"),
+    _path_mutant(f"{_R}l1-grown-pointer-first", pm.L1GrownPointerFirst,
+                 "crash.power-cut", "crash.order.new-structure-before-pointer"),
+    _path_mutant(f"{_R}grow-size-first", pm.GrowSizeFirst,
+                 "crash.power-cut", "crash.order.grow-size-last"),
+    # -- fast: caches
+    _fast_mutant(f"{_F}eviction-drops-dirty-l2", fm.EvictionDropsDirtyL2,
+                 "access.close.flushes"),
+    _fast_mutant(f"{_F}evicted-l2-before-refcounts", fm.EvictedL2BeforeRefcounts,
+                 "crash.power-cut", "crash.order.refcount-before-reference"),
+    _fast_mutant(f"{_F}release-before-l2-store", fm.ReleaseBeforeL2Store,
+                 "crash.power-cut", "crash.order.unref-after-entry"),
+    _fast_mutant(f"{_F}refcount-eviction-drops-dirty", fm.RefcountEvictionDropsDirty,
+                 "qcow2.refcount.no-leaks", "access.close.flushes"),
+    _fast_mutant(f"{_F}refcount-table-before-blocks", fm.RefcountTableBeforeBlocks,
+                 "crash.power-cut", "crash.order.new-structure-before-pointer"),
+    # -- fast: refcounts
+    _fast_mutant(f"{_F}sub-byte-refcounts-msb-first", fm.SubByteRefcountsMsbFirst,
+                 "qcow2.refcount.sub-byte-order"),
+    _fast_mutant(f"{_F}wide-refcounts-little-endian", fm.WideRefcountsLittleEndian,
+                 "qcow2.refcount.entry-width", "qcow2.header.big-endian"),
+    _fast_mutant(f"{_F}new-refcount-block-uncounted", fm.NewRefcountBlockUncounted,
+                 "qcow2.refcount.growth", "qcow2.refcount.no-leaks"),
+    _fast_mutant(f"{_F}moved-refcount-table-leaks", fm.MovedRefcountTableLeaks,
+                 "qcow2.refcount.growth", "qcow2.refcount.no-leaks", qemu=True),
+    # -- fast: write, mapping and zeroing paths
+    _fast_mutant(f"{_F}zero-run-swallows-compressed", fm.ZeroRunSwallowsCompressed,
+                 "access.mapping.special-compressed", "qcow2.zero.flag"),
+    _fast_mutant(f"{_F}map-run-past-max-length", fm.MapRunPastMaxLength,
+                 "access.mapping.tiling"),
+    _fast_mutant(f"{_F}zero-edge-hides-backing", fm.ZeroEdgeHidesBacking,
+                 "access.write-zeroes.soft", "backing.shorter"),
+    _fast_mutant(f"{_F}discard-head-cluster-whole", fm.DiscardHeadClusterWhole,
+                 "access.discard-to-backing.partial-kept", "access.write-zeroes.soft"),
+    _fast_mutant(f"{_F}prealloc-reused-stale", fm.PreallocReusedStale,
+                 "access.resize.grow-format-allocate", "access.resize.grow-full-allocate"),
+    _fast_mutant(f"{_F}inflated-cache-ignores-entry", fm.InflatedCacheIgnoresEntry,
+                 "qcow2.compressed.layout", "qcow2.compressed.shared-sector"),
+    _fast_mutant(f"{_F}cow-tail-from-head", fm.CowTailFromHead,
+                 "access.cow.partial-cluster"),
+    _fast_mutant(f"{_F}zero-cluster-sector-split", fm.ZeroClusterSectorSplit,
+                 "crash.power-cut"),
+    _fast_mutant(f"{_F}keeps-shared-on-write-zeroes", fm.KeepsSharedOnWriteZeroes,
+                 "qcow2.l2.cow-shared", "qcow2.snapshots.preserved"),
+    # -- fast: crash ordering
+    _fast_mutant(f"{_F}grow-header-first", fm.GrowHeaderFirst,
+                 "crash.power-cut", "crash.order.grow-size-last"),
+    _fast_mutant(f"{_F}l1-before-l2-tables", fm.L1BeforeL2Tables,
+                 "crash.power-cut", "crash.order.new-structure-before-pointer"),
+    # -- fast: FormatAccess
+    _fast_access_mutant(f"{_F}readv-advances-by-first", fm.ReadvAdvancesByFirst,
+                        "access.vectored.equivalent", "access.read.no-short"),
+    _fast_access_mutant(f"{_F}spread-loses-first-hand", fm.SpreadLosesFirstHand,
+                        "access.parallel.same-result"),
+    _fast_access_mutant(f"{_F}writev-reorders-buffers", fm.WritevReordersBuffers,
+                        "access.vectored.equivalent"),
+)
+
+#: Mutants of the unseen batch that change no observable behaviour (kept in ``_paths`` for
+#: the record, not run): why each one is equivalent.
+EQUIVALENT: dict[str, tuple[type, str]] = {
+    f"{_R}mapping-ignores-max-length": (
+        pm.MappingIgnoresMaxLength,
+        "FormatAccess.get_shallow_mapping clamps every driver's length to max_length "
+        "(length = min(length, max_length)) before anyone sees it, and the driver's own "
+        "callers ask for what they use",
+    ),
+    f"{_R}grown-refcount-table-uncounted": (
+        pm.GrownRefcountTableUncounted,
+        "the loop it skips counts the new table's clusters that existing refcount blocks "
+        "cover; the table grows only when a cluster past the old table's reach is counted, "
+        "and the new table and blocks go at the end of the image, past that cluster: all "
+        "of them fall in the new blocks, which count themselves",
+    ),
+}
 
 MUTANTS: dict[str, Mutant] = {
     m.name: m
@@ -95,5 +227,6 @@ MUTANTS: dict[str, Mutant] = {
                          "access.resize.grow-zero"),
         _chunkmap_mutant("chunkmap-discard-to-backing-zeroes", cm.DiscardToBackingZeroes,
                          "access.discard-to-backing.visible"),
+        *_UNSEEN,
     )
 }

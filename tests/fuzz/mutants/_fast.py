@@ -22,7 +22,16 @@ from pyimago.fast._refcounts import REFTABLE_OFFSET_MASK, Refcounts
 from pyimago.fast._runs import K_ZERO
 from pyimago.oracle.targets import ImplementationTarget
 
-__all__ = ["fast_mutant_target"]
+__all__ = ["SMALL_PARALLEL_PIECES", "fast_mutant_target"]
+
+#: fast splits only reads of 128 KiB and writes of 16 MiB into parallel jobs (a thread
+#: hand-off costs more below that), of 64 KiB pieces at least: sizes the machines' disks
+#: (at most a few MiB) never give a write, so the kill-rate runs fast's mutants with these
+#: instead (module globals of ``pyimago.fast._access``, read at each call), and a request of
+#: 8 KiB with parallelization > 1 runs as two jobs or more (issue 9: "the thread pool and
+#: job splitting are exercised with at least two jobs").
+SMALL_PARALLEL_PIECES = {"_PARALLEL_MIN": 8 << 10, "_PARALLEL_WRITE_MIN": 8 << 10,
+                         "_CHUNK_MIN": 4 << 10}
 
 
 # -- the L2 and refcount caches ---------------------------------------------------------------
