@@ -372,16 +372,18 @@ def top_compressed_build(draw: st.DrawFn, size: int, granularity: int) -> tuple[
     """Compressed clusters in the top layer too: reads of them, and copy-on-write from them
     when they are partly overwritten."""
     first = draw(st.integers(0, max(size // granularity - 1, 0)))
-    count = draw(st.integers(1, 4))
+    count = draw(st.integers(1, 6))
     offset = first * granularity
     length = min(count * granularity, size - offset)
     ops: tuple[Op, ...] = (Op(OpKind.WRITE, offset, length, mode=COMPRESSED),)
     if length > granularity and draw(st.integers(0, 3)) > 0:
-        # A zero cluster right before a compressed one whose data is packed after another's
-        # at any byte (the second of three, else the first): a zero run must stop at the
-        # compressed cluster whatever the bits of its descriptor.
-        at = offset + (granularity if length > 2 * granularity else 0)
-        ops += (Op(OpKind.WRITE_ZEROES, at, granularity),)
+        # Zero clusters right before compressed ones whose data is packed after another's
+        # at any byte (every other cluster from the second, else the first): a zero run
+        # must stop at a compressed cluster whatever the bits of its descriptor.
+        step = 2 * granularity
+        first_zero = granularity if length > step else 0
+        ops += tuple(Op(OpKind.WRITE_ZEROES, offset + at, granularity)
+                     for at in range(first_zero, length - granularity, step))
     return ops
 
 
@@ -466,7 +468,7 @@ def chain_specs(
         g = layer.granularity
         if index < depth - 1:
             build = draw(build_ops(size, g, compress=squeeze, cluster=layer.cluster_size))
-        elif squeeze and draw(st.integers(0, 2)) == 0:
+        elif squeeze and draw(st.booleans()):
             build = draw(top_compressed_build(size, layer.cluster_size))
         layers.append(replace(layer, build=build))
     cache = draw(st.sampled_from(l2_cache_tables))
