@@ -370,7 +370,8 @@ class FormatAccess:
         transfers: list[tuple[int, memoryview]] = []
         with self._lock:
             self._layer.write(view, offset, transfers)
-        storage = self._layer.storage
+        # The guest data's storage: an external data file where the image has one.
+        storage = self._layer.data
         step = _pieces(n, threads)
         jobs = [
             _writer(storage, part[a:b], host + a)

@@ -8,6 +8,8 @@ requests against fast and reference side by side on in-memory images.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
@@ -93,3 +95,25 @@ def test_fast_matches_reference(
         mod.create_image(store, _SIZE, cluster_size=_CS, compat=compat)
         images.append(mod.open_image(store, writable=True, backing=below))
     assert_same_results(*images, ops, read_past_end=100)
+
+
+@pytest.mark.clause("access.parallel.same-result", "qcow2.data-file.write")
+@pytest.mark.parametrize("preallocation", ["off", "metadata"])
+def test_parallel_write_reaches_the_external_data_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any, preallocation: str
+) -> None:
+    # Found by test_oracle_machine_accepts_fast once its pieces were made small (two jobs and
+    # more): a write split into parallel jobs wrote its data into the qcow2 file at the data
+    # file's offsets, so an image with an external data file read zeroes back.  Fixed: the
+    # jobs write to the layer's data storage.
+    monkeypatch.setattr(fast._access, "_PARALLEL_WRITE_MIN", 8 << 10)
+    monkeypatch.setattr(fast._access, "_CHUNK_MIN", 4 << 10)
+    monkeypatch.chdir(tmp_path)
+    fast.create_image("a.qcow2", 8192, cluster_size=2048, preallocation=preallocation,
+                      data_file="a.data")
+    data = bytes(range(256)) * 32
+    with fast.open_image("a.qcow2", writable=True) as img:
+        img.set_write_parallelization(2)
+        img.write(data, 0)
+        assert img.read(0, 8192) == data
+    assert (tmp_path / "a.data").read_bytes()[:8192] == data
