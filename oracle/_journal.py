@@ -230,12 +230,9 @@ class PairedRecording(RecordingStorage):
 
     def cut_states(self, cuts: Iterable[int] | None = None, *, since: int | None = None
                    ) -> Iterator[tuple[int, bytearray]]:
-        first = self._base_index if since is None else since
-        wanted = sorted(set(range(first, self.mutations + 1) if cuts is None else cuts))
+        wanted = self._wanted_cuts(cuts, since)
         if not wanted:
             return
-        self._check_index(wanted[0])
-        self._check_index(wanted[-1])
         buf, data = bytearray(self._base), bytearray(self._data_base)
         self.data_state = data
         at = self._base_index

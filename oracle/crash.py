@@ -181,6 +181,15 @@ class RecordingStorage:
         """How many mutations there have been since the storage was wrapped."""
         return self._base_index + len(self.log)
 
+    def _wanted_cuts(self, cuts: Iterable[int] | None, since: int | None) -> list[int]:
+        """The cut points ``cut_states`` builds, ascending and checked to be in the log."""
+        first = self._base_index if since is None else since
+        wanted = sorted(set(range(first, self.mutations + 1) if cuts is None else cuts))
+        if wanted:
+            self._check_index(wanted[0])
+            self._check_index(wanted[-1])
+        return wanted
+
     def _check_index(self, k: int) -> None:
         if not self._base_index <= k <= self.mutations:
             raise InvalidRequestError(
@@ -205,12 +214,9 @@ class RecordingStorage:
         one.  The yielded buffer is reused and changes on the next iteration: copy it to keep
         it.
         """
-        first = self._base_index if since is None else since
-        wanted = sorted(set(range(first, self.mutations + 1) if cuts is None else cuts))
+        wanted = self._wanted_cuts(cuts, since)
         if not wanted:
             return
-        self._check_index(wanted[0])
-        self._check_index(wanted[-1])
         buf = bytearray(self._base)
         at = self._base_index
         for k in wanted:
