@@ -16,8 +16,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from pyimago.reference import InvalidRequestError, PreallocateMode
-from pyimago.reference._storage import Buffer, Storage
+from pyimago.reference import InvalidRequestError
+from pyimago.reference._storage import Storage
 
 from .crash import Mutation, RecordingStorage, apply_mutation
 
@@ -148,24 +148,8 @@ class JournaledStorage(RecordingStorage):
         # Only for attributes the recorder does not have (locked, ...): the inner storage's.
         return getattr(self.__dict__["inner"], attr)
 
-    def _noted(self) -> None:
-        self.journal.note(self.key, self.log.pop())
-
-    def write(self, data: Buffer, offset: int) -> None:
-        super().write(data, offset)
-        self._noted()
-
-    def write_zeroes(self, offset: int, length: int) -> None:
-        super().write_zeroes(offset, length)
-        self._noted()
-
-    def discard(self, offset: int, length: int) -> None:
-        super().discard(offset, length)
-        self._noted()
-
-    def resize(self, new_size: int, prealloc: PreallocateMode = PreallocateMode.NONE) -> None:
-        super().resize(new_size, prealloc)
-        self._noted()
+    def _record(self, m: Mutation) -> None:
+        self.journal.note(self.key, m)
 
     def sync(self) -> None:
         super().sync()
@@ -274,22 +258,5 @@ class _DataFileRecorder(RecordingStorage):
         self.synced = 0
         self._image = image
 
-    def _moved(self) -> None:
-        m = self.log.pop()
+    def _record(self, m: Mutation) -> None:
         self._image.log.append(DataFileMutation(m.kind, m.offset, m.length, m.data))
-
-    def write(self, data: Buffer, offset: int) -> None:
-        super().write(data, offset)
-        self._moved()
-
-    def write_zeroes(self, offset: int, length: int) -> None:
-        super().write_zeroes(offset, length)
-        self._moved()
-
-    def discard(self, offset: int, length: int) -> None:
-        super().discard(offset, length)
-        self._moved()
-
-    def resize(self, new_size: int, prealloc: PreallocateMode = PreallocateMode.NONE) -> None:
-        super().resize(new_size, prealloc)
-        self._moved()

@@ -141,11 +141,11 @@ class RecordingStorage:
         # bytes cannot change under the log; anything else is copied.
         payload = data if type(data) is bytes else bytes(memoryview(data).cast("B"))
         self.inner.write(payload, offset)
-        self.log.append(Mutation("write", offset, len(payload), payload))
+        self._record(Mutation("write", offset, len(payload), payload))
 
     def write_zeroes(self, offset: int, length: int) -> None:
         self.inner.write_zeroes(offset, length)
-        self.log.append(Mutation("write_zeroes", offset, length))
+        self._record(Mutation("write_zeroes", offset, length))
 
     def discard(self, offset: int, length: int) -> None:
         self.inner.discard(offset, length)
@@ -154,11 +154,15 @@ class RecordingStorage:
         # holds, so a cut state is one this storage can really be left in.
         end = min(offset + length, self.inner.size())
         after = self.inner.read(offset, end - offset) if end > offset else b""
-        self.log.append(Mutation("discard", offset, length, after))
+        self._record(Mutation("discard", offset, length, after))
 
     def resize(self, new_size: int, prealloc: PreallocateMode = PreallocateMode.NONE) -> None:
         self.inner.resize(new_size, prealloc)
-        self.log.append(Mutation("resize", new_size, 0))
+        self._record(Mutation("resize", new_size, 0))
+
+    def _record(self, m: Mutation) -> None:
+        """Log one mutation (subclasses route it elsewhere: a journal, a paired image)."""
+        self.log.append(m)
 
     def flush(self) -> None:
         self.inner.flush()

@@ -46,8 +46,9 @@ def _swapping(mutant: type[Qcow2Driver]) -> ImplementationTarget:
                                module=None)
 
 
-def _run(target: ImplementationTarget, ops: list[Op], chain: ChainSpec = CHAIN) -> Session:
-    session = Session(target, chain, qemu_img=None)
+def _run(target: ImplementationTarget, ops: list[Op], chain: ChainSpec = CHAIN, *,
+         qemu_img: str | None = None) -> Session:
+    session = Session(target, chain, qemu_img=qemu_img)
     try:
         for op in ops:
             session.apply(op)

@@ -14,6 +14,7 @@ from pyimago.oracle.targets import ImplementationTarget, module_target, referenc
 from pyimago.reference import MemoryStorage
 from pyimago_tests_reference_mutants import EntryBeforeData
 
+from .test_power import _run as _run_chain
 from .test_power import _swapping
 
 pytestmark = pytest.mark.clause("crash.power-cut", "crash.oracle-rule")
@@ -34,13 +35,7 @@ def _run(target: ImplementationTarget, ops: list[Op], *, qemu: bool = False) -> 
     qemu_img = shutil.which("qemu-img") if qemu else None
     if qemu and qemu_img is None:
         pytest.skip("qemu-img is not installed")
-    session = Session(target, CHAIN, qemu_img=qemu_img)
-    try:
-        for op in ops:
-            session.apply(op)
-    finally:
-        session.close(verify=False)
-    return session
+    return _run_chain(target, ops, CHAIN, qemu_img=qemu_img)
 
 
 @pytest.mark.parametrize("module", ["pyimago.reference", "pyimago.fast"])
