@@ -9,27 +9,16 @@ The guest content does not change, so the model does not either.
 from __future__ import annotations
 
 import os
-import zlib
 from collections.abc import Iterable
 from typing import Any
 
+from pyimago.oracle._deflate import qemu_compress
 from pyimago.reference import FileStorage, Qcow2Driver, Storage
 from pyimago.reference.qcow2.compressed_write import compressed_entry
 from pyimago.reference.qcow2.constants import COMPRESSION_TYPE_ZSTD
 from pyimago.reference.qcow2.tables import ClusterType
 
 __all__ = ["compress_clusters"]
-
-
-
-def _compress(data: bytes, compression_type: int) -> bytes:
-    if compression_type == COMPRESSION_TYPE_ZSTD:
-        import zstandard
-
-        return bytes(zstandard.ZstdCompressor().compress(data))
-    # Raw deflate with QEMU's 4 KiB window (qcow2.compressed.zlib).
-    comp = zlib.compressobj(6, zlib.DEFLATED, -12)
-    return comp.compress(data) + comp.flush()
 
 
 def compress_clusters(location: Any, ranges: Iterable[tuple[int, int]]) -> int:
@@ -46,6 +35,7 @@ def compress_clusters(location: Any, ranges: Iterable[tuple[int, int]]) -> int:
     done = 0
     try:
         cs = driver.cluster_size
+        zstd = driver.header.compression_type == COMPRESSION_TYPE_ZSTD
         size = driver.size
         for offset, length in ranges:
             end = min(offset + length, size)
@@ -56,7 +46,7 @@ def compress_clusters(location: Any, ranges: Iterable[tuple[int, int]]) -> int:
                 if entry.type is not ClusterType.NORMAL:
                     continue
                 data = storage.read(entry.host_offset, cs)
-                packed = _compress(data, driver.header.compression_type)
+                packed = qemu_compress(data, zstd)
                 if len(packed) >= cs:
                     continue
                 # Packed byte after byte as QEMU packs them (qcow2_alloc_bytes): consecutive
