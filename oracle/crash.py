@@ -466,7 +466,8 @@ class CrashTimeline:
                 break
         return self.points[first : last + 1]
 
-    def violations(self, cut: int, size: int, content: bytes, *, limit: int = 4) -> list[str]:
+    def violations(self, cut: int, size: int, content: bytes | bytearray, *,
+                   limit: int = 4) -> list[str]:
         """What is wrong with a cut state whose image has ``size`` and reads ``content``.
 
         The rule (``crash.power-cut``): the size is one some operation in the window gave the
@@ -571,7 +572,7 @@ class _WindowPieces:
         j = bisect.bisect_right(starts, at) - 1
         return j >= 0 and ends[j] >= at + length
 
-    def suspects(self, size: int, content: bytes) -> Iterator[int]:
+    def suspects(self, size: int, content: bytes | bytearray) -> Iterator[int]:
         """The sectors of ``content`` (``size`` bytes) no point of the window had, outside
         the ranges the window left unspecified."""
         first, more = self.first, self.more
@@ -906,6 +907,7 @@ def check_cut(
     timeline: CrashTimeline,
     open_cut: Callable[[MemoryStorage], Any],
     judge: CutJudge | None = None,
+    scratch: bytearray | None = None,
 ) -> CutVerdict:
     """Check the image a cut after mutation ``cut`` leaves (``image``: the top layer's bytes;
     a ``bytearray`` is used in place and left as it was).
@@ -913,13 +915,14 @@ def check_cut(
     ``crash.power-cut``: ``judge`` (when given) finds no corruption (leaks are counted); the
     image opens read-only (``open_cut(storage)`` returns an open FormatAccess) with no error
     that is not a pyimago error; the open changes no byte (``crash.readonly-open``); every
-    sector reads what :meth:`CrashTimeline.violations` allows.
+    sector reads what :meth:`CrashTimeline.violations` allows.  ``scratch``: a buffer the
+    content is read into (kept by a caller that checks many states, resized as needed).
     """
     verdict = CutVerdict(cut)
     if judge is not None:
         # (A qemu-img judge runs while the image is opened and read below.)
         finish = start_judge(judge, image)
-        verdict = _check_content(cut, image, timeline, open_cut)
+        verdict = _check_content(cut, image, timeline, open_cut, scratch)
         corrupt, leaks, msgs = finish()
         verdict.judged = True
         verdict.corruptions, verdict.leaks = corrupt, leaks
@@ -927,11 +930,12 @@ def check_cut(
             verdict.problems[:0] = [f"cut after mutation {cut}: check finds {corrupt} "
                                     "corruption(s)", *msgs]
         return verdict
-    return _check_content(cut, image, timeline, open_cut)
+    return _check_content(cut, image, timeline, open_cut, scratch)
 
 
 def _check_content(cut: int, image: bytes | bytearray, timeline: CrashTimeline,
-                   open_cut: Callable[[MemoryStorage], Any]) -> CutVerdict:
+                   open_cut: Callable[[MemoryStorage], Any],
+                   scratch: bytearray | None = None) -> CutVerdict:
     """check_cut's part without a judge: open, read, the read-only open, the content."""
     verdict = CutVerdict(cut)
     copy = _CutStorage(image if isinstance(image, bytearray) else bytearray(image))
@@ -939,7 +943,16 @@ def _check_content(cut: int, image: bytes | bytearray, timeline: CrashTimeline,
         try:
             with open_cut(copy) as img:
                 size = img.size
-                content = bytes(img.read(0, size))
+                if scratch is None:
+                    content: bytes | bytearray = bytes(img.read(0, size))
+                else:
+                    # (No new buffer, and no copy of it into bytes, per state.)
+                    if len(scratch) > size:
+                        del scratch[size:]
+                    else:
+                        scratch.extend(bytes(size - len(scratch)))
+                    img.readinto(scratch, 0)
+                    content = scratch
         except PyimagoError as exc:
             verdict.open_error = True
             verdict.problems.append(f"cut after mutation {cut}: does not open: {exc}")
