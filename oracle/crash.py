@@ -29,6 +29,7 @@ import tempfile
 import threading
 from array import array
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -762,32 +763,43 @@ class _QemuJudge:
         try:
             data = None if self.data_file is None else bytes(self.data_file() or b"")
             file.fill(image, data)
-            # The backing is not needed to check one file's metadata: json: with backing null.
-            spec = json.dumps({"driver": "qcow2", "backing": None,
-                               "file": {"driver": "file", "filename": file.path},
-                               **({} if data is None else {"data-file": {
-                                   "driver": "file", "filename": file.data_path}})})
-            proc = subprocess.Popen(
-                [self.qemu_img, "check", *(("-r", "all") if self.repair else ()),
-                 "--output=json", f"json:{spec}"],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            )
         except BaseException:
             file.close()
             raise
+        # The backing is not needed to check one file's metadata: json: with backing null.
+        spec = json.dumps({"driver": "qcow2", "backing": None,
+                           "file": {"driver": "file", "filename": file.path},
+                           **({} if data is None else {"data-file": {
+                               "driver": "file", "filename": file.data_path}})})
+        argv = [self.qemu_img, "check", *(("-r", "all") if self.repair else ()),
+                "--output=json", f"json:{spec}"]
+        # qemu-img starts (its exec is milliseconds of waiting) and runs on a thread of its
+        # own: the caller goes on checking cut states meanwhile.
+        verdict = _judge_threads().submit(_run_check, argv, file)
+        return verdict.result
 
-        def finish() -> JudgeResult:
-            try:
-                stdout, stderr = proc.communicate()
-            except BaseException:
-                proc.kill()
-                proc.wait()
-                file.close()
-                raise
-            _JUDGE_FILES.give_back(file)
-            return _qemu_verdict(proc.returncode, stdout, stderr)
 
-        return finish
+def _run_check(argv: list[str], file: _JudgeFile) -> JudgeResult:
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    except BaseException:
+        file.close()
+        raise
+    _JUDGE_FILES.give_back(file)
+    return _qemu_verdict(proc.returncode, proc.stdout, proc.stderr)
+
+
+_JUDGE_THREADS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _judge_threads() -> ThreadPoolExecutor:
+    """The threads qemu-img runs are waited on from (a forked child makes its own: it
+    has none of its parent's threads)."""
+    pid = os.getpid()
+    pool = _JUDGE_THREADS.get(pid)
+    if pool is None:
+        pool = _JUDGE_THREADS[pid] = ThreadPoolExecutor(4, thread_name_prefix="qemu-img check")
+    return pool
 
 
 def _qemu_verdict(returncode: int, stdout: str, stderr: str) -> JudgeResult:
