@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Callable, Set
+from typing import Any
 
 from pyimago.reference._errors import CorruptImageError, UnsupportedError
 from pyimago.reference._storage import Storage
@@ -67,8 +68,7 @@ class Refcounts:
         block_bytes = per * self._blank.itemsize
         self.blocks = TableCache(max(2, cache_bytes // block_bytes), self._store_block)
         self.span = table
-        self.table = decode_u64_table(read_meta(table.at, table.n * self._cs))
-        self._offsets = _block_offsets(self.table)
+        # (``table`` and ``_offsets`` are read on first use: see __getattr__.)
         self._table_dirty = False
         #: First cluster that may be free (nothing below it is).  It starts at 0, as QEMU's
         #: allocator does: a header whose refcount says free is caught by the overlap check.
@@ -78,11 +78,26 @@ class Refcounts:
         #: Bumped whenever a block is added or the table moves (metadata placement changed).
         self.generation = 0
 
+    #: The refcount table (native entries) and the refcount blocks it points at.
+    table: array[int]
+    _offsets: set[int]
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached while ``table`` is unread: a read-only open never counts anything,
+        # and a table of 2 MiB clusters holds 262,144 entries to decode.
+        if name in ("table", "_offsets"):
+            self._load_table()
+            return object.__getattribute__(self, name)
+        raise AttributeError(name)
+
+    def _load_table(self) -> None:
+        self.table = decode_u64_table(self._read(self.span.at, self.span.n * self._cs))
+        self._offsets = _block_offsets(self.table)
+
     def reload(self) -> None:
         """Forget everything cached and read the table again (it may have changed)."""
         self.blocks.clear()
-        self.table = decode_u64_table(self._read(self.span.at, self.span.n * self._cs))
-        self._offsets = _block_offsets(self.table)
+        self._load_table()
         self._table_dirty = False
         self._hint = 0
         self.generation += 1
