@@ -59,13 +59,12 @@ class Refcounts:
         self._per_block = per
         self._shift = per.bit_length() - 1
         self._code = refblock_typecode(self._width)
-        self._blank = array(self._code, bytes(per * array(self._code).itemsize))
         self._one = array(self._code, [1])
         self._moved = moved
         self._vet_block = vet_block
         self._vet_alloc = vet_alloc
         self._placed_block = placed_block
-        block_bytes = per * self._blank.itemsize
+        block_bytes = per * array(self._code).itemsize
         self.blocks = TableCache(max(2, cache_bytes // block_bytes), self._store_block)
         self.span = table
         # (``table`` and ``_offsets`` are read on first use: see __getattr__.)
@@ -81,14 +80,19 @@ class Refcounts:
     #: The refcount table (native entries) and the refcount blocks it points at.
     table: array[int]
     _offsets: set[int]
+    #: A refcount block of zeroes.
+    _blank: array[int]
 
     def __getattr__(self, name: str) -> Any:
-        # Only reached while ``table`` is unread: a read-only open never counts anything,
-        # and a table of 2 MiB clusters holds 262,144 entries to decode.
+        # Only reached while these are not made yet: a read-only open never counts
+        # anything, and a table or block of 2 MiB clusters holds up to 2 Mi entries.
         if name in ("table", "_offsets"):
             self._load_table()
-            return object.__getattribute__(self, name)
-        raise AttributeError(name)
+        elif name == "_blank":
+            self._blank = array(self._code, bytes(self._per_block * array(self._code).itemsize))
+        else:
+            raise AttributeError(name)
+        return object.__getattribute__(self, name)
 
     def _load_table(self) -> None:
         self.table = decode_u64_table(self._read(self.span.at, self.span.n * self._cs))
