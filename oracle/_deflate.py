@@ -1,11 +1,14 @@
-"""Compressed clusters as QEMU's qcow2 driver makes them, remembered by content.
+"""Compressed clusters, remembered by content.
 
-The oracle compresses clusters for two reasons: to store built layers' clusters compressed
-(:mod:`~pyimago.oracle.fuzz._compress`) and to decide whether a compressed write must fit
-(qcow2.compressed.write-fallback).  A 2 MiB cluster costs zlib about 0.1 s, and the
-examples of a run build the same layers again and again (Hypothesis grows new examples
-from old ones): each distinct cluster is compressed once, its form looked up by a digest
-(about 1 ms for 2 MiB) afterwards.
+The oracle compresses clusters for two reasons: to decide whether a compressed write must
+fit (qcow2.compressed.write-fallback: by QEMU's own settings, ``qemu_compress``) and to
+store built layers' clusters compressed (:mod:`~pyimago.oracle.fuzz._compress`:
+``fast=True``, deflate's fastest level: any raw deflate stream with QEMU's 4 KiB window is
+one a reader must inflate, and the default level costs zlib about 0.1 s for a 2 MiB
+cluster of the oracle's patterns, the fastest a fifth of that).  The examples of a run
+build the same layers again and again (Hypothesis grows new examples from old ones): each
+distinct cluster is compressed once, its form looked up by a digest (about 1 ms for
+2 MiB) afterwards.
 """
 
 from __future__ import annotations
@@ -23,14 +26,16 @@ _ZSTD_LEVEL = 3
 #: The compressed forms kept (bytes, oldest dropped first).
 _BUDGET = 64 << 20
 
-_cache: OrderedDict[tuple[bool, bytes], bytes] = OrderedDict()
+_cache: OrderedDict[tuple[bool, bool, bytes], bytes] = OrderedDict()
 _held = 0
 
 
-def qemu_compress(data: bytes, zstd: bool = False) -> bytes:
-    """``data`` compressed as QEMU compresses a cluster (zlib, or zstd with ``zstd``)."""
+def qemu_compress(data: bytes, zstd: bool = False, *, fast: bool = False) -> bytes:
+    """``data`` compressed as QEMU compresses a cluster (zlib, or zstd with ``zstd``);
+    ``fast``: zlib at its fastest level (the same window; zstd is fast as it is)."""
     global _held
-    key = (zstd, hashlib.blake2b(data, digest_size=20).digest())
+    fast = fast and not zstd
+    key = (zstd, fast, hashlib.blake2b(data, digest_size=20).digest())
     packed = _cache.get(key)
     if packed is not None:
         _cache.move_to_end(key)
@@ -40,7 +45,7 @@ def qemu_compress(data: bytes, zstd: bool = False) -> bytes:
 
         packed = bytes(zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(data))
     else:
-        packer = zlib.compressobj(*_ZLIB_ARGS)
+        packer = zlib.compressobj(*((1, *_ZLIB_ARGS[1:]) if fast else _ZLIB_ARGS))
         packed = packer.compress(data) + packer.flush()
     _cache[key] = packed
     _held += len(packed)

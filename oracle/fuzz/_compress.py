@@ -2,7 +2,8 @@
 
 No implementation is asked to *write* compressed clusters (FormatAccess has no such
 operation); to make drivers *read* them, and copy-on-write from them, a built qcow2 layer has
-some of its data clusters rewritten compressed, as ``qemu-img convert -c`` would store them.
+some of its data clusters rewritten compressed, as ``qemu-img convert -c`` would store them
+(deflated at zlib's fastest level: see :mod:`pyimago.oracle._deflate`).
 The guest content does not change, so the model does not either.
 """
 
@@ -46,7 +47,7 @@ def compress_clusters(location: Any, ranges: Iterable[tuple[int, int]]) -> int:
                 if entry.type is not ClusterType.NORMAL:
                     continue
                 data = storage.read(entry.host_offset, cs)
-                packed = qemu_compress(data, zstd)
+                packed = qemu_compress(data, zstd, fast=True)
                 if len(packed) >= cs:
                     continue
                 # Packed byte after byte as QEMU packs them (qcow2_alloc_bytes): consecutive
