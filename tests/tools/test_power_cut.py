@@ -66,7 +66,7 @@ _FACTORIES = [
 def recording(monkeypatch: pytest.MonkeyPatch, *paths: Path) -> Iterator[Journal]:
     """A journal of every mutation the code in the block makes to the files ``paths``
     (through any writable file storage of fast, reference or the tools)."""
-    import pyimago.tools._rebase as rebase_module
+    import pyimago.tools._common as tools_common
 
     journal = Journal()
     watched = {os.path.realpath(p) for p in paths}
@@ -86,7 +86,7 @@ def recording(monkeypatch: pytest.MonkeyPatch, *paths: Path) -> Iterator[Journal
     with monkeypatch.context() as m:
         for module, name in _FACTORIES:
             m.setattr(module, name, wrapped(getattr(module, name)))
-        m.setattr(rebase_module, "FileStorage", wrapped(rebase_module.FileStorage))
+        m.setattr(tools_common, "FileStorage", wrapped(tools_common.FileStorage))
         yield journal
 
 
@@ -207,6 +207,14 @@ class Cuts:
             (k, "", files) for k, files in journal.cut_states(cuts))
         for k, lagging, files in itertools.chain(states, journal.lagging_states(cuts, self.images)):
             what = f"cut after mutation {k} of {journal.mutations} ({journal.describe(k)})"
+            if k == journal.mutations and not lagging:
+                # The recording saw every change: a write around the storages (an
+                # os.truncate of the file) would be missing from every cut state.
+                for name, data in files.items():
+                    real = Path(name).read_bytes() if os.path.exists(name) else b""
+                    assert data == real, (
+                        f"{Path(name).name}: the file changed around the recorded storages "
+                        f"({len(real)} bytes on disk, {len(data)} recorded)")
             if lagging:
                 names = "+".join(Path(n).name for n in lagging.split("+"))
                 what += f", {names} without its writes since its last sync"
@@ -507,7 +515,14 @@ def test_a_cut_anywhere_in_convert_over_an_existing_file(
         assert convert_main(["--impl", impl, "-O", "qcow2", "-o", layout, str(src),
                              str(dst)]) == 0
     assert guest(dst) == source
-    cuts = Cuts(journal, work, tmp_path / "cut")
+    assert fresh_output_cuts(Cuts(journal, work, tmp_path / "cut"), source, replaced) >= 5
+
+
+def fresh_output_cuts(cuts: Cuts, source: bytes, replaced: bytes | None = None) -> int:
+    """Judge the cut states of a fresh convert into dst.qcow2: not yet a qcow2 image, the
+    ``replaced`` image (before the truncation), a new one of size 0 (created, not grown
+    yet: QEMU's qcow2_co_create does the same), or one whose sectors read zero or the
+    source's.  The number of cut states that were images."""
     images = 0
     for _, what in cuts.each():
         data = cuts.path("dst.qcow2").read_bytes()
@@ -516,9 +531,50 @@ def test_a_cut_anywhere_in_convert_over_an_existing_file(
         images += 1
         got = guest(cuts.path("dst.qcow2"))
         if got == replaced or not got:
-            continue  # the old image (before the truncation), a new one of size 0
+            continue
         old_or_new(got, bytes(len(source)), source, what)
-    assert images >= 5
+    return images
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_cut_anywhere_in_a_compressed_convert(
+        impl: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """convert -c ends by growing the file to a whole sector, as qemu-img does ("align end
+    of file to a sector boundary"): that growth is a recorded storage mutation (it was an
+    os.truncate around the storages), synced before the tool returns."""
+    work = tmp_path / "work"
+    src = _convert_source(work)
+    dst = work / "dst.qcow2"
+    with recording(monkeypatch, dst) as journal:
+        assert convert_main(["--impl", impl, "-c", "-O", "qcow2", "-o", "cluster_size=4k",
+                             str(src), str(dst)]) == 0
+    source = guest(src)
+    assert guest(dst) == source and dst.stat().st_size % SECTOR == 0
+    last = journal.log[-1][1]
+    assert last.kind == "resize" and last.offset == dst.stat().st_size, journal.describe(
+        journal.mutations)
+    assert fresh_output_cuts(Cuts(journal, work, tmp_path / "cut"), source) >= 5
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("raw", [False, True])
+def test_a_cut_anywhere_in_a_fresh_convert_to_a_data_file_image(
+        impl: str, raw: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh convert -o data_file=...: the qcow2 file and its data file are both written
+    from nothing, recorded and cut in one order; each cut state is judged as a fresh
+    convert's, the data file read as the tables say."""
+    work = tmp_path / "work"
+    src = _convert_source(work)
+    dst, data = work / "dst.qcow2", work / "dst.data"
+    options = f"cluster_size=4k,data_file=dst.data,data_file_raw={'on' if raw else 'off'}"
+    with recording(monkeypatch, dst, data) as journal:
+        assert convert_main(["--impl", impl, "-O", "qcow2", "-o", options, str(src),
+                             str(dst)]) == 0
+    source = guest(src)
+    assert guest(dst) == source
+    assert any(os.path.realpath(data) == name for name, _ in journal.log)
+    cuts = Cuts(journal, work, tmp_path / "cut", [(dst, data)])
+    assert fresh_output_cuts(cuts, source) >= 5
 
 
 def test_the_cut_folder_helpers_reject_a_mixed_sector() -> None:
