@@ -35,6 +35,7 @@ from pyimago.tools._cli import (
     check_main,
     commit_main,
     convert_main,
+    create_main,
     rebase_main,
     resize_main,
     snapshot_main,
@@ -654,6 +655,38 @@ def test_a_cut_anywhere_in_a_data_file_image(
         else:
             old_or_new(got, view, after, what)
     assert cuts.judged >= 2
+
+
+# -- create ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.clause("create.durable", "create.preallocation")
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("options", ["preallocation=metadata", "preallocation=falloc",
+                                     "preallocation=full",
+                                     "preallocation=full,data_file=dst.data"])
+def test_a_cut_anywhere_in_create_with_preallocation(
+        impl: str, options: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """create -o preallocation maps every cluster before it returns: at every cut the file
+    is not yet an image, or an image with no corruption (its data file with it) reading
+    zeroes at its size, 0 or the size asked for; and it returns synced (both
+    implementations' create_image only flushed)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    dst, data = work / "dst.qcow2", work / "dst.data"
+    with recording(monkeypatch, dst, data) as journal:
+        assert create_main(["--impl", impl, "-q", "-f", "qcow2", "-o",
+                            f"cluster_size=4k,{options}", str(dst), "300k"]) == 0
+    assert guest(dst) == bytes(300 * KiB)
+    cuts = Cuts(journal, work, tmp_path / "cut", [(dst, data)])
+    images = 0
+    for _, what in cuts.each():
+        if cuts.path("dst.qcow2").read_bytes()[:4] != QCOW2_MAGIC:
+            continue
+        images += 1
+        got = guest(cuts.path("dst.qcow2"))
+        assert got in (b"", bytes(300 * KiB)), what
+    assert images >= 3
 
 
 # -- check -r -------------------------------------------------------------------------------------
