@@ -519,11 +519,13 @@ def test_a_cut_anywhere_in_convert_over_an_existing_file(
     assert fresh_output_cuts(Cuts(journal, work, tmp_path / "cut"), source, replaced) >= 5
 
 
-def fresh_output_cuts(cuts: Cuts, source: bytes, replaced: bytes | None = None) -> int:
+def fresh_output_cuts(cuts: Cuts, source: bytes, replaced: bytes | None = None,
+                      fresh: bytes | None = None) -> int:
     """Judge the cut states of a fresh convert into dst.qcow2: not yet a qcow2 image, the
     ``replaced`` image (before the truncation), a new one of size 0 (created, not grown
-    yet: QEMU's qcow2_co_create does the same), or one whose sectors read zero or the
-    source's.  The number of cut states that were images."""
+    yet: QEMU's qcow2_co_create does the same), or one whose sectors read as the new image
+    did (``fresh``; default zeroes) or the source's.  The number of cut states that were
+    images."""
     images = 0
     for _, what in cuts.each():
         data = cuts.path("dst.qcow2").read_bytes()
@@ -533,8 +535,27 @@ def fresh_output_cuts(cuts: Cuts, source: bytes, replaced: bytes | None = None) 
         got = guest(cuts.path("dst.qcow2"))
         if got == replaced or not got:
             continue
-        old_or_new(got, bytes(len(source)), source, what)
+        old_or_new(got, bytes(len(source)) if fresh is None else fresh, source, what)
     return images
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_cut_anywhere_in_a_convert_onto_a_backing_file(
+        impl: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """convert -B: the fresh output gets a backing file and only what the source's top
+    layer holds; a cut leaves sectors reading the backing file's or the source's."""
+    work = tmp_path / "work"
+    base = _convert_source(work)
+    src = _create(work / "top.qcow2", "384k", "cluster_size=4k", backing=base.name)
+    _io(src, "write -P 0x83 8k 20k", "write -z 64k 8k", "write -P 0x84 300k 40k")
+    dst = work / "dst.qcow2"
+    with recording(monkeypatch, dst) as journal:
+        assert convert_main(["--impl", impl, "-O", "qcow2", "-o", "cluster_size=4k",
+                             "-B", base.name, "-F", "qcow2", str(src), str(dst)]) == 0
+    source = guest(src)
+    assert guest(dst) == source
+    assert fresh_output_cuts(Cuts(journal, work, tmp_path / "cut"), source,
+                             fresh=guest(base)) >= 5
 
 
 @pytest.mark.parametrize("impl", IMPLS)
