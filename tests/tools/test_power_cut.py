@@ -1,9 +1,9 @@
 """Power cuts inside the tools' write paths (tools.power-cut, crash.power-cut).
 
 Each test runs one tool (rebase in place, commit, snapshot -c/-a/-d, resize, convert,
-create) with
-every writable file storage it opens recorded in one :class:`~pyimago.oracle._journal.Journal`
-(the factories of both implementations and the tools' own header write are wrapped), then
+create) with every writable file storage it opens recorded in one
+:class:`~pyimago.oracle._journal.Journal` (the factories of both implementations and the
+tools' own file storage are wrapped), then
 rebuilds the files as a power cut after *every* storage mutation leaves them (a
 deterministic sample where there are many), and holds each state to the promise:
 ``qemu-img check`` finds no corruption in any qcow2 file (leaks allowed), the images open
