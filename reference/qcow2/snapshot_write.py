@@ -133,42 +133,31 @@ class SnapshotWrites(DriverState):
                     f"({self._size} -> {disk_size}), which QEMU refuses for a "
                     "v2 image with snapshots"
                 )
+            if disk_size != self._size:
+                self._check_new_size(disk_size)
             raw = self._storage.read(sn.l1_table_offset, sn.l1_size * 8) if sn.l1_size else b""
             new_l1 = unpack_table(raw)
-            # Refused before anything is written, the shrink below included (QEMU truncates
-            # first and fails only when it raises the refcounts, leaving the disk shrunk).
+            # Refused before anything is written (QEMU truncates first and fails only when
+            # it raises the refcounts, leaving the disk resized).
             self._check_refcount_room(new_l1)
-            l1_size = sn.l1_size
-            if disk_size > self._size:
-                # crash.power-cut: QEMU grows the disk ("blk_truncate(blk, sn->disk_size,
-                # ...)") before the L1 switch, so a cut between the two shows the old
-                # tables at the snapshot's size, reading zeroes no operation gave the grown
-                # range.  Here the new size is written after the switch: a cut shows either
-                # disk at its own size (the switched one cut to the old size).
-                self._check_new_size(disk_size)
-                l1_size = max(l1_size, required_l1_size(disk_size, self._cluster_bits,
-                                                        self._entry_bytes))
-            elif disk_size < self._size:
-                # "blk_truncate(blk, sn->disk_size, ...)" before the L1 switch: a cut between
-                # shows the old disk cut to the snapshot's size.
-                self.resize_shrink(disk_size)
-                self._flush_tables()
-            if l1_size > self._l1_size:
-                self._grow_l1(l1_size)
-            new_l1 += [0] * (self._l1_size - len(new_l1))
+            # As large as QEMU leaves it: qcow2_grow_l1_table never shrinks the table.
+            l1_size = max(self._l1_size, sn.l1_size,
+                          required_l1_size(disk_size, self._cluster_bits, self._entry_bytes))
+            new_l1 += [0] * (l1_size - len(new_l1))
 
             def set_snapshot_l1(i: int, value: int) -> None:
                 new_l1[i] = value
                 self._storage.write(struct.pack(">Q", value), sn.l1_table_offset + 8 * i)
 
+            # "Before overwriting the old current L1 table on disk, make sure to increase all
+            # refcounts for the clusters referenced by the new one."
             self._update_tree_refcounts(new_l1[: sn.l1_size], 1, set_snapshot_l1)
-            old_l1 = list(self._l1)
-            # The switch: one write of the whole active L1 table.
-            self._storage.write(struct.pack(f">{self._l1_size}Q", *new_l1), self._l1_offset)
-            self._l1 = list(new_l1)
-            if disk_size > self._size:
-                self._set_size(disk_size)
+            old_l1, old_offset, old_size = list(self._l1), self._l1_offset, self._l1_size
+            self._switch_active_l1(new_l1, disk_size)
+            # "Decrease the refcount referenced by the old one only when the L1 table is
+            # overwritten."
             self._update_tree_refcounts(old_l1, -1, None)
+            self._free_l1(old_offset, old_size)
             self._update_tree_refcounts(list(self._l1), 0, self._set_l1_entry)
         finally:
             self._end_snapshot_op()
@@ -312,6 +301,23 @@ class SnapshotWrites(DriverState):
         new = raw | QCOW_OFLAG_COPIED if exclusive else raw & ~QCOW_OFLAG_COPIED
         if set_l1 is not None and new != raw:
             set_l1(l1_idx, new)
+
+    def _switch_active_l1(self, entries: list[int], disk_size: int) -> None:
+        """crash.snapshot.copied-conservative ("the active disk [...] read[s] either [its] old
+        or [its] new contents"): ``entries`` go into a fresh L1 table, then one header write
+        switches the disk size, the L1 size and the L1 offset together (bytes 24-47,
+        crypt_method between them rewritten as it is), as qcow2_grow_l1_table switches the
+        L1 size and offset.  A cut shows the old disk at its size or the new one at its
+        size; the caller frees the old table after it let go of the old tree.
+
+        QEMU's qcow2_snapshot_goto truncates to the snapshot's size first and overwrites
+        the active table in place, so a cut between shows one disk at the other's size
+        (divergence on qcow2.snapshots.apply-revert)."""
+        new_offset = self._write_l1_copy(entries) if entries else self._l1_offset
+        self._write_field("size", ">QIIQ", disk_size, self.header.crypt_method,
+                          len(entries), new_offset)
+        self._l1_offset, self._l1_size, self._l1 = new_offset, len(entries), list(entries)
+        self._size = disk_size
 
     def _free_range(self, offset: int, length: int) -> None:
         cs = self._cluster_size
