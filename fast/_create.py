@@ -243,7 +243,10 @@ def create_image(
             _lay_out(storage, qcow2, first_cluster, size, prealloc, data)
             if data is not None:
                 data.flush()
+                data.sync()
         storage.flush()
+        # create.durable: as bdrv_create's close flushes to disk.
+        storage.sync()
     finally:
         try:
             if data is not None:

@@ -46,7 +46,7 @@ from pyimago.reference._storage import Storage, WritableBuffer
 
 from ._bitmaps import autoclear_for_writing
 from ._cache import TableCache
-from ._codec import decode_u64_table, encode_u64_table
+from ._codec import clear_top_bit, decode_u64_table, encode_u64_table
 from ._compress_write import place_compressed
 from ._entries import COMPRESSED, COPIED, HOST_MASK, L1_RESERVED, L2_RESERVED, ZERO_FLAG
 from ._features import map_run_general
@@ -415,8 +415,7 @@ class Qcow2Layer(MetadataGuard, LayerBase):
             # the active table's is already there.  Still shared, none of them is COPIED.
             new = array(old.typecode, old)
             # (Extended L2: entry words only; bit 63 of a bitmap word is a zero bit.)
-            for j in range(0, len(new), 1 << self._ext):
-                new[j] &= ~COPIED
+            clear_top_bit(new, 1 << self._ext)  # COPIED is bit 63
         else:
             new = array(self._l1.typecode, bytes(self._cs))
         c, _ = self.refs.allocate(1, exact=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Callable, Set
+from typing import Any
 
 from pyimago.reference._errors import CorruptImageError, UnsupportedError
 from pyimago.reference._storage import Storage
@@ -58,17 +59,15 @@ class Refcounts:
         self._per_block = per
         self._shift = per.bit_length() - 1
         self._code = refblock_typecode(self._width)
-        self._blank = array(self._code, bytes(per * array(self._code).itemsize))
         self._one = array(self._code, [1])
         self._moved = moved
         self._vet_block = vet_block
         self._vet_alloc = vet_alloc
         self._placed_block = placed_block
-        block_bytes = per * self._blank.itemsize
+        block_bytes = per * array(self._code).itemsize
         self.blocks = TableCache(max(2, cache_bytes // block_bytes), self._store_block)
         self.span = table
-        self.table = decode_u64_table(read_meta(table.at, table.n * self._cs))
-        self._offsets = _block_offsets(self.table)
+        # (``table`` and ``_offsets`` are read on first use: see __getattr__.)
         self._table_dirty = False
         #: First cluster that may be free (nothing below it is).  It starts at 0, as QEMU's
         #: allocator does: a header whose refcount says free is caught by the overlap check.
@@ -78,11 +77,31 @@ class Refcounts:
         #: Bumped whenever a block is added or the table moves (metadata placement changed).
         self.generation = 0
 
+    #: The refcount table (native entries) and the refcount blocks it points at.
+    table: array[int]
+    _offsets: set[int]
+    #: A refcount block of zeroes.
+    _blank: array[int]
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached while these are not made yet: a read-only open never counts
+        # anything, and a table or block of 2 MiB clusters holds up to 2 Mi entries.
+        if name in ("table", "_offsets"):
+            self._load_table()
+        elif name == "_blank":
+            self._blank = array(self._code, bytes(self._per_block * array(self._code).itemsize))
+        else:
+            raise AttributeError(name)
+        return object.__getattribute__(self, name)
+
+    def _load_table(self) -> None:
+        self.table = decode_u64_table(self._read(self.span.at, self.span.n * self._cs))
+        self._offsets = _block_offsets(self.table)
+
     def reload(self) -> None:
         """Forget everything cached and read the table again (it may have changed)."""
         self.blocks.clear()
-        self.table = decode_u64_table(self._read(self.span.at, self.span.n * self._cs))
-        self._offsets = _block_offsets(self.table)
+        self._load_table()
         self._table_dirty = False
         self._hint = 0
         self.generation += 1

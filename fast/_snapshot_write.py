@@ -37,7 +37,7 @@ from pyimago.reference._errors import (
 )
 from pyimago.reference._snapshot import SnapshotInfo
 
-from ._codec import decode_u64_table, encode_u64_table
+from ._codec import clear_top_bit, decode_u64_table, encode_u64_table
 from ._entries import COMPRESSED, COPIED, HOST_MASK
 from ._header import MAX_L1_ENTRIES, Span
 from ._snapshots import SNAPSHOT_HEADER, read_snapshot_table
@@ -432,14 +432,7 @@ def _check_room(layer: Qcow2Layer, bumps: _Tally) -> None:
 def _clear_copied(layer: Qcow2Layer, ofs: int, tbl: array[int]) -> None:
     """Clear COPIED in the entries of the L2 table at ``ofs`` and write it if that changed
     anything (extended L2: the entry words only; bit 63 of a bitmap word is a zero bit)."""
-    step = 1 << layer._ext
-    changed = False
-    for j in range(0, len(tbl), step):
-        e = tbl[j]
-        if e & COPIED:
-            tbl[j] = e & ~COPIED
-            changed = True
-    if changed:
+    if clear_top_bit(tbl, 1 << layer._ext):  # COPIED is bit 63
         layer.storage.write(encode_u64_table(tbl), ofs)
 
 

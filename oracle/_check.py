@@ -43,6 +43,17 @@ class OracleFailure(AssertionError):
         self.offset = offset
         self.clauses = clauses
 
+#: Zeroes to compare with: ``startswith`` is a memcmp with no copy (``lstrip`` walks the
+#: bytes one by one: milliseconds for a 2 MiB cluster).
+_ZEROES = bytes(4 << 20)
+
+
+def _all_zero(data: bytes) -> bool:
+    if len(data) <= len(_ZEROES):
+        return _ZEROES.startswith(data)
+    return data == bytes(len(data))
+
+
 def _hex(data: bytes) -> str:
     return " ".join(f"{b:02x}" for b in data)
 
@@ -248,8 +259,8 @@ def _check_mapping(
     """One resolved mapping against what the guest reads there (``chunk``) and, when
     ``units`` is given, against what this layer maps each unit to."""
     if isinstance(mapping, ZeroMapping):
-        nonzero = len(chunk) - len(chunk.lstrip(b"\x00"))
-        if nonzero != len(chunk):
+        if not _all_zero(chunk):
+            nonzero = len(chunk) - len(chunk.lstrip(b"\x00"))
             raise OracleFailure(
                 f"{what}: {call}(0x{pos:x}) says zero for 0x{length:x} bytes but byte "
                 f"0x{pos + nonzero:x} reads 0x{chunk[nonzero]:02x}",

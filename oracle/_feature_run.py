@@ -11,13 +11,13 @@ from __future__ import annotations
 import contextlib
 import io
 import shutil
-import zlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from pyimago.reference import InvalidRequestError, PreallocateMode, PyimagoError
 
 from ._check import OracleFailure, content_failure
+from ._deflate import qemu_compress
 from .model import Alloc, FlatModel, SavedSnapshot, first_mismatch
 from .ops import LayerSpec, Op, OpKind, noise, pattern
 from .strategies import COMPRESSED
@@ -201,20 +201,10 @@ def read_snapshot(open_snapshot: Callable[[str], Access], model: FlatModel, op: 
 _FIT_MARGIN = 32
 
 
-def _compressed_size(data: bytes, compression_type: str) -> int:
-    """How long the oracle's own compressor (QEMU's settings) makes ``data``."""
-    if compression_type == "zstd":
-        import zstandard
-
-        return len(zstandard.ZstdCompressor(level=3).compress(data))
-    comp = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12, 9)
-    return len(comp.compress(data) + comp.flush())
-
-
 def compressed_fits(data: bytes, cluster: int, compression_type: str) -> bool | None:
     """Whether ``data`` (padded to a cluster) compresses into ``cluster - 1`` bytes, the
     limit of qcow2.compressed.write-fallback; None when too close to call."""
-    size = _compressed_size(data + bytes(cluster - len(data)), compression_type)
+    size = len(qemu_compress(data + bytes(cluster - len(data)), compression_type == "zstd"))
     if abs(size - (cluster - 1)) <= _FIT_MARGIN:
         return None
     return size <= cluster - 1
@@ -231,7 +221,7 @@ def odd_compressed(step: int, offset: int, length: int, compression_type: str) -
     offset, whose descriptor's bit 0 is set (where a reader may take it for a flag)."""
     data = bytearray(pattern(step, offset, length))
     for k in range(1, min(length, 64) + 1):
-        if _compressed_size(bytes(data), compression_type) % 2:
+        if len(qemu_compress(bytes(data), compression_type == "zstd")) % 2:
             break
         data[-k] = 0
     return bytes(data)
@@ -276,10 +266,16 @@ def _write_compressed(access: Access, model: FlatModel, op: Op, step: int,
                       f"{what} (an image with an external data file)",
                       (io.UnsupportedOperation,), "qcow2.compressed.write-whole-cluster")
         return
-    fits = compressed_fits(data, cluster, layer.compression_type)
-    outcome = compressed_outcome(model, op.offset, op.length) if fits is not False else True
-    if outcome is False and fits is None:
-        outcome = None
+    # Data that does not fit is written plainly (the write succeeds), so only a cluster the
+    # write may be refused for needs the compressed size (a 2 MiB cluster costs the
+    # compressor tens of milliseconds).
+    outcome = compressed_outcome(model, op.offset, op.length)
+    if outcome is not True:
+        fits = compressed_fits(data, cluster, layer.compression_type)
+        if fits is False:
+            outcome = True
+        elif outcome is False and fits is None:
+            outcome = None
     if outcome is False:
         _expect_error(lambda: access.write_compressed(data, op.offset),
                       f"{what} (it has a host cluster)", (InvalidRequestError,),

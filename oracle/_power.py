@@ -21,6 +21,7 @@ from typing import Any
 
 from pyimago.reference import MemoryStorage
 
+from ._journal import PairedRecording
 from .crash import (
     CHUNK,
     SECTOR,
@@ -85,6 +86,8 @@ class PowerCuts:
         self._chunks: list[bytes] = []
         self._loose: list[tuple[tuple[int, int], ...]] = []
         self._source: tuple[int, int] = (0, 0)
+        #: The buffer each cut state's content is read into.
+        self._scratch = bytearray()
 
     # -- recording ----------------------------------------------------------------------------
 
@@ -181,17 +184,24 @@ class PowerCuts:
             judged |= set(fresh)
         pending: dict[int, Callable[[], tuple[int, int, list[str]]]] = {}
         last = rec.mutations
+        final_state: bytearray | None = None
         if self.judge is not None and last in judged:
             # The last cut state first: its judge (qemu-img) runs while the states before it
-            # are rebuilt and checked.
-            pending[last] = start_judge(self.judge, rec.state_after(last))
+            # are rebuilt and checked (then it is checked itself, not rebuilt again).
+            final_state = rec.state_after(last)
+            pending[last] = start_judge(self.judge, final_state)
         failed: CutVerdict | None = None
         state = bytearray()
         try:
-            for k, state in rec.cut_states(cuts):
+            # (A paired recording rebuilds its data file's state alongside: it replays all.)
+            reuse = not isinstance(rec, PairedRecording)
+            states = rec.cut_states(cuts[:-1] if final_state is not None and reuse else cuts)
+            if final_state is not None and reuse:
+                states = itertools.chain(states, [(last, final_state)])
+            for k, state in states:
                 if self.judge is not None and k in judged and k not in pending:
                     pending[k] = start_judge(self.judge, state)
-                verdict = check_cut(k, state, timeline, open_cut)
+                verdict = check_cut(k, state, timeline, open_cut, scratch=self._scratch)
                 self.stats.states += 1
                 if verdict.problems:
                     failed = verdict

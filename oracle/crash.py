@@ -14,6 +14,7 @@ forwards every call, and logs each mutation; :meth:`RecordingStorage.state_after
 
 from __future__ import annotations
 
+import atexit
 import bisect
 import contextlib
 import itertools
@@ -23,8 +24,12 @@ import os
 import random
 import re
 import subprocess
+import sys
 import tempfile
+import threading
+from array import array
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -112,6 +117,9 @@ class RecordingStorage:
     completed ``sync`` made durable.  ``checkpoint()`` makes the current bytes the new base
     (so long runs do not keep every mutation), keeping the numbering.
     """
+
+    #: _pointer_regions of the base, and which base (its id and index) they were found in.
+    _regions: tuple[tuple[int, int], list[tuple[int, int]]] | None = None
 
     def __init__(self, inner: Storage, *, name: str | None = None) -> None:
         self.inner = inner
@@ -271,27 +279,12 @@ class RecordingStorage:
     def _pointer_regions(self) -> list[tuple[int, int]]:
         """Where a qcow2 image keeps its metadata, as the base state's header names it: the
         header cluster, the L1 table, the refcount table, the L2 tables and the refcount
-        blocks (none for anything but qcow2)."""
-        base = self._base
-        if len(base) < 72 or base[:4] != b"QFI\xfb":
-            return []
-        bits = int.from_bytes(base[20:24], "big")
-        if not 9 <= bits <= 21:
-            return []
-        cs = 1 << bits
-        l1_size = int.from_bytes(base[36:40], "big")
-        l1_at = int.from_bytes(base[40:48], "big")
-        rt_at = int.from_bytes(base[48:56], "big")
-        rt_clusters = int.from_bytes(base[56:60], "big")
-        regions = [(0, cs), (l1_at, l1_size * 8), (rt_at, rt_clusters * cs)]
-        # The L2 tables the L1 table points at, the refcount blocks the refcount table does.
-        for at, n in ((l1_at, l1_size), (rt_at, rt_clusters * cs // 8)):
-            table = base[at : at + 8 * min(n, 1 << 16)]
-            for i in range(0, len(table) - 7, 8):
-                pointed = int.from_bytes(table[i : i + 8], "big") & 0x00FF_FFFF_FFFF_FE00
-                if pointed:
-                    regions.append((pointed, cs))
-        return regions
+        blocks (none for anything but qcow2).  Kept until the base changes (a checkpoint
+        with mutations: each check asks twice, for its sample and for its judged cuts)."""
+        key = (id(self._base), self._base_index)
+        if self._regions is None or self._regions[0] != key:
+            self._regions = (key, _pointer_regions(self._base))
+        return self._regions[1]
 
     def pointer_cuts(self, since: int) -> list[int]:
         """The cuts right after the last writes to the image's metadata (see
@@ -412,6 +405,46 @@ class RecordingStorage:
         self.log.clear()
 
 
+_ZERO_BLOCK = bytes(1 << 15)
+
+
+def _used_prefix(data: bytes) -> int:
+    """The length of ``data`` without its trailing zero bytes (compared a block at a time:
+    ``rstrip`` walks them one by one)."""
+    end = len(data)
+    block = len(_ZERO_BLOCK)
+    while end >= block and _ZERO_BLOCK.startswith(data[end - block : end]):
+        end -= block
+    return len(data[max(0, end - block) : end].rstrip(b"\0")) + max(0, end - block)
+
+
+def _pointer_regions(base: bytearray) -> list[tuple[int, int]]:
+    """RecordingStorage._pointer_regions of the bytes ``base``."""
+    if len(base) < 72 or base[:4] != b"QFI\xfb":
+        return []
+    bits = int.from_bytes(base[20:24], "big")
+    if not 9 <= bits <= 21:
+        return []
+    cs = 1 << bits
+    l1_size = int.from_bytes(base[36:40], "big")
+    l1_at = int.from_bytes(base[40:48], "big")
+    rt_at = int.from_bytes(base[48:56], "big")
+    rt_clusters = int.from_bytes(base[56:60], "big")
+    regions = [(0, cs), (l1_at, l1_size * 8), (rt_at, rt_clusters * cs)]
+    # The L2 tables the L1 table points at, the refcount blocks the refcount table does.
+    for at, n in ((l1_at, l1_size), (rt_at, rt_clusters * cs // 8)):
+        table = bytes(base[at : at + 8 * min(n, 1 << 16)])
+        # Tables are mostly zero past their last entry (a 2 MiB refcount table holds
+        # 262,144): only the used prefix is decoded, in C.
+        used = -(-_used_prefix(table) // 8) * 8
+        entries = array("Q", table[:used])
+        if sys.byteorder == "little":
+            entries.byteswap()
+        regions += [(pointed, cs) for pointed in
+                    {e & 0x00FF_FFFF_FFFF_FE00 for e in entries} - {0}]
+    return regions
+
+
 # -- the power-cut rule ------------------------------------------------------------------------
 
 SECTOR = 512
@@ -518,7 +551,8 @@ class CrashTimeline:
                 break
         return self.points[first : last + 1]
 
-    def violations(self, cut: int, size: int, content: bytes, *, limit: int = 4) -> list[str]:
+    def violations(self, cut: int, size: int, content: bytes | bytearray, *,
+                   limit: int = 4) -> list[str]:
         """What is wrong with a cut state whose image has ``size`` and reads ``content``.
 
         The rule (``crash.power-cut``): the size is one some operation in the window gave the
@@ -527,12 +561,13 @@ class CrashTimeline:
         the window left unspecified.
         """
         window = self.window(cut)
-        sizes = {p.size for p in window}
-        if size not in sizes:
+        pieces = self._window_pieces(window)
+        if size not in pieces.sizes:
             return [f"cut after mutation {cut}: disk size {size} is none of "
-                    f"{sorted(sizes)} (operations {window[0].label!r}..{window[-1].label!r})"]
+                    f"{sorted(pieces.sizes)} (operations {window[0].label!r}.."
+                    f"{window[-1].label!r})"]
         problems: list[str] = []
-        for at in self._window_pieces(window).suspects(size, content):
+        for at in pieces.suspects(size, content):
             durable = window[0]
             problems.append(
                 f"cut after mutation {cut}: sector at guest 0x{at:x} reads "
@@ -572,10 +607,12 @@ class _WindowPieces:
     one per chunk and point of the window.
     """
 
-    __slots__ = ("_loose", "first", "last", "loose", "more", "points")
+    __slots__ = ("_loose", "first", "last", "loose", "more", "points", "sizes")
 
     def __init__(self, first: TimelinePoint) -> None:
         self.points = [first]
+        #: The disk sizes the points of the window have.
+        self.sizes = {first.size}
         self.first = self.last = _chunks(first.content)
         #: Chunk index -> the pieces other points of the window have there.
         self.more: dict[int, list[bytes]] = {}
@@ -595,9 +632,10 @@ class _WindowPieces:
             if i < len(first) and first[i] == piece:
                 continue
             pieces = more.setdefault(i, [])
-            if not any(p == piece for p in pieces):
+            if piece not in pieces:  # (== on each, in C)
                 pieces.append(piece)
         self.points.append(point)
+        self.sizes.add(point.size)
         self.last = chunks
         if not self.loose.issuperset(point.unspecified):
             self.loose.update(point.unspecified)
@@ -619,7 +657,7 @@ class _WindowPieces:
         j = bisect.bisect_right(starts, at) - 1
         return j >= 0 and ends[j] >= at + length
 
-    def suspects(self, size: int, content: bytes) -> Iterator[int]:
+    def suspects(self, size: int, content: bytes | bytearray) -> Iterator[int]:
         """The sectors of ``content`` (``size`` bytes) no point of the window had, outside
         the ranges the window left unspecified."""
         first, more = self.first, self.more
@@ -631,7 +669,7 @@ class _WindowPieces:
         for i in odd:
             chunk = actual[i]
             others = more.get(i, ())
-            if any(p == chunk for p in others):
+            if chunk in others:
                 continue
             base = i * CHUNK
             if self.loose and self._unspecified(base, len(chunk)):
@@ -691,6 +729,104 @@ def benign_copied(lines: Iterable[str]) -> int:
 JudgeResult = tuple[int, int, list[str]]
 
 
+class _JudgeFile:
+    """A temporary file qemu-img checks a cut state in, reused from one state to the next.
+
+    A new file in /dev/shm costs its pages (allocated on the first write, freed by the
+    unlink): several milliseconds for an image of tens of MiB, more than the copy itself.
+    Where ``/proc`` lets a process reopen its own descriptors, the file is unlinked at once
+    and qemu-img opens it as ``/proc/<pid>/fd/<n>``: nothing is left behind, however the
+    process ends."""
+
+    def __init__(self) -> None:
+        fd, name = tempfile.mkstemp(suffix=".qcow2", dir=_TMP)
+        self.fd = fd
+        self._name: str | None = name
+        self._data_fd: int | None = None
+        proc = f"/proc/{os.getpid()}/fd"
+        if os.path.isdir(proc):
+            os.unlink(name)
+            self._name = None
+            self.path = f"{proc}/{fd}"
+        else:
+            self.path = name
+
+    def _data(self) -> int:
+        """The data file's descriptor (made on first use)."""
+        if self._data_fd is None:
+            if self._name is None:
+                fd, name = tempfile.mkstemp(suffix=".data", dir=_TMP)
+                os.unlink(name)
+                self._data_fd = fd
+            else:
+                self._data_fd = os.open(self._name + ".data", os.O_RDWR | os.O_CREAT, 0o600)
+        return self._data_fd
+
+    @property
+    def data_path(self) -> str:
+        """Where the image's external data file is (see :meth:`fill`)."""
+        fd = self._data()
+        return self._name + ".data" if self._name is not None else f"/proc/{os.getpid()}/fd/{fd}"
+
+    def fill(self, image: bytes | bytearray, data: bytes | bytearray | None = None) -> None:
+        """Make the file hold ``image`` (and its data file ``data``), overwriting in place."""
+        _overwrite(self.fd, image)
+        if data is not None:
+            _overwrite(self._data(), data)
+
+    def close(self) -> None:
+        for fd in (self.fd, self._data_fd):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        if self._name is not None:
+            for name in (self._name, self._name + ".data"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name)
+
+
+def _overwrite(fd: int, data: bytes | bytearray) -> None:
+    with memoryview(data) as view:
+        done = 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], done)
+    os.ftruncate(fd, len(data))
+
+
+class _JudgeFiles:
+    """The process's idle judge files (a qemu-img run holds one until its verdict)."""
+
+    def __init__(self) -> None:
+        self._idle: list[_JudgeFile] = []
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        atexit.register(self.close)
+
+    def take(self) -> _JudgeFile:
+        with self._lock:
+            if self._pid != os.getpid():  # a forked child: the parent's files are not its own
+                self._idle, self._pid = [], os.getpid()
+            if self._idle:
+                return self._idle.pop()
+        return _JudgeFile()
+
+    def give_back(self, file: _JudgeFile) -> None:
+        with self._lock:
+            if self._pid == os.getpid() and len(self._idle) < 8:
+                self._idle.append(file)
+                return
+        file.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for file in idle:
+            file.close()
+
+
+_JUDGE_FILES = _JudgeFiles()
+
+
 class _QemuJudge:
     """``qemu-img check`` as a :data:`CutJudge`; :meth:`start` runs it in the background."""
 
@@ -707,37 +843,47 @@ class _QemuJudge:
         """Write a copy of ``image`` (and of the data file as ``data_file`` gives it now)
         and start qemu-img on it; the returned function waits for the verdict.  (``image``
         may change once this returns: qemu-img has its copy.)"""
-        fd, name = tempfile.mkstemp(suffix=".qcow2", dir=_TMP)
+        file = _JUDGE_FILES.take()
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(image)
-            # The backing is not needed to check one file's metadata: json: with backing null.
-            spec = json.dumps({"driver": "qcow2", "backing": None,
-                               "file": {"driver": "file", "filename": name},
-                               **_data_file_option(name, self.data_file)})
-            proc = subprocess.Popen(
-                [self.qemu_img, "check", *(("-r", "all") if self.repair else ()),
-                 "--output=json", f"json:{spec}"],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            )
+            data = None if self.data_file is None else bytes(self.data_file() or b"")
+            file.fill(image, data)
         except BaseException:
-            self._remove(name)
+            file.close()
             raise
+        # The backing is not needed to check one file's metadata: json: with backing null.
+        spec = json.dumps({"driver": "qcow2", "backing": None,
+                           "file": {"driver": "file", "filename": file.path},
+                           **({} if data is None else {"data-file": {
+                               "driver": "file", "filename": file.data_path}})})
+        argv = [self.qemu_img, "check", *(("-r", "all") if self.repair else ()),
+                "--output=json", f"json:{spec}"]
+        # qemu-img starts (its exec is milliseconds of waiting) and runs on a thread of its
+        # own: the caller goes on checking cut states meanwhile.
+        verdict = _judge_threads().submit(_run_check, argv, file)
+        return verdict.result
 
-        def finish() -> JudgeResult:
-            try:
-                stdout, stderr = proc.communicate()
-            finally:
-                self._remove(name)
-            return _qemu_verdict(proc.returncode, stdout, stderr)
 
-        return finish
+def _run_check(argv: list[str], file: _JudgeFile) -> JudgeResult:
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    except BaseException:
+        file.close()
+        raise
+    _JUDGE_FILES.give_back(file)
+    return _qemu_verdict(proc.returncode, proc.stdout, proc.stderr)
 
-    def _remove(self, name: str) -> None:
-        os.unlink(name)
-        if self.data_file is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(name + ".data")
+
+_JUDGE_THREADS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _judge_threads() -> ThreadPoolExecutor:
+    """The threads qemu-img runs are waited on from (a forked child makes its own: it
+    has none of its parent's threads)."""
+    pid = os.getpid()
+    pool = _JUDGE_THREADS.get(pid)
+    if pool is None:
+        pool = _JUDGE_THREADS[pid] = ThreadPoolExecutor(4, thread_name_prefix="qemu-img check")
+    return pool
 
 
 def _qemu_verdict(returncode: int, stdout: str, stderr: str) -> JudgeResult:
@@ -771,17 +917,6 @@ def start_judge(judge: CutJudge, image: bytes | bytearray) -> Callable[[], Judge
         return start(image)  # type: ignore[no-any-return]
     result = judge(image)
     return lambda: result
-
-
-def _data_file_option(image: str, data_file: Callable[[], bytes | bytearray | None] | None
-                      ) -> dict[str, Any]:
-    """qemu_judge's ``data_file``: the bytes of the image's external data file in the same
-    cut state, written beside the image's copy (the json: spec's ``data-file``)."""
-    if data_file is None:
-        return {}
-    with open(image + ".data", "wb") as f:
-        f.write(bytes(data_file() or b""))
-    return {"data-file": {"driver": "file", "filename": image + ".data"}}
 
 
 def reference_judge() -> CutJudge | None:
@@ -827,6 +962,17 @@ class _CutStorage(MemoryStorage):
         self._data = image  # the buffer itself: it is only ever read unless a bug writes
         self.original: bytes | None = None
 
+    def readinto(self, buf: WritableBuffer, offset: int) -> None:
+        # Every cut state is read whole: one copy straight out of the buffer (the
+        # reference's MemoryStorage slices it first).  Anything unusual goes the long way.
+        view = buf if type(buf) is memoryview else memoryview(buf)
+        end = offset + view.nbytes
+        if view.format != "B" or offset < 0 or end > len(self._data):
+            super().readinto(buf, offset)
+            return
+        with self._lock, memoryview(self._data) as data:
+            view[:] = data[offset:end]
+
     def _keep(self) -> None:
         if self.original is None:
             self.original = bytes(self._data)
@@ -857,6 +1003,7 @@ def check_cut(
     timeline: CrashTimeline,
     open_cut: Callable[[MemoryStorage], Any],
     judge: CutJudge | None = None,
+    scratch: bytearray | None = None,
 ) -> CutVerdict:
     """Check the image a cut after mutation ``cut`` leaves (``image``: the top layer's bytes;
     a ``bytearray`` is used in place and left as it was).
@@ -864,13 +1011,14 @@ def check_cut(
     ``crash.power-cut``: ``judge`` (when given) finds no corruption (leaks are counted); the
     image opens read-only (``open_cut(storage)`` returns an open FormatAccess) with no error
     that is not a pyimago error; the open changes no byte (``crash.readonly-open``); every
-    sector reads what :meth:`CrashTimeline.violations` allows.
+    sector reads what :meth:`CrashTimeline.violations` allows.  ``scratch``: a buffer the
+    content is read into (kept by a caller that checks many states, resized as needed).
     """
     verdict = CutVerdict(cut)
     if judge is not None:
         # (A qemu-img judge runs while the image is opened and read below.)
         finish = start_judge(judge, image)
-        verdict = _check_content(cut, image, timeline, open_cut)
+        verdict = _check_content(cut, image, timeline, open_cut, scratch)
         corrupt, leaks, msgs = finish()
         verdict.judged = True
         verdict.corruptions, verdict.leaks = corrupt, leaks
@@ -878,11 +1026,12 @@ def check_cut(
             verdict.problems[:0] = [f"cut after mutation {cut}: check finds {corrupt} "
                                     "corruption(s)", *msgs]
         return verdict
-    return _check_content(cut, image, timeline, open_cut)
+    return _check_content(cut, image, timeline, open_cut, scratch)
 
 
 def _check_content(cut: int, image: bytes | bytearray, timeline: CrashTimeline,
-                   open_cut: Callable[[MemoryStorage], Any]) -> CutVerdict:
+                   open_cut: Callable[[MemoryStorage], Any],
+                   scratch: bytearray | None = None) -> CutVerdict:
     """check_cut's part without a judge: open, read, the read-only open, the content."""
     verdict = CutVerdict(cut)
     copy = _CutStorage(image if isinstance(image, bytearray) else bytearray(image))
@@ -890,7 +1039,16 @@ def _check_content(cut: int, image: bytes | bytearray, timeline: CrashTimeline,
         try:
             with open_cut(copy) as img:
                 size = img.size
-                content = bytes(img.read(0, size))
+                if scratch is None:
+                    content: bytes | bytearray = bytes(img.read(0, size))
+                else:
+                    # (No new buffer, and no copy of it into bytes, per state.)
+                    if len(scratch) > size:
+                        del scratch[size:]
+                    else:
+                        scratch.extend(bytes(size - len(scratch)))
+                    img.readinto(scratch, 0)
+                    content = scratch
         except PyimagoError as exc:
             verdict.open_error = True
             verdict.problems.append(f"cut after mutation {cut}: does not open: {exc}")

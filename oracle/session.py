@@ -184,7 +184,7 @@ class Session(Applier):
                 self.stats.features[op.kind.value] += 1
             if self.power is not None and op.kind not in PASSIVE:
                 self.power.point(self.model, op.describe(), durable=op.kind is OpKind.SYNC,
-                                 unspecified=cut_unspecified(op, old_size, self.model.size))
+                                 unspecified=cut_unspecified(op, old_size))
             self._touch(op, old_size)
             if self.shadow is not None and not unsupported:
                 self._apply_shadow(op)

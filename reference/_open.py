@@ -367,6 +367,8 @@ def create_image(
         try:
             access.resize_grow(size, prealloc)
             access.flush()
+            # create.durable: as bdrv_create's close flushes to disk.
+            access.sync()
         finally:
             if isinstance(access.driver, Qcow2Driver):
                 access.driver.close_data_file()

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from types import ModuleType
 from typing import Any
 
-from pyimago.reference import PyimagoError
+from pyimago.reference import FileStorage, PyimagoError, Storage
 
 __all__ = [
     "IMPLEMENTATIONS",
@@ -18,6 +18,7 @@ __all__ = [
     "ToolError",
     "implementation",
     "open_chain",
+    "open_file_for_writing",
     "require_room",
     "same_file",
     "size_to_str",
@@ -92,6 +93,17 @@ def open_chain(
 
 #: Preallocation modes that take the disk's bytes from the file system up front.
 _ALLOCATING = frozenset({"falloc", "full"})
+
+
+def open_file_for_writing(path: str) -> Storage:
+    """``path`` as a writable Storage (the reference's FileStorage), holding the file's write
+    lock as QEMU's writable open would.  A tool that changes a file's bytes outside an
+    image goes through it, never around it, so that each change is one storage mutation
+    that power-cut recordings see and that ``sync`` makes durable (crash.power-cut)."""
+    try:
+        return FileStorage(path, writable=True, locking="auto")
+    except PyimagoError as exc:
+        raise ToolError(str(exc)) from exc
 
 
 def require_room(path: str, needed: int, preallocation: object) -> None:

@@ -29,6 +29,7 @@ from ._common import (
     check_format,
     implementation,
     open_chain,
+    open_file_for_writing,
     require_file,
     require_room,
     same_file,
@@ -279,10 +280,18 @@ def _align_end(path: str) -> None:
     qemu-img.c convert_do_copy ends -c with ``blk_pwrite_compressed(s->target, 0, NULL, 0)``:
     qcow2_co_pwritev_compressed_part, "align end of file to a sector boundary to ease
     reading with sector based I/Os".  The bytes added lie past every cluster in use.
+
+    The file grows through a Storage, then is synced: a power cut before the growth is on
+    the medium leaves the image as ``close`` synced it (crash.power-cut).
     """
-    size = os.path.getsize(path)
-    if size % 512:
-        os.truncate(path, size + 512 - size % 512)
+    storage = open_file_for_writing(path)
+    try:
+        size = storage.size()
+        if size % 512:
+            storage.resize(size + 512 - size % 512)
+            storage.sync()
+    finally:
+        storage.close()
 
 
 def _on_clusters(runs: Iterator[tuple[int, int, str]], cluster: int, size: int

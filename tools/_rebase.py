@@ -34,6 +34,7 @@ from ._common import (
     check_format,
     implementation,
     open_chain,
+    open_file_for_writing,
     same_file,
 )
 from ._progress import Progress, progress
@@ -192,10 +193,7 @@ def _rewrite_header(path: str, name: str, fmt: str | None) -> None:
     The write goes through a Storage (the reference's FileStorage), so that power-cut
     recordings see it as what it is: one storage mutation, after the copied ranges were
     synced (crash.power-cut: the guest view is the same before and after it)."""
-    try:
-        storage = FileStorage(path, writable=True, locking="auto")
-    except PyimagoError as exc:
-        raise ToolError(str(exc)) from exc
+    storage = open_file_for_writing(path)
     try:
         data = _new_header_cluster(path, name, fmt, storage)
         storage.write(data, 0)

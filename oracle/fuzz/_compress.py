@@ -2,34 +2,24 @@
 
 No implementation is asked to *write* compressed clusters (FormatAccess has no such
 operation); to make drivers *read* them, and copy-on-write from them, a built qcow2 layer has
-some of its data clusters rewritten compressed, as ``qemu-img convert -c`` would store them.
+some of its data clusters rewritten compressed, as ``qemu-img convert -c`` would store them
+(deflated at zlib's fastest level: see :mod:`pyimago.oracle._deflate`).
 The guest content does not change, so the model does not either.
 """
 
 from __future__ import annotations
 
 import os
-import zlib
 from collections.abc import Iterable
 from typing import Any
 
+from pyimago.oracle._deflate import qemu_compress
 from pyimago.reference import FileStorage, Qcow2Driver, Storage
 from pyimago.reference.qcow2.compressed_write import compressed_entry
 from pyimago.reference.qcow2.constants import COMPRESSION_TYPE_ZSTD
 from pyimago.reference.qcow2.tables import ClusterType
 
 __all__ = ["compress_clusters"]
-
-
-
-def _compress(data: bytes, compression_type: int) -> bytes:
-    if compression_type == COMPRESSION_TYPE_ZSTD:
-        import zstandard
-
-        return bytes(zstandard.ZstdCompressor().compress(data))
-    # Raw deflate with QEMU's 4 KiB window (qcow2.compressed.zlib).
-    comp = zlib.compressobj(6, zlib.DEFLATED, -12)
-    return comp.compress(data) + comp.flush()
 
 
 def compress_clusters(location: Any, ranges: Iterable[tuple[int, int]]) -> int:
@@ -46,6 +36,7 @@ def compress_clusters(location: Any, ranges: Iterable[tuple[int, int]]) -> int:
     done = 0
     try:
         cs = driver.cluster_size
+        zstd = driver.header.compression_type == COMPRESSION_TYPE_ZSTD
         size = driver.size
         for offset, length in ranges:
             end = min(offset + length, size)
@@ -56,7 +47,7 @@ def compress_clusters(location: Any, ranges: Iterable[tuple[int, int]]) -> int:
                 if entry.type is not ClusterType.NORMAL:
                     continue
                 data = storage.read(entry.host_offset, cs)
-                packed = _compress(data, driver.header.compression_type)
+                packed = qemu_compress(data, zstd, fast=True)
                 if len(packed) >= cs:
                     continue
                 # Packed byte after byte as QEMU packs them (qcow2_alloc_bytes): consecutive

@@ -62,7 +62,7 @@ from .rebuild import rebuild_refcount_structure
 from .refcounts import get_block_entry, refcount_block_entries, set_block_entry
 from .snapshots import read_snapshot_table
 from .subclusters import QCOW_L2_BITMAP_ALL_ALLOC
-from .tables import decode_l2_entry
+from .tables import decode_l2_entry, unpack_table
 
 __all__ = ["check", "check_image"]
 
@@ -139,13 +139,13 @@ class _Checker:
         for at in range(0, len(table), _ZERO_RUN):
             run = table[at:at + _ZERO_RUN]
             if run.count(0) != len(run):
-                words.extend(v for (v,) in struct.iter_unpack(">Q", run))
+                words.extend(unpack_table(run))
         if self.stride == 1:
             return [(w, 0) for w in words if w]
         return [(w, b) for w, b in zip(words[::2], words[1::2], strict=True) if w or b]
 
     def _read_u64s(self, offset: int, length: int) -> list[int]:
-        return [v for (v,) in struct.iter_unpack(">Q", self.storage.read(offset, length))]
+        return unpack_table(self.storage.read(offset, length))
 
     # -- calculate_refcounts ------------------------------------------------------------------
 

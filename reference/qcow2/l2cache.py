@@ -13,6 +13,7 @@ import struct
 from collections import OrderedDict
 
 from .._storage import Storage
+from .tables import unpack_table
 
 __all__ = ["L2Cache"]
 
@@ -40,7 +41,7 @@ class L2Cache:
             self._tables.move_to_end(offset)
             return table
         raw = self._storage.read(offset, self._cluster_size)
-        table = [v for (v,) in struct.iter_unpack(">Q", raw)]
+        table = unpack_table(raw)
         self._tables[offset] = table
         self._evict()
         return table

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from .._errors import CorruptImageError, UnsupportedError
 from .._storage import Storage
 from .constants import QCOW_MAX_REFTABLE_SIZE, REFT_OFFSET_MASK
+from .tables import unpack_table
 
 __all__ = [
     "RefcountTable",
@@ -107,7 +108,7 @@ class RefcountTable:
         self._table_offset = table_offset
         self._table_clusters = table_clusters
         raw = storage.read(table_offset, table_clusters * self._cluster_size)
-        self._table: list[int] = [v for (v,) in struct.iter_unpack(">Q", raw)]
+        self._table: list[int] = unpack_table(raw)
         # block_offsets() is asked on every overlap check; a 2 MiB-cluster table has 256 Ki
         # entries, so the set is kept until the table changes (None: recompute).
         self._block_set: frozenset[int] | None = None

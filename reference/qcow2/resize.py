@@ -45,17 +45,29 @@ class Resize(DriverState):
         qcow2.txt: "The L1 table has a variable size (stored in the header) and may use
         multiple clusters, however it must be contiguous in the image file."
         """
-        cs = self._cluster_size
-        clusters = -(-new_l1_size * 8 // cs)
-        new_offset = self._allocator.allocate(clusters)
-        entries = self._l1 + [0] * (clusters * cs // 8 - len(self._l1))
-        self._storage.write(struct.pack(f">{len(entries)}Q", *entries), new_offset)
+        entries = self._l1 + [0] * (new_l1_size - len(self._l1))
+        new_offset = self._write_l1_copy(entries)
         old_offset, old_size = self._l1_offset, self._l1_size
         self._write_field("l1_size", ">IQ", new_l1_size, new_offset)
         self._l1_offset, self._l1_size = new_offset, new_l1_size
-        self._l1 = entries[:new_l1_size]
-        if old_size:
-            self._allocator.free(old_offset, -(-old_size * 8 // cs))
+        self._l1 = entries
+        self._free_l1(old_offset, old_size)
+
+    def _write_l1_copy(self, entries: list[int]) -> int:
+        """crash.order.new-structure-before-pointer: an L1 table holding ``entries`` written
+        whole into newly allocated (counted) clusters, zeroes to the end of its last cluster,
+        before any header points at it.  Returns its offset."""
+        cs = self._cluster_size
+        clusters = -(-len(entries) * 8 // cs)
+        offset = self._allocator.allocate(clusters)
+        padded = entries + [0] * (clusters * cs // 8 - len(entries))
+        self._storage.write(struct.pack(f">{len(padded)}Q", *padded), offset)
+        return offset
+
+    def _free_l1(self, offset: int, l1_size: int) -> None:
+        """The clusters of an L1 table the header no longer points at go (last)."""
+        if l1_size:
+            self._allocator.free(offset, -(-l1_size * 8 // self._cluster_size))
 
     def _set_size(self, new_size: int) -> None:
         self._write_field("size", ">Q", new_size)

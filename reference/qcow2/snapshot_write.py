@@ -25,6 +25,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
+from itertools import compress
 
 from .._errors import InvalidRequestError, UnsupportedError
 from .._snapshot import SnapshotInfo
@@ -39,7 +40,7 @@ from .snapshots import (
     pack_snapshot_table,
     read_snapshot_table,
 )
-from .tables import ClusterType, decode_l2_entry
+from .tables import ClusterType, decode_l2_entry, unpack_table
 
 __all__ = ["MAX_SNAPSHOT_NAME_BYTES", "SnapshotWrites", "next_snapshot_id"]
 
@@ -132,42 +133,31 @@ class SnapshotWrites(DriverState):
                     f"({self._size} -> {disk_size}), which QEMU refuses for a "
                     "v2 image with snapshots"
                 )
-            raw = self._storage.read(sn.l1_table_offset, sn.l1_size * 8) if sn.l1_size else b""
-            new_l1 = [v for (v,) in struct.iter_unpack(">Q", raw)]
-            # Refused before anything is written, the shrink below included (QEMU truncates
-            # first and fails only when it raises the refcounts, leaving the disk shrunk).
-            self._check_refcount_room(new_l1)
-            l1_size = sn.l1_size
-            if disk_size > self._size:
-                # crash.power-cut: QEMU grows the disk ("blk_truncate(blk, sn->disk_size,
-                # ...)") before the L1 switch, so a cut between the two shows the old
-                # tables at the snapshot's size, reading zeroes no operation gave the grown
-                # range.  Here the new size is written after the switch: a cut shows either
-                # disk at its own size (the switched one cut to the old size).
+            if disk_size != self._size:
                 self._check_new_size(disk_size)
-                l1_size = max(l1_size, required_l1_size(disk_size, self._cluster_bits,
-                                                        self._entry_bytes))
-            elif disk_size < self._size:
-                # "blk_truncate(blk, sn->disk_size, ...)" before the L1 switch: a cut between
-                # shows the old disk cut to the snapshot's size.
-                self.resize_shrink(disk_size)
-                self._flush_tables()
-            if l1_size > self._l1_size:
-                self._grow_l1(l1_size)
-            new_l1 += [0] * (self._l1_size - len(new_l1))
+            raw = self._storage.read(sn.l1_table_offset, sn.l1_size * 8) if sn.l1_size else b""
+            new_l1 = unpack_table(raw)
+            # Refused before anything is written (QEMU truncates first and fails only when
+            # it raises the refcounts, leaving the disk resized).
+            self._check_refcount_room(new_l1)
+            # As large as QEMU leaves it: qcow2_grow_l1_table never shrinks the table.
+            l1_size = max(self._l1_size, sn.l1_size,
+                          required_l1_size(disk_size, self._cluster_bits, self._entry_bytes))
+            new_l1 += [0] * (l1_size - len(new_l1))
 
             def set_snapshot_l1(i: int, value: int) -> None:
                 new_l1[i] = value
                 self._storage.write(struct.pack(">Q", value), sn.l1_table_offset + 8 * i)
 
+            # "Before overwriting the old current L1 table on disk, make sure to increase all
+            # refcounts for the clusters referenced by the new one."
             self._update_tree_refcounts(new_l1[: sn.l1_size], 1, set_snapshot_l1)
-            old_l1 = list(self._l1)
-            # The switch: one write of the whole active L1 table.
-            self._storage.write(struct.pack(f">{self._l1_size}Q", *new_l1), self._l1_offset)
-            self._l1 = list(new_l1)
-            if disk_size > self._size:
-                self._set_size(disk_size)
+            old_l1, old_offset, old_size = list(self._l1), self._l1_offset, self._l1_size
+            self._switch_active_l1(new_l1, disk_size)
+            # "Decrease the refcount referenced by the old one only when the L1 table is
+            # overwritten."
             self._update_tree_refcounts(old_l1, -1, None)
+            self._free_l1(old_offset, old_size)
             self._update_tree_refcounts(list(self._l1), 0, self._set_l1_entry)
         finally:
             self._end_snapshot_op()
@@ -180,7 +170,7 @@ class SnapshotWrites(DriverState):
             sn = find_snapshot(entries, key)
             self._check_snapshot_l1(sn)
             raw = self._storage.read(sn.l1_table_offset, sn.l1_size * 8) if sn.l1_size else b""
-            sn_l1 = [v for (v,) in struct.iter_unpack(">Q", raw)]
+            sn_l1 = unpack_table(raw)
             self._write_snapshot_table([e for e in entries if e is not sn])
             # The snapshot is gone: from here on a cut only leaks its clusters.
             self._update_tree_refcounts(sn_l1, -1, None)
@@ -223,12 +213,20 @@ class SnapshotWrites(DriverState):
     def _read_table(self, offset: int) -> list[int]:
         self._check_l2_table(offset)
         raw = self._storage.read(offset, self._cluster_size)
-        return [v for (v,) in struct.iter_unpack(">Q", raw)]
+        return unpack_table(raw)
 
-    def _entry_hosts(self, raw: int) -> tuple[ClusterType, range]:
-        entry = decode_l2_entry(raw, self._cluster_bits, extended=self._extended,
-                                data_file=False)
-        return entry.type, self._held_clusters(entry)
+    def _entry_hosts(self, table: list[int]) -> list[tuple[int, ClusterType, range]]:
+        """``(word index, type, held host clusters)`` of the entries of an L2 table, leaving
+        out the all-zero ones: an unallocated entry holds no cluster and has no COPIED flag
+        to keep.  (A 2 MiB-cluster table has 262,144 entries, mostly zero: ``compress``
+        picks the non-zero ones at C speed.)"""
+        step = self._entry_bytes // 8
+        hosts: list[tuple[int, ClusterType, range]] = []
+        for k in compress(range(0, len(table), step), table[::step]):
+            entry = decode_l2_entry(table[k], self._cluster_bits, extended=self._extended,
+                                    data_file=False)
+            hosts.append((k, entry.type, self._held_clusters(entry)))
+        return hosts
 
     def _tree(self, l1: list[int]) -> list[tuple[int, int, list[int]]]:
         """``(l1 index, L2 table offset, L2 table)`` of every L2 table ``l1`` points at."""
@@ -239,11 +237,10 @@ class SnapshotWrites(DriverState):
         """Refuse before anything is written where one more reference would overflow a
         refcount (refcount_bits=1, or a cluster at the maximum)."""
         gains: Counter[int] = Counter()
-        step = self._entry_bytes // 8
         for _, l2_offset, table in self._tree(l1):
             gains[l2_offset] += 1
-            for j in range(0, len(table), step):
-                gains.update(self._entry_hosts(table[j])[1])
+            for _, _, held in self._entry_hosts(table):
+                gains.update(held)
         top = (1 << self.header.refcount_bits) - 1
         for host, n in gains.items():
             if self._allocator.refcount(host) + n > top:
@@ -261,14 +258,13 @@ class SnapshotWrites(DriverState):
 
         crash.snapshot.copied-conservative: with ``addend > 0`` the flags are written before the
         refcounts rise, otherwise after they changed (see the module docstring)."""
-        step = self._entry_bytes // 8
         for l1_idx, l2_offset, table in self._tree(l1):
-            hosts = [self._entry_hosts(table[j]) for j in range(0, len(table), step)]
+            hosts = self._entry_hosts(table)
             if addend > 0:
                 self._write_copied_flags(l2_offset, table, hosts, addend)
                 self._set_l1_copied(l1_idx, l1[l1_idx], addend, set_l1)
             if addend:
-                for _, held in hosts:
+                for _, _, held in hosts:
                     for host in held:
                         self._add_reference(host, addend)
                 self._add_reference(l2_offset, addend)
@@ -284,17 +280,16 @@ class SnapshotWrites(DriverState):
             self._allocator.free(host)
 
     def _write_copied_flags(self, l2_offset: int, table: list[int],
-                            hosts: list[tuple[ClusterType, range]], addend: int) -> None:
-        step = self._entry_bytes // 8
+                            hosts: list[tuple[int, ClusterType, range]], addend: int) -> None:
         new = list(table)
-        for k, (kind, held) in enumerate(hosts):
+        for k, kind, held in hosts:
             if kind in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
                 exclusive = self._allocator.refcount(held[0]) + addend == 1
             else:
                 # "compressed clusters are never modified" (and the rest holds no cluster).
                 exclusive = False
-            raw = table[k * step]
-            new[k * step] = raw | QCOW_OFLAG_COPIED if exclusive else raw & ~QCOW_OFLAG_COPIED
+            raw = table[k]
+            new[k] = raw | QCOW_OFLAG_COPIED if exclusive else raw & ~QCOW_OFLAG_COPIED
         if new != table:
             self._storage.write(struct.pack(f">{len(new)}Q", *new), l2_offset)
             table[:] = new
@@ -306,6 +301,23 @@ class SnapshotWrites(DriverState):
         new = raw | QCOW_OFLAG_COPIED if exclusive else raw & ~QCOW_OFLAG_COPIED
         if set_l1 is not None and new != raw:
             set_l1(l1_idx, new)
+
+    def _switch_active_l1(self, entries: list[int], disk_size: int) -> None:
+        """crash.snapshot.copied-conservative ("the active disk [...] read[s] either [its] old
+        or [its] new contents"): ``entries`` go into a fresh L1 table, then one header write
+        switches the disk size, the L1 size and the L1 offset together (bytes 24-47,
+        crypt_method between them rewritten as it is), as qcow2_grow_l1_table switches the
+        L1 size and offset.  A cut shows the old disk at its size or the new one at its
+        size; the caller frees the old table after it let go of the old tree.
+
+        QEMU's qcow2_snapshot_goto truncates to the snapshot's size first and overwrites
+        the active table in place, so a cut between shows one disk at the other's size
+        (divergence on qcow2.snapshots.apply-revert)."""
+        new_offset = self._write_l1_copy(entries) if entries else self._l1_offset
+        self._write_field("size", ">QIIQ", disk_size, self.header.crypt_method,
+                          len(entries), new_offset)
+        self._l1_offset, self._l1_size, self._l1 = new_offset, len(entries), list(entries)
+        self._size = disk_size
 
     def _free_range(self, offset: int, length: int) -> None:
         cs = self._cluster_size

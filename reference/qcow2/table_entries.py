@@ -24,6 +24,7 @@ from .tables import (
     encode_l2_entry,
     l1_index,
     l2_index,
+    unpack_table,
 )
 
 __all__ = ["TableEntries"]
@@ -34,7 +35,7 @@ class TableEntries(DriverState):
 
     def _load_l1(self) -> list[int]:
         raw = self._storage.read(self._l1_offset, self._l1_size * 8) if self._l1_size else b""
-        return [v for (v,) in struct.iter_unpack(">Q", raw)]
+        return unpack_table(raw)
 
     def _begin(self, op: str) -> None:
         """Start a modifying operation other than ensure_data_mapping."""

@@ -10,6 +10,7 @@ follows:
 from __future__ import annotations
 
 import enum
+import struct
 from dataclasses import dataclass
 
 from .._errors import CorruptImageError
@@ -38,6 +39,7 @@ __all__ = [
     "l1_index",
     "l2_index",
     "offset_in_cluster",
+    "unpack_table",
     "whole_clusters",
 ]
 
@@ -103,6 +105,13 @@ class L1Entry:
 
     l2_offset: int
     copied: bool
+
+
+def unpack_table(raw: bytes) -> list[int]:
+    """The big-endian 64-bit words of an on-disk table (L1, L2, refcount table): "all
+    numbers in qcow2 are stored in Big Endian byte order".  (One ``struct.unpack`` call: a
+    2 MiB-cluster L2 table holds 262,144 words, and tables are read on every cache miss.)"""
+    return list(struct.unpack(f">{len(raw) // 8}Q", raw))
 
 
 def decode_l1_entry(raw: int, cluster_size: int) -> L1Entry:

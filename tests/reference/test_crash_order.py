@@ -259,3 +259,33 @@ def test_sweep_over_backing_after_cow_write_zeroes(compat: str, cs: int, paralle
                 assert any(got == st[s : s + 512] for st in states), (
                     f"cut after mutation {k}: sector 0x{s:x} reads {got.hex()[:16]}..")
         assert reads(bytes(rec.state_after(rec.mutations)), backing)[1] == states[-1]
+
+
+@pytest.mark.clause("crash.snapshot.copied-conservative", "qcow2.snapshots.apply-revert")
+@pytest.mark.parametrize("change", ["grow", "shrink"])
+def test_apply_snapshot_switches_the_l1_table_and_the_size_at_once(change: str) -> None:
+    # apply_snapshot of a snapshot whose disk size differs: the reference wrote the
+    # snapshot's L1 table over the active one, then a grown size (a cut between showed the
+    # new disk at the old size), or shrank the disk first (a cut showed the old disk cut
+    # short).  Now a fresh L1 table and one header write: every cut reads the old disk or
+    # the new one, each at its own size.
+    require_qemu()
+    store = MemoryStorage(name="top")
+    create_image(store, 64 * KiB, cluster_size=4096)
+    with open_image(store, writable=True) as img:
+        img.write(b"\x11" * 64 * KiB, 0)
+        img.create_snapshot("s")
+        img.write(b"\x22" * 4 * KiB, 4 * KiB)
+        if change == "grow":
+            img.resize(8 * KiB)
+        else:
+            img.resize(96 * KiB)
+            img.write(b"\x33" * 8 * KiB, 80 * KiB)
+    rec = recorded(store.snapshot())
+    old = reads(store.snapshot())
+    with open_image(rec, writable=True) as img:
+        img.apply_snapshot("s")
+    new = reads(rec.read(0, rec.size()))
+    assert new == (64 * KiB, b"\x11" * 64 * KiB)
+    for k, image in every_cut(rec):
+        assert reads(image) in (old, new), f"cut after mutation {k}: {rec.describe_mutation(k)}"

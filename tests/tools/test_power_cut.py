@@ -1,16 +1,19 @@
 """Power cuts inside the tools' write paths (tools.power-cut, crash.power-cut).
 
-Each test runs one tool (rebase in place, commit, snapshot -c/-a/-d, resize, convert) with
-every writable file storage it opens recorded in one :class:`~pyimago.oracle._journal.Journal`
-(the factories of both implementations and the tools' own header write are wrapped), then
+Each test runs one tool (rebase in place, commit, snapshot -c/-a/-d, resize, convert,
+create) with every writable file storage it opens recorded in one
+:class:`~pyimago.oracle._journal.Journal` (the factories of both implementations and the
+tools' own file storage are wrapped), then
 rebuilds the files as a power cut after *every* storage mutation leaves them (a
 deterministic sample where there are many), and holds each state to the promise:
 ``qemu-img check`` finds no corruption in any qcow2 file (leaks allowed), the images open
 with both implementations, and the guest views are what the operation allows at a cut
 (rebase: unchanged; commit: the top unchanged, the base old or new sector by sector;
 snapshot: the old or the new state; resize: the old or the new size, the kept range
-unchanged; convert -n: the target old or new sector by sector).  A tool that returns has
-synced every file it wrote.
+unchanged; convert -n: the target old or new sector by sector; a fresh convert or create:
+not yet an image, or one whose sectors read as the new image did or the source's).  A tool
+that returns has synced every file it wrote, and the last cut state is the files on disk (no
+change went around the recorded storages).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from pyimago.tools._cli import (
     check_main,
     commit_main,
     convert_main,
+    create_main,
     rebase_main,
     resize_main,
     snapshot_main,
@@ -66,7 +70,7 @@ _FACTORIES = [
 def recording(monkeypatch: pytest.MonkeyPatch, *paths: Path) -> Iterator[Journal]:
     """A journal of every mutation the code in the block makes to the files ``paths``
     (through any writable file storage of fast, reference or the tools)."""
-    import pyimago.tools._rebase as rebase_module
+    import pyimago.tools._common as tools_common
 
     journal = Journal()
     watched = {os.path.realpath(p) for p in paths}
@@ -86,21 +90,22 @@ def recording(monkeypatch: pytest.MonkeyPatch, *paths: Path) -> Iterator[Journal
     with monkeypatch.context() as m:
         for module, name in _FACTORIES:
             m.setattr(module, name, wrapped(getattr(module, name)))
-        m.setattr(rebase_module, "FileStorage", wrapped(rebase_module.FileStorage))
+        m.setattr(tools_common, "FileStorage", wrapped(tools_common.FileStorage))
         yield journal
 
 
 def cut_points(journal: Journal) -> list[int]:
     """Every cut (the base, after each mutation), or ``MAX_CUTS`` of them: both ends, the
-    cuts right after and one after each of the last header writes (a write to a file's
-    first sector switches tables and sizes: an order that puts it too early breaks only
-    around it), and a deterministic sample of the rest."""
+    cuts right before, right after and one after each of the last header writes (a write
+    to a file's first sector switches tables and sizes: an order that puts it too early or
+    too late breaks only around it), and a deterministic sample of the rest."""
     points = list(range(journal.mutations + 1))
     if len(points) <= MAX_CUTS:
         return points
     header = [k for k, (_, m) in enumerate(journal.log, start=1)
               if m.kind != "resize" and m.offset < SECTOR][-HEADER_CUTS:]
-    kept = {0, journal.mutations, *header, *(min(k + 1, journal.mutations) for k in header)}
+    kept = {0, journal.mutations, *header, *(k - 1 for k in header),
+            *(min(k + 1, journal.mutations) for k in header)}
     rest = [k for k in points if k not in kept]
     inner = random.Random(journal.mutations).sample(rest, max(0, MAX_CUTS - len(kept)))
     return sorted({*kept, *inner})
@@ -206,6 +211,14 @@ class Cuts:
             (k, "", files) for k, files in journal.cut_states(cuts))
         for k, lagging, files in itertools.chain(states, journal.lagging_states(cuts, self.images)):
             what = f"cut after mutation {k} of {journal.mutations} ({journal.describe(k)})"
+            if k == journal.mutations and not lagging:
+                # The recording saw every change: a write around the storages (an
+                # os.truncate of the file) would be missing from every cut state.
+                for name, data in files.items():
+                    real = Path(name).read_bytes() if os.path.exists(name) else b""
+                    assert data == real, (
+                        f"{Path(name).name}: the file changed around the recorded storages "
+                        f"({len(real)} bytes on disk, {len(data)} recorded)")
             if lagging:
                 names = "+".join(Path(n).name for n in lagging.split("+"))
                 what += f", {names} without its writes since its last sync"
@@ -374,13 +387,15 @@ def test_a_cut_anywhere_in_commit_into_a_smaller_base_with_b(
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("action", ["create", "apply", "delete", "apply-larger"])
+@pytest.mark.parametrize("action", ["create", "apply", "delete", "apply-larger",
+                                    "apply-smaller"])
 def test_a_cut_anywhere_in_snapshot_leaves_the_old_or_the_new_state(
         impl: str, layout: str, action: str, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """(apply-larger: the disk shrank after the snapshot was taken; applying it grows the
-    disk back with the L1 switch.)"""
-    if action == "apply-larger" and "compat=0.10" in layout:
+    disk back with the L1 switch.  apply-smaller: the disk grew and was written past the
+    snapshot's end; applying it shrinks the disk with the switch.)"""
+    if action.startswith("apply-") and "compat=0.10" in layout:
         pytest.skip("QEMU resizes no v2 image with snapshots")
     work = tmp_path / "work"
     work.mkdir()
@@ -392,9 +407,12 @@ def test_a_cut_anywhere_in_snapshot_leaves_the_old_or_the_new_state(
     _io(image, "write -P 0x65 32k 4k", "discard 200k 4k")
     if action == "apply-larger":
         qemu_img("resize", "-q", "--shrink", image, "96k")
+    elif action == "apply-smaller":
+        qemu_img("resize", "-q", image, "384k")
+        _io(image, "write -P 0x66 300k 8k")
     before = state_of(image)
     args = {"create": ["-c", "three"], "apply": ["-a", "one"], "delete": ["-d", "one"],
-            "apply-larger": ["-a", "two"]}[action]
+            "apply-larger": ["-a", "two"], "apply-smaller": ["-a", "two"]}[action]
     with recording(monkeypatch, image) as journal:
         status = snapshot_main(["--impl", impl, *args, str(image)])
     after = state_of(image)
@@ -411,13 +429,9 @@ def test_a_cut_anywhere_in_snapshot_leaves_the_old_or_the_new_state(
     for _, what in cuts.each():
         active, snapshots = state_of(cuts.path("snap.qcow2"))
         assert snapshots in (before[1], after[1]), what
-        if impl == "reference" and action == "apply-larger":
-            # The reference writes the snapshot's L1 table over the active one, then the
-            # grown size: a cut between shows the new disk cut to the old size, which
-            # crash.power-cut allows sector by sector (fast switches both in one write).
-            old_or_new(active, before[0], after[0], what)
-        else:
-            assert active in (before[0], after[0]), what
+        # crash.snapshot.copied-conservative: old or new as a whole, size included (the
+        # reference wrote the grown size after overwriting the active L1 table in place).
+        assert active in (before[0], after[0]), what
     assert cuts.judged >= (1 if status else 3)
 
 
@@ -505,7 +519,16 @@ def test_a_cut_anywhere_in_convert_over_an_existing_file(
         assert convert_main(["--impl", impl, "-O", "qcow2", "-o", layout, str(src),
                              str(dst)]) == 0
     assert guest(dst) == source
-    cuts = Cuts(journal, work, tmp_path / "cut")
+    assert fresh_output_cuts(Cuts(journal, work, tmp_path / "cut"), source, replaced) >= 5
+
+
+def fresh_output_cuts(cuts: Cuts, source: bytes, replaced: bytes | None = None,
+                      fresh: bytes | None = None) -> int:
+    """Judge the cut states of a fresh convert into dst.qcow2: not yet a qcow2 image, the
+    ``replaced`` image (before the truncation), a new one of size 0 (created, not grown
+    yet: QEMU's qcow2_co_create does the same), or one whose sectors read as the new image
+    did (``fresh``; default zeroes) or the source's.  The number of cut states that were
+    images."""
     images = 0
     for _, what in cuts.each():
         data = cuts.path("dst.qcow2").read_bytes()
@@ -514,9 +537,69 @@ def test_a_cut_anywhere_in_convert_over_an_existing_file(
         images += 1
         got = guest(cuts.path("dst.qcow2"))
         if got == replaced or not got:
-            continue  # the old image (before the truncation), a new one of size 0
-        old_or_new(got, bytes(len(source)), source, what)
-    assert images >= 5
+            continue
+        old_or_new(got, bytes(len(source)) if fresh is None else fresh, source, what)
+    return images
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_cut_anywhere_in_a_convert_onto_a_backing_file(
+        impl: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """convert -B: the fresh output gets a backing file and only what the source's top
+    layer holds; a cut leaves sectors reading the backing file's or the source's."""
+    work = tmp_path / "work"
+    base = _convert_source(work)
+    src = _create(work / "top.qcow2", "384k", "cluster_size=4k", backing=base.name)
+    _io(src, "write -P 0x83 8k 20k", "write -z 64k 8k", "write -P 0x84 300k 40k")
+    dst = work / "dst.qcow2"
+    with recording(monkeypatch, dst) as journal:
+        assert convert_main(["--impl", impl, "-O", "qcow2", "-o", "cluster_size=4k",
+                             "-B", base.name, "-F", "qcow2", str(src), str(dst)]) == 0
+    source = guest(src)
+    assert guest(dst) == source
+    assert fresh_output_cuts(Cuts(journal, work, tmp_path / "cut"), source,
+                             fresh=guest(base)) >= 5
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_cut_anywhere_in_a_compressed_convert(
+        impl: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """convert -c ends by growing the file to a whole sector, as qemu-img does ("align end
+    of file to a sector boundary"): that growth is a recorded storage mutation (it was an
+    os.truncate around the storages), synced before the tool returns."""
+    work = tmp_path / "work"
+    src = _convert_source(work)
+    dst = work / "dst.qcow2"
+    with recording(monkeypatch, dst) as journal:
+        assert convert_main(["--impl", impl, "-c", "-O", "qcow2", "-o", "cluster_size=4k",
+                             str(src), str(dst)]) == 0
+    source = guest(src)
+    assert guest(dst) == source and dst.stat().st_size % SECTOR == 0
+    last = journal.log[-1][1]
+    assert last.kind == "resize" and last.offset == dst.stat().st_size, journal.describe(
+        journal.mutations)
+    assert fresh_output_cuts(Cuts(journal, work, tmp_path / "cut"), source) >= 5
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("raw", [False, True])
+def test_a_cut_anywhere_in_a_fresh_convert_to_a_data_file_image(
+        impl: str, raw: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh convert -o data_file=...: the qcow2 file and its data file are both written
+    from nothing, recorded and cut in one order; each cut state is judged as a fresh
+    convert's, the data file read as the tables say."""
+    work = tmp_path / "work"
+    src = _convert_source(work)
+    dst, data = work / "dst.qcow2", work / "dst.data"
+    options = f"cluster_size=4k,data_file=dst.data,data_file_raw={'on' if raw else 'off'}"
+    with recording(monkeypatch, dst, data) as journal:
+        assert convert_main(["--impl", impl, "-O", "qcow2", "-o", options, str(src),
+                             str(dst)]) == 0
+    source = guest(src)
+    assert guest(dst) == source
+    assert any(os.path.realpath(data) == name for name, _ in journal.log)
+    cuts = Cuts(journal, work, tmp_path / "cut", [(dst, data)])
+    assert fresh_output_cuts(cuts, source) >= 5
 
 
 def test_the_cut_folder_helpers_reject_a_mixed_sector() -> None:
@@ -531,7 +614,7 @@ def test_the_cut_folder_helpers_reject_a_mixed_sector() -> None:
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("tool", ["commit", "rebase", "resize", "convert-n"])
+@pytest.mark.parametrize("tool", ["commit", "rebase", "resize", "resize-grow", "convert-n"])
 @pytest.mark.parametrize("raw", [False, True])
 def test_a_cut_anywhere_in_a_data_file_image(
         impl: str, tool: str, raw: bool, tmp_path: Path,
@@ -566,12 +649,14 @@ def test_a_cut_anywhere_in_a_data_file_image(
         with recording(monkeypatch, img, work / "img.data") as journal:
             assert rebase_main(["--impl", impl, "-b", new.name, "-F", "qcow2", str(img)]) == 0
         assert guest(img) == view
-    elif tool == "resize":
+    elif tool.startswith("resize"):
         img = _create(work / "img.qcow2", "256k", *layout)
         _io(img, "write -P 0x41 0 256k")
         view = guest(img)
+        change = ["--shrink", "--", str(img), "-96k"] if tool == "resize" else [
+            "--preallocation=full", str(img), "+160k"]
         with recording(monkeypatch, img, work / "img.data") as journal:
-            assert resize_main(["--impl", impl, "-q", "--shrink", "--", str(img), "-96k"]) == 0
+            assert resize_main(["--impl", impl, "-q", *change]) == 0
         after = guest(img)
     else:
         src = _convert_source(work / "src")
@@ -593,9 +678,43 @@ def test_a_cut_anywhere_in_a_data_file_image(
             assert got == view, what
         elif tool == "resize":
             assert len(got) in (len(view), len(after)) and got[: len(after)] == after, what
+        elif tool == "resize-grow":
+            assert got in (view, after), what
         else:
             old_or_new(got, view, after, what)
     assert cuts.judged >= 2
+
+
+# -- create ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.clause("create.durable", "create.preallocation")
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("options", ["preallocation=metadata", "preallocation=falloc",
+                                     "preallocation=full",
+                                     "preallocation=full,data_file=dst.data"])
+def test_a_cut_anywhere_in_create_with_preallocation(
+        impl: str, options: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """create -o preallocation maps every cluster before it returns: at every cut the file
+    is not yet an image, or an image with no corruption (its data file with it) reading
+    zeroes at its size, 0 or the size asked for; and it returns synced (both
+    implementations' create_image only flushed)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    dst, data = work / "dst.qcow2", work / "dst.data"
+    with recording(monkeypatch, dst, data) as journal:
+        assert create_main(["--impl", impl, "-q", "-f", "qcow2", "-o",
+                            f"cluster_size=4k,{options}", str(dst), "300k"]) == 0
+    assert guest(dst) == bytes(300 * KiB)
+    cuts = Cuts(journal, work, tmp_path / "cut", [(dst, data)])
+    images = 0
+    for _, what in cuts.each():
+        if cuts.path("dst.qcow2").read_bytes()[:4] != QCOW2_MAGIC:
+            continue
+        images += 1
+        got = guest(cuts.path("dst.qcow2"))
+        assert got in (b"", bytes(300 * KiB)), what
+    assert images >= 3
 
 
 # -- check -r -------------------------------------------------------------------------------------
