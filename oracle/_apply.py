@@ -24,6 +24,9 @@ from .ops import RANGED, Op, OpKind, pattern
 
 __all__ = ["Applier"]
 
+#: What readinto and readv buffers hold before the call (a byte no zero run has).
+_UNREAD = b"\xa5"
+
 
 #: Operations the implementation and the flat model both take as ``name(offset, length)``.
 _CLEARS: dict[OpKind, str] = {
@@ -161,7 +164,9 @@ class Applier(Checker):
             access.set_write_parallelization(op.value)
             self.write_parallelization = op.value
         elif kind in (OpKind.READINTO, OpKind.READV):
-            buffers = [bytearray(n) for n in op.buffers]
+            # Filled with junk, not zeroes: a read that leaves part of the caller's buffer
+            # untouched (where zeroes are due: past a shorter backing, a hole) must show.
+            buffers = [bytearray(_UNREAD * n) for n in op.buffers]
             if kind is OpKind.READINTO:
                 access.readinto(buffers[0], off)
             else:

@@ -28,8 +28,10 @@ if TYPE_CHECKING:
 __all__ = [
     "FEATURE_CLAUSES",
     "FEATURE_KINDS",
+    "ODD_COMPRESSED",
     "create_prealloc",
     "layer_options",
+    "odd_compressed",
     "open_snapshot",
     "qemu_create",
     "resize_v2_with_snapshots",
@@ -208,6 +210,23 @@ def compressed_fits(data: bytes, cluster: int, compression_type: str) -> bool | 
     return size <= cluster - 1
 
 
+#: ``Op.mode`` of a compressed write whose data compresses to an odd number of bytes.
+ODD_COMPRESSED = "odd"
+
+
+def odd_compressed(step: int, offset: int, length: int, compression_type: str) -> bytes:
+    """Step ``step``'s pattern at ``offset``, its last bytes zeroed one by one until the
+    oracle's compressor (QEMU's settings, as implementations use) makes it an odd number of
+    bytes long: compressed clusters packed after it, byte after byte, then start at an odd
+    offset, whose descriptor's bit 0 is set (where a reader may take it for a flag)."""
+    data = bytearray(pattern(step, offset, length))
+    for k in range(1, min(length, 64) + 1):
+        if len(qemu_compress(bytes(data), compression_type == "zstd")) % 2:
+            break
+        data[-k] = 0
+    return bytes(data)
+
+
 def compressed_outcome(model: FlatModel, offset: int, length: int) -> bool | None:
     """Whether a compressed write of the cluster at ``offset`` must succeed (True), must be
     refused (False), or may go either way (None): QEMU compresses only into a cluster that
@@ -226,8 +245,10 @@ def compressed_outcome(model: FlatModel, offset: int, length: int) -> bool | Non
 
 def _write_compressed(access: Access, model: FlatModel, op: Op, step: int,
                       layer: LayerSpec) -> None:
-    make = noise if op.mode == "noise" else pattern
-    data = make(step, op.offset, op.length)
+    if op.mode == ODD_COMPRESSED:
+        data = odd_compressed(step, op.offset, op.length, layer.compression_type)
+    else:
+        data = (noise if op.mode == "noise" else pattern)(step, op.offset, op.length)
     what = f"write_compressed of the cluster at 0x{op.offset:x}"
     g = model.granularity
     cluster = g * 32 if model.traits.subclusters else g

@@ -175,6 +175,13 @@ class PowerCuts:
         pointer = [k for k in rec.pointer_cuts(since) if k in cuts]
         if budget and pointer:
             judged |= set(rng.sample(pointer, min(len(pointer), self.max_judged)))
+        # And every cut right after a new pointer in the L1 or the refcount table (the few
+        # newest: see RecordingStorage.new_pointer_cuts), not a sample: a structure written
+        # after its pointer breaks in those states alone, and only the judge sees it.
+        fresh = rec.new_pointer_cuts(since) if budget and since <= rec.mutations else []
+        if fresh:
+            cuts = sorted({*cuts, *fresh})
+            judged |= set(fresh)
         pending: dict[int, Callable[[], tuple[int, int, list[str]]]] = {}
         last = rec.mutations
         final_state: bytearray | None = None

@@ -52,6 +52,25 @@ __all__ = [
     "unknown_ranges",
 ]
 
+#: The offset bits of an L1 or refcount-table entry (as ``_pointer_regions`` reads them).
+_POINTER_MASK = 0x00FF_FFFF_FFFF_FE00
+
+#: The header bytes that place the L1 and refcount tables (up to refcount_table_clusters).
+_HEADER_TABLES = 60
+
+
+def _table_places(header: bytes | bytearray) -> list[tuple[int, int]]:
+    """Where a qcow2 header puts its L1 table and its refcount table: ``(offset, bytes)``
+    each (empty ones for a header that is not one)."""
+    bits = int.from_bytes(header[20:24], "big")
+    if len(header) < _HEADER_TABLES or header[:4] != b"QFI\xfb" or not 9 <= bits <= 21:
+        return [(0, 0), (0, 0)]
+    l1 = (int.from_bytes(header[40:48], "big"), 8 * int.from_bytes(header[36:40], "big"))
+    rt = (int.from_bytes(header[48:56], "big"), int.from_bytes(header[56:60], "big") << bits)
+    # (Bounded: a hostile header must not make the oracle copy gigabytes.)
+    return [(at, min(n, 1 << 20)) for at, n in (l1, rt)]
+
+
 MutationKind = Literal["write", "write_zeroes", "discard", "resize"]
 
 
@@ -298,6 +317,71 @@ class RecordingStorage:
                 k = self._base_index + i + 1
                 found += [k, k + 1] if k < self.mutations else [k]
         return header + others
+
+    #: Of the writes that set a pointer in the L1 table, and of those in the refcount table,
+    #: at most this many (the newest) are judged per check (see ``new_pointer_cuts``).
+    NEW_POINTER_CUTS = 2
+
+    def new_pointer_cuts(self, since: int) -> list[int]:
+        """The cuts right after the writes since ``since`` that set an entry of the L1 table
+        or of the refcount table to a new pointer: the newest ``NEW_POINTER_CUTS`` of each
+        table's, newest first.  The tables are followed where the header moves them.
+
+        crash.order.new-structure-before-pointer: an L2 table or a refcount block written
+        after the entry that points at it leaves the entry pointing at garbage in the
+        states between those writes.  Reads do not show it (refcounts are not read; a flush
+        writes the L2 tables before anything reads them): only the judge does, and only in
+        those states, which a sample of the stretch's metadata writes (every L2 table and
+        refcount block written counts as one) seldom holds.
+        """
+        if not self._pointer_regions():
+            return []
+        header = bytearray(self._base[:_HEADER_TABLES])
+        places = _table_places(header)
+        shadows = [self._region_state(at, n, 0) for at, n in places]
+        hits: list[list[int]] = [[] for _ in places]
+        for i, m in enumerate(self.log):
+            if m.kind == "resize":
+                continue
+            data = bytes(m.length) if m.data is None else m.data
+            if m.offset < _HEADER_TABLES:
+                piece = data[: _HEADER_TABLES - m.offset]
+                header[m.offset : m.offset + len(piece)] = piece
+                moved = _table_places(header)
+                if moved != places:
+                    # A table moved (or grew): follow it there, as it is now.
+                    places = moved
+                    shadows = [self._region_state(at, n, i + 1) for at, n in places]
+                    continue
+            k = self._base_index + i + 1
+            for (at, n), shadow, found in zip(places, shadows, hits, strict=True):
+                lo, hi = max(at, m.offset), min(at + n, m.offset + len(data))
+                if lo >= hi:
+                    continue
+                first, last = (lo - at) // 8 * 8, min(-(-(hi - at) // 8) * 8, n)
+                old = bytes(shadow[first:last])
+                shadow[lo - at : hi - at] = data[lo - m.offset : hi - m.offset]
+                if k >= since and any(
+                    (new := int.from_bytes(shadow[j : j + 8], "big") & _POINTER_MASK)
+                    and new != int.from_bytes(old[j - first : j - first + 8], "big")
+                    & _POINTER_MASK
+                    for j in range(first, last - 7, 8)
+                ):
+                    found.append(k)
+        return sorted((k for found in hits for k in found[::-1][: self.NEW_POINTER_CUTS]),
+                      reverse=True)
+
+    def _region_state(self, at: int, n: int, upto: int) -> bytearray:
+        """``[at, at + n)`` of the state after the first ``upto`` mutations of the log."""
+        buf = bytearray(self._base[at : at + n])
+        buf.extend(bytes(n - len(buf)))
+        for m in self.log[:upto]:
+            if m.kind == "resize" or m.offset >= at + n or m.offset + m.length <= at:
+                continue
+            data = bytes(m.length) if m.data is None else m.data
+            lo, hi = max(at, m.offset), min(at + n, m.offset + len(data))
+            buf[lo - at : hi - at] = data[lo - m.offset : hi - m.offset]
+        return buf
 
     def reordered_state(self, since: int, keep: Iterable[int]) -> bytearray:
         """The reorder model: a cut after mutation ``mutations`` where, of the mutations after

@@ -4,7 +4,10 @@ Which features the machines generate depends on the implementation: :func:`probe
 tries each one on a scratch image (in a temporary folder) and records what works, so that
 the machines run against an implementation at any stage of its development.  A feature
 whose attempt raises ``UnsupportedError`` (or ``NotImplementedError``, or lacks the method
-or option altogether) is simply not generated; the probe says why in ``reasons``.
+or option altogether) is simply not generated; the probe says why in ``reasons``.  A
+feature whose attempt reads back wrong or raises any other pyimago error is *broken*
+(``FeatureSupport.broken``): that is a bug, which the machines report at once rather than
+leave the feature out (a snapshot's refcounts dropped below zero is no missing feature).
 
 Two kinds of support are told apart:
 
@@ -31,6 +34,8 @@ import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+from pyimago.reference import PyimagoError
 
 from .ops import LayerSpec, Op, OpKind, pattern
 from .strategies import COMPRESSED as COMPRESSED_MODE
@@ -63,6 +68,8 @@ class FeatureSupport:
     readable: frozenset[str] = frozenset()
     reasons: dict[str, str] = field(default_factory=dict, compare=False)
     """Why a feature is not (fully) supported: the error the probe met."""
+    broken: frozenset[str] = frozenset()
+    """Features whose write probe met a bug (see the module docstring), not a refusal."""
 
     def summary(self) -> str:
         """One line: each feature as written, read-only or missing."""
@@ -87,7 +94,8 @@ def _layer_for(name: str) -> LayerSpec:
     return spec
 
 
-def _attempt(reasons: dict[str, str], name: str, action: Callable[[], None]) -> bool:
+def _attempt(reasons: dict[str, str], name: str, action: Callable[[], None],
+             broken: set[str] | None = None) -> bool:
     try:
         action()
     except _NOT_SUPPORTED as exc:
@@ -95,6 +103,10 @@ def _attempt(reasons: dict[str, str], name: str, action: Callable[[], None]) -> 
         return False
     except Exception as exc:  # a bug, not a missing feature: say so, do not generate it
         reasons[name] = f"probe failed: {type(exc).__name__}: {exc}"
+        if broken is not None and isinstance(exc, (AssertionError, PyimagoError)):
+            # Read back wrong, or the implementation's own error (not an environment's,
+            # such as a module missing): the feature is there, and broken.
+            broken.add(name)
         return False
     return True
 
@@ -175,10 +187,11 @@ def probe_features(target: Any, *, qemu: bool = True) -> FeatureSupport:
         reasons: dict[str, str] = {}
         writable: set[str] = set()
         readable: set[str] = set()
+        broken: set[str] = set()
         with tempfile.TemporaryDirectory(prefix="pyimago-probe-") as folder:
             for name in FEATURES:
                 if _attempt(reasons, name, functools.partial(_write_probe, target, folder,
-                                                              name)):
+                                                              name), broken):
                     writable.add(name)
                     readable.add(name)
                 elif qemu and qemu_img and qemu_io and name in LAYER_FEATURES:
@@ -190,7 +203,8 @@ def probe_features(target: Any, *, qemu: bool = True) -> FeatureSupport:
                         reasons[name] += f"; read: {read_reasons[name]}"
             if "snapshots" not in writable:
                 writable.discard("snapshot_open")
-        support = FeatureSupport(frozenset(writable), frozenset(readable), reasons)
+        support = FeatureSupport(frozenset(writable), frozenset(readable), reasons,
+                                 frozenset(broken))
     _CACHE[key] = support
     return support
 

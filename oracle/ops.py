@@ -63,7 +63,8 @@ class OpKind(enum.Enum):
     WRITE_COMPRESSED = "write_compressed"
     """``write_compressed`` of the cluster at ``offset`` (``length``: the cluster, or the
     disk's tail); ``mode`` ``"noise"`` writes incompressible bytes (the plain-write
-    fallback), else :func:`pattern` data."""
+    fallback), ``"odd"`` pattern data made to compress to an odd length (see
+    ``_feature_run.odd_compressed``), else :func:`pattern` data."""
     CREATE_SNAPSHOT = "create_snapshot"
     """``create_snapshot(mode)``: an internal snapshot of the top layer named ``mode``."""
     APPLY_SNAPSHOT = "apply_snapshot"

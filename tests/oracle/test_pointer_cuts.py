@@ -55,3 +55,63 @@ def test_growth_chains_outgrow_their_refcount_table() -> None:
     assert outgrows_refcount_table(LayerSpec("qcow2", 8300 * 512, 512, "1.1", refcount_bits=32))
     assert not outgrows_refcount_table(LayerSpec("qcow2", 96 << 10, 512, "1.1"))
     assert not outgrows_refcount_table(LayerSpec("qcow2", 8300 * 512, 512, "0.10"))
+
+
+def _written(rec: RecordingStorage, k: int) -> int:
+    """Where mutation ``k`` (a write) starts."""
+    return int(rec.describe_mutation(k).split("[0x")[1].split(",")[0], 16)
+
+
+@pytest.mark.clause("crash.oracle-rule", "crash.order.new-structure-before-pointer")
+def test_new_pointer_cuts_are_the_table_writes_that_point_somewhere_new() -> None:
+    # 512-byte clusters, 64-bit refcounts: a refcount block counts 64 clusters, so 40 KiB of
+    # data needs new blocks (refcount-table entries) and new L2 tables (L1 entries).
+    storage = MemoryStorage(name="blocks")
+    create_image(storage, 256 << 10, format="qcow2", cluster_size=512, refcount_bits=64)
+    rec = RecordingStorage(storage)
+    access = open_image(rec, writable=True, format="qcow2")
+    header = bytes(rec.read(0, 72))
+    l1 = range(int.from_bytes(header[40:48], "big"),
+               int.from_bytes(header[40:48], "big") + 8 * int.from_bytes(header[36:40], "big"))
+    rt = range(int.from_bytes(header[48:56], "big"), int.from_bytes(header[48:56], "big") + 512)
+    access.write(b"q" * 512, 0)
+    access.flush()
+    before = rec.mutations
+    access.write(b"r" * (40 << 10), 64 << 10)
+    access.flush()
+    cuts = rec.new_pointer_cuts(before)
+    assert cuts == sorted(cuts, reverse=True) and all(k > before for k in cuts)
+    assert all(_written(rec, k) in l1 or _written(rec, k) in rt for k in cuts)
+    # The newest refcount-table and L1 writes that set a pointer, two of each at most.
+    assert 1 <= sum(_written(rec, k) in rt for k in cuts) <= RecordingStorage.NEW_POINTER_CUTS
+    assert 1 <= sum(_written(rec, k) in l1 for k in cuts) <= RecordingStorage.NEW_POINTER_CUTS
+    newest_rt = max(k for k in range(before + 1, rec.mutations + 1) if _written(rec, k) in rt)
+    assert newest_rt in cuts
+    # Writes that set no new pointer are not: nothing new since the last one.
+    last = rec.mutations
+    access.write(b"s" * 512, 0)
+    access.flush()
+    assert rec.new_pointer_cuts(last) == []
+    access.close()
+
+
+@pytest.mark.clause("crash.oracle-rule")
+def test_new_pointer_cuts_follow_a_moved_refcount_table() -> None:
+    layer = LayerSpec("qcow2", 4200 * 512, 512, "1.1", refcount_bits=64)
+    storage = MemoryStorage(name="moved")
+    create_image(storage, layer.size, format="qcow2", cluster_size=512, refcount_bits=64)
+    rec = RecordingStorage(storage)
+    access = open_image(rec, writable=True, format="qcow2")
+    rt_before = int.from_bytes(rec.read(48, 8), "big")
+    access.write(b"m" * layer.size, 0)  # outgrows the first refcount table: it moves
+    access.flush()
+    rt_after = int.from_bytes(rec.read(48, 8), "big")
+    assert rt_after != rt_before
+    cuts = rec.new_pointer_cuts(0)
+    switched = max(k for k in range(1, rec.mutations + 1) if _written(rec, k) == 48)
+    # After the switch, the new table is followed (the old one's clusters are not read as a
+    # table once they are reused).
+    assert any(k > switched and _written(rec, k) >= rt_after for k in cuts)
+    assert all(k < switched or not rt_before <= _written(rec, k) < rt_before + 512
+               for k in cuts)
+    access.close()
