@@ -962,17 +962,6 @@ class _CutStorage(MemoryStorage):
         self._data = image  # the buffer itself: it is only ever read unless a bug writes
         self.original: bytes | None = None
 
-    def readinto(self, buf: WritableBuffer, offset: int) -> None:
-        # Every cut state is read whole: one copy straight out of the buffer (the
-        # reference's MemoryStorage slices it first).  Anything unusual goes the long way.
-        view = buf if type(buf) is memoryview else memoryview(buf)
-        end = offset + view.nbytes
-        if view.format != "B" or offset < 0 or end > len(self._data):
-            super().readinto(buf, offset)
-            return
-        with self._lock, memoryview(self._data) as data:
-            view[:] = data[offset:end]
-
     def _keep(self) -> None:
         if self.original is None:
             self.original = bytes(self._data)

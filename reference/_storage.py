@@ -143,10 +143,16 @@ class MemoryStorage(_StorageBase):
     def readinto(self, buf: WritableBuffer, offset: int) -> None:
         view = memoryview(buf).cast("B")
         _check_range(offset, len(view))
-        with self._lock:
+        with self._lock, memoryview(self._data) as data:  # (a view: one copy, not two)
             avail = max(0, min(len(view), len(self._data) - offset))
-            view[:avail] = self._data[offset : offset + avail]
+            view[:avail] = data[offset : offset + avail]
             view[avail:] = bytes(len(view) - avail)
+
+    def read(self, offset: int, length: int) -> bytes:
+        _check_range(offset, length)
+        with self._lock, memoryview(self._data) as data:
+            out = bytes(data[offset : offset + length])
+        return out if len(out) == length else out + bytes(length - len(out))
 
     def write(self, data: Buffer, offset: int) -> None:
         self._require_writable()
