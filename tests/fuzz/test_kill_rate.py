@@ -94,6 +94,7 @@ def _originals() -> dict[str, DriverTarget]:
     }
 
 
+@pytest.mark.slow(cost=20)
 @pytest.mark.parametrize("name", list(_originals()))
 @pytest.mark.usefixtures("pinned_constants")
 def test_the_originals_pass(name: str) -> None:
@@ -104,6 +105,7 @@ def test_the_originals_pass(name: str) -> None:
     print(stats)
 
 
+@pytest.mark.slow(cost=5)
 @pytest.mark.parametrize("name", [_param(n) for n in MUTANTS])
 @pytest.mark.usefixtures("pinned_constants")
 def test_oracle_catches_mutant(
