@@ -49,12 +49,11 @@ DEFAULT_SLOW_COST = 10.0
 
 
 def schedule_cost(item: pytest.Item) -> float:
-    """How long ``item`` runs, roughly, in seconds on an idle machine: the ``cost`` of its
-    ``slow`` marker (``DEFAULT_SLOW_COST`` without one), 0 for a test not marked slow."""
-    marker = item.get_closest_marker("slow")
-    if marker is None:
-        return 0.0
-    return float(marker.kwargs.get("cost", DEFAULT_SLOW_COST))
+    """How long ``item`` runs, roughly, in seconds on an idle machine: the largest ``cost``
+    of its ``slow`` markers (a parametrized test's function and parameter may both have one;
+    ``DEFAULT_SLOW_COST`` without a cost), 0 for a test not marked slow."""
+    costs = [float(m.kwargs.get("cost", DEFAULT_SLOW_COST)) for m in item.iter_markers("slow")]
+    return max(costs, default=0.0)
 
 
 @pytest.hookimpl(trylast=True)

@@ -16,11 +16,11 @@ def _conftest(request: pytest.FixtureRequest) -> ModuleType:
 
 
 class _Item:
-    def __init__(self, name: str, marker: Any = None) -> None:
-        self.name, self._marker = name, marker
+    def __init__(self, name: str, *markers: Any) -> None:
+        self.name, self._markers = name, markers
 
-    def get_closest_marker(self, name: str) -> Any:
-        return self._marker if name == "slow" else None
+    def iter_markers(self, name: str) -> Any:
+        return iter(self._markers if name == "slow" else ())
 
 
 def test_long_tests_are_sorted_first_longest_first(request: pytest.FixtureRequest) -> None:
@@ -31,9 +31,11 @@ def test_long_tests_are_sorted_first_longest_first(request: pytest.FixtureReques
         _Item("short-2"),
         _Item("costly", pytest.mark.slow(cost=200).mark),
         _Item("cheap-slow", pytest.mark.slow(cost=2).mark),
+        _Item("dearer-param", pytest.mark.slow(cost=2).mark, pytest.mark.slow(cost=50).mark),
     ]
     conftest.pytest_collection_modifyitems(items)
-    assert [i.name for i in items] == ["costly", "plain-slow", "cheap-slow", "short-1", "short-2"]
+    assert [i.name for i in items] == ["costly", "dearer-param", "plain-slow", "cheap-slow",
+                                     "short-1", "short-2"]
 
 
 def test_this_session_runs_the_long_tests_first(request: pytest.FixtureRequest) -> None:
