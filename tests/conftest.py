@@ -1,10 +1,13 @@
-"""Project-wide pytest set-up: the spec-clause plugin and the Hypothesis profiles."""
+"""Project-wide pytest set-up: the spec-clause plugin, the Hypothesis profiles and the order
+the long tests start in."""
 
 from __future__ import annotations
 
 import importlib.util
 import sys
 from pathlib import Path
+
+import pytest
 
 # Clause citations (@pytest.mark.clause) are checked against specs/ by this plugin, which
 # also writes the per-clause report (--clause-report=FILE).
@@ -39,3 +42,26 @@ if importlib.util.find_spec("pyimago.oracle.profiles"):
 
     register_profiles()
     load_profile_from_env()
+
+
+#: The cost of a test marked plain ``@pytest.mark.slow`` (see ``schedule_cost``).
+DEFAULT_SLOW_COST = 10.0
+
+
+def schedule_cost(item: pytest.Item) -> float:
+    """How long ``item`` runs, roughly, in seconds on an idle machine: the largest ``cost``
+    of its ``slow`` markers (a parametrized test's function and parameter may both have one;
+    ``DEFAULT_SLOW_COST`` without a cost), 0 for a test not marked slow."""
+    costs = [float(m.kwargs.get("cost", DEFAULT_SLOW_COST)) for m in item.iter_markers("slow")]
+    return max(costs, default=0.0)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The long tests first, longest first; the rest after them in collection order.
+
+    Under pytest-xdist (``scripts/test`` hands tests out one at a time) a long test started
+    last keeps one core busy for minutes while the other has nothing left to run; started
+    first, the short tests fill the gaps.  (The sort is stable, and every worker sorts the
+    same collection the same way, as xdist requires.)"""
+    items.sort(key=schedule_cost, reverse=True)

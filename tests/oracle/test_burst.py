@@ -93,7 +93,7 @@ def _open_mutant(location: Any, **kwargs: Any) -> FormatAccess:
     return access
 
 
-@pytest.mark.slow
+@pytest.mark.slow(cost=40)
 def test_a_failing_burst_shrinks_and_replays(tmp_path: Any) -> None:
     target = ImplementationTarget(name="mutant:readv-odd-offset", open_image=_open_mutant,
                                   create_image=create_image, l2_cache_option=True)

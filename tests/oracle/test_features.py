@@ -119,7 +119,7 @@ def test_qemu_made_lower_layers_read_back(options: dict[str, Any]) -> None:
         session.close()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(cost=40)
 @pytest.mark.clause("qcow2.snapshots.apply-revert", "qcow2.snapshots.open",
                     "qcow2.compressed.write-fallback", "qcow2.extended-l2.write",
                     "qcow2.data-file.raw", "crash.oracle-rule")

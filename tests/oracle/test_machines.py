@@ -56,8 +56,15 @@ FAMILIES: dict[str, tuple[st.SearchStrategy[ChainSpec], tuple[str, ...]]] = {
 }
 
 
+#: Rough seconds each family takes in ci on an idle machine: the longest start first
+#: (tests/conftest.py), so none is left running alone at the end of a parallel run.
+COSTS = {"large-clusters-memory": 60, "files-qemu-checked": 40, "everything": 30,
+         "qcow2-v3-memory": 25, "raw-base-memory": 20, "qcow2-v2-memory": 15}
+
+
 def _param(name: str) -> Any:
-    return pytest.param(name, id=name, marks=pytest.mark.clause(*FAMILIES[name][1]))
+    return pytest.param(name, id=name, marks=(pytest.mark.clause(*FAMILIES[name][1]),
+                                              pytest.mark.slow(cost=COSTS[name])))
 
 
 @pytest.mark.parametrize("family", [_param(name) for name in FAMILIES])

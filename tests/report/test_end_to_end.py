@@ -56,6 +56,7 @@ def _clauses(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {c["id"]: c for a in data["areas"] for c in a["clauses"]}
 
 
+@pytest.mark.slow(cost=30)
 def test_reference_meets_the_contract(tmp_path: Path) -> None:
     out = tmp_path / "reference.json"
     rc = conformance_main(["--impl", "reference", "--no-machines", "--format", "json", "-o",
@@ -80,6 +81,7 @@ def test_reference_meets_the_contract(tmp_path: Path) -> None:
     assert data["machines"] is None
 
 
+@pytest.mark.slow(cost=20)
 def test_broken_implementation_fails_with_replays(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
