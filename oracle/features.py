@@ -7,7 +7,8 @@ whose attempt raises ``UnsupportedError`` (or ``NotImplementedError``, or lacks 
 or option altogether) is simply not generated; the probe says why in ``reasons``.  A
 feature whose attempt reads back wrong or raises any other pyimago error is *broken*
 (``FeatureSupport.broken``): that is a bug, which the machines report at once rather than
-leave the feature out (a snapshot's refcounts dropped below zero is no missing feature).
+leave the feature out (a snapshot's refcounts dropped below zero is no missing feature);
+unless a plain write breaks too, which the machines then find on plain chains.
 
 Two kinds of support are told apart:
 
@@ -167,6 +168,13 @@ def _read_probe(target: Any, folder: str, name: str, qemu_img: str, qemu_io: str
             raise AssertionError("a QEMU-made image reads back wrong")
 
 
+def _plain_write_breaks(target: Any, folder: str) -> bool:
+    """Whether the write probe breaks on a qcow2 layer with no feature at all."""
+    broken: set[str] = set()
+    _attempt({}, "plain", functools.partial(_write_probe, target, folder, "plain"), broken)
+    return bool(broken)
+
+
 _CACHE: dict[Any, FeatureSupport] = {}
 
 
@@ -203,6 +211,13 @@ def probe_features(target: Any, *, qemu: bool = True) -> FeatureSupport:
                         reasons[name] += f"; read: {read_reasons[name]}"
             if "snapshots" not in writable:
                 writable.discard("snapshot_open")
+            if broken and _plain_write_breaks(target, folder):
+                # A plain write reads back wrong too: the features' probes broke on that,
+                # not on the features.  The machines find it on plain chains, with a
+                # sequence to replay, which a probe's message is not.
+                for name in broken:
+                    reasons[name] += "; a plain write breaks too"
+                broken.clear()
         support = FeatureSupport(frozenset(writable), frozenset(readable), reasons,
                                  frozenset(broken))
     _CACHE[key] = support
