@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from hypothesis import note
@@ -71,7 +72,8 @@ _LARGE_READ = 256 << 10
 _SMALL_CLUSTER = 64 << 10
 
 #: The aimed rules, each of which builds a situation the others reach only by luck (issue
-#: 9's unseen mutants hid there), and how many times as often as a plain rule each is drawn: on
+#: 9's unseen mutants hid there), and how many copies of each are rules (each with its own
+#: feature flag: Hypothesis turns some rules off in each example): on
 #: one chain in three or four only (a v3 top, small clusters; a backing; snapshots) do they
 #: find anything, and the ``ci`` budget runs each plain rule about once per example in three.
 _AIMED = {"compressed_beside_zeroes": 3, "shrink_past_table_then_allocate": 3,
@@ -108,6 +110,29 @@ def _close_chain_branch() -> None:
         return
     data.start_span(_CHAIN_BRANCH_LABEL)
     data.stop_span(discard=True)
+
+
+def _aimed(ready: Callable[[Any], bool]) -> Callable[[Any], Any]:
+    """Mark a method as an aimed rule (see ``_AIMED``), ``ready`` its precondition: it
+    becomes rules once the machine class is made (:func:`_add_aimed_rule`)."""
+
+    def mark(body: Any) -> Any:
+        body.aimed_ready = ready
+        return body
+
+    return mark
+
+
+def _add_aimed_rule(machine: type[Any], name: str, body: Any) -> None:
+    """One copy of an aimed rule on the machine class, as ``name``.  Each copy is a rule of
+    its own name: Hypothesis draws each as often as any rule, and turns each on or off for
+    an example by its own feature flag (copies under one name would share one)."""
+
+    def run(self: Any, data: st.DataObject) -> None:
+        body(self, data)
+
+    run.__name__ = run.__qualname__ = name
+    setattr(machine, name, precondition(body.aimed_ready)(rule(data=st.data())(run)))
 
 
 def _add_burst_rule(machine: type[Any], name: str, kinds: tuple[OpKind, ...],
@@ -418,10 +443,9 @@ def make_machine(
 
         if PreallocateMode.NONE in grow_modes and (caps is None or caps.resize_shrink):
 
-            @precondition(lambda self: self._qcow2_top()
-                          and self.session.chain.top.cluster_size <= _SMALL_CLUSTER
-                          and self.session.model.size > self.session.chain.top.l2_span)
-            @rule(data=st.data())
+            @_aimed(lambda self: self._qcow2_top()
+                    and self.session.chain.top.cluster_size <= _SMALL_CLUSTER
+                    and self.session.model.size > self.session.chain.top.l2_span)
             def shrink_past_table_then_allocate(self, data: st.DataObject) -> None:
                 # Data in the last L2 table's reach, a shrink that frees that table, then
                 # clusters allocated (the freed table's among them) and flushed: a table
@@ -489,10 +513,9 @@ def make_machine(
 
         if OpKind.DISCARD_TO_BACKING in clear_kinds:
 
-            @precondition(lambda self: self.session is not None
-                          and len(self.session.chain.layers) > 1
-                          and self.session.model.size > 0)
-            @rule(data=st.data())
+            @_aimed(lambda self: self.session is not None
+                    and len(self.session.chain.layers) > 1
+                    and self.session.model.size > 0)
             def zero_then_show_backing(self, data: st.DataObject) -> None:
                 # Units of one cluster zeroed (zero flags, or zero bits of subclusters), then
                 # discarded to the backing, the same units or one more either side, part of
@@ -669,10 +692,9 @@ def make_machine(
                 if c not in (a, b):
                     self._apply(Op(OpKind.WRITE_COMPRESSED, c, cluster))
 
-            @precondition(lambda self: self._qcow2_top()
-                          and self.session.chain.top.cluster_size <= _SMALL_CLUSTER
-                          and self.session.model.size >= 2 * self.session.chain.top.cluster_size)
-            @rule(data=st.data())
+            @_aimed(lambda self: self._qcow2_top()
+                    and self.session.chain.top.cluster_size <= _SMALL_CLUSTER
+                    and self.session.model.size >= 2 * self.session.chain.top.cluster_size)
             def compressed_beside_zeroes(self, data: st.DataObject) -> None:
                 # Zero clusters each right before a compressed one, the compressed data packed
                 # one after another, each an odd number of bytes long (so every other
@@ -765,9 +787,8 @@ def make_machine(
                 if snaps and "snapshot_open" in support.writable:
                     self._apply(Op(OpKind.READ_SNAPSHOT, mode=snaps[-1].id))
 
-            @precondition(lambda self: self._qcow2_top()
-                          and self.session.chain.top.compat != "0.10")
-            @rule(data=st.data())
+            @_aimed(lambda self: self._qcow2_top()
+                    and self.session.chain.top.compat != "0.10")
             def resize_under_snapshot(self, data: st.DataObject) -> None:
                 # A snapshot, the disk resized (grown or shrunk) and written, then the
                 # snapshot applied: the disk takes the snapshot's size back, at once, in the
@@ -874,11 +895,11 @@ def make_machine(
             delattr(OracleMachine, name)
 
     for name, weight in _AIMED.items():
-        rule_function = getattr(OracleMachine, name, None)
-        for copy in range(1, weight if rule_function is not None else 0):
-            # The same rule under another name: Hypothesis draws it once more as often
-            # (it keeps one feature flag per function name: both are on or off together).
-            setattr(OracleMachine, f"{name}_{copy}", rule_function)
+        body = vars(OracleMachine).get(name)
+        if body is not None:
+            delattr(OracleMachine, name)
+            for copy in range(weight):
+                _add_aimed_rule(OracleMachine, f"{name}_{copy}" if copy else name, body)
 
     # Hypothesis derives the derandomised (ci) stream from the class's source and __name__:
     # the same name for every target, so every target meets the same examples.
