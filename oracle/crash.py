@@ -519,6 +519,9 @@ class TimelinePoint:
         return len(self.content)
 
 
+_mutations = operator.attrgetter("mutations")
+
+
 class CrashTimeline:
     """What a recorded storage's image looked like after each operation, for judging cuts.
 
@@ -538,18 +541,15 @@ class CrashTimeline:
     def window(self, cut: int) -> list[TimelinePoint]:
         """The points a cut after mutation ``cut`` may show: from the last durable point at
         or before the cut, to the first point at or after it (the operation in progress)."""
+        points = self.points
+        # (Points come in mutation order: bisection, then back to the last durable one.)
         first = 0
-        for i, p in enumerate(self.points):
-            if p.mutations > cut:
-                break
-            if p.durable:
+        for i in range(bisect.bisect_right(points, cut, key=_mutations) - 1, -1, -1):
+            if points[i].durable:
                 first = i
-        last = len(self.points) - 1
-        for i in range(first, len(self.points)):
-            if self.points[i].mutations >= cut:
-                last = i
                 break
-        return self.points[first : last + 1]
+        last = min(bisect.bisect_left(points, cut, lo=first, key=_mutations), len(points) - 1)
+        return points[first : last + 1]
 
     def violations(self, cut: int, size: int, content: bytes | bytearray, *,
                    limit: int = 4) -> list[str]:

@@ -73,20 +73,29 @@ class MetadataGuard(DriverState):
             ),
         ]
 
-    def _metadata_regions(self) -> Iterator[MetadataRegion]:
-        """Every metadata structure of the image (qcow2.corrupt.overlap-check)."""
+    def _metadata_regions(self, offset: int, length: int) -> Iterator[MetadataRegion]:
+        """Every metadata structure of the image (qcow2.corrupt.overlap-check) that may
+        overlap ``[offset, offset + length)``, in the order overlaps are reported.
+
+        The refcount blocks and L2 tables (one cluster each) that do not overlap the range
+        are left out before any region is made: a write checks every cluster it allocates,
+        and an image of small clusters has hundreds of them."""
         cs = self._cluster_size
         yield from self._fixed_metadata()
-        for offset in sorted(self._refcounts.block_offsets()):
-            yield MetadataRegion(REFCOUNT_BLOCK, offset, cs)
-        for offset in sorted({e & L1E_OFFSET_MASK for e in self._l1} - {0}):
-            yield MetadataRegion(ACTIVE_L2, offset, cs)
+        for name, starts in (
+            (REFCOUNT_BLOCK, self._refcounts.block_offsets()),
+            (ACTIVE_L2, {e & L1E_OFFSET_MASK for e in self._l1} - {0}),
+        ):
+            # (MetadataRegion.overlaps, for a region of one cluster at ``start``)
+            near = [start for start in starts if start < offset + length and offset < start + cs]
+            for start in sorted(near):
+                yield MetadataRegion(name, start, cs)
         yield from self._snapshot_metadata
 
     def _overlap_check(self, offset: int, length: int, what: str = "write") -> None:
         """qcow2.corrupt.overlap-check: "A hit raises CorruptImageError naming the offset and
         the structure it overlaps, and nothing is written."  (And marks the image corrupt.)"""
-        region = first_overlap(self._metadata_regions(), offset, length)
+        region = first_overlap(self._metadata_regions(offset, length), offset, length)
         if region is not None:
             self._signal_corruption(
                 f"qcow2 {self._storage}: preventing invalid {what} at 0x{offset:x}+{length}: "
@@ -111,7 +120,19 @@ class MetadataGuard(DriverState):
     def _write_field(self, name: str, fmt: str, *values: int) -> None:
         self._storage.write(struct.pack(fmt, *values), FIELD_OFFSETS[name])
 
+    #: The last L2 table that passed ``_check_l2_table``, with the metadata it was checked
+    #: against (None: none yet).
+    _l2_table_passed: tuple[int, tuple[int, ...]] | None = None
+
     def _check_l2_table(self, l2_offset: int) -> None:
+        # Asked on every entry lookup (each cluster of a mapping), mostly of the same table:
+        # the check reads only the offset, the file size and the fixed metadata, so a table
+        # that passed passes again while that metadata is the same and it still starts inside
+        # the file.
+        fixed = (self._l1_offset, self._l1_size, self._refcounts.table_offset,
+                 self._refcounts.table_clusters)
+        if self._l2_table_passed == (l2_offset, fixed) and l2_offset < self._storage.size():
+            return
         try:
             self._check_metadata_range("L2 table", l2_offset, self._cluster_size)
         except CorruptImageError as exc:
@@ -120,6 +141,7 @@ class MetadataGuard(DriverState):
             # qcow2.corrupt.mark: "When a write would land on metadata (or metadata is found
             # inconsistent while writing), a v3 image gets the corrupt bit".
             self._signal_corruption(str(exc))
+        self._l2_table_passed = (l2_offset, fixed)
 
     def _require_writable(self, op: str) -> None:
         if not self._writable:

@@ -78,8 +78,8 @@ class Mappings(DriverState):
                 and not self._corrupt
                 and entry.copied
                 and entry.host_offset < self._storage.size()
-                and first_overlap(self._metadata_regions(), entry.host_offset,
-                                  self._cluster_size) is None
+                and first_overlap(self._metadata_regions(entry.host_offset, self._cluster_size),
+                                  entry.host_offset, self._cluster_size) is None
             )
             return RawMapping(self._storage, entry.host_offset + in_cluster, writable)
         if t in (ClusterType.ZERO_PLAIN, ClusterType.ZERO_ALLOC):

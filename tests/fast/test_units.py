@@ -24,6 +24,7 @@ from pyimago.fast import (
     ZeroMapping,
 )
 from pyimago.fast._codec import (
+    clear_top_bit,
     decode_refblock,
     decode_u64_table,
     encode_refblock,
@@ -79,6 +80,18 @@ def test_u64_tables_are_big_endian() -> None:
     arr = decode_u64_table(raw)
     assert arr.tolist() == [1, 2**63, 0x0123456789ABCDEF]
     assert encode_u64_table(arr) == raw
+
+
+@settings(max_examples=40, deadline=None)
+@given(words=st.lists(st.integers(0, 2**64 - 1), max_size=40), step=st.sampled_from([1, 2]))
+def test_clear_top_bit_clears_bit_63_of_every_step_th_entry(words: list[int], step: int) -> None:
+    # COPIED (bit 63) of a whole L2 table at once; with extended L2 (step 2) only the
+    # entry words, not the subcluster bitmaps between them.
+    arr = decode_u64_table(struct.pack(f">{len(words)}Q", *words))
+    want = [w & ~(1 << 63) if i % step == 0 else w for i, w in enumerate(words)]
+    assert clear_top_bit(arr, step) is (want != words)
+    assert arr.tolist() == want
+    assert clear_top_bit(arr, step) is False
 
 
 def test_extensions_round_trip_and_bounds() -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,8 @@ from pyimago.oracle.crash import (
     CrashTimeline,
     RecordingStorage,
     TimelinePoint,
+    qemu_judge,
+    start_judge,
 )
 from pyimago.reference import FileStorage, InvalidRequestError, MemoryStorage
 
@@ -166,3 +170,43 @@ def test_violations_agree_with_the_rule_sector_by_sector(chunked: bool) -> None:
             assert [int(f.split("guest 0x")[1].split()[0], 16) for f in found] == expected
             wrong += bool(expected)
     assert wrong > 20  # the images drawn do break the rule, often
+
+
+@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img")
+def test_qemu_judge_reuses_its_files_across_images_of_any_size(tmp_path: Path) -> None:
+    # The judge's temporary files are reused (overwritten in place, cut to size): a verdict
+    # must never see what an earlier, larger or damaged image left in the file.
+    qemu_img = shutil.which("qemu-img")
+    assert qemu_img is not None
+    small, big = tmp_path / "small.qcow2", tmp_path / "big.qcow2"
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", str(small), "1M"], check=True)
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", str(big), "64M"], check=True)
+    subprocess.run(["qemu-io", "-c", "write -P 7 0 4M", str(big)], check=True,
+                   capture_output=True)
+    clean_small, clean_big = small.read_bytes(), big.read_bytes()
+    damaged = bytearray(clean_big)
+    reftable = int.from_bytes(damaged[48:56], "big")
+    block = int.from_bytes(damaged[reftable : reftable + 8], "big")
+    damaged[block : block + 2] = bytes(2)  # the header cluster's refcount: 0
+    judge = qemu_judge(qemu_img)
+    pending = [start_judge(judge, image) for image in (clean_big, damaged, clean_small)]
+    verdicts = [finish() for finish in pending]
+    assert [v[0] for v in verdicts] == [0, 1, 0]
+    # Again, now that the files are idle and each may hold any of them.
+    assert [judge(image)[0] for image in (clean_small, damaged, clean_big, clean_small)] == \
+        [0, 1, 0, 0]
+
+
+def test_compressed_clusters_are_remembered_and_inflate_to_their_data() -> None:
+    import zlib
+
+    from pyimago.oracle._deflate import qemu_compress
+
+    data = bytes(range(256)) * 256 + bytes(4096)
+    packed = qemu_compress(data)
+    assert qemu_compress(data) is packed  # the second time from the cache
+    for form in (packed, qemu_compress(data, fast=True)):
+        assert zlib.decompressobj(-12).decompress(form) == data
+    # QEMU's settings (qcow2.compressed.write-fallback) for the fits decision.
+    qemu = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12, 9)
+    assert packed == qemu.compress(data) + qemu.flush()
