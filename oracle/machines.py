@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from hypothesis import note
@@ -69,13 +70,20 @@ _LARGE_READ = 256 << 10
 #: The aimed rules build their precondition on tops of clusters up to this size only (more
 #: would cost more than it finds: the geometry is the same).
 _SMALL_CLUSTER = 64 << 10
+#: ... and on tops whose L2 tables map up to this much (4 KiB clusters): a disk within one
+#: table's reach is grown into a second one first.
+_SMALL_SPAN = 2 << 20
 
 #: The aimed rules, each of which builds a situation the others reach only by luck (issue
-#: 9's unseen mutants hid there), and how many times as often as a plain rule each is drawn: on
+#: 9's unseen mutants hid there), and how many copies of each are rules (each with its own
+#: feature flag: Hypothesis turns some rules off in each example): on
 #: one chain in three or four only (a v3 top, small clusters; a backing; snapshots) do they
 #: find anything, and the ``ci`` budget runs each plain rule about once per example in three.
 _AIMED = {"compressed_beside_zeroes": 3, "shrink_past_table_then_allocate": 3,
-          "zero_then_show_backing": 2, "resize_under_snapshot": 2}
+          "zero_then_show_backing": 2, "resize_under_snapshot": 2,
+          # (and two whose power-cut windows catch crash-order bugs of growth and of
+          # zeroing, which grew rarer as the aimed rules above joined the draw)
+          "shrink_mid_cluster_then_zero_grow": 2, "rewrite_cleared": 2}
 
 #: Any byte but zero.
 _NONZERO = re.compile(rb"[^\x00]")
@@ -108,6 +116,29 @@ def _close_chain_branch() -> None:
         return
     data.start_span(_CHAIN_BRANCH_LABEL)
     data.stop_span(discard=True)
+
+
+def _aimed(ready: Callable[[Any], bool]) -> Callable[[Any], Any]:
+    """Mark a method as an aimed rule (see ``_AIMED``), ``ready`` its precondition: it
+    becomes rules once the machine class is made (:func:`_add_aimed_rule`)."""
+
+    def mark(body: Any) -> Any:
+        body.aimed_ready = ready
+        return body
+
+    return mark
+
+
+def _add_aimed_rule(machine: type[Any], name: str, body: Any) -> None:
+    """One copy of an aimed rule on the machine class, as ``name``.  Each copy is a rule of
+    its own name: Hypothesis draws each as often as any rule, and turns each on or off for
+    an example by its own feature flag (copies under one name would share one)."""
+
+    def run(self: Any, data: st.DataObject) -> None:
+        body(self, data)
+
+    run.__name__ = run.__qualname__ = name
+    setattr(machine, name, precondition(body.aimed_ready)(rule(data=st.data())(run)))
 
 
 def _add_burst_rule(machine: type[Any], name: str, kinds: tuple[OpKind, ...],
@@ -383,9 +414,8 @@ def make_machine(
 
         if PreallocateMode.ZERO in grow_modes and (caps is None or caps.resize_shrink):
 
-            @precondition(lambda self: self.session is not None
-                          and self.session.model.size > 2 * self.session.model.granularity)
-            @rule(data=st.data())
+            @_aimed(lambda self: self.session is not None
+                    and self.session.model.size > 2 * self.session.model.granularity)
             def shrink_mid_cluster_then_zero_grow(self, data: st.DataObject) -> None:
                 # Data in the last clusters, a shrink that cuts one of them mid-way, a ZERO
                 # grow back over them: the old tail must read as zeroes, even from a cache.
@@ -410,7 +440,11 @@ def make_machine(
                 regrow = size
                 if top.format == "qcow2" and data.draw(st.booleans(), label="past the L1"):
                     span = top.l2_span
-                    regrow = min(-(-size // span) * span + span // 2, max(geo.max_size, size))
+                    # Past the disk's usual limit where tables map little (the grow must
+                    # reach a new L1 entry to grow the L1 table: a disk near its limit is
+                    # in its last table's reach already).
+                    limit = size + span if span <= _SMALL_SPAN else geo.max_size
+                    regrow = min(-(-size // span) * span + span // 2, max(limit, size))
                     regrow = max(regrow - regrow % 512, size)
                 self._apply(Op(OpKind.RESIZE, value=regrow, mode=PreallocateMode.ZERO.value))
                 if power:
@@ -418,24 +452,28 @@ def make_machine(
 
         if PreallocateMode.NONE in grow_modes and (caps is None or caps.resize_shrink):
 
-            @precondition(lambda self: self._qcow2_top()
-                          and self.session.chain.top.cluster_size <= _SMALL_CLUSTER
-                          and self.session.model.size > self.session.chain.top.l2_span)
-            @rule(data=st.data())
+            @_aimed(lambda self: self._qcow2_top()
+                    and self.session.chain.top.l2_span <= _SMALL_SPAN)
             def shrink_past_table_then_allocate(self, data: st.DataObject) -> None:
-                # Data in the last L2 table's reach, a shrink that frees that table, then
-                # clusters allocated (the freed table's among them) and flushed: a table
-                # freed by the shrink must not be written back over what reuses its cluster.
-                # The writes stay in one table's reach, so that a small cache keeps the
-                # freed table (had it stayed cached) until the flush.  Then the old size.
+                # Data in the last L2 table's reach (a disk within one table's reach grows
+                # into a second first), a shrink that frees that table, then clusters
+                # allocated (the freed table's among them) and flushed: a table freed by the
+                # shrink must not be written back over what reuses its cluster.  The writes
+                # stay in one table's reach, so that a small cache keeps the freed table (had
+                # it stayed cached) until the flush.  Then the old size.
                 assert self.session is not None
-                top = self.session.chain.top
+                top, model = self.session.chain.top, self.session.model
                 span, cluster = top.l2_span, top.cluster_size
-                size = self.session.model.size
-                last = (size - 1) // span
+                size = grown = model.size
+                if size <= span:
+                    grown = span + cluster
+                    self._apply(Op(OpKind.RESIZE, value=grown, mode=PreallocateMode.NONE.value))
+                    if model.size != grown:
+                        return  # refused (a v2 image with snapshots)
+                last = (grown - 1) // span
                 at = last * span + data.draw(
-                    st.integers(0, (size - last * span - 1) // cluster), label="cluster") * cluster
-                self._apply(Op(OpKind.WRITE, at, min(cluster, size - at)))
+                    st.integers(0, (grown - last * span - 1) // cluster), label="cluster") * cluster
+                self._apply(Op(OpKind.WRITE, at, min(cluster, grown - at)))
                 if data.draw(st.booleans(), label="flushed"):
                     self._apply(Op(OpKind.FLUSH))
                 new = last * span - data.draw(st.sampled_from((0, 0, 512, cluster)), label="less")
@@ -443,8 +481,10 @@ def make_machine(
                                mode=PreallocateMode.NONE.value))
                 free = self._free_clusters(max(new, 512))
                 if free:
+                    # Several, one by one: the lowest free clusters go first, and holes left
+                    # by earlier discards may come before the freed table's.
                     table = data.draw(st.sampled_from(free), label="near") * cluster // span
-                    for c in [c for c in free if c * cluster // span == table][:4]:
+                    for c in [c for c in free if c * cluster // span == table][:8]:
                         self._apply(Op(OpKind.WRITE, c * cluster, cluster))
                     self._apply(Op(OpKind.FLUSH))
                     self._apply(Op(OpKind.READ, table * span, span))
@@ -460,7 +500,7 @@ def make_machine(
             assert self.session is not None
             self._apply(Op(OpKind.WRITE, 0, self.session.model.size))
 
-        @rule(data=st.data())
+        @_aimed(lambda self: self.session is not None)
         def rewrite_cleared(self, data: st.DataObject) -> None:
             # Data, whole clusters zeroed (or discarded) over it, then a small write inside
             # them that need not start or end on a sector: a zero cluster that kept its host
@@ -489,10 +529,9 @@ def make_machine(
 
         if OpKind.DISCARD_TO_BACKING in clear_kinds:
 
-            @precondition(lambda self: self.session is not None
-                          and len(self.session.chain.layers) > 1
-                          and self.session.model.size > 0)
-            @rule(data=st.data())
+            @_aimed(lambda self: self.session is not None
+                    and len(self.session.chain.layers) > 1
+                    and self.session.model.size > 0)
             def zero_then_show_backing(self, data: st.DataObject) -> None:
                 # Units of one cluster zeroed (zero flags, or zero bits of subclusters), then
                 # discarded to the backing, the same units or one more either side, part of
@@ -669,10 +708,9 @@ def make_machine(
                 if c not in (a, b):
                     self._apply(Op(OpKind.WRITE_COMPRESSED, c, cluster))
 
-            @precondition(lambda self: self._qcow2_top()
-                          and self.session.chain.top.cluster_size <= _SMALL_CLUSTER
-                          and self.session.model.size >= 2 * self.session.chain.top.cluster_size)
-            @rule(data=st.data())
+            @_aimed(lambda self: self._qcow2_top()
+                    and self.session.chain.top.cluster_size <= _SMALL_CLUSTER
+                    and self.session.model.size >= 2 * self.session.chain.top.cluster_size)
             def compressed_beside_zeroes(self, data: st.DataObject) -> None:
                 # Zero clusters each right before a compressed one, the compressed data packed
                 # one after another, each an odd number of bytes long (so every other
@@ -765,9 +803,8 @@ def make_machine(
                 if snaps and "snapshot_open" in support.writable:
                     self._apply(Op(OpKind.READ_SNAPSHOT, mode=snaps[-1].id))
 
-            @precondition(lambda self: self._qcow2_top()
-                          and self.session.chain.top.compat != "0.10")
-            @rule(data=st.data())
+            @_aimed(lambda self: self._qcow2_top()
+                    and self.session.chain.top.compat != "0.10")
             def resize_under_snapshot(self, data: st.DataObject) -> None:
                 # A snapshot, the disk resized (grown or shrunk) and written, then the
                 # snapshot applied: the disk takes the snapshot's size back, at once, in the
@@ -874,11 +911,11 @@ def make_machine(
             delattr(OracleMachine, name)
 
     for name, weight in _AIMED.items():
-        rule_function = getattr(OracleMachine, name, None)
-        for copy in range(1, weight if rule_function is not None else 0):
-            # The same rule under another name: Hypothesis draws it once more as often
-            # (it keeps one feature flag per function name: both are on or off together).
-            setattr(OracleMachine, f"{name}_{copy}", rule_function)
+        body = vars(OracleMachine).get(name)
+        if body is not None:
+            delattr(OracleMachine, name)
+            for copy in range(weight):
+                _add_aimed_rule(OracleMachine, f"{name}_{copy}" if copy else name, body)
 
     # Hypothesis derives the derandomised (ci) stream from the class's source and __name__:
     # the same name for every target, so every target meets the same examples.

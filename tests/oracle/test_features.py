@@ -155,3 +155,33 @@ def test_a_missing_copied_flag_on_a_refcount_1_cluster_is_benign() -> None:
         "corruption at 0x4000: OFLAG_COPIED data cluster: l2_entry=3c000 refcount=12",
     ]
     assert benign_copied(lines) == 2
+
+
+@pytest.mark.clause("qcow2.snapshots.create-refcounts")
+def test_a_feature_whose_probe_breaks_is_reported_not_left_out() -> None:
+    # A target that has snapshots, broken (its own error, not a refusal): the run fails at
+    # once, naming the probe, instead of quietly running without snapshots.
+    from dataclasses import replace
+
+    from hypothesis import settings
+    from pyimago.oracle._check import OracleFailure
+    from pyimago.reference import CorruptImageError, open_image
+
+    def open_broken(location: Any, **kwargs: Any) -> Any:
+        access = open_image(location, **kwargs)
+
+        def create_snapshot(name: str) -> Any:
+            raise CorruptImageError("refcount of host cluster 5 would drop below zero")
+
+        access.create_snapshot = create_snapshot
+        return access
+
+    target = replace(reference_target(), name="broken-snapshots", open_image=open_broken)
+    support = probe_features(target, qemu=False)
+    assert "snapshots" in support.broken and "snapshots" not in support.writable
+    machine = make_machine(target, features=support, qemu_img=None, failures_dir=None)
+    with pytest.raises(OracleFailure, match="the snapshots probe failed"):
+        run_state_machine_as_test(machine, settings=oracle_settings(
+            settings(max_examples=1, stateful_step_count=1, database=None)))
+    # A refusal is a missing feature, not a broken one.
+    assert not probe_features(reference_target(), qemu=False).broken
