@@ -59,14 +59,21 @@ _POINTER_MASK = 0x00FF_FFFF_FFFF_FE00
 _HEADER_TABLES = 60
 
 
+def _header_tables(header: bytes | bytearray) -> tuple[int, tuple[int, int], tuple[int, int]]:
+    """What a qcow2 header says of its tables: the cluster bits, then ``(offset, bytes)`` of
+    the L1 table and of the refcount table (bits 0 for a header that is not one)."""
+    bits = int.from_bytes(header[20:24], "big")
+    if len(header) < _HEADER_TABLES or header[:4] != b"QFI\xfb" or not 9 <= bits <= 21:
+        return 0, (0, 0), (0, 0)
+    l1 = (int.from_bytes(header[40:48], "big"), 8 * int.from_bytes(header[36:40], "big"))
+    rt = (int.from_bytes(header[48:56], "big"), int.from_bytes(header[56:60], "big") << bits)
+    return bits, l1, rt
+
+
 def _table_places(header: bytes | bytearray) -> list[tuple[int, int]]:
     """Where a qcow2 header puts its L1 table and its refcount table: ``(offset, bytes)``
     each (empty ones for a header that is not one)."""
-    bits = int.from_bytes(header[20:24], "big")
-    if len(header) < _HEADER_TABLES or header[:4] != b"QFI\xfb" or not 9 <= bits <= 21:
-        return [(0, 0), (0, 0)]
-    l1 = (int.from_bytes(header[40:48], "big"), 8 * int.from_bytes(header[36:40], "big"))
-    rt = (int.from_bytes(header[48:56], "big"), int.from_bytes(header[56:60], "big") << bits)
+    _, l1, rt = _header_tables(header)
     # (Bounded: a hostile header must not make the oracle copy gigabytes.)
     return [(at, min(n, 1 << 20)) for at, n in (l1, rt)]
 
@@ -420,20 +427,14 @@ def _used_prefix(data: bytes) -> int:
 
 def _pointer_regions(base: bytearray) -> list[tuple[int, int]]:
     """RecordingStorage._pointer_regions of the bytes ``base``."""
-    if len(base) < 72 or base[:4] != b"QFI\xfb":
-        return []
-    bits = int.from_bytes(base[20:24], "big")
-    if not 9 <= bits <= 21:
+    bits, l1, rt = _header_tables(base)
+    if len(base) < 72 or not bits:
         return []
     cs = 1 << bits
-    l1_size = int.from_bytes(base[36:40], "big")
-    l1_at = int.from_bytes(base[40:48], "big")
-    rt_at = int.from_bytes(base[48:56], "big")
-    rt_clusters = int.from_bytes(base[56:60], "big")
-    regions = [(0, cs), (l1_at, l1_size * 8), (rt_at, rt_clusters * cs)]
+    regions = [(0, cs), l1, rt]
     # The L2 tables the L1 table points at, the refcount blocks the refcount table does.
-    for at, n in ((l1_at, l1_size), (rt_at, rt_clusters * cs // 8)):
-        table = bytes(base[at : at + 8 * min(n, 1 << 16)])
+    for at, n in (l1, rt):
+        table = bytes(base[at : at + min(n, 8 << 16)])
         # Tables are mostly zero past their last entry (a 2 MiB refcount table holds
         # 262,144): only the used prefix is decoded, in C.
         used = -(-_used_prefix(table) // 8) * 8
@@ -441,7 +442,7 @@ def _pointer_regions(base: bytearray) -> list[tuple[int, int]]:
         if sys.byteorder == "little":
             entries.byteswap()
         regions += [(pointed, cs) for pointed in
-                    {e & 0x00FF_FFFF_FFFF_FE00 for e in entries} - {0}]
+                    {e & _POINTER_MASK for e in entries} - {0}]
     return regions
 
 

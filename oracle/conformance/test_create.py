@@ -17,6 +17,7 @@ from pyimago.oracle.conformance._support import (
     pattern,
     qemu_check,
 )
+from pyimago.oracle.crash import RecordingStorage
 from pyimago.reference import InvalidRequestError, MemoryStorage, PyimagoError
 
 pytestmark = pytest.mark.needs("qcow2")
@@ -170,35 +171,6 @@ def test_create_errors_are_pyimago_errors(img: ImageKit) -> None:
                  lambda: img.impl.create_image(store, 1000, format="qcow2"))
 
 
-class _SyncTracking(MemoryStorage):
-    """A MemoryStorage that remembers whether anything changed since its last sync()."""
-
-    unsynced = False
-
-    def write(self, data: Any, offset: int) -> None:
-        super().write(data, offset)
-        self.unsynced = True
-
-    def write_zeroes(self, offset: int, length: int) -> None:
-        super().write_zeroes(offset, length)
-        self.unsynced = True
-
-    def discard(self, offset: int, length: int) -> None:
-        super().discard(offset, length)
-        self.unsynced = True
-
-    def resize(self, new_size: int, prealloc: Any = None) -> None:
-        if prealloc is None:
-            super().resize(new_size)
-        else:
-            super().resize(new_size, prealloc)
-        self.unsynced = True
-
-    def sync(self) -> None:
-        super().sync()
-        self.unsynced = False
-
-
 @pytest.mark.clause("create.durable")
 @pytest.mark.parametrize("opts", [
     {"format": "qcow2"},
@@ -207,8 +179,9 @@ class _SyncTracking(MemoryStorage):
     {"format": "raw", "preallocation": "full"},
 ], ids=["qcow2", "qcow2-metadata", "qcow2-full", "raw-full"])
 def test_create_returns_with_everything_synced(img: ImageKit, opts: dict[str, Any]) -> None:
-    store = _SyncTracking()
+    store = RecordingStorage(MemoryStorage())
     img.impl.create_image(store, 256 * KiB, **opts)
-    assert store.size() > 0, f"create_image({opts}) wrote nothing"
-    assert not store.unsynced, (
-        f"create_image({opts}) returned with writes not made durable by sync()")
+    assert store.log, f"create_image({opts}) wrote nothing"
+    assert store.synced == len(store.log), (
+        f"create_image({opts}) returned with {len(store.log) - store.synced} of its "
+        f"{len(store.log)} writes not made durable by sync()")
